@@ -1,0 +1,36 @@
+"""Metric-learning losses as pure, jit/grad/vmap-safe JAX functions.
+
+Every loss takes ``(embeddings (B, d), labels (B,), ...)`` plus keyword hyper-parameters and an
+optional ``mask`` (bool, one per row; False rows change neither the value nor any gradient),
+computes in float32 whatever the input dtype, and returns a float32 scalar::
+
+    from hdml_jax.losses import proxy_anchor_loss
+    loss, grads = jax.value_and_grad(proxy_anchor_loss, argnums=(0, 2))(x, y, proxies)
+"""
+
+from hdml_jax.losses.classification import softmax_cross_entropy
+from hdml_jax.losses.hierarchical import (
+    ProxyHierarchy,
+    build_hierarchy,
+    hierarchical_proxy_loss,
+    hierarchy_from_labels,
+    level_labels,
+    refresh_assignments,
+)
+from hdml_jax.losses.proxy_anchor import proxy_anchor_loss
+from hdml_jax.losses.proxy_nca import proxy_nca_loss
+from hdml_jax.losses.triplet import batch_hard_triplet_loss, pairwise_squared_distances
+
+__all__ = [
+    "ProxyHierarchy",
+    "batch_hard_triplet_loss",
+    "build_hierarchy",
+    "hierarchical_proxy_loss",
+    "hierarchy_from_labels",
+    "level_labels",
+    "pairwise_squared_distances",
+    "proxy_anchor_loss",
+    "proxy_nca_loss",
+    "refresh_assignments",
+    "softmax_cross_entropy",
+]

@@ -1,0 +1,113 @@
+"""Shared helpers of the loss functions: input validation, masks, safe normalisation.
+
+Validation runs on shapes always (they are static under ``jax.jit``) and on values only when the
+values are concrete. Under ``jax.jit`` the labels are tracers, so a label outside ``[0, K)`` cannot
+raise; it then simply matches no proxy (its one-hot row is all zeros). Validate labels once on the
+host (``check_labels``) when they come from an untrusted source.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The same epsilon as ``torch.nn.functional.normalize``: a row with a smaller norm is left at
+# (almost) zero instead of being blown up, and its gradient stays finite.
+NORM_EPS = 1e-12
+
+
+def is_concrete(x) -> bool:
+    """True when ``x`` holds actual values (not a tracer inside jit/grad/vmap)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
+    """``x / max(‖x‖, eps)`` along ``axis``, with a finite gradient at ``x = 0``."""
+    sq_norm = jnp.sum(x * x, axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq_norm, eps * eps))
+
+
+def check_embeddings(embeddings, name: str = "embeddings") -> None:
+    if jnp.ndim(embeddings) != 2:
+        raise ValueError(
+            f"{name} must have shape (batch, dim), got shape {jnp.shape(embeddings)}; "
+            "flatten or stack your vectors first."
+        )
+    if not jnp.issubdtype(jnp.result_type(embeddings), jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(embeddings)}.")
+
+
+def check_labels(labels, batch_size: int, num_classes: int | None = None, name: str = "labels") -> None:
+    """Shape and dtype always; the range ``[0, num_classes)`` when the values are concrete."""
+    if jnp.ndim(labels) != 1:
+        raise ValueError(f"{name} must have shape (batch,), got shape {jnp.shape(labels)}.")
+    if jnp.shape(labels)[0] != batch_size:
+        raise ValueError(
+            f"{name} has {jnp.shape(labels)[0]} entries but there are {batch_size} embeddings; "
+            "give one label per embedding row."
+        )
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise ValueError(f"{name} must be integers, got dtype {jnp.result_type(labels)}.")
+    if num_classes is not None and is_concrete(labels) and batch_size > 0:
+        values = np.asarray(labels)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= num_classes:
+            bad = values[(values < 0) | (values >= num_classes)]
+            raise ValueError(
+                f"{name} must lie in [0, {num_classes}) (one proxy per class), but found "
+                f"{bad[:5].tolist()}{' ...' if bad.size > 5 else ''}; remap labels to 0..C-1 "
+                "or create as many proxies as there are classes."
+            )
+
+
+def check_proxies(proxies, embedding_dim: int, name: str = "proxies") -> None:
+    if jnp.ndim(proxies) != 2:
+        raise ValueError(f"{name} must have shape (num_classes, dim), got shape {jnp.shape(proxies)}.")
+    if jnp.shape(proxies)[1] != embedding_dim:
+        raise ValueError(
+            f"{name} have dimension {jnp.shape(proxies)[1]} but embeddings have dimension "
+            f"{embedding_dim}; both must live in the same space."
+        )
+    if not jnp.issubdtype(jnp.result_type(proxies), jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(proxies)}.")
+
+
+def resolve_mask(mask, batch_size: int) -> jax.Array:
+    """A boolean ``(batch,)`` mask; all True when ``mask`` is None."""
+    if mask is None:
+        return jnp.ones((batch_size,), dtype=bool)
+    if jnp.shape(mask) != (batch_size,):
+        raise ValueError(
+            f"mask must have shape ({batch_size},) (one flag per embedding row), got {jnp.shape(mask)}."
+        )
+    return jnp.asarray(mask).astype(bool)
+
+
+def zero_masked_rows(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Replace masked-out rows by zeros.
+
+    ``jnp.where`` (not a multiplication) so that whatever a padded row holds, it reaches neither
+    the value nor, through the backward pass, any gradient.
+    """
+    return jnp.where(mask[:, None], x, jnp.zeros_like(x))
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of ``values`` over ``mask``; exactly 0 when the mask is empty."""
+    total = jnp.sum(jnp.where(mask, values, 0.0))
+    count = jnp.sum(mask.astype(values.dtype))
+    return total / jnp.maximum(count, 1.0)
+
+
+def masked_logsumexp_plus_one(logits: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
+    """``log(1 + Σ_{mask} exp(logits))`` along ``axis``, i.e. a logsumexp with an appended zero.
+
+    Stable for any magnitude, exactly 0 for an empty mask, and with zero gradient to masked
+    entries (they are replaced by ``-inf`` before the exponent, so ``exp`` gives an exact 0).
+    """
+    logits = jnp.where(mask, logits, -jnp.inf)
+    shift = jnp.maximum(jnp.max(logits, axis=axis, keepdims=True), 0.0)
+    shift = jax.lax.stop_gradient(shift)
+    total = jnp.exp(-shift) + jnp.sum(jnp.exp(logits - shift), axis=axis, keepdims=True)
+    return jnp.squeeze(jnp.log(total) + shift, axis=axis)

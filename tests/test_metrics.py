@@ -1,0 +1,217 @@
+"""Retrieval metrics, NMI and k-means against slow per-query references."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from hdml_jax import cluster, metrics
+
+
+def reference_retrieval(query, query_labels, reference=None, reference_labels=None, ks=(1, 2, 4, 8)):
+    """One query at a time: rank every reference by cosine similarity, then count."""
+    self_retrieval = reference is None
+    if self_retrieval:
+        reference, reference_labels = query, query_labels
+    recalls = {k: 0.0 for k in ks}
+    precision_at_1 = r_precision = average_precision = 0.0
+    scored = 0
+    for i in range(len(query)):
+        q = query[i] / np.linalg.norm(query[i])
+        candidates = [j for j in range(len(reference)) if not (self_retrieval and j == i)]
+        sims = [float(q @ (reference[j] / np.linalg.norm(reference[j]))) for j in candidates]
+        order = sorted(range(len(candidates)), key=lambda t: -sims[t])
+        ranked_relevant = [reference_labels[candidates[t]] == query_labels[i] for t in order]
+        for k in ks:
+            if any(ranked_relevant[:k]):
+                recalls[k] += 1
+        r = sum(ranked_relevant)
+        if r == 0:
+            continue
+        scored += 1
+        precision_at_1 += ranked_relevant[0]
+        r_precision += sum(ranked_relevant[:r]) / r
+        hits, ap = 0, 0.0
+        for position in range(1, r + 1):
+            if ranked_relevant[position - 1]:
+                hits += 1
+                ap += hits / position
+        average_precision += ap / r
+    result = {f"recall@{k}": recalls[k] / len(query) for k in ks}
+    result["precision@1"] = precision_at_1 / max(scored, 1)
+    result["r_precision"] = r_precision / max(scored, 1)
+    result["map@r"] = average_precision / max(scored, 1)
+    return result
+
+
+def clustered_data(seed, num_points, num_classes, dim, noise):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, num_points)
+    centres = rng.normal(size=(num_classes, dim))
+    return (centres[labels] + noise * rng.normal(size=(num_points, dim))).astype(np.float32), labels
+
+
+def assert_metrics_close(actual, expected):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert actual[name] == pytest.approx(expected[name], abs=1e-6), name
+        assert isinstance(actual[name], float)
+
+
+@pytest.mark.parametrize("seed, noise", [(0, 0.5), (1, 1.5), (2, 4.0)])
+def test_self_retrieval_matches_reference(seed, noise):
+    x, y = clustered_data(seed, 300, 30, 16, noise)
+    ks = (1, 2, 4, 8, 16)
+    assert_metrics_close(metrics.retrieval_metrics(x, y, ks=ks), reference_retrieval(x, y, ks=ks))
+
+
+def test_query_gallery_matches_reference():
+    x, y = clustered_data(3, 400, 25, 8, 1.0)
+    query, gallery = (x[:150], y[:150]), (x[150:], y[150:])
+    ks = (1, 10, 20, 30, 40, 50)
+    assert_metrics_close(
+        metrics.retrieval_metrics(*query, *gallery, ks=ks), reference_retrieval(*query, *gallery, ks=ks)
+    )
+
+
+def test_chunk_size_does_not_change_the_result():
+    x, y = clustered_data(4, 257, 20, 8, 1.0)
+    whole = metrics.retrieval_metrics(x, y, ks=(1, 5))
+    for chunk_size in (1, 7, 64, 1000):
+        assert_metrics_close(metrics.retrieval_metrics(x, y, ks=(1, 5), chunk_size=chunk_size), whole)
+
+
+def test_self_is_excluded_by_index_not_by_value():
+    # Two identical vectors of one class: each must find the other, never itself.
+    x = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], np.float32)
+    y = np.array([0, 0, 1, 1])
+    result = metrics.retrieval_metrics(x, y, ks=(1,))
+    assert result["recall@1"] == 1.0 and result["map@r"] == 1.0
+
+
+def test_lone_queries_are_misses_for_recall_and_left_out_of_map_at_r():
+    x, y = clustered_data(5, 60, 6, 64, 0.3)
+    x[0] = np.random.default_rng(5).normal(size=64)  # a class of its own, away from the others
+    y = y.copy()
+    y[0] = 99
+    result = metrics.retrieval_metrics(x, y, ks=(1, 4))
+    expected = reference_retrieval(x, y, ks=(1, 4))
+    assert_metrics_close(result, expected)
+    assert result["recall@4"] <= 59 / 60
+    assert result["map@r"] == pytest.approx(1.0)  # well separated: every scored query is perfect
+
+
+def test_large_k_beyond_the_reference_set():
+    x, y = clustered_data(6, 50, 5, 4, 3.0)
+    result = metrics.retrieval_metrics(x, y, ks=(1, 49, 1000))
+    assert result["recall@49"] == 1.0 and result["recall@1000"] == 1.0
+
+
+def test_known_values_on_a_hand_built_case():
+    # Query 0 (label 0): nearest are 1 (label 1), then 2 (label 0), then 3 (label 0).
+    x = np.array([[1.0, 0.0], [0.99, 0.1], [0.9, 0.4], [0.0, 1.0]], np.float32)
+    y = np.array([0, 1, 0, 0])
+    q = metrics.retrieval_metrics(x[:1], y[:1], x[1:], y[1:], ks=(1, 2))
+    assert q["recall@1"] == 0.0 and q["recall@2"] == 1.0
+    # R = 2; relevant at positions 2 and 3: only position 2 counts, P@2 = 1/2, MAP@R = (1/2)/2.
+    assert q["r_precision"] == pytest.approx(0.5)
+    assert q["map@r"] == pytest.approx(0.25)
+    assert q["precision@1"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda x, y: metrics.retrieval_metrics(x, y, x), "together"),
+        (lambda x, y: metrics.retrieval_metrics(x, y[:-1]), "one label per embedding"),
+        (lambda x, y: metrics.retrieval_metrics(x, y, x[:, :2], y), "dim"),
+        (lambda x, y: metrics.retrieval_metrics(x, y, ks=(0,)), "positive"),
+        (lambda x, y: metrics.retrieval_metrics(x[0], y), r"\(num, dim\)"),
+    ],
+)
+def test_retrieval_errors(call, message):
+    x, y = clustered_data(7, 20, 4, 4, 1.0)
+    with pytest.raises(ValueError, match=message):
+        call(x, y)
+
+
+def reference_nmi(a, b):
+    """NMI from its definition, one cluster pair at a time."""
+    n = len(a)
+    mi = 0.0
+    for u in set(a):
+        for v in set(b):
+            n_uv = sum(1 for i in range(n) if a[i] == u and b[i] == v)
+            if n_uv:
+                n_u, n_v = sum(1 for t in a if t == u), sum(1 for t in b if t == v)
+                mi += n_uv / n * math.log(n * n_uv / (n_u * n_v))
+
+    def entropy(labels):
+        return -sum(c / n * math.log(c / n) for c in (list(labels).count(t) for t in set(labels)))
+
+    return mi / ((entropy(a) + entropy(b)) / 2)
+
+
+def test_normalized_mutual_info_matches_definition():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a, b = rng.integers(0, 5, 80), rng.integers(0, 7, 80)
+        assert cluster.normalized_mutual_info(a, b) == pytest.approx(reference_nmi(a.tolist(), b.tolist()))
+    a = rng.integers(0, 5, 80)
+    assert cluster.normalized_mutual_info(a, (a + 3) * 7) == pytest.approx(1.0)
+
+
+def test_nmi_is_one_for_separated_clusters_and_low_for_noise():
+    x, y = clustered_data(8, 400, 10, 32, 0.05)
+    assert metrics.nmi(x, y, jax.random.PRNGKey(0)) == pytest.approx(1.0)
+    noise = np.random.default_rng(9).normal(size=x.shape).astype(np.float32)
+    assert metrics.nmi(noise, y, jax.random.PRNGKey(0)) < 0.3
+
+
+def test_kmeans_recovers_well_separated_clusters():
+    x, y = clustered_data(10, 600, 12, 8, 0.02)
+    x = x * 10
+    centroids, assignments = cluster.kmeans(jax.random.PRNGKey(1), x, 12)
+    assignments = np.asarray(assignments)
+    assert centroids.shape == (12, 8) and assignments.shape == (600,)
+    # A bijection between true classes and clusters.
+    for label in range(12):
+        assert len(set(assignments[y == label])) == 1
+    assert len(set(assignments)) == 12
+    # Centroids are the cluster means.
+    for k in range(12):
+        np.testing.assert_allclose(centroids[k], x[assignments == k].mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_kmeans_is_deterministic_and_leaves_no_cluster_empty():
+    rng = np.random.default_rng(11)
+    points = rng.normal(size=(120, 3)).astype(np.float32)
+    for seed in range(3):
+        a1 = np.asarray(cluster.kmeans(jax.random.PRNGKey(seed), points, 100)[1])
+        a2 = np.asarray(cluster.kmeans(jax.random.PRNGKey(seed), points, 100)[1])
+        np.testing.assert_array_equal(a1, a2)
+        assert np.bincount(a1, minlength=100).min() >= 1
+    # Even when all points coincide, every cluster gets one.
+    same = np.zeros((20, 3), np.float32)
+    assert np.bincount(np.asarray(cluster.kmeans(jax.random.PRNGKey(0), same, 7)[1]), minlength=7).min() == 1
+
+
+def test_kmeans_objective_is_no_worse_than_its_seeding():
+    x, _ = clustered_data(12, 500, 8, 4, 1.0)
+    key = jax.random.PRNGKey(3)
+    seeds = np.asarray(cluster._kmeans_plus_plus(key, jax.numpy.asarray(x), 8))
+    _, final_assign = cluster.kmeans(key, x, 8)
+    seeded_cost = ((x[:, None, :] - seeds[None]) ** 2).sum(-1).min(1).sum()
+    final_assign = np.asarray(final_assign)
+    final_cost = sum(((x[final_assign == k] - x[final_assign == k].mean(0)) ** 2).sum() for k in range(8))
+    assert final_cost <= seeded_cost + 1e-3
+
+
+def test_kmeans_errors():
+    with pytest.raises(ValueError, match="num_clusters"):
+        cluster.kmeans(jax.random.PRNGKey(0), np.zeros((5, 2)), 6)
+    with pytest.raises(ValueError, match="num_points, dim"):
+        cluster.kmeans(jax.random.PRNGKey(0), np.zeros(5), 2)
