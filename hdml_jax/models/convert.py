@@ -1,0 +1,254 @@
+"""torchvision ResNet weights → Flax variables for ``hdml_jax.models.ResNet``.
+
+Mapping (reference.md §5): conv kernels OIHW → HWIO; BatchNorm ``weight/bias`` → ``scale/bias``
+(params) and ``running_mean/running_var`` → ``mean/var`` (batch_stats); ``layerS.B.name`` →
+``layerS_B/name``; ``downsample.0/1`` → ``downsample_conv/downsample_bn``. ``fc.*`` and
+``num_batches_tracked`` are ignored. ``last_stride`` does not change any shape, so the same
+weights serve both strides.
+
+One-time conversion to a checkpoint that ``config.model.pretrained`` points to::
+
+    python -m hdml_jax.models.convert resnet50-0676ba61.pth --depth 50 --output ~/weights/resnet50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hdml_jax.models.resnet import ResNet
+
+IGNORED_SUFFIXES = ("num_batches_tracked",)
+IGNORED_PREFIXES = ("fc.",)
+
+
+def _flax_name(torch_module: str) -> str:
+    """``layer3.1.downsample.0`` → ``layer3_1/downsample_conv``; stem names are unchanged."""
+    parts = torch_module.split(".")
+    if parts[0].startswith("layer"):
+        block = f"{parts[0]}_{parts[1]}"
+        rest = parts[2:]
+        if rest[:1] == ["downsample"]:
+            rest = ["downsample_conv" if rest[1] == "0" else "downsample_bn"]
+        return "/".join([block, *rest])
+    return "/".join(parts)
+
+
+def _expected_variables(depth: int, width: int) -> dict[str, Any]:
+    model = ResNet(depth, width=width)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else key
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def torchvision_resnet_to_flax(
+    state_dict: Mapping[str, Any], depth: int, *, width: int = 64
+) -> dict[str, Any]:
+    """Convert a torchvision ResNet state dict (name → array) to ``{'params', 'batch_stats'}``.
+
+    Args:
+      state_dict: torchvision keys (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...) mapped
+        to NumPy arrays (or anything ``np.asarray`` accepts, torch tensors included).
+      depth: 18, 34, 50 or 101.
+      width: the stem width of the target ``ResNet`` (64 for torchvision's models).
+
+    Raises:
+      ValueError: listing every missing, unexpected and mis-shaped key at once.
+    """
+    expected = {collection: _flatten(tree) for collection, tree in _expected_variables(depth, width).items()}
+    converted: dict[str, dict[str, np.ndarray]] = {"params": {}, "batch_stats": {}}
+    unexpected, misshaped = [], []
+    seen_with_wrong_shape: set[str] = set()
+    for key, value in state_dict.items():
+        if key.startswith(IGNORED_PREFIXES) or key.endswith(IGNORED_SUFFIXES):
+            continue
+        module, _, kind = key.rpartition(".")
+        array = np.asarray(value, dtype=np.float32)
+        name = _flax_name(module)
+        if kind == "weight" and array.ndim == 4:
+            collection, path, array = "params", f"{name}/kernel", array.transpose(2, 3, 1, 0)
+        elif kind in ("weight", "bias") and array.ndim == 1:
+            collection, path = "params", f"{name}/{'scale' if kind == 'weight' else 'bias'}"
+        elif kind in ("running_mean", "running_var"):
+            collection, path = "batch_stats", f"{name}/{'mean' if kind == 'running_mean' else 'var'}"
+        else:
+            unexpected.append(key)
+            continue
+        target = expected[collection].get(path)
+        if target is None:
+            unexpected.append(key)
+        elif target.shape != array.shape:
+            seen_with_wrong_shape.add(f"{collection}/{path}")
+            misshaped.append(
+                f"{key}: got {tuple(np.shape(value))}, ResNet-{depth} needs {_torch_shape(target.shape)}"
+            )
+        else:
+            converted[collection][path] = array
+    missing = [
+        f"{collection}/{path}"
+        for collection, paths in expected.items()
+        for path in paths
+        if path not in converted[collection] and f"{collection}/{path}" not in seen_with_wrong_shape
+    ]
+    if missing or unexpected or misshaped:
+        lines = [f"the weights do not fit ResNet-{depth}:"]
+        if missing:
+            lines.append(
+                f"  missing ({len(missing)}): "
+                + ", ".join(missing[:20])
+                + (" ..." if len(missing) > 20 else "")
+            )
+        if unexpected:
+            lines.append(
+                f"  unexpected ({len(unexpected)}): "
+                + ", ".join(unexpected[:20])
+                + (" ..." if len(unexpected) > 20 else "")
+            )
+        if misshaped:
+            lines.append(f"  wrong shape ({len(misshaped)}): " + "; ".join(misshaped[:20]))
+        lines.append("  Check the depth argument and that the file holds a torchvision ResNet state dict.")
+        raise ValueError("\n".join(lines))
+    return {collection: _unflatten(flat) for collection, flat in converted.items()}
+
+
+def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(flax_shape[i] for i in (3, 2, 0, 1)) if len(flax_shape) == 4 else tuple(flax_shape)
+
+
+_SAFETENSORS_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+}
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a ``.safetensors`` file with NumPy alone (8-byte header size, JSON header, raw data)."""
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_size))
+        data = f.read()
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] == "BF16":
+            start, end = info["data_offsets"]
+            raw = np.frombuffer(data[start:end], dtype=np.uint16).astype(np.uint32) << 16
+            tensors[name] = raw.view(np.float32).reshape(info["shape"])
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}.")
+        start, end = info["data_offsets"]
+        tensors[name] = np.frombuffer(data[start:end], dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(
+            info["shape"]
+        )
+    return tensors
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """A torchvision state dict from ``.safetensors``, ``.npz`` (no torch needed) or ``.pth``/``.pt``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no weights at {path}. Download torchvision's ImageNet ResNet weights (e.g. "
+            "resnet50-0676ba61.pth or a .safetensors export) on a machine with network access "
+            "and copy the file here."
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return read_safetensors(path)
+    if suffix == ".npz":
+        with np.load(path) as archive:
+            return {key: archive[key] for key in archive.files}
+    if suffix in (".pth", ".pt"):
+        try:
+            import torch
+        except ImportError as error:
+            raise ImportError(
+                f"reading {path} needs PyTorch; install it (pip install torch) or convert the file "
+                "to .safetensors or .npz elsewhere."
+            ) from error
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        return {key: value.detach().float().numpy() for key, value in state.items()}
+    raise ValueError(f"{path}: unknown weight format {suffix!r}; use .safetensors, .npz or .pth.")
+
+
+def load_torchvision_resnet(path: str | Path, depth: int) -> dict[str, Any]:
+    """Read a torchvision ResNet file and convert it (see ``torchvision_resnet_to_flax``)."""
+    return torchvision_resnet_to_flax(read_state_dict(path), depth)
+
+
+def save_pretrained(variables: Mapping[str, Any], output: str | Path) -> Path:
+    """Write converted variables as an orbax checkpoint directory (atomic)."""
+    import orbax.checkpoint as ocp
+
+    output = Path(output).expanduser().resolve()
+    if output.exists():
+        raise FileExistsError(f"{output} exists; choose a new directory or remove it first.")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(output, jax.tree.map(np.asarray, dict(variables)))
+    checkpointer.wait_until_finished()
+    return output
+
+
+def load_pretrained(path: str | Path) -> dict[str, Any]:
+    """Read variables written by ``save_pretrained`` (the ``config.model.pretrained`` directory)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no converted weights at {path}; create them once with "
+            "`python -m hdml_jax.models.convert WEIGHTS --depth N --output DIR`."
+        )
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("weights", help="torchvision ResNet weights: .pth, .safetensors or .npz")
+    parser.add_argument("--depth", type=int, required=True, choices=(18, 34, 50, 101))
+    parser.add_argument("--output", required=True, help="new checkpoint directory")
+    args = parser.parse_args(argv)
+    variables = load_torchvision_resnet(args.weights, args.depth)
+    output = save_pretrained(variables, args.output)
+    count = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
+    print(f"wrote ResNet-{args.depth} ({count:,} parameters) to {output}")
+    print(f"use it with --config.model.pretrained={output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

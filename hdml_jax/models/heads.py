@@ -1,0 +1,198 @@
+"""Embedding heads on a backbone feature map, and the model that joins backbone, head and proxies.
+
+* ``EmbeddingHead``: pooling → Dense → L2 (Proxy-Anchor, Proxy-NCA, HPL).
+* ``CGDHead``: CGD (Jun et al. 2019), an ordered descriptor string such as ``"SG"``::
+
+      for each letter i:  e_i = L2(W_i f_i)          f_i = SPoC/MAC/GeM(x) ∈ R^C, W_i no bias
+      embedding = L2(concat_i e_i)                    (or L2(Σ_i e_i) with combine="sum")
+      logits    = Dense(BatchNorm(f_1))               (auxiliary classifier, first letter)
+
+  The paper's ablations: ``architecture="A"`` keeps each branch's embedding for a ranking loss
+  of its own (``branch_embeddings``); ``architecture="B"`` concatenates the raw descriptors and
+  applies one Dense → L2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hdml_jax.losses._common import l2_normalize
+from hdml_jax.models import pooling
+from hdml_jax.models.resnet import BN_EPSILON, BN_MOMENTUM
+
+DESCRIPTORS = {"S": "SPoC", "M": "MAC", "G": "GeM"}
+COMBINES = ("concat", "sum")
+ARCHITECTURES = ("cgd", "A", "B")
+
+# Proxy-Anchor initialises its embedding layer with kaiming_normal_(mode="fan_out").
+embedding_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def parse_descriptors(descriptors: str, embedding_dim: int, combine: str = "concat") -> tuple[str, ...]:
+    """Validate a CGD descriptor string; returns its letters. Raises a one-line ValueError."""
+    letters = tuple(descriptors.upper()) if isinstance(descriptors, str) else ()
+    unknown = sorted(set(letters) - set(DESCRIPTORS))
+    if not letters or unknown:
+        raise ValueError(
+            f"descriptors {descriptors!r}: unknown letters {unknown or '(empty)'}; use an ordered string of "
+            "S (SPoC), M (MAC), G (GeM), e.g. 'SG', 'MG', 'GSM'."
+        )
+    if len(set(letters)) != len(letters):
+        raise ValueError(f"descriptors {descriptors!r}: each of S, M, G may appear at most once.")
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}.")
+    if combine == "concat" and embedding_dim % len(letters):
+        raise ValueError(
+            f"embedding_dim {embedding_dim} is not divisible by the {len(letters)} descriptors of "
+            f"{descriptors!r}; each branch gets embedding_dim / {len(letters)} dimensions."
+        )
+    return letters
+
+
+class EmbeddingHead(nn.Module):
+    """``L2(Dense(pool(x)))``. ``pooling`` is one of ``gap_gmp`` (Proxy-Anchor), ``spoc``, ``mac``, ``gem``."""
+
+    embedding_dim: int = 512
+    pooling: str = "gap_gmp"
+    gem_p: float = 3.0
+    normalize: bool = True
+
+    @nn.compact
+    def __call__(self, features: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        if self.pooling not in pooling.POOLINGS:
+            raise ValueError(f"pooling must be one of {sorted(pooling.POOLINGS)}, got {self.pooling!r}.")
+        pooled = (
+            pooling.gem(features, self.gem_p)
+            if self.pooling == "gem"
+            else pooling.POOLINGS[self.pooling](features)
+        )
+        embedding = nn.Dense(self.embedding_dim, kernel_init=embedding_init, name="embedding")(pooled)
+        return {"embedding": l2_normalize(embedding) if self.normalize else embedding}
+
+
+class CGDHead(nn.Module):
+    """Combination of multiple Global Descriptors.
+
+    Attributes:
+      descriptors: ordered letters of S/M/G; the first feeds the auxiliary classifier.
+      embedding_dim: total size (1536 in the paper); each of ``n`` branches gets ``dim / n`` with
+        ``combine="concat"``, the full ``dim`` with ``"sum"``.
+      num_classes: classes of the auxiliary classifier (0: no classifier).
+      combine: ``concat`` (the paper) or ``sum``.
+      architecture: ``cgd`` (the paper), ``A`` or ``B`` (its ablations).
+      gem_p, learnable_gem_p: GeM's ``p`` and whether it trains.
+    """
+
+    descriptors: str = "SG"
+    embedding_dim: int = 1536
+    num_classes: int = 0
+    combine: str = "concat"
+    architecture: str = "cgd"
+    gem_p: float = 3.0
+    learnable_gem_p: bool = False
+
+    @nn.compact
+    def __call__(self, features: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        letters = parse_descriptors(self.descriptors, self.embedding_dim, self.combine)
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}.")
+        raw = []
+        for letter in letters:
+            if letter == "S":
+                raw.append(pooling.spoc(features))
+            elif letter == "M":
+                raw.append(pooling.mac(features))
+            else:
+                raw.append(pooling.GeM(self.gem_p, self.learnable_gem_p, name="gem")(features))
+
+        outputs: dict[str, Any] = {}
+        if self.architecture == "B":
+            projected = nn.Dense(self.embedding_dim, use_bias=False, name="fc")(jnp.concatenate(raw, axis=-1))
+            outputs["embedding"] = l2_normalize(projected)
+        else:
+            branch_dim = (
+                self.embedding_dim // len(letters) if self.combine == "concat" else self.embedding_dim
+            )
+            branches = [
+                l2_normalize(nn.Dense(branch_dim, use_bias=False, name=f"fc_{letter}")(descriptor))
+                for letter, descriptor in zip(letters, raw, strict=True)
+            ]
+            joined = jnp.concatenate(branches, axis=-1) if self.combine == "concat" else sum(branches)
+            outputs["embedding"] = l2_normalize(joined)
+            outputs["branch_embeddings"] = tuple(branches)
+        if self.num_classes:
+            normed = nn.BatchNorm(
+                use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="auxiliary_bn"
+            )(raw[0])
+            outputs["logits"] = nn.Dense(self.num_classes, name="auxiliary_fc")(normed)
+        return outputs
+
+
+PROXY_INITS = {
+    # pytorch-metric-learning / Proxy-Anchor: kaiming_normal_(mode="fan_out") on a (C, d) tensor,
+    # i.e. std = sqrt(2 / C).
+    "kaiming_fan_out": lambda key, shape, dtype=jnp.float32: (
+        jax.random.normal(key, shape, dtype) * jnp.sqrt(2.0 / shape[0])
+    ),
+    # ProxyNCA++: randn / 8.
+    "normal_over_8": lambda key, shape, dtype=jnp.float32: jax.random.normal(key, shape, dtype) / 8.0,
+}
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone → head, plus the loss's proxies in the same parameter tree.
+
+    ``apply(variables, images, train=...)`` returns the head's dict (``embedding``, and for CGD
+    ``logits`` / ``branch_embeddings``). Proxies live at ``params['proxies']`` ``(C, d)`` and,
+    for HPL, ``params['coarse_proxies_1']``, ``..._2`` with ``coarse_groups[l-1]`` rows each.
+
+    Attributes:
+      backbone: a ``ResNet`` (or any module mapping images to an NHWC feature map).
+      head: an ``EmbeddingHead`` or ``CGDHead``.
+      num_proxies: number of fine proxies (classes); 0 for proxy-free losses (CGD).
+      coarse_groups: sizes of the coarse proxy levels (HPL), e.g. ``(16,)``.
+      proxy_init: key of ``PROXY_INITS``.
+    """
+
+    backbone: nn.Module
+    head: nn.Module
+    num_proxies: int = 0
+    coarse_groups: Sequence[int] = ()
+    proxy_init: str = "kaiming_fan_out"
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        if self.proxy_init not in PROXY_INITS:
+            raise ValueError(f"proxy_init must be one of {sorted(PROXY_INITS)}, got {self.proxy_init!r}.")
+        features = self.backbone(images, train=train)
+        outputs = dict(self.head(features, train=train))
+        dim = outputs["embedding"].shape[-1]
+        if self.num_proxies:
+            init = PROXY_INITS[self.proxy_init]
+            self.param("proxies", init, (self.num_proxies, dim))
+            for level, groups in enumerate(self.coarse_groups, start=1):
+                self.param(f"coarse_proxies_{level}", init, (groups, dim))
+        return outputs
+
+
+def batchnorm_mask(params: Any) -> Any:
+    """A pytree of bools, True for BatchNorm scale/bias (to exclude them from training or decay)."""
+
+    def is_bn(path, _):
+        names = [getattr(key, "key", str(key)) for key in path]
+        return any(name.startswith(("bn", "downsample_bn", "auxiliary_bn")) for name in names[:-1])
+
+    return jax.tree_util.tree_map_with_path(is_bn, params)
+
+
+def proxy_levels(params: Any) -> tuple[jax.Array, ...]:
+    """``(P^0, P^1, ...)`` from a parameter tree made by ``EmbeddingModel``."""
+    levels = [params["proxies"]]
+    while f"coarse_proxies_{len(levels)}" in params:
+        levels.append(params[f"coarse_proxies_{len(levels)}"])
+    return tuple(levels)

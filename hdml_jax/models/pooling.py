@@ -1,0 +1,61 @@
+"""Global descriptors of an NHWC feature map ``x`` of shape ``(N, H, W, C)`` → ``(N, C)``.
+
+With ``x`` clipped at ``eps`` first (GeM only, so the power is defined)::
+
+    SPoC  f_c = mean_{h,w} x_hwc                        (p = 1)
+    MAC   f_c = max_{h,w}  x_hwc                        (p = ∞)
+    GeM   f_c = (mean_{h,w} x_hwc^p)^{1/p}              (p = 3 in CGD; fixed or learnable)
+    GAP+GMP   mean + max (Proxy-Anchor's pooling)
+
+All reductions run in float32 whatever the feature map's dtype.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+GEM_EPS = 1e-6
+
+
+def spoc(x: jax.Array) -> jax.Array:
+    """Sum-pooled (average) convolutional features."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def mac(x: jax.Array) -> jax.Array:
+    """Maximum activations of convolutions."""
+    return jnp.max(x.astype(jnp.float32), axis=(1, 2))
+
+
+def gem(x: jax.Array, p: float | jax.Array = 3.0, eps: float = GEM_EPS) -> jax.Array:
+    """Generalised mean pooling, ``(mean clip(x, eps)^p)^{1/p}``.
+
+    Evaluated as ``m · (mean (x/m)^p)^{1/p}`` with ``m`` the per-channel maximum, which is the
+    same number but cannot overflow for large activations or a large (learned) ``p``.
+    """
+    x = jnp.maximum(x.astype(jnp.float32), eps)
+    peak = jax.lax.stop_gradient(jnp.max(x, axis=(1, 2), keepdims=True))
+    return peak[:, 0, 0, :] * jnp.mean((x / peak) ** p, axis=(1, 2)) ** (1.0 / p)
+
+
+def gap_gmp(x: jax.Array) -> jax.Array:
+    """Global average plus global max pooling."""
+    return spoc(x) + mac(x)
+
+
+class GeM(nn.Module):
+    """GeM with ``p`` fixed (default) or a learnable scalar parameter ``p`` initialised at ``p``."""
+
+    p: float = 3.0
+    learnable: bool = False
+    eps: float = GEM_EPS
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.param("p", nn.initializers.constant(self.p), ()) if self.learnable else self.p
+        return gem(x, p, self.eps)
+
+
+POOLINGS = {"spoc": spoc, "mac": mac, "gem": gem, "gap_gmp": gap_gmp}

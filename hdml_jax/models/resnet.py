@@ -1,0 +1,196 @@
+"""ResNet backbones (He et al. 2016) in Flax Linen, laid out and padded exactly like torchvision.
+
+torchvision's ResNet is "v1.5": a bottleneck block puts its stride in the 3×3 conv. Every conv and
+the stem max-pool use symmetric explicit padding ``k // 2`` (Flax's ``'SAME'`` would pad stride-2
+layers asymmetrically and shift the output by a pixel), so the same weights give the same outputs.
+Module names mirror torchvision's state-dict keys (``layer3_1/bn2`` ↔ ``layer3.1.bn2``), which keeps
+``hdml_jax.models.convert`` a table lookup.
+
+Input: NHWC images. Output: the last feature map, ``(N, H/32, W/32, 8·width·expansion)``, or
+``H/16`` with ``last_stride=1`` (CGD removes stage-4 downsampling).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# depth -> (block type, blocks per stage)
+STAGES: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+EXPANSION = {"basic": 1, "bottleneck": 4}
+
+# torchvision initialises convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# PyTorch BatchNorm: momentum 0.1 on the new value = Flax momentum 0.9 on the old; eps 1e-5.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm in inference mode whose statistics and affine parameters never train.
+
+    Same variables as ``nn.BatchNorm`` (``params: scale, bias``; ``batch_stats: mean, var``), so
+    the same checkpoints load into either. The affine parameters pass through ``stop_gradient``:
+    their gradient is exactly zero (Proxy-Anchor's ``bn_freeze``). Exclude them from weight decay
+    too (``hdml_jax.models.batchnorm_mask``), or a decoupled decay would still shrink them.
+    """
+
+    epsilon: float = BN_EPSILON
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        multiplier = jax.lax.stop_gradient(scale) * jax.lax.rsqrt(var.value + self.epsilon)
+        dtype = self.dtype or x.dtype
+        y = (x.astype(jnp.float32) - mean.value) * multiplier + jax.lax.stop_gradient(bias)
+        return y.astype(dtype)
+
+
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+    """A bias-free conv with torchvision's symmetric padding ``kernel // 2``."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def _norm(train: bool, frozen: bool, dtype: Any, name: str, zero_scale: bool = False) -> nn.Module:
+    if frozen:
+        return FrozenBatchNorm(dtype=dtype, name=name)
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+        name=name,
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convs (ResNet-18/34). ``features`` is the block's output width."""
+
+    features: int = 64
+    stride: int = 1
+    zero_init_residual: bool = False
+    frozen_bn: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        residual = x
+        y = _conv(self.features, 3, self.stride, self.dtype, "conv1")(x)
+        y = nn.relu(_norm(train, self.frozen_bn, self.dtype, "bn1")(y))
+        y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
+        y = _norm(train, self.frozen_bn, self.dtype, "bn2", self.zero_init_residual)(y)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            residual = _conv(self.features, 1, self.stride, self.dtype, "downsample_conv")(x)
+            residual = _norm(train, self.frozen_bn, self.dtype, "downsample_bn")(residual)
+        return nn.relu(y + residual)
+
+
+class Bottleneck(nn.Module):
+    """1×1 → 3×3 (strided, v1.5) → 1×1 ×4 (ResNet-50/101). ``features`` is the inner width."""
+
+    features: int = 64
+    stride: int = 1
+    zero_init_residual: bool = False
+    frozen_bn: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        out_features = self.features * EXPANSION["bottleneck"]
+        residual = x
+        y = _conv(self.features, 1, 1, self.dtype, "conv1")(x)
+        y = nn.relu(_norm(train, self.frozen_bn, self.dtype, "bn1")(y))
+        y = _conv(self.features, 3, self.stride, self.dtype, "conv2")(y)
+        y = nn.relu(_norm(train, self.frozen_bn, self.dtype, "bn2")(y))
+        y = _conv(out_features, 1, 1, self.dtype, "conv3")(y)
+        y = _norm(train, self.frozen_bn, self.dtype, "bn3", self.zero_init_residual)(y)
+        if self.stride != 1 or x.shape[-1] != out_features:
+            residual = _conv(out_features, 1, self.stride, self.dtype, "downsample_conv")(x)
+            residual = _norm(train, self.frozen_bn, self.dtype, "downsample_bn")(residual)
+        return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+    """ResNet-18/34/50/101 feature extractor (no pooling, no classifier).
+
+    Attributes:
+      depth: 18, 34, 50 or 101.
+      last_stride: 2 (torchvision) or 1 (no stage-4 downsampling: 14×14 maps at 224, as in CGD).
+      frozen_bn: BatchNorm always in inference mode with frozen scale/bias.
+      width: channels of the stem and of stage 1 (64 in the paper; e.g. 8 for fast tests).
+      dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters stay float32.
+      zero_init_residual: start each residual branch's last BN scale at 0 (off in torchvision).
+    """
+
+    depth: int = 50
+    last_stride: int = 2
+    frozen_bn: bool = False
+    width: int = 64
+    dtype: Any = jnp.float32
+    zero_init_residual: bool = False
+
+    def __post_init__(self):
+        if self.depth not in STAGES:
+            raise ValueError(f"ResNet depth must be one of {sorted(STAGES)}, got {self.depth}.")
+        if self.last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}.")
+        super().__post_init__()
+
+    @property
+    def num_features(self) -> int:
+        """Channels of the output feature map (2048 for ResNet-50/101, 512 for 18/34)."""
+        block, _ = STAGES[self.depth]
+        return self.width * 8 * EXPANSION[block]
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        if images.ndim != 4:
+            raise ValueError(f"ResNet expects NHWC images of rank 4, got shape {images.shape}.")
+        block_type, blocks_per_stage = STAGES[self.depth]
+        block_cls = BasicBlock if block_type == "basic" else Bottleneck
+
+        x = images.astype(self.dtype)
+        x = _conv(self.width, 7, 2, self.dtype, "conv1")(x)
+        x = nn.relu(_norm(train, self.frozen_bn, self.dtype, "bn1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage, num_blocks in enumerate(blocks_per_stage):
+            for index in range(num_blocks):
+                stride = 1
+                if index == 0 and stage > 0:
+                    stride = self.last_stride if stage == 3 else 2
+                x = block_cls(
+                    frozen_bn=self.frozen_bn,
+                    dtype=self.dtype,
+                    features=self.width * 2**stage,
+                    stride=stride,
+                    zero_init_residual=self.zero_init_residual,
+                    name=f"layer{stage + 1}_{index}",
+                )(x, train)
+        return x
