@@ -1,34 +1,56 @@
-"""Entry point of the main job: ``python -m hdml_jax.main [--config configs/<dataset>.py]``.
+"""The main job: ``python -m hdml_jax.main [--config configs/<dataset>.py[:method=...]] [--workdir DIR]``.
 
-The trainer (configs, input pipeline, models, train/eval loop) is not part of the package yet;
-this entry point says so instead of pretending. What exists today is the library layer:
-``hdml_jax.losses``, ``hdml_jax.metrics`` and ``hdml_jax.cluster``.
+Without ``--config`` it runs the embedded default, ``configs/synthetic.py`` (HPL-PA on the
+generated synthetic data set). Any field can be overridden: ``--config.optimizer.lr=2e-4``.
+Rerunning the same command resumes from the workdir's last checkpoint; ``--config.eval_only=True``
+evaluates the latest checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
-MISSING = """\
-hdml_jax: the training job is not available yet.
+from absl import app, flags
+from ml_collections import config_flags
 
-Available now (import them from your own JAX code):
-  hdml_jax.losses   proxy_anchor_loss, proxy_nca_loss, hierarchical_proxy_loss (HPL),
-                    batch_hard_triplet_loss, softmax_cross_entropy, build_hierarchy, ...
-  hdml_jax.metrics  retrieval_metrics (Recall@K, P@1, R-Precision, MAP@R), nmi
-  hdml_jax.cluster  kmeans (k-means++), normalized_mutual_info
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic.py"
 
-Not yet written: backbones and descriptor heads (hdml_jax.models), data sets and the input
-pipeline (hdml_jax.data, including the embedded 'synthetic' data set), the train/eval loop and
-the configs it reads. Until they exist, `python -m hdml_jax.main` exits with status 2.
-"""
+config_flags.DEFINE_config_file(
+    "config", str(DEFAULT_CONFIG), "A configs/*.py file, optionally with :method=..."
+)
+flags.DEFINE_string(
+    "workdir", None, "Where checkpoints, metrics and pictures go (default: runs/<dataset>_<method>)."
+)
+flags.DEFINE_string("coordinator_address", None, "Multi-host without auto-detection: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+FLAGS = flags.FLAGS
 
 
-def main(argv: list[str] | None = None) -> int:
-    del argv
-    sys.stderr.write(MISSING)
-    return 2
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    if FLAGS.coordinator_address or os.environ.get("SLURM_JOB_ID") or os.environ.get("TPU_WORKER_HOSTNAMES"):
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+    from hdml_jax import train
+    from hdml_jax.config import validate
+
+    config = FLAGS.config
+    try:
+        validate(config)
+    except ValueError as error:
+        sys.exit(f"config error: {error}")
+    workdir = FLAGS.workdir or config.workdir or f"runs/{config.dataset.name}_{config.method}"
+    final = train.train_and_evaluate(config, workdir)
+    if jax.process_index() == 0:
+        print(f"done: recall@1 {100 * final['recall@1']:.2f} — results in {Path(workdir).resolve()}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    app.run(main)

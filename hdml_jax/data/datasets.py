@@ -1,0 +1,553 @@
+"""The real data sets: names, class-disjoint splits, manual downloads, ``load_dataset``.
+
+==========  ==========================  ============================  ====================
+name        TFDS builder                split rule                    Recall@K
+==========  ==========================  ============================  ====================
+cub200      ``caltech_birds2011``       classes 1–100 / 101–200       1, 2, 4, 8
+cars196     ``cars196``                 classes 1–98 / 99–196         1, 2, 4, 8
+sop         ``stanford_online_products``  TFDS train / test           1, 10, 100, 1000
+inshop      ``inshop`` (ours)           train / query + gallery       1, 10, 20, 30, 40, 50
+synthetic   generated (synthetic.py)    its own                       its own
+==========  ==========================  ============================  ====================
+
+CUB and Cars merge the TFDS ``train`` and ``test`` splits and re-split by class (the first half of
+the classes trains); every split's labels are remapped to ``0..C-1``. SOP's super classes and
+In-Shop's garment categories are the ``coarse_labels``.
+
+Data are read with ``tfds.data_source`` from ``array_record`` files prepared once, by
+``python -m hdml_jax.data.prepare NAME --data_dir ... --manual_dir ...`` (no data set can be
+downloaded automatically). Reading needs no TensorFlow (images are decoded with PIL); preparing the
+TFDS catalogue builders does. The labels are read once without decoding any image and cached in
+``hdml_jax_labels.npz`` next to the prepared files, so samplers get them instantly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from hdml_jax.data.base import MetricDataset, Split, SubsetSource, remap_labels
+
+log = logging.getLogger(__name__)
+
+LABELS_CACHE = "hdml_jax_labels.npz"
+_LABEL_READ_CHUNK = 1024
+
+_CUB_INSTRUCTIONS = """\
+Download CUB_200_2011.tgz (images, labels, boxes) and segmentations.tgz (masks; the TFDS builder
+stores them) from https://www.vision.caltech.edu/datasets/cub_200_2011/ (data.caltech.edu) and
+put both, unextracted, into `manual_dir`. Preparing needs TensorFlow and OpenCV:
+  pip install tensorflow-cpu opencv-python-headless
+"""
+
+_CARS_INSTRUCTIONS = """\
+The original Stanford Cars URLs are dead. From a mirror of the Stanford Cars data set (e.g. the
+Kaggle copies, or ImageNet's "cars" mirror), put into `manual_dir`, unextracted and with exactly
+these names:
+  cars_train.tgz  cars_test.tgz  car_devkit.tgz  cars_test_annos_withlabels.mat
+(car_devkit.tgz holds devkit/cars_train_annos.mat; cars_test_annos_withlabels.mat is the test
+annotation file with labels). Mirrors often re-pack the archives: if the checksums differ, add
+--skip_checksums. Preparing needs TensorFlow and SciPy: pip install tensorflow-cpu scipy
+"""
+
+_SOP_INSTRUCTIONS = """\
+Download Stanford_Online_Products.zip (the Stanford Online Products data set of Song et al.,
+CVPR 2016, https://cvgl.stanford.edu/projects/lifted_struct/) and put it, unextracted, into
+`manual_dir`. Preparing needs TensorFlow: pip install tensorflow-cpu
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What ``load_dataset`` and ``prepare`` know about one data set.
+
+    Attributes:
+      name: our name (``load_dataset(name)``).
+      tfds_name: the TFDS builder name.
+      split_rule: ``"class_halves"`` (merge TFDS train+test, classes ``< num_train_classes``
+        train), ``"tfds_splits"`` (TFDS train/test, already class-disjoint) or
+        ``"query_gallery"`` (train; test = query ∪ gallery).
+      recall_ks: the published Recall@K values.
+      label_key: the TFDS feature that holds the class.
+      coarse_key: the TFDS feature of the coarse label, or None.
+      has_bbox: the TFDS data has a ``bbox`` feature (``crop_to_bbox`` allowed).
+      num_train_classes: for ``class_halves``: raw (0-based) labels below it train.
+      expected: split → (images, classes) of the standard data; checked on load.
+      manual_files: the files to put into ``manual_dir``.
+      instructions: where to get them.
+      needs_tensorflow: preparing needs TensorFlow (the TFDS catalogue builders do).
+      skip_features: features never needed (not decoded when read).
+    """
+
+    name: str
+    tfds_name: str
+    split_rule: Literal["class_halves", "tfds_splits", "query_gallery"]
+    recall_ks: tuple[int, ...]
+    label_key: str
+    coarse_key: str | None
+    has_bbox: bool
+    num_train_classes: int | None
+    expected: Mapping[str, tuple[int, int]]
+    manual_files: tuple[str, ...]
+    instructions: str
+    needs_tensorflow: bool = True
+    skip_features: tuple[str, ...] = ()
+
+    @property
+    def has_coarse_labels(self) -> bool:
+        return self.coarse_key is not None
+
+
+def _inshop_instructions() -> str:
+    # Not importing inshop.py (it registers a TFDS builder) just to print a message.
+    return """\
+Download the DeepFashion "In-shop Clothes Retrieval Benchmark" (Liu et al., CVPR 2016; link on
+https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html, after accepting the
+agreement) and put into `manual_dir`: img.zip (from Img/; an extracted img/ folder works too),
+list_eval_partition.txt (from Eval/) and list_bbox_inshop.txt (from Anno/; optional, needed only
+for bounding-box cropping). The nested layout Img/img.zip, Eval/..., Anno/... works too.
+Preparing needs no TensorFlow.
+"""
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "cub200": DatasetSpec(
+        name="cub200",
+        tfds_name="caltech_birds2011",
+        split_rule="class_halves",
+        recall_ks=(1, 2, 4, 8),
+        label_key="label",
+        coarse_key=None,
+        has_bbox=True,
+        num_train_classes=100,
+        expected={"train": (5864, 100), "test": (5924, 100)},
+        manual_files=("CUB_200_2011.tgz", "segmentations.tgz"),
+        instructions=_CUB_INSTRUCTIONS,
+        skip_features=("segmentation_mask",),
+    ),
+    "cars196": DatasetSpec(
+        name="cars196",
+        tfds_name="cars196",
+        split_rule="class_halves",
+        recall_ks=(1, 2, 4, 8),
+        label_key="label",
+        coarse_key=None,
+        has_bbox=True,
+        num_train_classes=98,
+        expected={"train": (8054, 98), "test": (8131, 98)},
+        manual_files=("cars_train.tgz", "cars_test.tgz", "car_devkit.tgz", "cars_test_annos_withlabels.mat"),
+        instructions=_CARS_INSTRUCTIONS,
+    ),
+    "sop": DatasetSpec(
+        name="sop",
+        tfds_name="stanford_online_products",
+        split_rule="tfds_splits",
+        recall_ks=(1, 10, 100, 1000),
+        label_key="class_id",
+        coarse_key="super_class_id",
+        has_bbox=False,
+        num_train_classes=None,
+        expected={"train": (59551, 11318), "test": (60502, 11316)},
+        manual_files=("Stanford_Online_Products.zip",),
+        instructions=_SOP_INSTRUCTIONS,
+    ),
+    "inshop": DatasetSpec(
+        name="inshop",
+        tfds_name="inshop",
+        split_rule="query_gallery",
+        recall_ks=(1, 10, 20, 30, 40, 50),
+        label_key="label",
+        coarse_key="category",
+        has_bbox=True,
+        num_train_classes=None,
+        expected={"train": (25882, 3997), "test": (26830, 3985), "query": (14218, 3985), "gallery": (12612, 3985)},
+        manual_files=("img.zip", "list_eval_partition.txt", "list_bbox_inshop.txt"),
+        instructions=_inshop_instructions(),
+        needs_tensorflow=False,
+    ),
+}
+
+NAMES = (*DATASETS, "synthetic")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The prepared TFDS data of a data set is not in ``data_dir``; the message says how to make it."""
+
+
+def default_data_dir() -> str:
+    """TFDS's default: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``."""
+    return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def prepare_command(name: str, data_dir: str | os.PathLike | None = None, manual_dir: str | None = None) -> str:
+    """The one command that prepares ``name`` from the files in ``manual_dir``."""
+    data_dir = os.fspath(data_dir) if data_dir is not None else default_data_dir()
+    manual_dir = manual_dir or os.path.join(data_dir, "downloads", "manual")
+    return f"python -m hdml_jax.data.prepare {name} --data_dir {data_dir} --manual_dir {manual_dir}"
+
+
+def missing_data_message(name: str, data_dir: str | os.PathLike | None, where: str) -> str:
+    """Which files to obtain, where to put them and which command prepares them."""
+    spec = DATASETS[name]
+    data_dir = os.fspath(data_dir) if data_dir is not None else default_data_dir()
+    manual_dir = os.path.join(data_dir, "downloads", "manual")
+    tf_note = (
+        "Preparing needs TensorFlow (reading does not): pip install tensorflow-cpu\n"
+        if spec.needs_tensorflow
+        else ""
+    )
+    return (
+        f"{name}: no prepared TFDS data ({spec.tfds_name}, array_record) at {where}.\n"
+        f"It cannot be downloaded automatically. Obtain these files:\n"
+        f"  {'  '.join(spec.manual_files)}\n"
+        f"{spec.instructions}"
+        f"Put them into a folder, the manual_dir (e.g. {manual_dir}), then prepare once with:\n"
+        f"  {prepare_command(name, data_dir, manual_dir)}\n"
+        f"{tf_note}"
+    )
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def tfds_builder(name: str, data_dir: str | os.PathLike | None = None):
+    """The TFDS builder of ``name`` (registers our In-Shop builder first when needed)."""
+    import tensorflow_datasets as tfds
+
+    spec = DATASETS[name]
+    if spec.tfds_name == "inshop":
+        from hdml_jax.data import inshop  # noqa: F401  (registers the builder)
+    return tfds.builder(spec.tfds_name, data_dir=os.fspath(data_dir) if data_dir is not None else None)
+
+
+def _prepared_builder(name: str, data_dir: str | os.PathLike | None):
+    import tensorflow_datasets as tfds
+
+    builder = tfds_builder(name, data_dir)
+    if not builder.is_prepared():
+        raise DatasetNotFoundError(missing_data_message(name, data_dir, os.fspath(builder.data_path)))
+    file_format = builder.info.file_format
+    if file_format != tfds.core.file_adapters.FileFormat.ARRAY_RECORD:
+        raise DatasetNotFoundError(
+            f"{name}: the data at {builder.data_path} was prepared as {file_format}, but random access "
+            f"needs array_record. Convert it (tfds convert_format --dataset_version_dir "
+            f"{builder.data_path} --out_file_format array_record) or prepare it again:\n"
+            f"  {prepare_command(name, data_dir)} --overwrite"
+        )
+    return builder
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def _shard_fingerprint(builder) -> str:
+    files = sorted(p for p in Path(os.fspath(builder.data_path)).iterdir() if ".array_record" in p.name)
+    return json.dumps([[p.name, p.stat().st_size] for p in files])
+
+
+def _read_features(builder, split: str, keys: tuple[str, ...], skip: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """``keys`` of every example of ``split``, without decoding images."""
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    decoders = {k: tfds.decode.SkipDecoding() for k in ("image", *skip) if k in features}
+    source = builder.as_data_source(split=split, decoders=decoders)
+    values: dict[str, list[Any]] = {k: [] for k in keys}
+    for start in range(0, len(source), _LABEL_READ_CHUNK):
+        for example in source.__getitems__(range(start, min(start + _LABEL_READ_CHUNK, len(source)))):
+            for k in keys:
+                values[k].append(example[k])
+    out = {}
+    for k, v in values.items():
+        array = np.asarray(v)
+        out[k] = array.astype(str) if array.dtype.kind in "SOU" else array.astype(np.int64)
+    return out
+
+
+def read_label_features(
+    builder, split: str, keys: tuple[str, ...], skip: tuple[str, ...] = (), cache: bool = True
+) -> dict[str, np.ndarray]:
+    """Label features of a split, from the cache next to the prepared files or read (and cached).
+
+    The cache is keyed by split and features and checked against the shard files' names and sizes.
+    An unwritable ``data_dir`` only disables caching.
+    """
+    path = Path(os.fspath(builder.data_path)) / LABELS_CACHE
+    fingerprint = _shard_fingerprint(builder)
+    prefix = f"{split}::"
+    stored: dict[str, np.ndarray] = {}
+    if cache and path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                stored = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as error:
+            log.warning("Ignoring unreadable label cache %s: %s", path, error)
+        if str(stored.get("fingerprint", "")) != fingerprint:
+            stored = {}
+        if all(prefix + k in stored for k in keys):
+            return {k: stored[prefix + k] for k in keys}
+    values = _read_features(builder, split, keys, skip)
+    if cache:
+        stored.update({prefix + k: v for k, v in values.items()})
+        stored["fingerprint"] = np.asarray(fingerprint)
+        tmp = path.with_name(f".{LABELS_CACHE}.{os.getpid()}.tmp.npz")
+        try:
+            np.savez(tmp, **stored)
+            os.replace(tmp, path)
+        except OSError as error:
+            log.info("Not caching labels in %s: %s", path, error)
+            tmp.unlink(missing_ok=True)
+    return values
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.shape[-1] == 1:
+        return np.repeat(image, 3, axis=-1)
+    return image[:, :, :3]
+
+
+def crop_to_box(image: np.ndarray, bbox: np.ndarray) -> np.ndarray:
+    """Crop ``image`` (H, W, C) to ``bbox`` ``[ymin, xmin, ymax, xmax]`` in [0, 1] (at least 1 px)."""
+    height, width = image.shape[:2]
+    ymin, xmin, ymax, xmax = np.clip(np.asarray(bbox, np.float64), 0.0, 1.0)
+    top, left = min(int(np.floor(ymin * height)), height - 1), min(int(np.floor(xmin * width)), width - 1)
+    bottom = max(int(np.ceil(ymax * height)), top + 1)
+    right = max(int(np.ceil(xmax * width)), left + 1)
+    return image[top:bottom, left:right]
+
+
+_FULL_BOX = np.asarray([0.0, 0.0, 1.0, 1.0], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToExample:
+    """TFDS example → the contract of ``base.py`` (``image`` RGB uint8, ``bbox``), optionally cropped.
+
+    A picklable class (not a closure) so grain can send sources to worker processes. ``label`` and
+    ``coarse_label`` are set afterwards by ``SubsetSource``.
+    """
+
+    crop_to_bbox: bool = False
+    keep_bbox: bool = True
+
+    def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
+        image = _as_rgb(np.asarray(example["image"]))
+        out: dict[str, Any] = {}
+        bbox = example.get("bbox") if self.keep_bbox else None
+        if bbox is not None:
+            bbox = np.asarray(bbox, np.float32)
+            if self.crop_to_bbox:
+                image, bbox = crop_to_box(image, bbox), _FULL_BOX.copy()
+            out["bbox"] = bbox
+        out["image"] = np.ascontiguousarray(image)
+        return out
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def class_consistent(labels: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    """Give every example its class's most frequent coarse label (ties: the smallest)."""
+    labels, coarse = np.asarray(labels, np.int64), np.asarray(coarse, np.int64)
+    pairs, counts = np.unique(np.stack([labels, coarse], 1), axis=0, return_counts=True)
+    order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))  # by class, then most frequent
+    pairs = pairs[order]
+    first = np.concatenate([[True], pairs[1:, 0] != pairs[:-1, 0]])
+    mapping = np.zeros(labels.max() + 1 if len(labels) else 0, np.int64)
+    mapping[pairs[first, 0]] = pairs[first, 1]
+    return mapping[labels]
+
+
+def _make_split(
+    source, indices: np.ndarray, raw_labels: np.ndarray, coarse: np.ndarray | None, transform, name: str
+) -> Split:
+    labels = remap_labels(raw_labels[indices]) if len(indices) else np.zeros(0, np.int64)
+    coarse_split = None if coarse is None else coarse[indices]
+    return Split(
+        source=SubsetSource(source, indices, labels, coarse_split, transform),
+        labels=labels,
+        coarse_labels=coarse_split,
+        name=name,
+    )
+
+
+def fold_classes(classes: np.ndarray, num_folds: int, fold: int, seed: int) -> np.ndarray:
+    """The classes of fold ``fold`` of ``num_folds`` class-disjoint folds (a seeded permutation)."""
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in [0, {num_folds}), got {fold}.")
+    permuted = np.random.default_rng(seed).permutation(np.unique(classes))
+    return np.sort(np.array_split(permuted, num_folds)[fold])
+
+
+def _check_sizes(dataset: MetricDataset, spec: DatasetSpec, where: str, mode: str) -> None:
+    if mode == "ignore":
+        return
+    splits = {"train": dataset.train, "test": dataset.test, "query": dataset.query, "gallery": dataset.gallery}
+    problems = []
+    for split_name, (images, classes) in spec.expected.items():
+        split = splits[split_name]
+        if split is None:
+            continue
+        if split_name in ("query", "gallery"):
+            got_classes = len(np.unique(split.labels))
+        else:
+            got_classes = split.num_classes
+        if (len(split), got_classes) != (images, classes):
+            problems.append(
+                f"{split_name}: {len(split):,} images / {got_classes:,} classes, expected {images:,} / {classes:,}"
+            )
+    if problems:
+        message = (
+            f"{spec.name}: the prepared data at {where} differs from the standard split "
+            f"({'; '.join(problems)}). Incomplete or modified archives? Re-prepare with "
+            f"`{prepare_command(spec.name)} --overwrite`, or pass check_sizes='ignore'."
+        )
+        if mode == "raise":
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    crop_to_bbox: bool = False,
+    fold: int | None = None,
+    num_folds: int = 4,
+    split_seed: int = 0,
+    check_sizes: Literal["warn", "raise", "ignore"] = "warn",
+    cache_labels: bool = True,
+    **synthetic_kwargs: Any,
+) -> MetricDataset:
+    """Load a data set as class-disjoint train/test splits (see the module docstring).
+
+    Args:
+      name: one of ``NAMES``.
+      data_dir: where the prepared TFDS data are (default ``$TFDS_DATA_DIR`` or
+        ``~/tensorflow_datasets``); for ``synthetic``, passed on to ``load_synthetic``.
+      crop_to_bbox: crop every image to its bounding box (CUB, Cars, In-Shop with boxes); the
+        example's ``bbox`` becomes the whole image.
+      fold: when set, a cross-validation split of the *training* classes instead (the MLRC
+        protocol): the training classes are permuted with ``split_seed`` and cut into
+        ``num_folds`` class-disjoint folds; ``train`` holds the other folds, ``test`` fold ``fold``.
+        The test classes are never touched. ``split_seed`` has no effect without ``fold``.
+      check_sizes: what to do when the full standard split does not have the published sizes.
+      cache_labels: cache the labels next to the prepared data (only disabled if not writable).
+      **synthetic_kwargs: passed to ``load_synthetic`` (e.g. ``config=``); not allowed otherwise.
+
+    Raises:
+      DatasetNotFoundError: the prepared data is not in ``data_dir``; the message names the
+        archives, the ``manual_dir`` and the ``prepare`` command.
+    """
+    if name == "synthetic":
+        from hdml_jax.data.synthetic import load_synthetic
+
+        if crop_to_bbox or fold is not None:
+            raise ValueError("synthetic: crop_to_bbox and fold are not supported.")
+        return load_synthetic(data_dir=None if data_dir is None else os.fspath(data_dir), **synthetic_kwargs)
+    if name not in DATASETS:
+        raise ValueError(f"Unknown data set {name!r}; known: {', '.join(NAMES)}.")
+    if synthetic_kwargs:
+        raise TypeError(f"Unexpected arguments for {name}: {sorted(synthetic_kwargs)}.")
+    spec = DATASETS[name]
+    builder = _prepared_builder(name, data_dir)
+    where = os.fspath(builder.data_path)
+    features = builder.info.features
+    has_bbox = spec.has_bbox and "bbox" in features and builder.info.metadata.get("has_bbox", True) is not False
+    if crop_to_bbox and not has_bbox:
+        raise ValueError(f"{name}: crop_to_bbox=True but the prepared data has no bounding boxes ({where}).")
+
+    import tensorflow_datasets as tfds
+
+    split_expr = {"class_halves": "train+test", "tfds_splits": "train+test", "query_gallery": "train+query+gallery"}[
+        spec.split_rule
+    ]
+    skip = tuple(k for k in spec.skip_features if k in features)
+    keys = (spec.label_key,) + ((spec.coarse_key,) if spec.coarse_key else ())
+    values = read_label_features(builder, split_expr, keys, skip, cache=cache_labels)
+    raw = values[spec.label_key]
+    coarse = None
+    if spec.coarse_key is not None:
+        coarse = remap_labels(values[spec.coarse_key])
+
+    decoders = {k: tfds.decode.SkipDecoding() for k in skip}
+    source = builder.as_data_source(split=split_expr, decoders=decoders or None)
+    transform = ToExample(crop_to_bbox=crop_to_bbox, keep_bbox=has_bbox)
+    sizes = {s: builder.info.splits[s].num_examples for s in split_expr.split("+")}
+    offsets = np.cumsum([0, *sizes.values()])
+    ranges = {s: np.arange(offsets[i], offsets[i + 1]) for i, s in enumerate(sizes)}
+
+    query = gallery = None
+    if spec.split_rule == "class_halves":
+        is_train = raw < spec.num_train_classes
+        train_idx, test_idx = np.flatnonzero(is_train), np.flatnonzero(~is_train)
+    elif spec.split_rule == "tfds_splits":
+        train_idx, test_idx = ranges["train"], ranges["test"]
+    else:
+        train_idx = ranges["train"]
+        test_idx = np.concatenate([ranges["query"], ranges["gallery"]])
+        # Item labels were remapped by the builder: train alone, query ∪ gallery jointly.
+        raw = raw.copy()
+        raw[train_idx] = raw[train_idx]
+    if coarse is not None and spec.split_rule == "query_gallery":
+        # Garment categories come from the image paths; make them a function of the item.
+        offset = raw[train_idx].max() + 1 if len(train_idx) else 0
+        joint = np.where(np.isin(np.arange(len(raw)), train_idx), raw, raw + offset)
+        coarse = class_consistent(joint, coarse)
+
+    if fold is not None:
+        held_out = fold_classes(raw[train_idx], num_folds, fold, split_seed)
+        in_fold = np.isin(raw[train_idx], held_out)
+        train_idx, test_idx = train_idx[~in_fold], train_idx[in_fold]
+        query = gallery = None
+        test_name = f"{name}/fold{fold}"
+    else:
+        test_name = f"{name}/test"
+
+    make = functools.partial(_make_split, source, raw_labels=raw, coarse=coarse, transform=transform)
+    train = make(train_idx, name=f"{name}/train")
+    if spec.split_rule == "query_gallery" and fold is None:
+        # One remap over query ∪ gallery keeps query and gallery labels comparable.
+        test = make(test_idx, name=test_name)
+        num_query = sizes["query"]
+        query = _subsplit(test, np.arange(num_query), source, test_idx, coarse, transform, f"{name}/query")
+        gallery = _subsplit(
+            test, np.arange(num_query, len(test_idx)), source, test_idx, coarse, transform, f"{name}/gallery"
+        )
+    else:
+        test = make(test_idx, name=test_name)
+
+    dataset = MetricDataset(
+        name=name, train=train, test=test, query=query, gallery=gallery, recall_ks=spec.recall_ks
+    )
+    if fold is None:
+        _check_sizes(dataset, spec, where, check_sizes)
+    return dataset
+
+
+def _subsplit(
+    parent: Split, positions: np.ndarray, source, parent_indices: np.ndarray, coarse, transform, name: str
+) -> Split:
+    """Part of ``parent`` keeping its labels (query and gallery share the test label space)."""
+    labels = parent.labels[positions]
+    coarse_part = None if coarse is None else parent.coarse_labels[positions]
+    return Split(
+        source=SubsetSource(source, parent_indices[positions], labels, coarse_part, transform),
+        labels=labels,
+        coarse_labels=coarse_part,
+        name=name,
+    )

@@ -1,0 +1,275 @@
+"""The pieces of one training step: model, parameter groups, optimizer, loss, and the step itself.
+
+The step is a pure function ``(state, batch) -> (state, metrics)`` compiled once with ``jax.jit``;
+the batch is sharded over the ``'data'`` axis of a device mesh and the state replicated, so the
+losses and BatchNorm see the global batch on 1 device or 256 without any hand-written collective.
+
+State (a plain dict pytree, checkpointed as is)::
+
+    step         int32 scalar
+    params       {'backbone', 'head', 'proxies', 'coarse_proxies_1', ...}
+    batch_stats  BatchNorm statistics
+    opt_state    optax state
+    hierarchy    {'assignments': (a^0, ...), 'active': float32 scalar} (HPL; empty otherwise)
+    rng          PRNG key data (uint32)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from hdml_jax import losses
+from hdml_jax.config import HIERARCHICAL_METHODS, PROXY_METHODS
+from hdml_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from hdml_jax.models import CGDHead, EmbeddingHead, EmbeddingModel, ResNet, batchnorm_mask, proxy_levels
+
+State = dict[str, Any]
+
+
+def build_model(
+    config: ml_collections.ConfigDict, num_classes: int, coarse_groups: tuple[int, ...] = ()
+) -> EmbeddingModel:
+    """The ``EmbeddingModel`` a config describes (proxies only for proxy methods)."""
+    m = config.model
+    backbone = ResNet(
+        m.depth,
+        last_stride=m.last_stride,
+        frozen_bn=m.frozen_bn,
+        width=m.width,
+        dtype=jnp.dtype(m.dtype),
+    )
+    if config.method == "cgd":
+        head = CGDHead(
+            m.descriptors,
+            m.embedding_dim,
+            num_classes=num_classes,
+            combine=m.combine,
+            architecture=m.architecture,
+            gem_p=m.gem_p,
+        )
+    else:
+        head = EmbeddingHead(m.embedding_dim, pooling=m.pooling, gem_p=m.gem_p)
+    return EmbeddingModel(
+        backbone,
+        head,
+        num_proxies=num_classes if config.method in PROXY_METHODS else 0,
+        coarse_groups=coarse_groups if config.method in HIERARCHICAL_METHODS else (),
+        proxy_init=m.proxy_init,
+    )
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+    """uint8 NHWC → float32 with ImageNet mean/std (done on device: uint8 is 4× less to transfer)."""
+    return (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def parameter_groups(params: Any, frozen_bn: bool) -> Any:
+    """Label every parameter ``backbone``, ``head``, ``proxies`` or ``frozen`` (BN under bn_freeze)."""
+    bn = batchnorm_mask(params)
+
+    def label(path, _, is_bn):
+        top = path[0].key
+        if top.startswith(("proxies", "coarse_proxies")):
+            return "proxies"
+        if frozen_bn and is_bn and top == "backbone":
+            return "frozen"
+        return "backbone" if top == "backbone" else "head"
+
+    return jax.tree_util.tree_map_with_path(label, params, bn)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """Step decay: ×``decay_factor`` at the given epochs (or every ``decay_epochs[0]`` epochs)."""
+    o = config.optimizer
+    epochs = [int(e) for e in o.decay_epochs if int(e) > 0]
+    total_epochs = max(1, -(-total_steps(config, steps_per_epoch) // steps_per_epoch))
+    if o.decay_every and epochs:
+        epochs = list(range(epochs[0], total_epochs + 1, epochs[0]))
+    boundaries = {epoch * steps_per_epoch: o.decay_factor for epoch in epochs}
+    return optax.piecewise_constant_schedule(o.lr, boundaries)
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    return int(config.num_steps) if config.num_steps > 0 else int(config.num_epochs) * steps_per_epoch
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, params: Any, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """One optax optimizer with per-group learning-rate multipliers (and ε for ProxyNCA++ proxies)."""
+    o = config.optimizer
+    base = learning_rate_schedule(config, steps_per_epoch)
+
+    def scaled(multiplier: float) -> optax.Schedule:
+        return lambda step: base(step) * multiplier
+
+    def optimizer(lr: optax.Schedule, eps: float) -> optax.GradientTransformation:
+        if o.name == "adamw":
+            return optax.adamw(lr, eps=eps, weight_decay=o.weight_decay)
+        if o.name == "adam":
+            chain = [optax.scale_by_adam(eps=eps)]
+            if o.weight_decay:  # L2 penalty folded into the gradient, as torch.optim.Adam does
+                chain.insert(0, optax.add_decayed_weights(o.weight_decay))
+            return optax.chain(*chain, optax.scale_by_learning_rate(lr))
+        return optax.sgd(lr, momentum=0.9)
+
+    groups = {
+        "backbone": optimizer(scaled(o.backbone_lr_multiplier), o.eps),
+        "head": optimizer(scaled(o.head_lr_multiplier), o.eps),
+        "proxies": optimizer(
+            scaled(o.proxy_lr_multiplier), o.proxy_eps if o.proxy_eps is not None else o.eps
+        ),
+        "frozen": optax.set_to_zero(),
+    }
+    transform = optax.multi_transform(groups, parameter_groups(params, config.model.frozen_bn))
+    if o.grad_clip_value:
+        transform = optax.chain(optax.clip(o.grad_clip_value), transform)
+    return transform
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def compute_loss(
+    config: ml_collections.ConfigDict,
+    outputs: dict[str, Any],
+    labels: jax.Array,
+    params: Any,
+    hierarchy: dict[str, Any],
+    mask: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The method's loss on one (global) batch; returns ``(loss, named parts)``."""
+    method, lc = config.method, config.loss
+    embeddings = outputs["embedding"]
+    if method == "cgd":
+        ranking = losses.batch_hard_triplet_loss(embeddings, labels, margin=lc.triplet_margin, mask=mask)
+        if "branch_embeddings" in outputs and config.model.architecture == "A":
+            ranking = sum(
+                losses.batch_hard_triplet_loss(b, labels, margin=lc.triplet_margin, mask=mask)
+                for b in outputs["branch_embeddings"]
+            )
+        classification = losses.softmax_cross_entropy(
+            outputs["logits"],
+            labels,
+            temperature=lc.temperature,
+            label_smoothing=lc.label_smoothing,
+            mask=mask,
+        )
+        total = ranking + lc.classification_weight * classification
+        return total, {"triplet": ranking, "classification": classification}
+
+    if method in ("proxy_anchor", "hpl_pa"):
+        base, kwargs = losses.proxy_anchor_loss, {"margin": lc.margin, "alpha": lc.alpha}
+    else:
+        base, kwargs = losses.proxy_nca_loss, {"scale": lc.scale}
+    if method not in HIERARCHICAL_METHODS:
+        loss = base(embeddings, labels, params["proxies"], mask=mask, **kwargs)
+        return loss, {}
+    weights = tuple(lc.level_weights)
+    level_weights = (weights[0], *(hierarchy["active"] * w for w in weights[1:]))
+    total = losses.hierarchical_proxy_loss(
+        embeddings,
+        labels,
+        proxy_levels(params),
+        hierarchy["assignments"],
+        base_loss=base,
+        level_weights=level_weights,
+        mask=mask,
+        **kwargs,
+    )
+    return total, {"fine": base(embeddings, labels, params["proxies"], mask=mask, **kwargs)}
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def train_step(
+    state: State,
+    batch: dict[str, jax.Array],
+    *,
+    model: EmbeddingModel,
+    config: ml_collections.ConfigDict,
+    optimizer: optax.GradientTransformation,
+    backbone_frozen: bool,
+) -> tuple[State, dict[str, jax.Array]]:
+    """One optimizer step on a global batch ``{'image' uint8 (B,H,W,3), 'label' (B,), 'mask' (B,)}``.
+
+    ``backbone_frozen`` (static) is the warm-up variant: the backbone's gradient is not even
+    computed (its features pass through ``stop_gradient``) and its parameters do not move.
+    """
+    images = normalize_images(batch["image"])
+    labels = batch["label"].astype(jnp.int32)
+    mask = batch.get("mask", jnp.ones(labels.shape, bool))
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state["batch_stats"]}
+        if backbone_frozen:
+            variables = {
+                "params": {**params, "backbone": jax.lax.stop_gradient(params["backbone"])},
+                "batch_stats": state["batch_stats"],
+            }
+        outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        loss, parts = compute_loss(config, outputs, labels, params, state["hierarchy"], mask)
+        return loss, (parts, updates.get("batch_stats", state["batch_stats"]))
+
+    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    if backbone_frozen:
+        updates = {**updates, "backbone": jax.tree.map(jnp.zeros_like, updates["backbone"])}
+        # Warm-up keeps the backbone's BatchNorm statistics too (the authors set requires_grad only,
+        # but with bn_freeze the statistics do not move either; without it they would).
+        if config.model.frozen_bn:
+            batch_stats = state["batch_stats"]
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.all(
+        jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])
+    )
+    new_state = {
+        **state,
+        "step": state["step"] + 1,
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_state": opt_state,
+    }
+    metrics = {"loss": loss, "finite": finite, "grad_norm": optax.global_norm(grads), **parts}
+    return new_state, metrics
+
+
+def compile_train_step(
+    model: EmbeddingModel,
+    config: ml_collections.ConfigDict,
+    optimizer: optax.GradientTransformation,
+    state_sharding: Any,
+    batch_sharding: Any,
+    backbone_frozen: bool,
+) -> Callable[[State, dict[str, jax.Array]], tuple[State, dict[str, jax.Array]]]:
+    """``jax.jit`` of ``train_step`` with the state replicated and the batch sharded; donates the state."""
+    step = functools.partial(
+        train_step, model=model, config=config, optimizer=optimizer, backbone_frozen=backbone_frozen
+    )
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, None),
+        donate_argnums=(0,),
+    )
+
+
+def embed_step(variables: Any, images: jax.Array, *, model: EmbeddingModel) -> jax.Array:
+    """Eval-mode embeddings of a uint8 batch (float32, L2-normalised by the head)."""
+    return model.apply(variables, normalize_images(images), train=False)["embedding"].astype(jnp.float32)
+
+
+def unfreeze(tree: Any) -> Any:
+    return flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else tree

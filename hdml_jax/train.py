@@ -1,0 +1,577 @@
+"""The main job as a library of small functions: set up, train, evaluate, save, resume.
+
+``train_and_evaluate(config, workdir)`` is all ``main.py`` calls. One batch goes
+``data.pipeline`` → ``steps.train_step`` (jit, sharded) → optax; every ``eval_every_epochs`` the
+test split is embedded and scored (``evaluate``); orbax checkpoints hold the whole state plus the
+data iterator position, so rerunning the same command resumes exactly where it stopped.
+
+Workdir layout::
+
+    config.json          the resolved config
+    metrics.jsonl        one JSON record per log step and per evaluation
+    events.*             TensorBoard (tensorboardX)
+    checkpoints/         orbax: the last ``keep_checkpoints`` and the best by Recall@1
+    final_metrics.json   the last evaluation
+    test_embeddings.npy  test_labels.npy (and query/gallery for In-Shop)
+    tsne.png  retrieval.png  curves.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from hdml_jax import evaluate, steps, visualize
+from hdml_jax.config import HIERARCHICAL_METHODS, validate
+from hdml_jax.data import pipeline, sampling, transforms
+from hdml_jax.data.base import MetricDataset, Split
+from hdml_jax.losses import build_hierarchy, hierarchy_from_labels, refresh_assignments
+from hdml_jax.models import load_pretrained, proxy_levels
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the parameters became NaN/Inf; the last good checkpoint is left untouched."""
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh over every device of every process, axis ``'data'``.
+
+    ``Auto`` axis type: XLA's sharding propagation places the collectives (the losses and
+    BatchNorm see the global batch), so model and loss code stay free of sharding annotations.
+    """
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def load_data(config: ml_collections.ConfigDict) -> MetricDataset:
+    from hdml_jax.data import datasets
+
+    return datasets.load_dataset(config.dataset.name, data_dir=config.dataset.data_dir)
+
+
+def coarse_group_sizes(config: ml_collections.ConfigDict, dataset: MetricDataset) -> tuple[int, ...]:
+    """Sizes of the coarse proxy levels: configured, the known taxonomy, or about C/8."""
+    if config.method not in HIERARCHICAL_METHODS:
+        return ()
+    if config.loss.coarse_from_labels:
+        if dataset.train.coarse_labels is None:
+            raise ValueError(f"loss.coarse_from_labels=True but {dataset.name} has no coarse labels.")
+        return (dataset.train.num_coarse_classes,)
+    num_classes = dataset.train.num_classes
+    sizes = []
+    for size in config.loss.num_coarse_groups:
+        size = int(size) or max(2, round(num_classes / 8))
+        if not 1 <= size < (sizes[-1] if sizes else num_classes):
+            raise ValueError(
+                f"loss.num_coarse_groups {tuple(config.loss.num_coarse_groups)} must decrease below {num_classes} classes."
+            )
+        sizes.append(size)
+    return tuple(sizes)
+
+
+def class_to_coarse(split: Split) -> np.ndarray:
+    """The known class → coarse group map of a split (each class has one coarse label)."""
+    mapping = np.zeros(split.num_classes, np.int64)
+    mapping[split.labels] = split.coarse_labels
+    return mapping
+
+
+def init_state(
+    config: ml_collections.ConfigDict,
+    model,
+    dataset: MetricDataset,
+    optimizer: optax.GradientTransformation,
+    coarse_sizes: tuple[int, ...],
+) -> steps.State:
+    """Fresh parameters (with ImageNet weights when ``model.pretrained`` is set) and optimizer state."""
+    size = config.dataset.image_size
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, rng = jax.random.split(rng)
+    variables = jax.jit(model.init, static_argnames="train")(
+        init_rng, jnp.zeros((1, size, size, 3)), train=False
+    )
+    params = steps.unfreeze(variables["params"])
+    batch_stats = steps.unfreeze(variables.get("batch_stats", {}))
+    if config.model.pretrained:
+        pretrained = load_pretrained(config.model.pretrained)
+        params["backbone"] = _checked_replace(params["backbone"], pretrained["params"], "params")
+        batch_stats["backbone"] = _checked_replace(
+            batch_stats["backbone"], pretrained["batch_stats"], "batch_stats"
+        )
+    hierarchy: dict[str, Any] = {}
+    if config.method in HIERARCHICAL_METHODS:
+        levels = (dataset.train.num_classes, *coarse_sizes)
+        hierarchy = {
+            "assignments": tuple(jnp.zeros((levels[i],), jnp.int32) for i in range(len(coarse_sizes))),
+            "active": jnp.zeros((), jnp.float32),
+        }
+        if config.loss.coarse_from_labels:
+            hierarchy = {
+                "assignments": hierarchy_from_labels(class_to_coarse(dataset.train)),
+                "active": jnp.ones((), jnp.float32),
+            }
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_state": optimizer.init(params),
+        "hierarchy": hierarchy,
+        "rng": jax.random.key_data(rng),
+    }
+
+
+def _checked_replace(current: Any, loaded: Any, what: str) -> Any:
+    shapes = jax.tree.map(np.shape, current)
+    loaded_shapes = jax.tree.map(np.shape, loaded)
+    if shapes != loaded_shapes:
+        raise ValueError(
+            f"model.pretrained {what} do not fit the configured backbone (depth/width differ?). "
+            "Convert weights of the same depth with `python -m hdml_jax.models.convert`."
+        )
+    return jax.tree.map(jnp.asarray, loaded)
+
+
+def _transform_pair(config: ml_collections.ConfigDict) -> transforms.TransformPair:
+    return transforms.TRANSFORMS[config.dataset.transform](
+        config.dataset.image_size, crop_to_bbox=config.dataset.crop_to_bbox
+    )
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, split: Split):
+    transform = _transform_pair(config)
+    if config.sampler == "pk":
+        sampler = sampling.PKSampler(
+            split.labels,
+            classes_per_batch=config.classes_per_batch,
+            samples_per_class=config.samples_per_class,
+            seed=config.seed,
+        )
+    else:
+        sampler = sampling.ShuffleSampler(len(split), batch_size=config.batch_size, seed=config.seed)
+    return pipeline.train_iterator(
+        split,
+        sampler=sampler,
+        transform=transform.train,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        num_workers=config.dataset.num_workers,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def make_eval_batches(config: ml_collections.ConfigDict, split: Split):
+    transform = _transform_pair(config)
+    return pipeline.eval_batches(
+        split,
+        transform=transform.eval,
+        batch_size=config.eval_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class Reporter:
+    """Progress line on screen; metrics.jsonl and TensorBoard in the workdir (process 0 only)."""
+
+    def __init__(self, workdir: Path, total_steps: int, batch_size: int):
+        self.enabled = jax.process_index() == 0
+        self.total_steps, self.batch_size = total_steps, batch_size
+        self.interactive = sys.stderr.isatty()
+        self._tb = None
+        self._jsonl = None
+        self._last = (time.perf_counter(), None)
+        if self.enabled:
+            self._jsonl = open(workdir / "metrics.jsonl", "a")
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(workdir))
+            except ImportError:
+                print("tensorboardX is not installed: no TensorBoard events are written.", file=sys.stderr)
+
+    def train(self, step: int, epoch: float, values: dict[str, float]) -> None:
+        now = time.perf_counter()
+        last_time, last_step = self._last
+        self._last = (now, step)
+        speed = (step - last_step) * self.batch_size / (now - last_time) if last_step is not None else 0.0
+        values = {**values, "images_per_second": speed}
+        if not self.enabled:
+            return
+        remaining = (self.total_steps - step) * self.batch_size / speed if speed > 0 else float("nan")
+        eta = "?" if math.isnan(remaining) else time.strftime("%H:%M:%S", time.gmtime(remaining))
+        done = int(30 * step / self.total_steps)
+        line = (
+            f"[{'#' * done}{'.' * (30 - done)}] step {step}/{self.total_steps} epoch {epoch:.1f} "
+            f"loss {values['loss']:.4f} {speed:.0f} img/s ETA {eta}"
+        )
+        print(
+            ("\r" + line) if self.interactive else line,
+            end="" if self.interactive else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._write({"kind": "train", "step": step, "epoch": epoch, **values}, "train")
+
+    def eval(self, step: int, epoch: float, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.interactive:
+            print(file=sys.stderr)
+        print(evaluate.summary_line(step, values), file=sys.stderr, flush=True)
+        self._write({"kind": "eval", "step": step, "epoch": epoch, **values}, "eval")
+
+    def _write(self, record: dict[str, Any], prefix: str) -> None:
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    """Atomic orbax checkpoints: keep the last N and the best by Recall@1."""
+    policies = ocp.checkpoint_managers.preservation_policy
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=config.keep_checkpoints),
+                policies.BestN(
+                    get_metric_fn=lambda m: m["recall@1"], n=1, keep_checkpoints_without_metrics=False
+                ),
+            ]
+        ),
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=options)
+
+
+def save_checkpoint(manager, state, data_state, metrics=None) -> None:
+    step = int(jax.device_get(state["step"]))
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+        metrics=metrics,
+        force=True,
+    )
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, abstract_state, step=None):
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+    )
+    return restored["state"], restored["data"]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, dataset: MetricDataset | None = None
+) -> dict[str, float]:
+    """Train (or, with ``eval_only``, just evaluate) and return the final metrics.
+
+    ``dataset`` replaces the one named by ``config.dataset.name`` (train on your own data).
+    """
+    validate(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    dataset = load_data(config) if dataset is None else dataset
+    coarse_sizes = coarse_group_sizes(config, dataset)
+    model = steps.build_model(config, dataset.train.num_classes, coarse_sizes)
+    steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
+    num_steps = steps.total_steps(config, steps_per_epoch)
+
+    mesh = make_mesh()
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
+        raise ValueError(
+            f"batch_size {config.batch_size} and eval_batch_size {config.eval_batch_size} must be "
+            f"multiples of the {jax.device_count()} devices."
+        )
+
+    params_shape = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8 * 32, 8 * 32, 3)), train=False)
+    )["params"]
+    optimizer = steps.make_optimizer(config, steps.unfreeze(params_shape), steps_per_epoch)
+    state = init_state(config, model, dataset, optimizer, coarse_sizes)
+    state = jax.device_put(state, replicated)
+
+    manager = checkpoint_manager(workdir, config)
+    train_iter = make_train_iterator(config, dataset.train)
+    if manager.latest_step() is not None:
+        state, data_state = restore_checkpoint(manager, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+        state = jax.device_put(state, replicated)
+        train_iter.set_state(data_state)
+        print(f"resumed from {workdir / 'checkpoints'} at step {int(state['step'])}", file=sys.stderr)
+    elif config.eval_only:
+        raise FileNotFoundError(f"eval_only=True but there is no checkpoint in {workdir / 'checkpoints'}.")
+
+    embed = jax.jit(
+        lambda variables, images: steps.embed_step(variables, images, model=model),
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=batch_sharding,
+    )
+
+    def run_evaluation(state: steps.State) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+        def embed_split(split: Split) -> np.ndarray:
+            return evaluate.embed_batches(
+                make_eval_batches(config, split), lambda x: embed(variables, x), batch_sharding, len(split)
+            )
+
+        embeddings = evaluate.embed_dataset(dataset, embed_split)
+        nmi_key = jax.random.PRNGKey(config.seed) if config.nmi else None
+        result = evaluate.evaluate_embeddings(
+            dataset,
+            embeddings["test"],
+            query_embeddings=embeddings.get("query"),
+            gallery_embeddings=embeddings.get("gallery"),
+            nmi_key=nmi_key,
+        )
+        return result, embeddings
+
+    reporter = Reporter(workdir, num_steps, config.batch_size)
+    try:
+        if not config.eval_only:
+            state = _train_loop(
+                config,
+                state,
+                model,
+                optimizer,
+                dataset,
+                train_iter,
+                manager,
+                reporter,
+                run_evaluation,
+                replicated,
+                batch_sharding,
+                steps_per_epoch,
+                num_steps,
+                coarse_sizes,
+            )
+        final, embeddings = run_evaluation(state)
+        step = int(jax.device_get(state["step"]))
+        reporter.eval(step, step / steps_per_epoch, final)
+        if jax.process_index() == 0:
+            write_outputs(workdir, config, dataset, final, embeddings, step)
+    finally:
+        reporter.close()
+        manager.close()
+    return final
+
+
+def _train_loop(
+    config,
+    state,
+    model,
+    optimizer,
+    dataset,
+    train_iter,
+    manager,
+    reporter,
+    run_evaluation,
+    replicated,
+    batch_sharding,
+    steps_per_epoch,
+    num_steps,
+    coarse_sizes,
+):
+    warm_steps = config.optimizer.warmup_epochs * steps_per_epoch
+    compiled = {}
+
+    def step_fn(frozen: bool):
+        if frozen not in compiled:
+            compiled[frozen] = steps.compile_train_step(
+                model, config, optimizer, replicated, batch_sharding, frozen
+            )
+        return compiled[frozen]
+
+    hierarchical = config.method in HIERARCHICAL_METHODS and not config.loss.coarse_from_labels
+    build_step = config.loss.hierarchy_build_epoch * steps_per_epoch
+    refresh_steps = config.loss.hierarchy_refresh_epochs * steps_per_epoch
+    eval_steps = config.eval_every_epochs * steps_per_epoch
+    step = int(jax.device_get(state["step"]))
+    last_good = step
+    best = None
+    hierarchy_active = bool(hierarchical and jax.device_get(state["hierarchy"]["active"]))
+
+    with _Preemption() as preemption:
+        while step < num_steps:
+            if hierarchical and (
+                step >= build_step
+                and (not hierarchy_active or (refresh_steps > 0 and (step - build_step) % refresh_steps == 0))
+            ):
+                state = update_hierarchy(
+                    state, step, build_step, refresh_steps, coarse_sizes, config.seed, replicated
+                )
+                hierarchy_active = True
+            local = next(train_iter)
+            batch = {
+                key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[key]))
+                for key in ("image", "label")
+            }
+            state, metrics = step_fn(step < warm_steps)(state, batch)
+            step += 1
+            log_now = step % config.log_every_steps == 0 or step == num_steps
+            checkpoint_now = step % config.checkpoint_every_steps == 0 or preemption.requested
+            eval_now = eval_steps > 0 and step % eval_steps == 0 and step < num_steps
+            if log_now or checkpoint_now or eval_now:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not values.pop("finite"):
+                    raise TrainingDivergedError(
+                        f"loss or parameters became NaN/Inf at step {step} (loss {values['loss']}); the last good "
+                        f"checkpoint (step {last_good}) is kept. Lower optimizer.lr, or raise grad clipping."
+                    )
+                values["lr"] = float(steps.learning_rate_schedule(config, steps_per_epoch)(step))
+                if log_now:
+                    reporter.train(step, step / steps_per_epoch, values)
+            result = None
+            if eval_now:
+                result, _ = run_evaluation(state)
+                reporter.eval(step, step / steps_per_epoch, result)
+                best = result["recall@1"] if best is None else max(best, result["recall@1"])
+            if checkpoint_now or eval_now:
+                save_checkpoint(manager, state, train_iter.get_state(), result)
+                last_good = step
+            if preemption.requested:
+                print(
+                    f"\nSIGTERM: saved step {step} to {manager.directory}; rerun the same command to resume.",
+                    file=sys.stderr,
+                )
+                raise SystemExit(0)
+    if last_good != step:
+        save_checkpoint(manager, state, train_iter.get_state())
+    return state
+
+
+def update_hierarchy(state, step, build_step, refresh_steps, coarse_sizes, seed, sharding):
+    """Build the HPL hierarchy by k-means at ``build_step``; refresh the assignments every ``refresh_steps``."""
+    active = bool(jax.device_get(state["hierarchy"]["active"]))
+    if not active and step >= build_step:
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+        built = build_hierarchy(key, state["params"]["proxies"], coarse_sizes)
+        params = dict(state["params"])
+        for level, centroids in enumerate(built.coarse_proxies, start=1):
+            params[f"coarse_proxies_{level}"] = centroids
+        hierarchy = {"assignments": built.assignments, "active": jnp.ones((), jnp.float32)}
+        return jax.device_put({**state, "params": params, "hierarchy": hierarchy}, sharding)
+    if active and refresh_steps > 0 and step > build_step and (step - build_step) % refresh_steps == 0:
+        assignments = refresh_assignments(proxy_levels(state["params"]))
+        hierarchy = {**state["hierarchy"], "assignments": assignments}
+        return jax.device_put({**state, "hierarchy": hierarchy}, sharding)
+    return state
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_outputs(
+    workdir: Path, config, dataset: MetricDataset, final: dict[str, float], embeddings, step: int
+) -> None:
+    """final_metrics.json, embeddings, and the three pictures."""
+    (workdir / "final_metrics.json").write_text(json.dumps({"step": step, **final}, indent=2) + "\n")
+    np.save(workdir / "test_embeddings.npy", embeddings["test"])
+    np.save(workdir / "test_labels.npy", dataset.test.labels)
+    for name in ("query", "gallery"):
+        if name in embeddings:
+            np.save(workdir / f"{name}_embeddings.npy", embeddings[name])
+            np.save(workdir / f"{name}_labels.npy", getattr(dataset, name).labels)
+    if not config.pictures:
+        return
+    visualize.plot_tsne(
+        workdir / "tsne.png",
+        embeddings["test"],
+        dataset.test.labels,
+        dataset.test.coarse_labels,
+        jax.random.PRNGKey(config.seed),
+        max_points=config.tsne_max_points,
+    )
+    write_retrieval_picture(workdir / "retrieval.png", dataset, embeddings, config)
+    visualize.plot_curves(workdir / "curves.png", workdir / "metrics.jsonl")
+
+
+def write_retrieval_picture(
+    path: Path, dataset: MetricDataset, embeddings, config, num_queries: int = 6, k: int = 5
+) -> None:
+    if "query" in embeddings:
+        queries, query_split = embeddings["query"], dataset.query
+        gallery, gallery_split, exclude_self = embeddings["gallery"], dataset.gallery, False
+    else:
+        queries = gallery = embeddings["test"]
+        query_split = gallery_split = dataset.test
+        exclude_self = True
+    rng = np.random.default_rng(config.seed)
+    chosen = np.sort(rng.choice(len(queries), size=min(num_queries, len(queries)), replace=False))
+    similarity = queries[chosen] @ gallery.T
+    if exclude_self:
+        similarity[np.arange(len(chosen)), chosen] = -np.inf
+    neighbours = np.argsort(-similarity, axis=1)[:, :k]
+    visualize.plot_retrieval(
+        path,
+        [query_split.source[int(i)]["image"] for i in chosen],
+        query_split.labels[chosen],
+        [[gallery_split.source[int(j)]["image"] for j in row] for row in neighbours],
+        gallery_split.labels[neighbours],
+    )
