@@ -38,8 +38,13 @@ def check_embeddings(embeddings, name: str = "embeddings") -> None:
         raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(embeddings)}.")
 
 
-def check_labels(labels, batch_size: int, num_classes: int | None = None, name: str = "labels") -> None:
-    """Shape and dtype always; the range ``[0, num_classes)`` when the values are concrete."""
+def check_labels(
+    labels, batch_size: int, num_classes: int | None = None, name: str = "labels", mask=None
+) -> None:
+    """Shape and dtype always; the range ``[0, num_classes)`` when the values are concrete.
+
+    Rows whose ``mask`` is False are not range-checked: padding may carry any label (e.g. -1).
+    """
     if jnp.ndim(labels) != 1:
         raise ValueError(f"{name} must have shape (batch,), got shape {jnp.shape(labels)}.")
     if jnp.shape(labels)[0] != batch_size:
@@ -51,8 +56,9 @@ def check_labels(labels, batch_size: int, num_classes: int | None = None, name: 
         raise ValueError(f"{name} must be integers, got dtype {jnp.result_type(labels)}.")
     if num_classes is not None and is_concrete(labels) and batch_size > 0:
         values = np.asarray(labels)
-        low, high = int(values.min()), int(values.max())
-        if low < 0 or high >= num_classes:
+        if mask is not None and is_concrete(mask) and np.shape(mask) == (batch_size,):
+            values = values[np.asarray(mask, bool)]
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
             bad = values[(values < 0) | (values >= num_classes)]
             raise ValueError(
                 f"{name} must lie in [0, {num_classes}) (one proxy per class), but found "
@@ -107,7 +113,8 @@ def masked_logsumexp_plus_one(logits: jax.Array, mask: jax.Array, axis: int) -> 
     entries (they are replaced by ``-inf`` before the exponent, so ``exp`` gives an exact 0).
     """
     logits = jnp.where(mask, logits, -jnp.inf)
-    shift = jnp.maximum(jnp.max(logits, axis=axis, keepdims=True), 0.0)
+    # ``initial=0`` is the appended zero; it also makes an empty batch well defined.
+    shift = jnp.max(logits, axis=axis, keepdims=True, initial=0.0)
     shift = jax.lax.stop_gradient(shift)
     total = jnp.exp(-shift) + jnp.sum(jnp.exp(logits - shift), axis=axis, keepdims=True)
     return jnp.squeeze(jnp.log(total) + shift, axis=axis)

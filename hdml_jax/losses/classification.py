@@ -39,7 +39,7 @@ def softmax_cross_entropy(
     if jnp.ndim(logits) != 2:
         raise ValueError(f"logits must have shape (batch, num_classes), got shape {jnp.shape(logits)}.")
     num_classes = logits.shape[1]
-    _common.check_labels(labels, logits.shape[0], num_classes)
+    _common.check_labels(labels, logits.shape[0], num_classes, mask=mask)
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -48,6 +48,6 @@ def softmax_cross_entropy(
 
     z = _common.zero_masked_rows(logits.astype(jnp.float32), mask) / temperature
     log_probs = jax.nn.log_softmax(z, axis=1)
-    targets = (1.0 - label_smoothing) * jax.nn.one_hot(labels, num_classes) + label_smoothing / num_classes
+    targets = (1.0 - label_smoothing) * jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) + label_smoothing / num_classes
     per_row = -jnp.sum(targets * log_probs, axis=1)
     return _common.masked_mean(per_row, mask)

@@ -121,7 +121,7 @@ def hierarchical_proxy_loss(
     """
     _common.check_embeddings(embeddings)
     _check_hierarchy(level_proxies, level_assignments, level_weights, embeddings.shape[1])
-    _common.check_labels(labels, embeddings.shape[0], level_proxies[0].shape[0])
+    _common.check_labels(labels, embeddings.shape[0], level_proxies[0].shape[0], mask=mask)
 
     total = jnp.zeros((), jnp.float32)
     for weight, proxies, labels_at_level in zip(

@@ -49,7 +49,7 @@ def proxy_anchor_loss(
     _common.check_embeddings(embeddings)
     _common.check_proxies(proxies, embeddings.shape[1])
     num_classes = proxies.shape[0]
-    _common.check_labels(labels, embeddings.shape[0], num_classes)
+    _common.check_labels(labels, embeddings.shape[0], num_classes, mask=mask)
     mask = _common.resolve_mask(mask, embeddings.shape[0])
 
     x = _common.l2_normalize(_common.zero_masked_rows(embeddings.astype(jnp.float32), mask))

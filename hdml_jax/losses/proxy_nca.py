@@ -50,7 +50,7 @@ def proxy_nca_loss(
     _common.check_embeddings(embeddings)
     _common.check_proxies(proxies, embeddings.shape[1])
     num_classes = proxies.shape[0]
-    _common.check_labels(labels, embeddings.shape[0], num_classes)
+    _common.check_labels(labels, embeddings.shape[0], num_classes, mask=mask)
     mask = _common.resolve_mask(mask, embeddings.shape[0])
     if not include_target_in_denominator and num_classes < 2:
         raise ValueError("the classic Proxy-NCA form needs at least 2 proxies (its denominator is empty).")

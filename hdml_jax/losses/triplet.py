@@ -70,8 +70,8 @@ def batch_hard_triplet_loss(
 
     has_positive = jnp.any(positive, axis=1)
     has_negative = jnp.any(negative, axis=1)
-    hardest_positive = jnp.max(jnp.where(positive, dist, -jnp.inf), axis=1)
-    hardest_negative = jnp.min(jnp.where(negative, dist, jnp.inf), axis=1)
+    hardest_positive = jnp.max(jnp.where(positive, dist, -jnp.inf), axis=1, initial=-jnp.inf)
+    hardest_negative = jnp.min(jnp.where(negative, dist, jnp.inf), axis=1, initial=jnp.inf)
     # Keep the per-anchor values finite for anchors that are dropped below.
     hardest_positive = jnp.where(has_positive, hardest_positive, 0.0)
     hardest_negative = jnp.where(has_negative, hardest_negative, 0.0)

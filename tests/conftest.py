@@ -1,0 +1,23 @@
+"""Shared pytest configuration: a small, deadline-free hypothesis profile (jit compiles are slow)."""
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "hdml",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("hdml")
+
+# The trainer tests build the same small networks several times (each run jits its own step
+# function); the persistent compilation cache turns every repeat into a cache hit.
+import os  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+jax.config.update(
+    "jax_compilation_cache_dir", os.environ.get("HDML_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "hdml_jax_jit_cache"))
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
