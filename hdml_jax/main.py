@@ -46,7 +46,11 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         sys.exit(f"config error: {error}")
     workdir = FLAGS.workdir or config.workdir or f"runs/{config.dataset.name}_{config.method}"
-    final = train.train_and_evaluate(config, workdir)
+    try:
+        final = train.train_and_evaluate(config, workdir)
+    except train.TrainingInterruptedError as stop:
+        print(f"\n{stop}", file=sys.stderr)
+        return 0
     if jax.process_index() == 0:
         print(f"done: recall@1 {100 * final['recall@1']:.2f} — results in {Path(workdir).resolve()}")
     return 0

@@ -242,7 +242,7 @@ def train_step(
         "batch_stats": batch_stats,
         "opt_state": opt_state,
     }
-    metrics = {"loss": loss, "finite": finite, "grad_norm": optax.global_norm(grads), **parts}
+    metrics = {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads), **parts}
     return new_state, metrics
 
 

@@ -47,6 +47,14 @@ class TrainingDivergedError(RuntimeError):
     """The loss or the parameters became NaN/Inf; the last good checkpoint is left untouched."""
 
 
+class TrainingInterruptedError(Exception):
+    """SIGTERM or ``stop_after_steps``: a checkpoint was saved; rerunning the command resumes."""
+
+    def __init__(self, step: int, directory: Path):
+        super().__init__(f"stopped at step {step}; checkpoint saved in {directory}. Rerun the same command to resume.")
+        self.step = step
+
+
 # ----------------------------------------------------------------------------- setup
 
 
@@ -200,6 +208,7 @@ class Reporter:
         self._tb = None
         self._jsonl = None
         self._last = (time.perf_counter(), None)
+        self._smoothed: float | None = None
         if self.enabled:
             self._jsonl = open(workdir / "metrics.jsonl", "a")
             try:
@@ -209,27 +218,31 @@ class Reporter:
             except ImportError:
                 print("tensorboardX is not installed: no TensorBoard events are written.", file=sys.stderr)
 
+    def restart_clock(self, step: int) -> None:
+        """Exclude what happened since the last log (evaluation, checkpointing) from images/s."""
+        self._last = (time.perf_counter(), step)
+
     def train(self, step: int, epoch: float, values: dict[str, float]) -> None:
         now = time.perf_counter()
         last_time, last_step = self._last
         self._last = (now, step)
         speed = (step - last_step) * self.batch_size / (now - last_time) if last_step is not None else 0.0
+        if speed > 0:  # the first interval holds compilation: leave it out of the average
+            self._smoothed = speed if self._smoothed is None else 0.7 * self._smoothed + 0.3 * speed
         values = {**values, "images_per_second": speed}
         if not self.enabled:
             return
-        remaining = (self.total_steps - step) * self.batch_size / speed if speed > 0 else float("nan")
+        remaining = (self.total_steps - step) * self.batch_size / self._smoothed if self._smoothed else float("nan")
         eta = "?" if math.isnan(remaining) else time.strftime("%H:%M:%S", time.gmtime(remaining))
         done = int(30 * step / self.total_steps)
         line = (
             f"[{'#' * done}{'.' * (30 - done)}] step {step}/{self.total_steps} epoch {epoch:.1f} "
             f"loss {values['loss']:.4f} {speed:.0f} img/s ETA {eta}"
         )
-        print(
-            ("\r" + line) if self.interactive else line,
-            end="" if self.interactive else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
+        if self.interactive:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
         self._write({"kind": "train", "step": step, "epoch": epoch, **values}, "train")
 
     def eval(self, step: int, epoch: float, values: dict[str, float]) -> None:
@@ -453,8 +466,7 @@ def _train_loop(
     refresh_steps = config.loss.hierarchy_refresh_epochs * steps_per_epoch
     eval_steps = config.eval_every_epochs * steps_per_epoch
     step = int(jax.device_get(state["step"]))
-    last_good = step
-    best = None
+    start_step = last_good = step
     hierarchy_active = bool(hierarchical and jax.device_get(state["hierarchy"]["active"]))
 
     with _Preemption() as preemption:
@@ -475,7 +487,10 @@ def _train_loop(
             state, metrics = step_fn(step < warm_steps)(state, batch)
             step += 1
             log_now = step % config.log_every_steps == 0 or step == num_steps
-            checkpoint_now = step % config.checkpoint_every_steps == 0 or preemption.requested
+            stop_now = preemption.requested or (
+                config.stop_after_steps > 0 and step - start_step >= config.stop_after_steps and step < num_steps
+            )
+            checkpoint_now = step % config.checkpoint_every_steps == 0 or stop_now
             eval_now = eval_steps > 0 and step % eval_steps == 0 and step < num_steps
             if log_now or checkpoint_now or eval_now:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -491,16 +506,12 @@ def _train_loop(
             if eval_now:
                 result, _ = run_evaluation(state)
                 reporter.eval(step, step / steps_per_epoch, result)
-                best = result["recall@1"] if best is None else max(best, result["recall@1"])
             if checkpoint_now or eval_now:
                 save_checkpoint(manager, state, train_iter.get_state(), result)
                 last_good = step
-            if preemption.requested:
-                print(
-                    f"\nSIGTERM: saved step {step} to {manager.directory}; rerun the same command to resume.",
-                    file=sys.stderr,
-                )
-                raise SystemExit(0)
+                reporter.restart_clock(step)
+            if stop_now:
+                raise TrainingInterruptedError(step, manager.directory)
     if last_good != step:
         save_checkpoint(manager, state, train_iter.get_state())
     return state

@@ -50,9 +50,8 @@ put both, unextracted, into `manual_dir`. Preparing needs TensorFlow and OpenCV:
 """
 
 _CARS_INSTRUCTIONS = """\
-The original Stanford Cars URLs are dead. From a mirror of the Stanford Cars data set (e.g. the
-Kaggle copies, or ImageNet's "cars" mirror), put into `manual_dir`, unextracted and with exactly
-these names:
+The original Stanford Cars URLs are dead. From a mirror that keeps the original files (Krause et
+al., 3dRR 2013), put into `manual_dir`, unextracted and with exactly these names:
   cars_train.tgz  cars_test.tgz  car_devkit.tgz  cars_test_annos_withlabels.mat
 (car_devkit.tgz holds devkit/cars_train_annos.mat; cars_test_annos_withlabels.mat is the test
 annotation file with labels). Mirrors often re-pack the archives: if the checksums differ, add
@@ -81,7 +80,7 @@ class DatasetSpec:
       coarse_key: the TFDS feature of the coarse label, or None.
       has_bbox: the TFDS data has a ``bbox`` feature (``crop_to_bbox`` allowed).
       num_train_classes: for ``class_halves``: raw (0-based) labels below it train.
-      expected: split → (images, classes) of the standard data; checked on load.
+      expected: split → (images, classes or None) of the standard data; checked on load.
       manual_files: the files to put into ``manual_dir``.
       instructions: where to get them.
       needs_tensorflow: preparing needs TensorFlow (the TFDS catalogue builders do).
@@ -96,7 +95,7 @@ class DatasetSpec:
     coarse_key: str | None
     has_bbox: bool
     num_train_classes: int | None
-    expected: Mapping[str, tuple[int, int]]
+    expected: Mapping[str, tuple[int, int | None]]
     manual_files: tuple[str, ...]
     instructions: str
     needs_tensorflow: bool = True
@@ -169,7 +168,12 @@ DATASETS: dict[str, DatasetSpec] = {
         coarse_key="category",
         has_bbox=True,
         num_train_classes=None,
-        expected={"train": (25882, 3997), "test": (26830, 3985), "query": (14218, 3985), "gallery": (12612, 3985)},
+        expected={
+            "train": (25882, 3997),
+            "test": (26830, 3985),
+            "query": (14218, None),
+            "gallery": (12612, None),
+        },
         manual_files=("img.zip", "list_eval_partition.txt", "list_bbox_inshop.txt"),
         instructions=_inshop_instructions(),
         needs_tensorflow=False,
@@ -188,7 +192,9 @@ def default_data_dir() -> str:
     return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
 
-def prepare_command(name: str, data_dir: str | os.PathLike | None = None, manual_dir: str | None = None) -> str:
+def prepare_command(
+    name: str, data_dir: str | os.PathLike | None = None, manual_dir: str | None = None
+) -> str:
     """The one command that prepares ``name`` from the files in ``manual_dir``."""
     data_dir = os.fspath(data_dir) if data_dir is not None else default_data_dir()
     manual_dir = manual_dir or os.path.join(data_dir, "downloads", "manual")
@@ -254,8 +260,29 @@ def _shard_fingerprint(builder) -> str:
     return json.dumps([[p.name, p.stat().st_size] for p in files])
 
 
-def _read_features(builder, split: str, keys: tuple[str, ...], skip: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """``keys`` of every example of ``split``, without decoding images."""
+def _read_features_raw(builder, split: str, keys: tuple[str, ...]) -> dict[str, list[Any]]:
+    """Fast path: parse only ``keys`` out of the serialized ``tf.train.Example`` records."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    is_text = {k: isinstance(builder.info.features[k], tfds.features.Text) for k in keys}
+    source = builder.as_data_source(split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    values: dict[str, list[Any]] = {k: [] for k in keys}
+    for start in range(0, len(source), _LABEL_READ_CHUNK):
+        for record in source.__getitems__(range(start, min(start + _LABEL_READ_CHUNK, len(source)))):
+            feature = tf_example_pb2.Example.FromString(record).features.feature
+            for k in keys:
+                if is_text[k]:
+                    values[k].append(feature[k].bytes_list.value[0].decode())
+                else:
+                    values[k].append(feature[k].int64_list.value[0])
+    return values
+
+
+def _read_features_decoded(
+    builder, split: str, keys: tuple[str, ...], skip: tuple[str, ...]
+) -> dict[str, list[Any]]:
+    """Slow path: TFDS's own decoding, images skipped."""
     import tensorflow_datasets as tfds
 
     features = builder.info.features
@@ -266,6 +293,23 @@ def _read_features(builder, split: str, keys: tuple[str, ...], skip: tuple[str, 
         for example in source.__getitems__(range(start, min(start + _LABEL_READ_CHUNK, len(source)))):
             for k in keys:
                 values[k].append(example[k])
+    return values
+
+
+def _read_features(
+    builder, split: str, keys: tuple[str, ...], skip: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """``keys`` (scalar int or text features) of every example of ``split``, no image decoded.
+
+    Parsing only the label fields of the raw records is about 3× faster than TFDS's decoding with
+    images skipped (130 vs 360 µs per example with 37 kB images, mostly I/O); the latter is the
+    fallback should the record format ever differ.
+    """
+    try:
+        values = _read_features_raw(builder, split, keys)
+    except (KeyError, IndexError, AttributeError, TypeError, ValueError, ImportError) as error:
+        log.info("Reading labels from raw records failed (%r); decoding the examples instead.", error)
+        values = _read_features_decoded(builder, split, keys, skip)
     out = {}
     for k, v in values.items():
         array = np.asarray(v)
@@ -320,13 +364,23 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return image[:, :, :3]
 
 
+def _pixel_edge(fraction: float, size: int, upper: bool) -> int:
+    """``fraction * size`` to a pixel edge: outward, except within float32 noise of an integer."""
+    x = fraction * size
+    nearest = round(x)
+    if abs(x - nearest) < 1e-3:
+        return int(nearest)
+    return int(np.ceil(x)) if upper else int(np.floor(x))
+
+
 def crop_to_box(image: np.ndarray, bbox: np.ndarray) -> np.ndarray:
-    """Crop ``image`` (H, W, C) to ``bbox`` ``[ymin, xmin, ymax, xmax]`` in [0, 1] (at least 1 px)."""
+    """Crop ``image`` (H, W, ...) to ``bbox`` ``[ymin, xmin, ymax, xmax]`` in [0, 1] (at least 1 px)."""
     height, width = image.shape[:2]
     ymin, xmin, ymax, xmax = np.clip(np.asarray(bbox, np.float64), 0.0, 1.0)
-    top, left = min(int(np.floor(ymin * height)), height - 1), min(int(np.floor(xmin * width)), width - 1)
-    bottom = max(int(np.ceil(ymax * height)), top + 1)
-    right = max(int(np.ceil(xmax * width)), left + 1)
+    top = min(_pixel_edge(ymin, height, False), height - 1)
+    left = min(_pixel_edge(xmin, width, False), width - 1)
+    bottom = max(_pixel_edge(ymax, height, True), top + 1)
+    right = max(_pixel_edge(xmax, width, True), left + 1)
     return image[top:bottom, left:right]
 
 
@@ -393,28 +447,31 @@ def fold_classes(classes: np.ndarray, num_folds: int, fold: int, seed: int) -> n
     return np.sort(np.array_split(permuted, num_folds)[fold])
 
 
-def _check_sizes(dataset: MetricDataset, spec: DatasetSpec, where: str, mode: str) -> None:
+def _check_sizes(dataset: MetricDataset, spec: DatasetSpec, data_dir, where: str, mode: str) -> None:
     if mode == "ignore":
         return
-    splits = {"train": dataset.train, "test": dataset.test, "query": dataset.query, "gallery": dataset.gallery}
+    splits = {
+        "train": dataset.train,
+        "test": dataset.test,
+        "query": dataset.query,
+        "gallery": dataset.gallery,
+    }
     problems = []
     for split_name, (images, classes) in spec.expected.items():
         split = splits[split_name]
         if split is None:
             continue
-        if split_name in ("query", "gallery"):
-            got_classes = len(np.unique(split.labels))
-        else:
-            got_classes = split.num_classes
-        if (len(split), got_classes) != (images, classes):
+        got_classes = len(np.unique(split.labels))
+        if len(split) != images or (classes is not None and got_classes != classes):
+            expected = f"{images:,}" + ("" if classes is None else f" / {classes:,}")
             problems.append(
-                f"{split_name}: {len(split):,} images / {got_classes:,} classes, expected {images:,} / {classes:,}"
+                f"{split_name}: {len(split):,} images / {got_classes:,} classes, expected {expected}"
             )
     if problems:
         message = (
             f"{spec.name}: the prepared data at {where} differs from the standard split "
             f"({'; '.join(problems)}). Incomplete or modified archives? Re-prepare with "
-            f"`{prepare_command(spec.name)} --overwrite`, or pass check_sizes='ignore'."
+            f"`{prepare_command(spec.name, data_dir)} --overwrite`, or pass check_sizes='ignore'."
         )
         if mode == "raise":
             raise ValueError(message)
@@ -467,15 +524,18 @@ def load_dataset(
     builder = _prepared_builder(name, data_dir)
     where = os.fspath(builder.data_path)
     features = builder.info.features
-    has_bbox = spec.has_bbox and "bbox" in features and builder.info.metadata.get("has_bbox", True) is not False
+    metadata = builder.info.metadata or {}  # In-Shop records whether it was prepared with boxes
+    has_bbox = spec.has_bbox and "bbox" in features and metadata.get("has_bbox", True) is not False
     if crop_to_bbox and not has_bbox:
         raise ValueError(f"{name}: crop_to_bbox=True but the prepared data has no bounding boxes ({where}).")
 
     import tensorflow_datasets as tfds
 
-    split_expr = {"class_halves": "train+test", "tfds_splits": "train+test", "query_gallery": "train+query+gallery"}[
-        spec.split_rule
-    ]
+    split_expr = {
+        "class_halves": "train+test",
+        "tfds_splits": "train+test",
+        "query_gallery": "train+query+gallery",
+    }[spec.split_rule]
     skip = tuple(k for k in spec.skip_features if k in features)
     keys = (spec.label_key,) + ((spec.coarse_key,) if spec.coarse_key else ())
     values = read_label_features(builder, split_expr, keys, skip, cache=cache_labels)
@@ -499,55 +559,50 @@ def load_dataset(
         train_idx, test_idx = ranges["train"], ranges["test"]
     else:
         train_idx = ranges["train"]
-        test_idx = np.concatenate([ranges["query"], ranges["gallery"]])
         # Item labels were remapped by the builder: train alone, query ∪ gallery jointly.
-        raw = raw.copy()
-        raw[train_idx] = raw[train_idx]
-    if coarse is not None and spec.split_rule == "query_gallery":
-        # Garment categories come from the image paths; make them a function of the item.
-        offset = raw[train_idx].max() + 1 if len(train_idx) else 0
-        joint = np.where(np.isin(np.arange(len(raw)), train_idx), raw, raw + offset)
-        coarse = class_consistent(joint, coarse)
+        test_idx = np.concatenate([ranges["query"], ranges["gallery"]])
+        if coarse is not None:
+            # Garment categories come from the image paths; make them a function of the item.
+            items = raw.copy()
+            items[test_idx] += raw[train_idx].max() + 1 if len(train_idx) else 0
+            coarse = class_consistent(items, coarse)
 
     if fold is not None:
         held_out = fold_classes(raw[train_idx], num_folds, fold, split_seed)
         in_fold = np.isin(raw[train_idx], held_out)
         train_idx, test_idx = train_idx[~in_fold], train_idx[in_fold]
-        query = gallery = None
         test_name = f"{name}/fold{fold}"
     else:
         test_name = f"{name}/test"
 
     make = functools.partial(_make_split, source, raw_labels=raw, coarse=coarse, transform=transform)
     train = make(train_idx, name=f"{name}/train")
+    test = make(test_idx, name=test_name)
     if spec.split_rule == "query_gallery" and fold is None:
-        # One remap over query ∪ gallery keeps query and gallery labels comparable.
-        test = make(test_idx, name=test_name)
+        # Parts of ``test``, keeping its labels: query and gallery share one label space.
         num_query = sizes["query"]
-        query = _subsplit(test, np.arange(num_query), source, test_idx, coarse, transform, f"{name}/query")
-        gallery = _subsplit(
-            test, np.arange(num_query, len(test_idx)), source, test_idx, coarse, transform, f"{name}/gallery"
+        query = _part(test, source, test_idx, np.arange(num_query), transform, f"{name}/query")
+        gallery = _part(
+            test, source, test_idx, np.arange(num_query, len(test_idx)), transform, f"{name}/gallery"
         )
-    else:
-        test = make(test_idx, name=test_name)
 
     dataset = MetricDataset(
         name=name, train=train, test=test, query=query, gallery=gallery, recall_ks=spec.recall_ks
     )
     if fold is None:
-        _check_sizes(dataset, spec, where, check_sizes)
+        _check_sizes(dataset, spec, data_dir, where, check_sizes)
     return dataset
 
 
-def _subsplit(
-    parent: Split, positions: np.ndarray, source, parent_indices: np.ndarray, coarse, transform, name: str
+def _part(
+    parent: Split, source, parent_indices: np.ndarray, positions: np.ndarray, transform, name: str
 ) -> Split:
-    """Part of ``parent`` keeping its labels (query and gallery share the test label space)."""
+    """Examples ``positions`` of ``parent`` (whose examples are ``source[parent_indices]``), same labels."""
     labels = parent.labels[positions]
-    coarse_part = None if coarse is None else parent.coarse_labels[positions]
+    coarse = None if parent.coarse_labels is None else parent.coarse_labels[positions]
     return Split(
-        source=SubsetSource(source, parent_indices[positions], labels, coarse_part, transform),
+        source=SubsetSource(source, parent_indices[positions], labels, coarse, transform),
         labels=labels,
-        coarse_labels=coarse_part,
+        coarse_labels=coarse,
         name=name,
     )

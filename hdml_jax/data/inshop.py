@@ -197,7 +197,7 @@ class InShop(tfds.core.GeneratorBasedBuilder):
 
     name = "inshop"
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}  # noqa: RUF012 (tfds class attribute)
+    RELEASE_NOTES = {"1.0.0": "Initial release."}  # noqa: RUF012  (a TFDS class attribute)
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:

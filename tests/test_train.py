@@ -1,0 +1,201 @@
+"""The main job end to end on a tiny in-memory data set: every method, resume, eval-only, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hdml_jax import train
+from hdml_jax.config import METHODS, validate
+from tests.tiny_data import tiny_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_config(method: str, **overrides):
+    """configs/synthetic.py shrunk: ResNet-18 width 4, batch 16, 4 epochs of 4 steps."""
+    c = load_config_module("synthetic").get_config(f"method={method}")
+    c.model.width = 4
+    c.model.embedding_dim = 16
+    c.batch_size = 16
+    if method == "cgd":
+        c.classes_per_batch, c.samples_per_class = 4, 4
+    c.num_epochs = 4
+    c.eval_every_epochs = 2
+    c.eval_batch_size = 16
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 100
+    c.loss.num_coarse_groups = (3,)
+    c.loss.hierarchy_build_epoch = 1
+    c.loss.hierarchy_refresh_epochs = 1
+    c.pictures = False
+    c.nmi = False
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return tiny_dataset()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_and_evaluates(method, dataset, tmp_path):
+    final = train.train_and_evaluate(tiny_config(method), tmp_path, dataset=dataset)
+    for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "coarse_recall@1"):
+        assert 0.0 <= final[key] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert all(np.isfinite(r["loss"]) for r in train_records)
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [8, 16]
+    assert json.loads((tmp_path / "final_metrics.json").read_text())["step"] == 16
+    assert np.load(tmp_path / "test_embeddings.npy").shape == (48, 16)
+    if method in ("hpl_pa", "hpl_nca"):
+        assert all("fine" in r for r in train_records)
+    if method == "cgd":
+        assert all("triplet" in r and "classification" in r for r in train_records)
+
+
+def test_training_fits_the_training_classes(tmp_path):
+    """Scored on the classes it trains on, a run must beat the untrained network clearly."""
+    from hdml_jax.data.base import MetricDataset
+    from tests.tiny_data import tiny_split
+
+    split = tiny_split(3, 8, 8, name="noisy")
+    seen = MetricDataset("seen", split, split)
+    # Width-4 networks learn this toy faster without BatchNorm statistics (frozen_bn: identity BN).
+    settings = {"model.frozen_bn": True}
+    untrained = train.train_and_evaluate(tiny_config("proxy_anchor", num_steps=1, **settings), tmp_path / "a", dataset=seen)
+    trained = train.train_and_evaluate(tiny_config("proxy_anchor", num_epochs=16, **settings), tmp_path / "b", dataset=seen)
+    assert trained["map@r"] > untrained["map@r"] + 0.1, (untrained, trained)
+
+
+def test_workdir_outputs_and_pictures(dataset, tmp_path):
+    train.train_and_evaluate(tiny_config("hpl_pa", pictures=True, nmi=True, tsne_max_points=40), tmp_path, dataset=dataset)
+    for name in ("config.json", "metrics.jsonl", "final_metrics.json", "test_embeddings.npy", "test_labels.npy",
+                 "tsne.png", "retrieval.png", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert "nmi" in json.loads((tmp_path / "final_metrics.json").read_text())
+    assert json.loads((tmp_path / "config.json").read_text())["method"] == "hpl_pa"
+
+
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(dataset, tmp_path):
+    """HPL-PA: the hierarchy is built at step 4 and refreshed at 8 and 12, across the interruption."""
+    straight = train.train_and_evaluate(tiny_config("hpl_pa"), tmp_path / "straight", dataset=dataset)
+    with pytest.raises(train.TrainingInterruptedError) as stop:
+        train.train_and_evaluate(tiny_config("hpl_pa", stop_after_steps=6), tmp_path / "resumed", dataset=dataset)
+    assert stop.value.step == 6
+    resumed = train.train_and_evaluate(tiny_config("hpl_pa"), tmp_path / "resumed", dataset=dataset)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "resumed" / "test_embeddings.npy"),
+        np.load(tmp_path / "straight" / "test_embeddings.npy"),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert resumed == pytest.approx(straight)
+
+
+def test_eval_only_reproduces_the_final_metrics(dataset, tmp_path):
+    final = train.train_and_evaluate(tiny_config("proxy_nca"), tmp_path, dataset=dataset)
+    again = train.train_and_evaluate(tiny_config("proxy_nca", eval_only=True), tmp_path, dataset=dataset)
+    assert again == pytest.approx(final)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.train_and_evaluate(tiny_config("proxy_nca", eval_only=True), tmp_path / "empty", dataset=dataset)
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
+    with pytest.raises(train.TrainingInterruptedError):
+        train.train_and_evaluate(tiny_config("proxy_anchor", stop_after_steps=4), tmp_path, dataset=dataset)
+    with pytest.raises(train.TrainingDivergedError, match="NaN/Inf at step 6"):
+        train.train_and_evaluate(tiny_config("proxy_anchor", **{"optimizer.lr": 1e38}), tmp_path, dataset=dataset)
+    checkpoints = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert checkpoints == [4]
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("method", "triplet", "unknown method 'triplet'; valid: proxy_anchor, proxy_nca"),
+        ("dataset.name", "imagenet", "unknown dataset 'imagenet'; valid: synthetic, cub200"),
+        ("model.descriptors", "SX", "unknown letters"),
+        ("batch_size", 60, "classes_per_batch × samples_per_class"),
+    ],
+)
+def test_config_validation_errors(key, value, message):
+    method = "cgd" if key in ("model.descriptors", "batch_size") else "hpl_pa"
+    config = tiny_config(method)
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")) as error:
+        validate(config)
+    assert "\n" not in str(error.value)
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "hdml_jax.main", "--config", "configs/synthetic.py:method=arcface", "--workdir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "unknown method 'arcface'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+SIGTERM_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.test_train import tiny_config
+from tests.tiny_data import tiny_dataset
+from hdml_jax import train
+config = tiny_config("proxy_anchor", num_epochs=400, log_every_steps=1)
+try:
+    train.train_and_evaluate(config, {workdir!r}, dataset=tiny_dataset())
+except train.TrainingInterruptedError as stop:
+    print("interrupted", stop.step, flush=True)
+    sys.exit(0)
+"""
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    script = SIGTERM_SCRIPT.format(root=str(ROOT), workdir=str(tmp_path))
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        line = process.stderr.readline()
+        if "step 3/" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    assert "interrupted" in out
+    step = int(out.split()[-1])
+    assert (tmp_path / "checkpoints" / str(step)).is_dir()
