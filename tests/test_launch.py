@@ -1,0 +1,687 @@
+"""The launch scripts in launch/: syntax, dry runs, clear errors, the SLURM requeue logic, no secrets.
+
+Fast and offline. The scripts run with ``--dry-run`` under a PATH whose gcloud, gsutil, sbatch, srun,
+... are stubs that record the call and fail, so a dry run that executed anything is caught and nothing
+can reach a cloud or a cluster. Two tests execute on purpose, with harmless local stand-ins: the
+SLURM batch shell's signal handling, and the start/stop commands that tpu_vm.sh sends to a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+TPU = LAUNCH / "tpu_vm.sh"
+GPU = LAUNCH / "gpu_node.sh"
+SUBMIT = LAUNCH / "slurm_submit.sh"
+SBATCH = LAUNCH / "slurm.sbatch"
+ENTRY_POINTS = (TPU, GPU, SUBMIT, SBATCH)
+SHELL_FILES = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
+# Everything a launch script might call that talks to the outside world.
+EXTERNAL_TOOLS = (
+    "gcloud",
+    "gsutil",
+    "gcsfuse",
+    "sbatch",
+    "srun",
+    "scontrol",
+    "scancel",
+    "squeue",
+    "ssh",
+    "scp",
+    "nvidia-smi",
+    "curl",
+    "git",
+)
+
+TPU_BASE = {"NAME": "hdml-test", "ZONE": "us-central2-b"}
+RUN_FLAGS = [
+    "--config",
+    "configs/cub.py:method=hpl_pa",
+    "--workdir",
+    "runs/cub_hpl_pa",
+    "--gcs-data",
+    "gs://example-bucket/tfds",
+]
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    """A clean environment whose external tools are tripwires; ``calls`` lists what was invoked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.log"
+    for tool in EXTERNAL_TOOLS:
+        stub = bin_dir / tool
+        stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> {shlex.quote(str(calls))}\nexit 97\n')
+        stub.chmod(0o755)
+    (tmp_path / "home").mkdir()
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path / "home"),
+        "TMPDIR": str(tmp_path),
+        "LANG": "C.UTF-8",
+    }
+    return {"env": env, "calls": calls, "tmp": tmp_path}
+
+
+def launch(sandbox, script: Path, *args: str, env: dict | None = None, cwd: Path = ROOT, dry: bool = True):
+    """Run a launch script; in a dry run nothing external may have been called."""
+    argv = ["bash", str(script), *(["--dry-run"] if dry else []), *args]  # before any "--"
+    result = subprocess.run(
+        argv, env={**sandbox["env"], **(env or {})}, cwd=cwd, capture_output=True, text=True, timeout=30
+    )
+    if dry:
+        assert not sandbox["calls"].exists(), f"a dry run executed: {sandbox['calls'].read_text()}"
+    return result
+
+
+def commands(stdout: str) -> list[list[str]]:
+    """The printed commands ("+ cmd args"), split like a shell would."""
+    return [
+        shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ") and "<<" not in line
+    ]
+
+
+def remote_commands(stdout: str) -> list[tuple[str, str]]:
+    """(worker, command) of every gcloud tpu-vm ssh in a dry run."""
+    found = []
+    for argv in commands(stdout):
+        if argv[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]:
+            worker = next(a.split("=", 1)[1] for a in argv if a.startswith("--worker="))
+            found.append((worker, argv[argv.index("--command") + 1]))
+    return found
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def fails(result, *words: str):
+    assert result.returncode != 0, result.stdout + result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+    return result.stderr
+
+
+# ----------------------------------------------------------------------------- every file
+
+
+def test_launch_files_exist_are_executable_and_parse():
+    assert set(ENTRY_POINTS) <= set(SHELL_FILES)
+    for script in ENTRY_POINTS:
+        assert os.access(script, os.X_OK), f"{script.name} is not executable"
+    for path in SHELL_FILES:
+        text = path.read_text()
+        if path.name != "_common.sh":
+            assert "set -euo pipefail" in text, path.name
+        result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{path.name}: {result.stderr}"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_shellcheck_clean():
+    result = subprocess.run(
+        ["shellcheck", "-x", *[p.name for p in SHELL_FILES]], cwd=LAUNCH, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS, ids=lambda p: p.name)
+def test_help(sandbox, script):
+    out = ok(launch(sandbox, script, "--help", dry=False))
+    assert "Usage" in out and "--dry-run" in out
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS, ids=lambda p: p.name)
+def test_unknown_option_is_an_error(sandbox, script):
+    fails(launch(sandbox, script, "--no-such-flag", env=TPU_BASE), "unknown option --no-such-flag")
+
+
+# ----------------------------------------------------------------------------- tpu_vm.sh
+
+TPU_EXPECTED = {
+    "create": [
+        "gcloud compute tpus tpu-vm create hdml-test",
+        "--zone=us-central2-b",
+        "--accelerator-type=v4-8",
+        "--version=tpu-ubuntu2204-base",
+    ],
+    "setup": [
+        "tar -czf",
+        "gcloud compute tpus tpu-vm scp",
+        "--worker=all",
+        "pip install --quiet -e",
+        "jax[tpu]",
+        "python3.11",
+    ],
+    "data": [
+        "gcloud compute tpus tpu-vm ssh hdml-test",
+        "--worker=all",
+        "gsutil -m -q rsync -r gs://example-bucket/tfds",
+    ],
+    "run": [
+        "--worker=all",
+        "nohup",
+        "/bin/python -m hdml_jax.main --config configs/cub.py:method=hpl_pa",
+        "train.log",
+        "train.pid",
+    ],
+    "resume": [
+        "tpu-vm describe",
+        "tpu-vm delete",
+        "tpu-vm create",
+        "tpu-vm scp",
+        "gsutil -m -q rsync",
+        "-m hdml_jax.main",
+    ],
+    "fetch": [
+        "tar -czf",
+        "--exclude=./checkpoints",
+        "tpu-vm scp hdml-test:hdml_results.tar.gz",
+        "--worker=0",
+        "train.worker0.log",
+    ],
+    "logs": ["--worker=0", "tail -n 50"],
+    "stop": ["--worker=all", "kill -TERM"],
+    "delete": ["gcloud compute tpus tpu-vm delete hdml-test", "--quiet"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(TPU_EXPECTED))
+def test_tpu_dry_run(sandbox, command):
+    out = ok(launch(sandbox, TPU, command, *RUN_FLAGS, env=TPU_BASE))
+    printed = [" ".join(argv) for argv in commands(out)]
+    assert printed, out
+    assert all(line.startswith("+ ") for line in out.splitlines() if line), out
+    for part in TPU_EXPECTED[command]:
+        assert any(part in line for line in printed), f"{part!r} not in:\n{out}"
+    for _, remote in remote_commands(out):  # what the workers' shells would run must parse
+        result = subprocess.run(["bash", "-n", "-c", remote], capture_output=True, text=True)
+        assert result.returncode == 0, f"{remote}\n{result.stderr}"
+    assert not list(sandbox["tmp"].glob("*.tar.gz")), "a dry run wrote the source archive"
+
+
+def test_tpu_flags_override_environment_and_pick_runtime(sandbox):
+    out = ok(
+        launch(
+            sandbox,
+            TPU,
+            "create",
+            "--name",
+            "other",
+            "--accelerator",
+            "v5litepod-8",
+            "--spot",
+            env={**TPU_BASE, "PROJECT": "test-project"},
+        )
+    )
+    (argv,) = commands(out)
+    assert argv[5] == "other" and "--project=test-project" in argv
+    assert "--version=v2-alpha-tpuv5-lite" in argv and "--spot" in argv
+    out = ok(launch(sandbox, TPU, "create", "--accelerator=v6e-8", "--preemptible", env=TPU_BASE))
+    assert "--version=v2-alpha-tpuv6e" in out and "--preemptible" in out
+    out = ok(
+        launch(
+            sandbox, TPU, "create", "--runtime-version", "custom-v1", env={**TPU_BASE, "ACCELERATOR": "v5p-8"}
+        )
+    )
+    assert "--version=custom-v1" in out and "--project" not in out
+
+
+def test_tpu_pod_slice_needs_a_shared_workdir(sandbox):
+    pod = [*RUN_FLAGS[:2], "--accelerator", "v4-32"]
+    fails(
+        launch(sandbox, TPU, "run", *pod, "--workdir", "/home/me/run", env=TPU_BASE),
+        "same workdir",
+        "--workdir-bucket",
+    )
+    shared = [*pod, "--workdir-bucket", "gs://example-bucket/runs", "--workdir", "/mnt/hdml_runs/cub"]
+    ((worker, remote),) = remote_commands(ok(launch(sandbox, TPU, "run", *shared, env=TPU_BASE)))
+    assert worker == "all"
+    assert (
+        "gcsfuse --implicit-dirs --metadata-cache-ttl-secs=0 --only-dir runs example-bucket /mnt/hdml_runs"
+        in remote
+    )
+    assert "--workdir /mnt/hdml_runs/cub" in remote
+    setup = ok(launch(sandbox, TPU, "setup", *shared, env=TPU_BASE))
+    assert "apt-get install -y -qq gcsfuse" in setup
+    fails(launch(sandbox, TPU, "run", *shared[:-1], "/elsewhere", env=TPU_BASE), "not under --workdir-mount")
+    # The results of a bucket workdir come straight from GCS, checkpoints left out.
+    fetch = commands(ok(launch(sandbox, TPU, "fetch", *shared, env=TPU_BASE)))
+    assert [
+        "gsutil",
+        "-m",
+        "rsync",
+        "-r",
+        "-x",
+        "^checkpoints/.*",
+        "gs://example-bucket/runs/cub",
+        "results/hdml-test",
+    ] in fetch
+    ok(launch(sandbox, TPU, "run", *pod, "--workdir", "/nfs/run", "--shared-workdir", env=TPU_BASE))
+
+
+def test_tpu_rejects_a_gs_workdir(sandbox):
+    fails(
+        launch(sandbox, TPU, "run", *RUN_FLAGS[:2], "--workdir", "gs://example-bucket/run", env=TPU_BASE),
+        "pathlib",
+        "--workdir-bucket",
+    )
+
+
+def test_tpu_remote_paths_expand_on_the_worker(sandbox):
+    extra = ["--", "--config.model.pretrained=~/weights/resnet50", "--config.num_epochs=2"]
+    ((_, remote),) = remote_commands(
+        ok(launch(sandbox, TPU, "run", *RUN_FLAGS, *extra, env={**TPU_BASE, "EXTRA_ARGS": "--config.seed=3"}))
+    )
+    assert '--config.model.pretrained="$HOME"/weights/resnet50' in remote
+    assert '--config.dataset.data_dir="$HOME"/tensorflow_datasets' in remote
+    assert '--workdir "$HOME"/hdml_jax/runs/cub_hpl_pa' in remote  # relative: inside the repository
+    assert (
+        "--config.seed=3 --config.model.pretrained" in remote and remote.count("--config.num_epochs=2") == 1
+    )
+
+
+def test_tpu_sync_mode_is_single_host(sandbox):
+    flags = [*RUN_FLAGS[:2], "--workdir", "/home/me/run", "--sync-to", "gs://example-bucket/runs/cub"]
+    ((_, remote),) = remote_commands(ok(launch(sandbox, TPU, "run", *flags, "--spot", env=TPU_BASE)))
+    assert "gsutil -m -q rsync -r gs://example-bucket/runs/cub /home/me/run" in remote  # restore first
+    assert 'rsync -r -x ".*orbax-checkpoint-tmp.*" /home/me/run gs://example-bucket/runs/cub' in remote
+    fails(
+        launch(sandbox, TPU, "run", *flags, "--accelerator", "v4-16", env=TPU_BASE),
+        "--sync-to is for one host",
+    )
+    # A spot VM whose checkpoints live only on its own disk: allowed, but warned about.
+    warning = launch(sandbox, TPU, "run", *RUN_FLAGS, "--spot", env=TPU_BASE)
+    assert warning.returncode == 0 and "preemption deletes the checkpoints" in warning.stderr
+
+
+def test_tpu_setup_from_git(sandbox):
+    ((_, remote),) = remote_commands(
+        ok(
+            launch(
+                sandbox,
+                TPU,
+                "setup",
+                "--repo-url",
+                "https://example.com/hdml_jax.git",
+                "--repo-ref",
+                "v1.0",
+                env=TPU_BASE,
+            )
+        )
+    )
+    assert (
+        "git clone --quiet https://example.com/hdml_jax.git" in remote and "checkout --quiet v1.0" in remote
+    )
+
+
+@pytest.mark.parametrize(
+    ("state", "present", "absent"),
+    [
+        ("PREEMPTED", ["tpu-vm delete", "tpu-vm create", "tpu-vm scp", "-m hdml_jax.main"], []),
+        ("MISSING", ["tpu-vm create", "-m hdml_jax.main"], ["tpu-vm delete"]),
+        ("STOPPED", ["tpu-vm start", "-m hdml_jax.main"], ["tpu-vm create"]),
+        ("READY", ["-m hdml_jax.main"], ["tpu-vm create", "tpu-vm delete", "tpu-vm scp"]),
+    ],
+)
+def test_tpu_resume(sandbox, state, present, absent):
+    out = ok(launch(sandbox, TPU, "resume", *RUN_FLAGS, "--assume-state", state, env=TPU_BASE))
+    assert out.startswith("+ gcloud compute tpus tpu-vm describe hdml-test")
+    for part in present:
+        assert part in out, (part, out)
+    for part in absent:
+        assert part not in out, (part, out)
+
+
+def test_tpu_errors_are_clear(sandbox):
+    fails(launch(sandbox, TPU, "create", env={"ZONE": "z"}), "NAME is not set")
+    fails(launch(sandbox, TPU, "create", env={"NAME": "n"}), "ZONE is not set")
+    fails(launch(sandbox, TPU, "run", "--workdir", "/w", env=TPU_BASE), "CONFIG is not set")
+    fails(launch(sandbox, TPU, "resume", "--config", "c", env=TPU_BASE), "WORKDIR is not set")
+    fails(launch(sandbox, TPU, "data", env=TPU_BASE), "GCS_DATA is not set")
+    fails(launch(sandbox, TPU, "explode", env=TPU_BASE), "unknown command 'explode'")
+    fails(launch(sandbox, TPU, env=TPU_BASE), "expected one command")
+    fails(launch(sandbox, TPU, "create", "--accelerator", "h100", env=TPU_BASE), "does not look like")
+    fails(launch(sandbox, TPU, "resume", *RUN_FLAGS, "--assume-state", "CREATING", env=TPU_BASE), "CREATING")
+    fails(launch(sandbox, TPU, "create", "--name", env=TPU_BASE), "--name needs a value")
+
+
+def test_tpu_worker_commands_start_once_and_stop_cleanly(sandbox, tmp_path):
+    """Run the worker side of `run` and `stop` in a local shell: nohup, pid file, idempotence, SIGTERM."""
+    home = Path(sandbox["env"]["HOME"])
+    (home / "hdml_jax").mkdir()
+    python = home / "hdml_venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(
+        "#!/bin/bash\necho \"args: $*\"\ntrap 'echo saved; exit 0' TERM\nwhile :; do sleep 0.05; done\n"
+    )
+    python.chmod(0o755)
+    ((_, start),) = remote_commands(ok(launch(sandbox, TPU, "run", *RUN_FLAGS, env=TPU_BASE)))
+    ((_, stop),) = remote_commands(ok(launch(sandbox, TPU, "stop", env=TPU_BASE)))
+    shell = {**sandbox["env"], "USER": "tester"}
+    log, pid_file = home / "hdml_logs" / "train.log", home / "hdml_logs" / "train.pid"
+    try:
+        first = subprocess.run(["bash", "-c", start], env=shell, capture_output=True, text=True, timeout=10)
+        assert first.returncode == 0 and "started hdml_jax.main" in first.stdout, first.stdout + first.stderr
+        second = subprocess.run(["bash", "-c", start], env=shell, capture_output=True, text=True, timeout=10)
+        assert "already running" in second.stdout, second.stdout + second.stderr
+        deadline = time.monotonic() + 5
+        while "args:" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"--workdir {home}/hdml_jax/runs/cub_hpl_pa" in log.read_text()
+        stopped = subprocess.run(["bash", "-c", stop], env=shell, capture_output=True, text=True, timeout=10)
+        assert "sent SIGTERM" in stopped.stdout, stopped.stdout + stopped.stderr
+        while "saved" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "saved" in log.read_text()
+    finally:  # never leave the stand-in running
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# ----------------------------------------------------------------------------- gpu_node.sh
+
+
+def test_gpu_node_dry_run(sandbox, tmp_path):
+    out = ok(
+        launch(
+            sandbox,
+            GPU,
+            "--config",
+            "configs/cub.py:method=hpl_pa",
+            "--workdir",
+            "runs/x",
+            "--data-dir",
+            "/data/tfds",
+            "--",
+            "--config.num_epochs=1",
+        )
+    )
+    (*_, (cd, repo), trainer) = commands(out)
+    assert (cd, repo) == ("cd", str(ROOT))
+    assert trainer[1:3] == ["-m", "hdml_jax.main"] and trainer[0].endswith("/bin/python")
+    assert trainer[3:] == [
+        "--config",
+        "configs/cub.py:method=hpl_pa",
+        "--workdir",
+        str(ROOT / "runs/x"),
+        "--config.dataset.data_dir=/data/tfds",
+        "--config.num_epochs=1",
+    ]
+    assert "srun" not in out and "coordinator_address" not in out  # one process: no distributed setup
+    # Relative paths are the caller's, not the repository's.
+    out = ok(launch(sandbox, GPU, "run", "--config", "c.py", "--workdir", "w", "--gpus", "0,1", cwd=tmp_path))
+    assert (
+        f"CUDA_VISIBLE_DEVICES=0,1 {ROOT}/.venv/bin/python -m hdml_jax.main --config c.py --workdir {tmp_path}/w"
+        in out
+    )
+
+
+def test_gpu_node_inside_a_slurm_allocation_stays_single_process(sandbox):
+    out = ok(launch(sandbox, GPU, "--config", "c", "--workdir", "/w", env={"SLURM_JOB_ID": "7"}))
+    assert "+ env -u SLURM_JOB_ID " in out
+
+
+def test_gpu_node_install(sandbox, tmp_path):
+    out = ok(launch(sandbox, GPU, "install", "--venv", str(tmp_path / "venv")))
+    assert (
+        f"+ python3 -m venv {tmp_path}/venv" in out
+        and '"jax[cuda12]"' in out
+        and "pip install --quiet -e" in out
+    )
+    out = ok(launch(sandbox, GPU, "--install", "--config", "c", "--workdir", "/w", "--log", "/logs/x.log"))
+    assert out.index("jax[cuda12]") < out.index("tee -a /logs/x.log") < out.index("-m hdml_jax.main")
+    assert not (tmp_path / "venv").exists()
+    fails(launch(sandbox, GPU, "--workdir", "/w"), "CONFIG is not set")
+    fails(launch(sandbox, GPU, "--config", "c"), "WORKDIR is not set")
+    fails(launch(sandbox, GPU, "train", "--config", "c", "--workdir", "/w"), "unknown command 'train'")
+
+
+# ----------------------------------------------------------------------------- SLURM
+
+SLURM_ENV = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_NTASKS": "2",
+    "SLURM_GPUS_ON_NODE": "4",
+    "SLURM_CPUS_PER_TASK": "32",
+}
+
+
+def generated_script(out: str) -> str:
+    match = re.search(r"<<'HDML_SBATCH_EOF'\n(.*?)\nHDML_SBATCH_EOF\n", out, re.S)
+    assert match, out
+    return match.group(1)
+
+
+def test_slurm_submit_dry_run(sandbox, tmp_path):
+    workdir = tmp_path / "runs" / "sop"
+    out = ok(
+        launch(
+            sandbox,
+            SUBMIT,
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "4",
+            "--partition",
+            "gpu",
+            "--time",
+            "4:00:00",
+            "--signal-lead",
+            "300",
+            "--sbatch-args",
+            "--exclusive --mem=0",
+            "--config",
+            "configs/sop.py:method=hpl_pa",
+            "--workdir",
+            str(workdir),
+            "--data-dir",
+            "/shared/tfds",
+            "--",
+            "--config.num_epochs=3",
+        )
+    )
+    script = generated_script(out)
+    assert commands(out)[-1] == ["sbatch", f"{workdir}/slurm/hdml_jax.sbatch"]
+    for directive in [
+        "--job-name=hdml_sop_hpl_pa",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=4",
+        "--cpus-per-task=32",
+        "--time=4:00:00",
+        "--signal=B:USR1@300",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={workdir}/slurm/%x-%j.out",
+        "--partition=gpu",
+        "--exclusive",
+        "--mem=0",
+    ]:
+        assert f"#SBATCH {directive}\n" in script, directive
+    assert f"REPO={ROOT}\n" in script and "EXTRA_ARGS=--config.num_epochs=3\n" in script
+    assert not workdir.exists(), "a dry run created the workdir"
+    # The generated script is itself valid and, run as the job would be, starts one srun step.
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    job = ok(launch(sandbox, path, env=SLURM_ENV))
+    assert "+ export JAX_LOCAL_DEVICE_IDS=0,1,2,3\n" in job and "+ export SRUN_CPUS_PER_TASK=32\n" in job
+    srun = next(argv for argv in commands(job) if argv[0] == "srun")
+    assert srun[1:3] == ["--kill-on-bad-exit=1", f"--chdir={ROOT}"]
+    assert srun[4:] == [
+        "-m",
+        "hdml_jax.main",
+        "--config",
+        "configs/sop.py:method=hpl_pa",
+        "--workdir",
+        str(workdir),
+        "--config.dataset.data_dir=/shared/tfds",
+        "--config.num_epochs=3",
+    ]
+    assert "+ scancel --signal=TERM 4242\n+ scontrol requeue 4242\n" in job
+
+
+def test_slurm_one_task_per_gpu(sandbox, tmp_path):
+    out = ok(
+        launch(
+            sandbox,
+            SUBMIT,
+            "--gpus-per-node",
+            "8",
+            "--tasks",
+            "per-gpu",
+            "--config",
+            "c.py",
+            "--workdir",
+            str(tmp_path / "w"),
+        )
+    )
+    script = generated_script(out)
+    assert "#SBATCH --ntasks-per-node=8\n" in script and "#SBATCH --cpus-per-task=8\n" in script
+    job = ok(
+        launch(
+            sandbox,
+            SBATCH,
+            "--config",
+            "c.py",
+            "--workdir",
+            "/w",
+            env={**SLURM_ENV, "SLURM_NTASKS": "16", "SLURM_GPUS_ON_NODE": "8"},
+        )
+    )
+    assert "JAX_LOCAL_DEVICE_IDS" not in job  # JAX's own default, GPU SLURM_LOCALID, is right here
+
+
+def test_slurm_errors_are_clear(sandbox):
+    fails(launch(sandbox, SUBMIT, "--config", "c"), "WORKDIR is not set")
+    fails(launch(sandbox, SUBMIT, "--workdir", "/w"), "CONFIG is not set")
+    fails(
+        launch(sandbox, SUBMIT, "--config", "c", "--workdir", "/w", "--tasks", "per-core"),
+        "per-node or per-gpu",
+    )
+    fails(
+        launch(sandbox, SUBMIT, "--config", "c", "--workdir", "/w", "--nodes", "two"),
+        "NODES must be a whole number",
+    )
+    fails(
+        launch(sandbox, SUBMIT, "--config", "c", "--workdir", "/w", "--", "--config.name=a b"),
+        "contains a space",
+    )
+    fails(launch(sandbox, SBATCH, "--workdir", "/w"), "CONFIG is not set")
+    fails(launch(sandbox, SBATCH, "--config", "c", "--workdir", "/w", dry=False), "not inside a SLURM job")
+
+
+@pytest.mark.parametrize(
+    ("sig", "requeued"), [(signal.SIGUSR1, True), (signal.SIGTERM, False)], ids=["time-limit", "scancel"]
+)
+def test_slurm_signal_checkpoints_then_requeues(sandbox, tmp_path, sig, requeued):
+    """The batch shell for real, with stand-ins: srun (a trainer that saves on SIGTERM), scancel
+    (delivers the signal to it, as slurmd would), scontrol (records the requeue)."""
+    bin_dir = tmp_path / "job-bin"
+    bin_dir.mkdir()
+    log, pid = tmp_path / "job.log", tmp_path / "srun.pid"
+    stand_ins = {
+        "srun": f"#!/bin/bash\ntrap 'echo saved >> {log}; exit 0' TERM\necho $$ > {pid}\necho started >> {log}\nwhile :; do sleep 0.05; done\n",
+        "scancel": f'#!/bin/sh\necho "scancel $*" >> {log}\nkill -TERM "$(cat {pid})"\n',
+        "scontrol": f'#!/bin/sh\necho "scontrol $*" >> {log}\n',
+    }
+    for name, text in stand_ins.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text("#!/bin/sh\n")
+    (venv / "python").chmod(0o755)
+    env = {**sandbox["env"], **SLURM_ENV, "PATH": f"{bin_dir}:{sandbox['env']['PATH']}"}
+    argv = [
+        "bash",
+        str(SBATCH),
+        "--config",
+        "c.py",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--venv",
+        str(venv.parent),
+    ]
+    job = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 5
+        while "started" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        job.send_signal(sig)
+        if sig == signal.SIGTERM:  # scancel: SLURM signals the tasks as well as the batch shell
+            os.kill(int(pid.read_text()), signal.SIGTERM)
+        output, _ = job.communicate(timeout=10)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        if pid.exists():  # never leave the stand-in running
+            try:
+                os.kill(int(pid.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert job.returncode == 0, output
+    lines = log.read_text().splitlines()
+    expected = (
+        ["started", "scancel --signal=TERM 4242", "saved", "scontrol requeue 4242"]
+        if requeued
+        else ["started", "saved"]
+    )
+    assert lines == expected, (lines, output)
+
+
+# ----------------------------------------------------------------------------- hygiene
+
+SECRET_PATTERNS = {
+    "Google API key": r"AIza[0-9A-Za-z_\-]{35}",
+    "AWS access key": r"AKIA[0-9A-Z]{16}",
+    "private key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    "service-account key field": r"\"private_key(_id)?\"\s*:",
+    "GitHub token": r"gh[pousr]_[A-Za-z0-9]{36}",
+    "Slack token": r"xox[abprs]-[A-Za-z0-9-]{10,}",
+    "OAuth token": r"ya29\.[0-9A-Za-z_\-]{20,}",
+}
+
+
+def test_no_secrets_or_hard_coded_projects():
+    for path in sorted(p for p in LAUNCH.rglob("*") if p.is_file()):
+        text = path.read_text()
+        for what, pattern in SECRET_PATTERNS.items():
+            assert not re.search(pattern, text), f"{path.name}: looks like a {what}"
+        # A project may only come from the caller (--project / $PROJECT), never a literal.
+        for match in re.finditer(
+            r"--project[= ]+[\"']?([a-z][a-z0-9-]{4,28}[a-z0-9])\b", text
+        ):  # a GCP project id
+            assert match.group(1).startswith(("my-", "example")), (
+                f"{path.name}: hard-coded {match.group(0)!r}"
+            )
+        assert not re.search(r"(CLOUDSDK_CORE_PROJECT|GOOGLE_CLOUD_PROJECT|GCLOUD_PROJECT)=\S", text), (
+            path.name
+        )
+        for match in re.finditer(r"config set (?:core/)?project\s+([a-z][a-z0-9-]{4,28}[a-z0-9])\b", text):
+            assert match.group(1).startswith(("my-", "example")), (
+                f"{path.name}: hard-coded {match.group(0)!r}"
+            )
+        # Buckets only as placeholders (my-bucket, BUCKET, example-...).
+        for bucket in re.findall(r"gs://([A-Za-z0-9][A-Za-z0-9_.\-]*)", text):
+            assert bucket in {"BUCKET", "bucket", "b"} or bucket.startswith(("my-", "example")), (
+                f"{path.name}: gs://{bucket}"
+            )
