@@ -194,6 +194,37 @@ def compute_loss(
 # ----------------------------------------------------------------------------- the step
 
 
+def loss_and_grads(
+    params: Any,
+    state: State,
+    batch: dict[str, jax.Array],
+    *,
+    model: EmbeddingModel,
+    config: ml_collections.ConfigDict,
+    backbone_frozen: bool = False,
+) -> tuple[tuple[jax.Array, dict[str, jax.Array], Any], Any]:
+    """``((loss, loss parts, new batch_stats), grads)`` of one global batch.
+
+    ``batch``: ``{'image' uint8 (B,H,W,3), 'label' (B,), 'mask'? (B,)}``. With
+    ``backbone_frozen`` the backbone's features pass through ``stop_gradient`` (its gradient is
+    not even computed).
+    """
+    images = normalize_images(batch["image"])
+    labels = batch["label"].astype(jnp.int32)
+    mask = batch.get("mask", jnp.ones(labels.shape, bool))
+
+    def loss_fn(params):
+        if backbone_frozen:
+            params = {**params, "backbone": jax.lax.stop_gradient(params["backbone"])}
+        variables = {"params": params, "batch_stats": state["batch_stats"]}
+        outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        loss, parts = compute_loss(config, outputs, labels, params, state["hierarchy"], mask)
+        return loss, (parts, updates.get("batch_stats", state["batch_stats"]))
+
+    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return (loss, parts, batch_stats), grads
+
+
 def train_step(
     state: State,
     batch: dict[str, jax.Array],
@@ -203,34 +234,17 @@ def train_step(
     optimizer: optax.GradientTransformation,
     backbone_frozen: bool,
 ) -> tuple[State, dict[str, jax.Array]]:
-    """One optimizer step on a global batch ``{'image' uint8 (B,H,W,3), 'label' (B,), 'mask' (B,)}``.
+    """One optimizer step on a global batch (see ``loss_and_grads``).
 
-    ``backbone_frozen`` (static) is the warm-up variant: the backbone's gradient is not even
-    computed (its features pass through ``stop_gradient``) and its parameters do not move.
+    ``backbone_frozen`` (static) is the warm-up variant: only the head and the proxies move.
     """
-    images = normalize_images(batch["image"])
-    labels = batch["label"].astype(jnp.int32)
-    mask = batch.get("mask", jnp.ones(labels.shape, bool))
-
-    def loss_fn(params):
-        variables = {"params": params, "batch_stats": state["batch_stats"]}
-        if backbone_frozen:
-            variables = {
-                "params": {**params, "backbone": jax.lax.stop_gradient(params["backbone"])},
-                "batch_stats": state["batch_stats"],
-            }
-        outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        loss, parts = compute_loss(config, outputs, labels, params, state["hierarchy"], mask)
-        return loss, (parts, updates.get("batch_stats", state["batch_stats"]))
-
-    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, parts, batch_stats), grads = loss_and_grads(
+        state["params"], state, batch, model=model, config=config, backbone_frozen=backbone_frozen
+    )
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     if backbone_frozen:
+        # Zero the updates too: decoupled weight decay would otherwise still move the backbone.
         updates = {**updates, "backbone": jax.tree.map(jnp.zeros_like, updates["backbone"])}
-        # Warm-up keeps the backbone's BatchNorm statistics too (the authors set requires_grad only,
-        # but with bn_freeze the statistics do not move either; without it they would).
-        if config.model.frozen_bn:
-            batch_stats = state["batch_stats"]
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.all(
         jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])

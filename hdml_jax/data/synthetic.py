@@ -1,0 +1,631 @@
+"""``synthetic``: a generated fine-grained image data set with a true two-level hierarchy.
+
+The embedded default data set: no download, no TensorFlow, rendered deterministically with NumPy.
+
+Hierarchy
+---------
+* **Coarse families** (``coarse_label``, ``0..num_families-1``) differ by *structure*: disc, ring,
+  square, triangle, cross, star, stripes, checker, ellipse, L-shape, arrow, hexagon, crescent,
+  frame, clover, wave (``FAMILY_NAMES``).
+* **Fine classes** (up to 8 per family) differ by three subtle, binary cues, each visible in one
+  image:
+
+  - *hue*: every family has two hues ``hue_gap`` apart (default 0.06 turn ≈ 22°): one of the
+    pairs red/red-orange, chartreuse/green-chartreuse, cyan/azure-cyan, violet/purple-magenta,
+    each pair shared by a quarter of the families (dealt from ``seed``), so colour alone names
+    neither a family nor a class;
+  - *texture*: solid fill vs. faint dark diagonal hatching (which turns with the shape);
+  - *proportion*: a family-specific structural detail, e.g. thin vs. thick ring, 5 vs. 6 star
+    points, 3 vs. 4 stripes, 3×3 vs. 4×4 checker cells, sharp vs. rounded square corners.
+
+  Fine class ``k`` of a family uses cue bits ``_CUE_ORDER[k]``; the order is chosen so that
+  fewer than 8 classes per family still vary every cue (with 4, any two differ in two cues).
+
+Intra-class variation (independent per image): position, scale, rotation (any angle), mirror
+image, hue/saturation/brightness jitter and a lighting gradient on the shape, background colour
+and gradient, background clutter (soft ellipses of random colours behind the shape, thin lines
+of random colours in front of it) and additive Gaussian pixel noise.
+
+Splits
+------
+Class-disjoint, and every family has fine classes on both sides: per family,
+``train_classes_per_family`` of the ``classes_per_family`` fine classes (drawn from ``seed``) go
+to train, the rest to test. ``label`` is remapped to ``0..C-1`` within each split (in order of
+the global fine class); ``coarse_label`` is the family id in both splits; ``fine_class`` is the
+global fine-class id ``family * classes_per_family + k``. Examples are stored class by class.
+
+Example dicts (``split.source[i]``)::
+
+    {"image": uint8 (image_size, image_size, 3), "label": int, "coarse_label": int,
+     "fine_class": int}
+
+Entry points
+------------
+* ``SyntheticConfig``: every generator parameter (see its docstring); ``SyntheticConfig()`` is the
+  default data set (16 families × 8 classes × 40 images, 48 px: 3200 train images of 80 classes,
+  1920 test images of 48 classes; about 4–5 s to render on one core).
+* ``generate(config)``: the raw arrays of both splits.
+* ``synthetic_in_memory(config)``: a ``MetricDataset`` over in-memory arrays.
+* ``load_synthetic(data_dir, config)``: the same examples through a TFDS ``array_record`` data
+  set (built on first use, see ``hdml_jax.data.synthetic_builder``).
+* ``save_preview(path, config)``: a PNG grid, one row per family, one column per fine class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from hdml_jax.data.base import MetricDataset, Split
+
+FAMILY_NAMES = (
+    "disc",
+    "ring",
+    "square",
+    "triangle",
+    "cross",
+    "star",
+    "stripes",
+    "checker",
+    "ellipse",
+    "l_shape",
+    "arrow",
+    "hexagon",
+    "crescent",
+    "frame",
+    "clover",
+    "wave",
+)
+
+# Cue bits of fine class k: bit 0 hue, bit 1 texture, bit 2 proportion.
+_CUE_ORDER = (0b000, 0b011, 0b101, 0b110, 0b111, 0b100, 0b010, 0b001)
+MAX_CLASSES_PER_FAMILY = len(_CUE_ORDER)
+_PAIR_STARTS = (0.0, 0.25, 0.5, 0.75)  # first hue of a family's pair: red, chartreuse, cyan, violet
+
+# Distinct random streams derived from the seed.
+_TAG_IMAGES = 0
+_TAG_FAMILY_HUE = 1
+_TAG_SPLIT = 2
+
+RECALL_KS = (1, 2, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """Parameters of the generated data set (all of them; two equal configs give equal bytes).
+
+    Attributes:
+      num_families: coarse classes, ``1..16`` (the first ``num_families`` of ``FAMILY_NAMES``).
+      classes_per_family: fine classes per family, ``2..8``.
+      train_classes_per_family: of those, how many go to the train split (``1..classes_per_family-1``);
+        the others are the test split's classes.
+      images_per_class: images rendered per fine class (``>= 2``).
+      image_size: side of the square RGB images in pixels (``>= 16``; 32–64 is the intended range).
+      noise: standard deviation of the additive Gaussian pixel noise, in units of the full
+        intensity range (0.04 ≈ 10 grey levels); 0 for none.
+      clutter: amount of background clutter; scales the number of slots for clutter ellipses
+        (``ceil(6·clutter)``, each filled with probability 0.7) and lines (``ceil(2·clutter)``,
+        each filled with probability 0.5); 0 for none.
+      scale_range: ``(min, max)`` radius of the main shape as a fraction of ``image_size``.
+      position_jitter: the shape's centre moves up to this fraction of ``image_size`` from the
+        image centre, in x and y independently.
+      hue_jitter: per-image hue jitter of the shape, in turns (``±``, uniform).
+      hue_gap: hue difference (turns) between a family's two colours; the pairs start at red,
+        chartreuse, cyan and violet (1/4 turn apart).
+      texture_contrast: how much the hatching of textured classes darkens the fill (0..1).
+      seed: seeds everything: images, the hue pair of every family and the train/test split.
+    """
+
+    num_families: int = 16
+    classes_per_family: int = 8
+    train_classes_per_family: int = 5
+    images_per_class: int = 40
+    image_size: int = 48
+    noise: float = 0.04
+    clutter: float = 1.0
+    scale_range: tuple[float, float] = (0.24, 0.38)
+    position_jitter: float = 0.13
+    hue_jitter: float = 0.012
+    hue_gap: float = 0.06
+    texture_contrast: float = 0.35
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.num_families <= len(FAMILY_NAMES):
+            raise ValueError(f"num_families must be in 1..{len(FAMILY_NAMES)}, got {self.num_families}.")
+        if not 2 <= self.classes_per_family <= MAX_CLASSES_PER_FAMILY:
+            raise ValueError(
+                f"classes_per_family must be in 2..{MAX_CLASSES_PER_FAMILY}, got {self.classes_per_family}."
+            )
+        if not 1 <= self.train_classes_per_family < self.classes_per_family:
+            raise ValueError(
+                "train_classes_per_family must leave at least one class per family on each side: "
+                f"got {self.train_classes_per_family} of {self.classes_per_family}."
+            )
+        if self.images_per_class < 2:
+            raise ValueError(f"images_per_class must be >= 2, got {self.images_per_class}.")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}.")
+        if min(self.noise, self.clutter, self.hue_jitter, self.position_jitter) < 0:
+            raise ValueError("noise, clutter, hue_jitter and position_jitter must be >= 0.")
+        if not 0 < self.hue_gap < 0.25:
+            raise ValueError(f"hue_gap must be in (0, 0.25), got {self.hue_gap}.")
+        if not 0 < self.texture_contrast <= 1:
+            raise ValueError(f"texture_contrast must be in (0, 1], got {self.texture_contrast}.")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi <= 0.5:
+            raise ValueError(f"scale_range must satisfy 0 < min <= max <= 0.5, got {self.scale_range}.")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}.")
+        object.__setattr__(self, "scale_range", (float(lo), float(hi)))
+
+    @property
+    def num_classes(self) -> int:
+        """Fine classes in both splits together."""
+        return self.num_families * self.classes_per_family
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly field values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SyntheticConfig:
+        """Inverse of ``to_dict``."""
+        values = dict(values)
+        if "scale_range" in values:
+            values["scale_range"] = tuple(values["scale_range"])
+        return cls(**values)
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), *map(int, key)]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Signed distance functions (negative inside), in the shape's local units (radius about 1).
+
+
+def _circle(u, v, r):
+    return np.hypot(u, v) - r
+
+
+def _box(u, v, hx, hy):
+    qx, qy = np.abs(u) - hx, np.abs(v) - hy
+    return np.hypot(np.maximum(qx, 0), np.maximum(qy, 0)) + np.minimum(np.maximum(qx, qy), 0)
+
+
+def _star(u, v, r, n, m):
+    """Regular ``n``-pointed star of outer radius ``r``; ``m = 2`` gives the regular polygon (iq)."""
+    an, en = math.pi / n, math.pi / m
+    acs, ecs = (math.cos(an), math.sin(an)), (math.cos(en), math.sin(en))
+    bn = np.mod(np.arctan2(u, v), 2 * an) - an
+    rho = np.hypot(u, v)
+    px = rho * np.cos(bn) - r * acs[0]
+    py = rho * np.abs(np.sin(bn)) - r * acs[1]
+    t = np.clip(-(px * ecs[0] + py * ecs[1]), 0.0, r * acs[1] / ecs[1])
+    px, py = px + ecs[0] * t, py + ecs[1] * t
+    return np.hypot(px, py) * np.sign(px)
+
+
+def _convex(u, v, vertices):
+    """Convex polygon (vertices counter-clockwise): the largest signed distance to an edge line."""
+    d = None
+    for (ax, ay), (bx, by) in zip(vertices, vertices[1:] + vertices[:1], strict=True):
+        ex, ey = bx - ax, by - ay
+        edge = ((u - ax) * ey - (v - ay) * ex) / math.hypot(ex, ey)
+        d = edge if d is None else np.maximum(d, edge)
+    return d
+
+
+def _checker_sign(x):
+    """Signed distance to the nearest cell boundary (cells of width 1), positive in even cells."""
+    t = np.mod(x, 2.0) - 1.0
+    return -np.sign(t + 1e-9) * (0.5 - np.abs(np.abs(t) - 0.5))
+
+
+def _family_sdf(family: int, u, v, p: int):
+    """The shape of ``family`` with proportion bit ``p``, as a signed distance in local units."""
+    name = FAMILY_NAMES[family]
+    if name == "disc":  # full disc vs. disc with a flat cut
+        d = _circle(u, v, 0.95)
+        return d if p == 0 else np.maximum(d, u - 0.45)
+    if name == "ring":  # thin vs. thick
+        w = (0.11, 0.24)[p]
+        return np.abs(_circle(u, v, 0.95 - w)) - w
+    if name == "square":  # sharp vs. rounded corners
+        r = (0.0, 0.32)[p]
+        return _box(u, v, 0.78 - r, 0.78 - r) - r
+    if name == "triangle":  # equilateral vs. tall isosceles
+        if p == 0:
+            return _convex(u, v + 0.25, [(-0.95, -0.55), (0.95, -0.55), (0.0, 1.1)])
+        return _convex(u, v + 0.2, [(-0.6, -0.75), (0.6, -0.75), (0.0, 1.15)])
+    if name == "cross":  # thin vs. thick arms
+        w = (0.19, 0.34)[p]
+        return np.minimum(_box(u, v, 0.95, w), _box(u, v, w, 0.95))
+    if name == "star":  # 5 vs. 6 points
+        n = (5, 6)[p]
+        return _star(u, v, 1.05, n, 0.42 * n)
+    if name == "stripes":  # 3 vs. 4 bars in a square window
+        k = (3, 4)[p]
+        period = 1.7 / k
+        bars = np.abs(np.mod(u + 0.85, period) - period / 2) - period / 4
+        return np.maximum(_box(u, v, 0.85, 0.85), bars)
+    if name == "checker":  # 3×3 vs. 4×4 cells
+        k = (3, 4)[p]
+        cell = 1.7 / k
+        su, sv = _checker_sign((u + 0.85) / cell) * cell, _checker_sign((v + 0.85) / cell) * cell
+        cells = -np.sign(su * sv) * np.minimum(np.abs(su), np.abs(sv))
+        return np.maximum(_box(u, v, 0.85, 0.85), cells)
+    if name == "ellipse":  # aspect 1.7 vs. 2.4
+        a, b = 1.0, (0.6, 0.42)[p]
+        return (np.hypot(u / a, v / b) - 1.0) * b
+    if name == "l_shape":  # thin vs. thick legs
+        w = (0.3, 0.5)[p]
+        u, v = u - 0.3, v - 0.3
+        vertical = _box(u + 0.8 - w / 2, v, w / 2, 0.8)
+        horizontal = _box(u, v + 0.8 - w / 2, 0.8, w / 2)
+        return np.minimum(vertical, horizontal)
+    if name == "arrow":  # narrow vs. wide head
+        hw = (0.42, 0.68)[p]
+        shaft = _box(u + 0.35, v, 0.55, 0.14)
+        head = _convex(u, v, [(0.15, -hw), (0.95, 0.0), (0.15, hw)])
+        return np.minimum(shaft, head)
+    if name == "hexagon":  # regular vs. elongated
+        if p == 0:
+            return _star(u, v, 0.95, 6, 2.0)
+        return _star(u / 1.25, v / 0.8, 0.9, 6, 2.0) * 0.8
+    if name == "crescent":  # thin vs. thick
+        offset = (0.42, 0.65)[p]
+        return np.maximum(_circle(u, v, 0.95), -_circle(u - offset, v, 0.85))
+    if name == "frame":  # thin vs. thick border
+        w = (0.16, 0.32)[p]
+        return np.maximum(_box(u, v, 0.8, 0.8), -_box(u, v, 0.8 - w, 0.8 - w))
+    if name == "clover":  # 3 vs. 4 lobes
+        k = (3, 4)[p]
+        d = _circle(u, v, 0.3)
+        for i in range(k):
+            angle = 2 * math.pi * i / k
+            d = np.minimum(d, _circle(u - 0.5 * math.cos(angle), v - 0.5 * math.sin(angle), 0.45))
+        return d
+    if name == "wave":  # 1 vs. 1.5 periods
+        omega = 2 * math.pi * (1.0, 1.5)[p] / 1.8
+        amp = 0.35
+        slope = amp * omega * np.cos(omega * u)
+        band = np.abs(v - amp * np.sin(omega * u)) / np.sqrt(1 + slope * slope) - 0.15
+        return np.maximum(band, np.abs(u) - 0.9)
+    raise ValueError(f"unknown family {family}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering.
+
+
+def _hsv_to_rgb(h, s, v):
+    """Vectorised HSV → RGB; inputs broadcast, output has a trailing axis of 3."""
+    h6 = np.asarray(h, np.float32)[..., None] * 6.0
+    k = np.mod(np.array([5.0, 3.0, 1.0], np.float32) + h6, 6.0)
+    f = np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+    v = np.asarray(v, np.float32)[..., None]
+    s = np.asarray(s, np.float32)[..., None]
+    return v - v * s * f
+
+
+def _over(image, alpha, colour):
+    """Alpha-composite ``colour`` (broadcast to image) onto ``image`` with coverage ``alpha``."""
+    a = alpha[..., None]
+    return image * (1.0 - a) + colour * a
+
+
+def family_hues(config: SyntheticConfig) -> np.ndarray:
+    """``(num_families, 2)`` hues (turns) of every family's two colours.
+
+    There are ``len(_PAIR_STARTS)`` hue pairs ``(start, start + hue_gap)``; the families are dealt to them in a random order
+    drawn from ``seed``, as evenly as possible, so each pair is shared by several families and
+    colour says little about the family.
+    """
+    order = _rng(config.seed, _TAG_FAMILY_HUE).permutation(config.num_families)
+    base = np.asarray(_PAIR_STARTS, np.float64)[np.argsort(order) % len(_PAIR_STARTS)]
+    return np.stack([base, np.mod(base + config.hue_gap, 1.0)], axis=1)
+
+
+def class_cues(fine: int) -> tuple[int, int, int]:
+    """``(hue, texture, proportion)`` bits of fine class ``fine`` within its family."""
+    bits = _CUE_ORDER[fine]
+    return bits & 1, (bits >> 1) & 1, (bits >> 2) & 1
+
+
+def render_class(config: SyntheticConfig, family: int, fine: int) -> np.ndarray:
+    """All ``images_per_class`` images of fine class ``fine`` (``0..classes_per_family-1``) of ``family``.
+
+    Args:
+      config: the generator parameters.
+      family: coarse class, ``0..num_families-1``.
+      fine: fine class within the family.
+
+    Returns:
+      ``(images_per_class, image_size, image_size, 3)`` uint8, a pure function of
+      ``(config, family, fine)``.
+    """
+    if not (0 <= family < config.num_families and 0 <= fine < config.classes_per_family):
+        raise ValueError(f"no class ({family}, {fine}) in {config}.")
+    n, size = config.images_per_class, config.image_size
+    rng = _rng(config.seed, _TAG_IMAGES, family, fine)
+    hue_bit, texture, proportion = class_cues(fine)
+    f32 = np.float32
+
+    def uniform(lo, hi, shape=()):
+        return rng.uniform(lo, hi, (n, *shape)).astype(f32)
+
+    def col(a):  # (n, k) → (n, k, 1, 1) to broadcast over pixels
+        return a[..., None, None]
+
+    grid = (np.arange(size, dtype=f32) + 0.5) / size
+    x, y = grid[None, None, :], grid[None, :, None]  # (1, 1, S), (1, S, 1) in [0, 1]
+    pixel = f32(size)
+
+    # Background: a dull colour with a linear gradient.
+    bg = _hsv_to_rgb(uniform(0, 1), uniform(0.0, 0.35), uniform(0.12, 0.6))  # (n, 3)
+    angle, amp = uniform(0, 2 * math.pi)[:, None, None], uniform(0.0, 0.3)[:, None, None]
+    ramp = amp * ((x - 0.5) * np.cos(angle) + (y - 0.5) * np.sin(angle))  # (n, S, S)
+    image = bg[:, None, None, :] * (1.0 + ramp)[..., None]  # (n, S, S, 3)
+
+    # Clutter behind the shape: soft ellipses of random colours.
+    num_blobs = math.ceil(6 * config.clutter)
+    if num_blobs:
+        present = rng.random((n, num_blobs)) < 0.7
+        cx, cy = uniform(0, 1, (num_blobs,)), uniform(0, 1, (num_blobs,))
+        ra, rb = uniform(0.03, 0.13, (num_blobs,)), uniform(0.03, 0.13, (num_blobs,))
+        rot = uniform(0, math.pi, (num_blobs,))
+        colours = _hsv_to_rgb(
+            uniform(0, 1, (num_blobs,)), uniform(0.2, 0.9, (num_blobs,)), uniform(0.25, 0.9, (num_blobs,))
+        )
+        opacity = uniform(0.4, 0.9, (num_blobs,)) * present
+        dx, dy = x - col(cx), y - col(cy)  # (n, K, S, S)
+        c, s = col(np.cos(rot)), col(np.sin(rot))
+        pu, pv = (c * dx + s * dy) / col(ra), (-s * dx + c * dy) / col(rb)
+        dist = (np.hypot(pu, pv) - 1.0) * col(np.minimum(ra, rb)) * pixel
+        alpha = np.clip(0.5 - dist, 0.0, 1.0) * col(opacity)
+        for k in range(num_blobs):
+            image = _over(image, alpha[:, k], colours[:, k, None, None, :])
+
+    # The shape.
+    radius = uniform(*config.scale_range)
+    jitter = config.position_jitter
+    cx, cy = 0.5 + uniform(-jitter, jitter), 0.5 + uniform(-jitter, jitter)
+    rot = uniform(0, 2 * math.pi)
+    mirror = np.where(rng.random(n) < 0.5, -1.0, 1.0).astype(f32)
+    c, s, r = np.cos(rot)[:, None, None], np.sin(rot)[:, None, None], radius[:, None, None]
+    dx, dy = x - cx[:, None, None], y - cy[:, None, None]
+    u = (c * dx + s * dy) / r * mirror[:, None, None]
+    v = (-s * dx + c * dy) / r
+    dist = _family_sdf(family, u, v, proportion) * r * pixel
+    alpha = np.clip(0.5 - dist, 0.0, 1.0)
+
+    hues = family_hues(config)[family]
+    hue = np.mod(hues[hue_bit] + uniform(-config.hue_jitter, config.hue_jitter), 1.0)
+    fill = _hsv_to_rgb(hue, uniform(0.6, 0.95), uniform(0.75, 1.0))[:, None, None, :]
+    light, angle = uniform(0.0, 0.35)[:, None, None], uniform(0, 2 * math.pi)[:, None, None]
+    gradient = (dx * np.cos(angle) + dy * np.sin(angle)) / r  # along the light, in shape radii
+    shading = 0.9 * (1.0 + light * gradient)
+    if texture:
+        period = f32(0.36)  # in shape radii: about 4–7 px at 48 px
+        phase = uniform(0, 1)[:, None, None]
+        wave = np.cos(2 * math.pi * ((u + v) / (period * math.sqrt(2)) + phase))
+        hatch = np.clip(0.5 + wave * (period * r * pixel / (2 * math.pi)), 0.0, 1.0)
+        shading = shading * (1.0 - config.texture_contrast * hatch)
+    image = _over(image, alpha, fill * shading[..., None])
+
+    # Clutter in front: thin lines of random colours.
+    num_lines = math.ceil(2 * config.clutter)
+    if num_lines:
+        present = rng.random((n, num_lines)) < 0.5
+        ax_, ay_ = uniform(0, 1, (num_lines,)), uniform(0, 1, (num_lines,))
+        direction = uniform(0, 2 * math.pi, (num_lines,))
+        length = uniform(0.2, 0.6, (num_lines,))
+        bx_, by_ = ax_ + length * np.cos(direction), ay_ + length * np.sin(direction)
+        width = uniform(0.5, 1.2, (num_lines,)) / pixel
+        colours = _hsv_to_rgb(
+            uniform(0, 1, (num_lines,)), uniform(0.0, 0.9, (num_lines,)), uniform(0.2, 1.0, (num_lines,))
+        )
+        opacity = uniform(0.5, 0.9, (num_lines,)) * present
+        ex, ey = col(bx_ - ax_), col(by_ - ay_)
+        px, py = x - col(ax_), y - col(ay_)
+        t = np.clip((px * ex + py * ey) / (ex * ex + ey * ey), 0.0, 1.0)
+        dist = (np.hypot(px - t * ex, py - t * ey) - col(width)) * pixel
+        alpha = np.clip(0.5 - dist, 0.0, 1.0) * col(opacity)
+        for k in range(num_lines):
+            image = _over(image, alpha[:, k], colours[:, k, None, None, :])
+
+    if config.noise:
+        image = image + rng.standard_normal(image.shape, dtype=f32) * f32(config.noise)
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits.
+
+
+def train_classes(config: SyntheticConfig) -> np.ndarray:
+    """``(num_families, classes_per_family)`` bool: which fine classes of each family are train classes."""
+    mask = np.zeros((config.num_families, config.classes_per_family), bool)
+    for family in range(config.num_families):
+        order = _rng(config.seed, _TAG_SPLIT, family).permutation(config.classes_per_family)
+        mask[family, order[: config.train_classes_per_family]] = True
+    return mask
+
+
+def split_labels(config: SyntheticConfig) -> dict[str, dict[str, np.ndarray]]:
+    """The labels of both splits, in example order, without rendering any image.
+
+    Returns:
+      ``{"train": {...}, "test": {...}}``, each ``{"label", "coarse_label", "fine_class"}`` as
+      ``(N,)`` int64.
+    """
+    mask = train_classes(config)
+    result = {}
+    for split, wanted in (("train", True), ("test", False)):
+        families, fines = np.nonzero(mask == wanted)  # row-major: in global fine-class order
+        per_image = config.images_per_class
+        fine_class = np.repeat(families * config.classes_per_family + fines, per_image).astype(np.int64)
+        result[split] = {
+            "label": np.repeat(np.arange(len(families)), per_image).astype(np.int64),
+            "coarse_label": np.repeat(families, per_image).astype(np.int64),
+            "fine_class": fine_class,
+        }
+    return result
+
+
+def generate(config: SyntheticConfig | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Render the whole data set.
+
+    Args:
+      config: the generator parameters (default ``SyntheticConfig()``).
+
+    Returns:
+      ``{"train": {...}, "test": {...}}``, each with ``"image"`` ``(N, S, S, 3)`` uint8 and
+      ``"label"``, ``"coarse_label"``, ``"fine_class"`` ``(N,)`` int64 (see ``split_labels``).
+    """
+    config = config or SyntheticConfig()
+    result = split_labels(config)
+    for arrays in result.values():
+        classes = arrays["fine_class"][:: config.images_per_class]
+        images = [render_class(config, *divmod(int(g), config.classes_per_family)) for g in classes]
+        arrays["image"] = np.concatenate(images) if images else np.zeros((0, *_image_shape(config)), np.uint8)
+    return result
+
+
+def _image_shape(config: SyntheticConfig) -> tuple[int, int, int]:
+    return (config.image_size, config.image_size, 3)
+
+
+class ArraySource:
+    """A random-access source over in-memory arrays; ``source[i]`` is the example dict of row ``i``."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], name: str = ""):
+        self._arrays = {key: value.view() for key, value in arrays.items()}
+        for value in self._arrays.values():
+            value.flags.writeable = False  # examples are views: keep callers from editing the data set
+        self._name = name
+        self._len = len(arrays["label"])
+        if any(len(a) != self._len for a in arrays.values()):
+            raise ValueError(f"{name}: arrays of different lengths.")
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not -self._len <= index < self._len:
+            raise IndexError(f"{self._name}: index {index} out of range for {self._len} examples.")
+        return {
+            key: value[index] if value.ndim > 1 else int(value[index])
+            for key, value in sorted(self._arrays.items())
+        }
+
+    def __repr__(self) -> str:
+        return f"ArraySource({self._name}, {self._len} examples)"
+
+
+def _metric_dataset(
+    make_source: Callable[[str], Any], labels: dict[str, dict[str, np.ndarray]]
+) -> MetricDataset:
+    splits = {
+        name: Split(
+            source=make_source(name),
+            labels=labels[name]["label"],
+            coarse_labels=labels[name]["coarse_label"],
+            name=f"synthetic/{name}",
+        )
+        for name in ("train", "test")
+    }
+    return MetricDataset(name="synthetic", train=splits["train"], test=splits["test"], recall_ks=RECALL_KS)
+
+
+def synthetic_in_memory(config: SyntheticConfig | None = None) -> MetricDataset:
+    """The data set rendered into memory (no TFDS): the same examples as ``load_synthetic``.
+
+    Args:
+      config: the generator parameters (default ``SyntheticConfig()``).
+    """
+    data = generate(config)
+    return _metric_dataset(lambda name: ArraySource(data[name], f"synthetic/{name}"), data)
+
+
+def default_data_dir() -> str:
+    """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets``."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+
+
+def load_synthetic(data_dir: str | None = None, config: SyntheticConfig | None = None) -> MetricDataset:
+    """The data set as TFDS ``array_record`` sources, generated into ``data_dir`` on first use.
+
+    Labels come from the data set's stored metadata (written when it was built), so no image is
+    decoded; a data set without them is read once instead.
+
+    Args:
+      data_dir: TFDS data directory (default ``default_data_dir()``); the data lands in
+        ``data_dir/hdml_synthetic/<config name>/<version>``.
+      config: the generator parameters (default ``SyntheticConfig()``).
+    """
+    from hdml_jax.data import synthetic_builder
+
+    config = config or SyntheticConfig()
+    builder = synthetic_builder.make_builder(data_dir or default_data_dir(), config)
+    builder.download_and_prepare()
+    sources = builder.as_data_source()
+    labels = synthetic_builder.stored_labels(builder, sources)
+    return _metric_dataset(lambda name: sources[name], labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preview.
+
+
+def preview_grid(config: SyntheticConfig | None = None, per_class: int = 1, gap: int = 2) -> np.ndarray:
+    """One row per family, ``per_class`` images of each fine class side by side; uint8 RGB.
+
+    Test classes are marked by a white bar under their images.
+    """
+    config = config or SyntheticConfig()
+    size, per_class = config.image_size, min(per_class, config.images_per_class)
+    cell = size + gap
+    rows, cols = config.num_families, config.classes_per_family * per_class
+    grid = np.full(
+        (rows * (cell + gap) + gap, cols * cell + gap * config.classes_per_family, 3), 40, np.uint8
+    )
+    is_train = train_classes(config)
+    for family in range(rows):
+        for fine in range(config.classes_per_family):
+            images = render_class(config, family, fine)[:per_class]
+            top = gap + family * (cell + gap)
+            for j, img in enumerate(images):
+                left = gap + fine * (per_class * cell + gap) + j * cell
+                grid[top : top + size, left : left + size] = img
+            if not is_train[family, fine]:
+                left = gap + fine * (per_class * cell + gap)
+                grid[top + size + 1 : top + size + gap + 1, left : left + per_class * cell - gap] = 255
+    return grid
+
+
+def save_preview(
+    path: str | os.PathLike, config: SyntheticConfig | None = None, per_class: int = 1, zoom: int = 2
+) -> None:
+    """Write ``preview_grid(config, per_class)`` as a PNG, enlarged ``zoom`` times (nearest neighbour).
+
+    Args:
+      path: the PNG file to write.
+      config: the generator parameters (default ``SyntheticConfig()``).
+      per_class: images shown per fine class.
+      zoom: integer enlargement.
+    """
+    from PIL import Image
+
+    grid = preview_grid(config, per_class)
+    if zoom > 1:
+        grid = grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    Image.fromarray(grid).save(os.fspath(path))
