@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic.py"
@@ -41,6 +41,10 @@ def _multi_process() -> bool:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Libraries (orbax above all) log every checkpoint step at INFO through absl; keep the screen
+    # for the progress line and the evaluation summaries. --verbosity=0 brings them back.
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     import jax
 
     if _multi_process():

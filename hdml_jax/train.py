@@ -259,7 +259,8 @@ class Reporter:
         if self._tb is not None:
             for key, value in record.items():
                 if key not in ("kind", "step") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+                    # TensorBoard tags allow no "@": recall@1 → recall_at_1.
+                    self._tb.add_scalar(f"{prefix}/{key.replace('@', '_at_')}", value, record["step"])
             self._tb.flush()
 
     def close(self) -> None:
