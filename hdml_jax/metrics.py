@@ -14,10 +14,12 @@ removed from its own reference set, by index):
 
 How it is computed: queries go through in chunks; for each chunk the similarities to every
 reference are one matmul on device. Recall@K needs no top-K list at all: the rank of the first
-correct reference is the number of wrong references more similar than the best correct one, so
-``recall@K = [rank < K]`` for every K at once, whatever K is (1000 on SOP costs nothing extra).
-MAP@R and R-Precision need the ``R_max`` nearest references (``R_max`` = the largest class
-size, 11 on SOP), found by one small ``top_k``. Memory per chunk is ``chunk_size × N`` floats.
+correct reference is the number of wrong references at least as similar as the best correct one
+(one fused count over the row; the best correct similarity is a small gather, since the
+references of each label are listed on the host), so ``recall@K = [rank < K]`` for every K at
+once, whatever K is (1000 on SOP costs nothing extra). MAP@R and R-Precision need the ``R_max``
+nearest references (``R_max`` = the largest class size, 11 on SOP), found by one small
+``top_k``. Memory per chunk is ``chunk_size × N`` floats; no ``(chunk, N)`` mask is built.
 
 Ties: a wrong reference exactly as similar as the best correct one is counted as ranked before it
 (the pessimistic choice); in the top-``R_max`` list ties go to the lower reference index.
@@ -41,26 +43,45 @@ _CHUNK_ELEMENTS = 1 << 26
 
 @functools.partial(jax.jit, static_argnames=("exclude_self", "top_r"))
 def _chunk_statistics(
-    queries, query_labels, query_index, query_valid, reference, reference_labels, *, exclude_self, top_r
+    queries,
+    query_labels,
+    query_index,
+    query_valid,
+    positive_index,
+    num_relevant,
+    reference,
+    reference_labels,
+    *,
+    exclude_self,
+    top_r,
 ):
-    """Per-query rank of the first correct reference, R, and the MAP@R / R-Precision terms."""
+    """Per-query rank of the first correct reference and the MAP@R / R-Precision / P@1 terms.
+
+    ``positive_index`` ``(chunk, R_max + 1)`` lists each query's same-label references (padded
+    with -1; in self-retrieval it includes the query itself, masked here), so the best correct
+    similarity is a small gather and no ``(chunk, N)`` label mask is ever built. The only full
+    passes over the ``(chunk, N)`` similarities are the matmul, one fused count and one top-k.
+    """
     similarity = queries @ reference.T  # (chunk, N)
-    same_label = query_labels[:, None] == reference_labels[None, :]
+    if exclude_self:  # in place: each query's own column (chunk scatters, not a (chunk, N) mask)
+        similarity = similarity.at[jnp.arange(queries.shape[0]), query_index].set(-jnp.inf, mode="drop")
+    positive_valid = positive_index >= 0
     if exclude_self:
-        is_self = query_index[:, None] == jnp.arange(reference.shape[0])[None, :]
-        similarity = jnp.where(is_self, -jnp.inf, similarity)
-        same_label = same_label & ~is_self
-    num_relevant = jnp.sum(same_label, axis=1)  # R
-    best_correct = jnp.max(jnp.where(same_label, similarity, -jnp.inf), axis=1)
-    wrong = ~same_label
-    if exclude_self:
-        wrong = wrong & ~is_self
-    rank_first_correct = jnp.sum(wrong & (similarity >= best_correct[:, None]), axis=1)
+        positive_valid &= positive_index != query_index[:, None]
+    positive_similarity = jnp.take_along_axis(similarity, jnp.maximum(positive_index, 0), axis=1)
+    positive_similarity = jnp.where(positive_valid, positive_similarity, -jnp.inf)
+    best_correct = jnp.max(positive_similarity, axis=1)
+    # Wrong references at least as similar as the best correct one (ties counted against it).
+    at_least_best = jnp.sum(similarity >= best_correct[:, None], axis=1)
+    correct_at_least_best = jnp.sum(positive_similarity >= best_correct[:, None], axis=1)
+    rank_first_correct = at_least_best - correct_at_least_best
     rank_first_correct = jnp.where(num_relevant > 0, rank_first_correct, reference.shape[0])
 
     if top_r > 0:
         _, nearest = jax.lax.top_k(similarity, top_r)  # (chunk, R_max)
-        relevant = jnp.take_along_axis(same_label, nearest, axis=1).astype(jnp.float32)
+        relevant = (reference_labels[nearest] == query_labels[:, None]).astype(jnp.float32)
+        if exclude_self:
+            relevant *= nearest != query_index[:, None]
         position = jnp.arange(1, top_r + 1, dtype=jnp.float32)
         within_r = position[None, :] <= num_relevant[:, None]
         hits = relevant * within_r
@@ -71,10 +92,9 @@ def _chunk_statistics(
         precision_at_1 = relevant[:, 0]
     else:
         average_precision = r_precision = precision_at_1 = jnp.zeros(queries.shape[0], jnp.float32)
-    valid = query_valid
-    has_relevant = valid & (num_relevant > 0)
+    has_relevant = query_valid & (num_relevant > 0)
     return (
-        jnp.where(valid, rank_first_correct, reference.shape[0]),
+        jnp.where(query_valid, rank_first_correct, reference.shape[0]),
         has_relevant,
         jnp.where(has_relevant, average_precision, 0.0),
         jnp.where(has_relevant, r_precision, 0.0),
@@ -82,13 +102,24 @@ def _chunk_statistics(
     )
 
 
-def _max_relevant(query_labels: np.ndarray, reference_labels: np.ndarray, self_retrieval: bool) -> int:
-    """Largest R over the queries: the number of references sharing a query's label."""
-    classes, counts = np.unique(reference_labels, return_counts=True)
-    present = np.isin(classes, query_labels)
-    if not present.any():
-        return 0
-    return int(counts[present].max()) - (1 if self_retrieval else 0)
+def _positive_lists(
+    query_labels: np.ndarray, reference_labels: np.ndarray, self_retrieval: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """For every query, the indices of the references sharing its label, and their count R.
+
+    Returns ``(positive_index (Q, width) int32 padded with -1, num_relevant (Q,) int32)``; in
+    self-retrieval the lists include the query itself (removed on device) and R excludes it.
+    """
+    order = np.argsort(reference_labels, kind="stable")
+    sorted_labels = reference_labels[order]
+    start = np.searchsorted(sorted_labels, query_labels, side="left")
+    count = np.searchsorted(sorted_labels, query_labels, side="right") - start
+    width = max(int(count.max()) if count.size else 0, 1)
+    offsets = start[:, None] + np.arange(width)[None, :]
+    valid = np.arange(width)[None, :] < count[:, None]
+    positive_index = np.where(valid, order[np.minimum(offsets, len(order) - 1)], -1).astype(np.int32)
+    num_relevant = (count - (1 if self_retrieval else 0)).clip(min=0).astype(np.int32)
+    return positive_index, num_relevant
 
 
 def retrieval_metrics(
@@ -138,7 +169,8 @@ def retrieval_metrics(
     if num_queries == 0 or num_references - (1 if self_retrieval else 0) < 1:
         raise ValueError("retrieval needs at least one query and one reference other than itself.")
 
-    top_r = min(_max_relevant(query_labels_np, reference_labels_np, self_retrieval), num_references)
+    positive_index, num_relevant = _positive_lists(query_labels_np, reference_labels_np, self_retrieval)
+    top_r = int(min(num_relevant.max(), num_references - (1 if self_retrieval else 0)))
     if chunk_size is None:
         chunk_size = max(1, min(num_queries, _CHUNK_ELEMENTS // num_references, 4096))
     chunk_size = int(min(chunk_size, num_queries))
@@ -150,16 +182,21 @@ def retrieval_metrics(
     padded = num_chunks * chunk_size
     queries_p = jnp.pad(queries_n, ((0, padded - num_queries), (0, 0)))
     labels_p = jnp.asarray(np.pad(query_labels_np, (0, padded - num_queries)))
+    positives_p = jnp.asarray(np.pad(positive_index, ((0, padded - num_queries), (0, 0)), constant_values=-1))
+    relevant_p = jnp.asarray(np.pad(num_relevant, (0, padded - num_queries)))
 
     outputs = []
     for start in range(0, padded, chunk_size):
+        rows = slice(start, start + chunk_size)
         index = jnp.arange(start, start + chunk_size)
         outputs.append(
             _chunk_statistics(
-                queries_p[start : start + chunk_size],
-                labels_p[start : start + chunk_size],
+                queries_p[rows],
+                labels_p[rows],
                 index,
                 index < num_queries,
+                positives_p[rows],
+                relevant_p[rows],
                 reference_n,
                 reference_labels_d,
                 exclude_self=self_retrieval,

@@ -57,9 +57,10 @@ def proxy_nca_loss(
 
     x = _common.l2_normalize(_common.zero_masked_rows(embeddings.astype(jnp.float32), mask))
     p = _common.l2_normalize(proxies.astype(jnp.float32))
-    # ‖x̂ - p̂‖² = ‖x̂‖² + ‖p̂‖² - 2 x̂·p̂, written out in full so zero-norm rows or proxies stay exact.
-    sq_dist = jnp.sum(x * x, axis=1, keepdims=True) + jnp.sum(p * p, axis=1)[None, :] - 2.0 * (x @ p.T)
-    logits = -scale * jnp.maximum(sq_dist, 0.0)  # (B, C)
+    # -σ‖x̂ - p̂‖² = σ(2 x̂·p̂ - ‖p̂‖²) - σ‖x̂‖². The last term is the same for every class of a row,
+    # so it cancels exactly in both forms (target logit minus normaliser): dropping it saves a
+    # full (B, C) pass. ‖p̂‖² is kept (it is 1 except for a zero proxy), so the loss stays exact.
+    logits = scale * (2.0 * (x @ p.T) - jnp.sum(p * p, axis=1)[None, :])  # (B, C)
 
     is_target = labels[:, None] == jnp.arange(num_classes)[None, :]
     target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=1)
