@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -331,6 +332,15 @@ class _Preemption:
         del signum, frame
         self.requested = True
 
+    def agreed(self, step: int, every: int) -> bool:
+        """Whether to stop now. With several processes all must stop at the same step (the save
+        is collective), so the flag is all-gathered, every ``every`` steps only (a collective)."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % every:
+            return False
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
@@ -488,7 +498,7 @@ def _train_loop(
             state, metrics = step_fn(step < warm_steps)(state, batch)
             step += 1
             log_now = step % config.log_every_steps == 0 or step == num_steps
-            stop_now = preemption.requested or (
+            stop_now = preemption.agreed(step, config.log_every_steps) or (
                 config.stop_after_steps > 0 and step - start_step >= config.stop_after_steps and step < num_steps
             )
             checkpoint_now = step % config.checkpoint_every_steps == 0 or stop_now
