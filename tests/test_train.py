@@ -92,6 +92,16 @@ def test_training_fits_the_training_classes(tmp_path):
     assert trained["map@r"] > untrained["map@r"] + 0.1, (untrained, trained)
 
 
+def test_mixed_precision_trains_with_float32_parameters(dataset, tmp_path):
+    config = tiny_config("hpl_pa", **{"model.dtype": "bfloat16"})
+    final = train.train_and_evaluate(config, tmp_path, dataset=dataset)
+    assert 0.0 <= final["recall@1"] <= 1.0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "train"]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert np.load(tmp_path / "test_embeddings.npy").dtype == np.float32
+
+
 def test_workdir_outputs_and_pictures(dataset, tmp_path):
     train.train_and_evaluate(tiny_config("hpl_pa", pictures=True, nmi=True, tsne_max_points=40), tmp_path, dataset=dataset)
     for name in ("config.json", "metrics.jsonl", "final_metrics.json", "test_embeddings.npy", "test_labels.npy",
