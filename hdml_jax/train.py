@@ -18,11 +18,13 @@ Workdir layout::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,9 @@ class TrainingInterruptedError(Exception):
     """SIGTERM or ``stop_after_steps``: a checkpoint was saved; rerunning the command resumes."""
 
     def __init__(self, step: int, directory: Path):
-        super().__init__(f"stopped at step {step}; checkpoint saved in {directory}. Rerun the same command to resume.")
+        super().__init__(
+            f"stopped at step {step}; checkpoint saved in {directory}. Rerun the same command to resume."
+        )
         self.step = step
 
 
@@ -233,7 +237,9 @@ class Reporter:
         values = {**values, "images_per_second": speed}
         if not self.enabled:
             return
-        remaining = (self.total_steps - step) * self.batch_size / self._smoothed if self._smoothed else float("nan")
+        remaining = (
+            (self.total_steps - step) * self.batch_size / self._smoothed if self._smoothed else float("nan")
+        )
         eta = "?" if math.isnan(remaining) else time.strftime("%H:%M:%S", time.gmtime(remaining))
         done = int(30 * step / self.total_steps)
         line = (
@@ -419,13 +425,10 @@ def train_and_evaluate(
     reporter = Reporter(workdir, num_steps, config.batch_size)
     try:
         if not config.eval_only:
-            state = _train_loop(
+            run = _Run(
                 config,
-                state,
                 model,
                 optimizer,
-                dataset,
-                train_iter,
                 manager,
                 reporter,
                 run_evaluation,
@@ -435,6 +438,7 @@ def train_and_evaluate(
                 num_steps,
                 coarse_sizes,
             )
+            state = _train_loop(run, state, train_iter)
         final, embeddings = run_evaluation(state)
         step = int(jax.device_get(state["step"]))
         reporter.eval(step, step / steps_per_epoch, final)
@@ -446,29 +450,35 @@ def train_and_evaluate(
     return final
 
 
-def _train_loop(
-    config,
-    state,
-    model,
-    optimizer,
-    dataset,
-    train_iter,
-    manager,
-    reporter,
-    run_evaluation,
-    replicated,
-    batch_sharding,
-    steps_per_epoch,
-    num_steps,
-    coarse_sizes,
-):
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What stays fixed during one training run."""
+
+    config: ml_collections.ConfigDict
+    model: Any
+    optimizer: optax.GradientTransformation
+    manager: ocp.CheckpointManager
+    reporter: Reporter
+    run_evaluation: Callable[[steps.State], tuple[dict[str, float], dict[str, np.ndarray]]]
+    replicated: NamedSharding
+    batch_sharding: NamedSharding
+    steps_per_epoch: int
+    num_steps: int
+    coarse_sizes: tuple[int, ...]
+
+
+def _train_loop(run: _Run, state: steps.State, train_iter) -> steps.State:
+    """Steps from the state's step to ``num_steps``: log, evaluate, checkpoint, stop on request."""
+    config, manager, reporter = run.config, run.manager, run.reporter
+    replicated, batch_sharding = run.replicated, run.batch_sharding
+    steps_per_epoch, num_steps, coarse_sizes = run.steps_per_epoch, run.num_steps, run.coarse_sizes
     warm_steps = config.optimizer.warmup_epochs * steps_per_epoch
     compiled = {}
 
     def step_fn(frozen: bool):
         if frozen not in compiled:
             compiled[frozen] = steps.compile_train_step(
-                model, config, optimizer, replicated, batch_sharding, frozen
+                run.model, config, run.optimizer, replicated, batch_sharding, frozen
             )
         return compiled[frozen]
 
@@ -499,7 +509,9 @@ def _train_loop(
             step += 1
             log_now = step % config.log_every_steps == 0 or step == num_steps
             stop_now = preemption.agreed(step, config.log_every_steps) or (
-                config.stop_after_steps > 0 and step - start_step >= config.stop_after_steps and step < num_steps
+                config.stop_after_steps > 0
+                and step - start_step >= config.stop_after_steps
+                and step < num_steps
             )
             checkpoint_now = step % config.checkpoint_every_steps == 0 or stop_now
             eval_now = eval_steps > 0 and step % eval_steps == 0 and step < num_steps
@@ -515,7 +527,7 @@ def _train_loop(
                     reporter.train(step, step / steps_per_epoch, values)
             result = None
             if eval_now:
-                result, _ = run_evaluation(state)
+                result, _ = run.run_evaluation(state)
                 reporter.eval(step, step / steps_per_epoch, result)
             if checkpoint_now or eval_now:
                 save_checkpoint(manager, state, train_iter.get_state(), result)
