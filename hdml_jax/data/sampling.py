@@ -35,6 +35,19 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) % (1 << 64), *map(int, key)]))
 
 
+def _epoch_permutation(
+    cache: tuple[int, np.ndarray] | None, seed: int, tag: int, epoch: int, size: int
+) -> tuple[int, np.ndarray]:
+    """``(epoch, permutation of range(size))``, reusing ``cache`` when it is for ``epoch``.
+
+    Callers read their cache attribute once and store the returned tuple whole, so threads that
+    share a sampler never see a permutation paired with the wrong epoch.
+    """
+    if cache is not None and cache[0] == epoch:
+        return cache
+    return epoch, _rng(seed, tag, epoch).permutation(size)
+
+
 def _check_step(step: int) -> int:
     step = int(step)
     if step < 0:
@@ -126,10 +139,8 @@ class PKSampler:
 
     def _class_permutation(self, epoch: int) -> np.ndarray:
         """``(C,)`` class positions (0..C-1) in the order of ``epoch``; the last one is cached."""
-        cache = self._cache  # one read: safe when several threads share the sampler
-        if cache is None or cache[0] != epoch:
-            cache = (epoch, _rng(self.seed, _TAG_CLASS_PERMUTATION, epoch).permutation(self.num_classes))
-            self._cache = cache
+        cache = _epoch_permutation(self._cache, self.seed, _TAG_CLASS_PERMUTATION, epoch, self.num_classes)
+        self._cache = cache
         return cache[1]
 
     def batch_classes(self, step: int) -> np.ndarray:
@@ -217,10 +228,8 @@ class ShuffleSampler:
         return math.ceil(self.num_examples / self._batch_size)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        cache = self._cache  # one read: safe when several threads share the sampler
-        if cache is None or cache[0] != epoch:
-            cache = (epoch, _rng(self.seed, _TAG_SHUFFLE, epoch).permutation(self.num_examples))
-            self._cache = cache
+        cache = _epoch_permutation(self._cache, self.seed, _TAG_SHUFFLE, epoch, self.num_examples)
+        self._cache = cache
         return cache[1]
 
     def batch_indices(self, step: int) -> np.ndarray:

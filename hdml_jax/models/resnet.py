@@ -90,6 +90,14 @@ def _norm(train: bool, frozen: bool, dtype: Any, name: str, zero_scale: bool = F
     )
 
 
+def _shortcut(x, out_features: int, stride: int, train: bool, frozen_bn: bool, dtype: Any):
+    """Identity, or 1×1 conv + BN (torchvision's ``downsample``) when the shape changes."""
+    if stride == 1 and x.shape[-1] == out_features:
+        return x
+    residual = _conv(out_features, 1, stride, dtype, "downsample_conv")(x)
+    return _norm(train, frozen_bn, dtype, "downsample_bn")(residual)
+
+
 class BasicBlock(nn.Module):
     """Two 3×3 convs (ResNet-18/34). ``features`` is the block's output width."""
 
@@ -101,14 +109,11 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        residual = x
         y = _conv(self.features, 3, self.stride, self.dtype, "conv1")(x)
         y = nn.relu(_norm(train, self.frozen_bn, self.dtype, "bn1")(y))
         y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
         y = _norm(train, self.frozen_bn, self.dtype, "bn2", self.zero_init_residual)(y)
-        if self.stride != 1 or x.shape[-1] != self.features:
-            residual = _conv(self.features, 1, self.stride, self.dtype, "downsample_conv")(x)
-            residual = _norm(train, self.frozen_bn, self.dtype, "downsample_bn")(residual)
+        residual = _shortcut(x, self.features, self.stride, train, self.frozen_bn, self.dtype)
         return nn.relu(y + residual)
 
 
@@ -124,16 +129,13 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         out_features = self.features * EXPANSION["bottleneck"]
-        residual = x
         y = _conv(self.features, 1, 1, self.dtype, "conv1")(x)
         y = nn.relu(_norm(train, self.frozen_bn, self.dtype, "bn1")(y))
         y = _conv(self.features, 3, self.stride, self.dtype, "conv2")(y)
         y = nn.relu(_norm(train, self.frozen_bn, self.dtype, "bn2")(y))
         y = _conv(out_features, 1, 1, self.dtype, "conv3")(y)
         y = _norm(train, self.frozen_bn, self.dtype, "bn3", self.zero_init_residual)(y)
-        if self.stride != 1 or x.shape[-1] != out_features:
-            residual = _conv(out_features, 1, self.stride, self.dtype, "downsample_conv")(x)
-            residual = _norm(train, self.frozen_bn, self.dtype, "downsample_bn")(residual)
+        residual = _shortcut(x, out_features, self.stride, train, self.frozen_bn, self.dtype)
         return nn.relu(y + residual)
 
 
