@@ -39,67 +39,137 @@ from hdml_jax.losses._common import l2_normalize
 
 # Default chunk size keeps one chunk's similarity matrix near 64M floats (256 MiB).
 _CHUNK_ELEMENTS = 1 << 26
+# References are handled in groups of this many columns (the reference set is padded to a
+# multiple of it): a group's count of "at least as similar" fits in int8, and a group's maximum
+# lets the top-k look only at the few groups that can hold the k nearest.
+_GROUP = 64
+
+
+@functools.partial(jax.jit, static_argnames=("num_references",))
+def _similarities(queries, reference_padded, *, num_references):
+    """``(chunk, N_pad)`` cosine similarities; the padding columns are -inf."""
+    similarity = queries @ reference_padded.T
+    column = jnp.arange(reference_padded.shape[0])
+    return jnp.where(column[None, :] < num_references, similarity, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("exclude_self",))
+def _best_correct(similarity, positive_index, query_index, *, exclude_self):
+    """Best correct similarity per query, and how many listed references reach it.
+
+    ``positive_index`` ``(chunk, width)`` lists the same-label references (padded with -1; in
+    self-retrieval it includes the query itself). The similarities are gathered from the very
+    matrix the count reads, so the two agree bit for bit. Returns ``(best (chunk,), listed (chunk,)
+    int32)`` where ``listed`` counts the listed references (self included) at least as similar
+    as ``best``: exactly the columns of the full count that are not wrong references.
+    """
+    listed = positive_index >= 0
+    gathered = jnp.take_along_axis(similarity, jnp.maximum(positive_index, 0), axis=1)
+    correct = listed & (positive_index != query_index[:, None]) if exclude_self else listed
+    best = jnp.max(jnp.where(correct, gathered, -jnp.inf), axis=1)
+    return best, jnp.sum(listed & (gathered >= best[:, None]), axis=1)
+
+
+@jax.jit
+def _count_at_least(similarity, threshold):
+    """``Σ_n [similarity[q, n] >= threshold[q]]`` per row, as int32.
+
+    Written as int8 sums over groups of ``_GROUP`` columns, then an int32 sum over the groups:
+    on XLA:CPU this is several times faster than one fused compare-and-sum over the row.
+    """
+    chunk, width = similarity.shape
+    hits = (similarity >= threshold[:, None]).astype(jnp.int8).reshape(chunk, width // _GROUP, _GROUP)
+    return jnp.sum(jnp.sum(hits, axis=2, dtype=jnp.int8).astype(jnp.int32), axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _top_k_indices(similarity, *, k):
+    """Column indices of the ``k`` largest entries per row, ties to the lower index (exact).
+
+    Two stages: the ``k`` groups of ``_GROUP`` columns with the largest maxima must contain the
+    ``k`` largest entries (any entry outside them is beaten by those ``k`` maxima), so the final
+    ``top_k`` looks at ``k × _GROUP`` candidates instead of the whole row. The chosen groups are
+    taken in column order, so candidate order is column order and ties still go to the lower
+    index (a group tied on its maximum with a chosen one is only skipped when it lies after it).
+    """
+    chunk, width = similarity.shape
+    num_groups = width // _GROUP
+    if 4 * k > num_groups:  # small reference sets: one plain top_k is as cheap
+        return jax.lax.top_k(similarity, k)[1]
+    grouped = similarity.reshape(chunk, num_groups, _GROUP)
+    _, groups = jax.lax.top_k(jnp.max(grouped, axis=2), k)
+    groups = jnp.sort(groups, axis=1)
+    candidates = jnp.take_along_axis(grouped, groups[:, :, None], axis=1).reshape(chunk, k * _GROUP)
+    candidate_column = (groups[:, :, None] * _GROUP + jnp.arange(_GROUP)).reshape(chunk, k * _GROUP)
+    _, best = jax.lax.top_k(candidates, k)
+    return jnp.take_along_axis(candidate_column, best, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("exclude_self", "top_r"))
+def _ranking_terms(
+    nearest, query_labels, query_index, num_relevant, reference_labels, *, exclude_self, top_r
+):
+    """MAP@R, R-Precision and P@1 per query from its nearest references.
+
+    ``nearest`` ``(chunk, top_r + exclude_self)``: in self-retrieval the list has one extra entry
+    and the query's own index is dropped from it (the last entry when the query is not there).
+    """
+    if exclude_self:
+        is_self = nearest == query_index[:, None]
+        self_at = jnp.where(jnp.any(is_self, axis=1), jnp.argmax(is_self, axis=1), top_r)
+        before_self = jnp.arange(top_r)[None, :] < self_at[:, None]
+        nearest = jnp.where(before_self, nearest[:, :top_r], nearest[:, 1:])
+    relevant = (reference_labels[nearest] == query_labels[:, None]).astype(jnp.float32)
+    position = jnp.arange(1, top_r + 1, dtype=jnp.float32)
+    hits = relevant * (position[None, :] <= num_relevant[:, None])
+    precision_at_i = jnp.cumsum(relevant, axis=1) / position
+    safe_r = jnp.maximum(num_relevant, 1).astype(jnp.float32)
+    return (
+        jnp.sum(precision_at_i * hits, axis=1) / safe_r,
+        jnp.sum(hits, axis=1) / safe_r,
+        relevant[:, 0],
+    )
+
+
 def _chunk_statistics(
     queries,
     query_labels,
     query_index,
-    query_valid,
     positive_index,
     num_relevant,
-    reference,
+    reference_padded,
     reference_labels,
     *,
+    num_references,
     exclude_self,
     top_r,
 ):
     """Per-query rank of the first correct reference and the MAP@R / R-Precision / P@1 terms.
 
-    ``positive_index`` ``(chunk, R_max + 1)`` lists each query's same-label references (padded
-    with -1; in self-retrieval it includes the query itself, masked here), so the best correct
-    similarity is a small gather and no ``(chunk, N)`` label mask is ever built. The only full
-    passes over the ``(chunk, N)`` similarities are the matmul, one fused count and one top-k.
+    Several small jitted steps rather than one: XLA:CPU otherwise fuses the broadcast of the
+    per-row threshold into a full ``(chunk, N)`` buffer. The only full passes over the
+    similarities are the matmul, the count and the group maxima of the top-k.
     """
-    similarity = queries @ reference.T  # (chunk, N)
-    if exclude_self:  # in place: each query's own column (chunk scatters, not a (chunk, N) mask)
-        similarity = similarity.at[jnp.arange(queries.shape[0]), query_index].set(-jnp.inf, mode="drop")
-    positive_valid = positive_index >= 0
-    if exclude_self:
-        positive_valid &= positive_index != query_index[:, None]
-    positive_similarity = jnp.take_along_axis(similarity, jnp.maximum(positive_index, 0), axis=1)
-    positive_similarity = jnp.where(positive_valid, positive_similarity, -jnp.inf)
-    best_correct = jnp.max(positive_similarity, axis=1)
-    # Wrong references at least as similar as the best correct one (ties counted against it).
-    at_least_best = jnp.sum(similarity >= best_correct[:, None], axis=1)
-    correct_at_least_best = jnp.sum(positive_similarity >= best_correct[:, None], axis=1)
-    rank_first_correct = at_least_best - correct_at_least_best
-    rank_first_correct = jnp.where(num_relevant > 0, rank_first_correct, reference.shape[0])
-
-    if top_r > 0:
-        _, nearest = jax.lax.top_k(similarity, top_r)  # (chunk, R_max)
-        relevant = (reference_labels[nearest] == query_labels[:, None]).astype(jnp.float32)
-        if exclude_self:
-            relevant *= nearest != query_index[:, None]
-        position = jnp.arange(1, top_r + 1, dtype=jnp.float32)
-        within_r = position[None, :] <= num_relevant[:, None]
-        hits = relevant * within_r
-        precision_at_i = jnp.cumsum(relevant, axis=1) / position
-        safe_r = jnp.maximum(num_relevant, 1).astype(jnp.float32)
-        average_precision = jnp.sum(precision_at_i * hits, axis=1) / safe_r
-        r_precision = jnp.sum(hits, axis=1) / safe_r
-        precision_at_1 = relevant[:, 0]
-    else:
-        average_precision = r_precision = precision_at_1 = jnp.zeros(queries.shape[0], jnp.float32)
-    has_relevant = query_valid & (num_relevant > 0)
-    return (
-        jnp.where(query_valid, rank_first_correct, reference.shape[0]),
-        has_relevant,
-        jnp.where(has_relevant, average_precision, 0.0),
-        jnp.where(has_relevant, r_precision, 0.0),
-        jnp.where(has_relevant, precision_at_1, 0.0),
+    similarity = _similarities(queries, reference_padded, num_references=num_references)
+    best, listed_at_least_best = _best_correct(
+        similarity, positive_index, query_index, exclude_self=exclude_self
     )
+    # Wrong references at least as similar as the best correct one (ties counted against it).
+    rank_first_correct = _count_at_least(similarity, best) - listed_at_least_best
+    if top_r > 0:
+        nearest = _top_k_indices(similarity, k=top_r + int(exclude_self))
+        terms = _ranking_terms(
+            nearest,
+            query_labels,
+            query_index,
+            num_relevant,
+            reference_labels,
+            exclude_self=exclude_self,
+            top_r=top_r,
+        )
+    else:
+        terms = (jnp.zeros(queries.shape[0], jnp.float32),) * 3
+    return rank_first_correct, terms
 
 
 def _positive_lists(
@@ -177,7 +247,9 @@ def retrieval_metrics(
 
     queries_n = l2_normalize(jnp.asarray(query, jnp.float32))
     reference_n = queries_n if self_retrieval else l2_normalize(jnp.asarray(reference, jnp.float32))
-    reference_labels_d = jnp.asarray(reference_labels_np)
+    width = -(-num_references // _GROUP) * _GROUP
+    reference_p = jnp.pad(reference_n, ((0, width - num_references), (0, 0)))
+    reference_labels_d = jnp.asarray(np.pad(reference_labels_np, (0, width - num_references)))
     num_chunks = -(-num_queries // chunk_size)
     padded = num_chunks * chunk_size
     queries_p = jnp.pad(queries_n, ((0, padded - num_queries), (0, 0)))
@@ -188,29 +260,32 @@ def retrieval_metrics(
     outputs = []
     for start in range(0, padded, chunk_size):
         rows = slice(start, start + chunk_size)
-        index = jnp.arange(start, start + chunk_size)
         outputs.append(
             _chunk_statistics(
                 queries_p[rows],
                 labels_p[rows],
-                index,
-                index < num_queries,
+                jnp.arange(start, start + chunk_size),
                 positives_p[rows],
                 relevant_p[rows],
-                reference_n,
+                reference_p,
                 reference_labels_d,
+                num_references=num_references,
                 exclude_self=self_retrieval,
                 top_r=top_r,
             )
         )
-    rank, has_relevant, average_precision, r_precision, precision_at_1 = (
-        np.concatenate([np.asarray(o[i]) for o in outputs])[:num_queries] for i in range(5)
+    rank = np.concatenate([np.asarray(r) for r, _ in outputs])[:num_queries]
+    average_precision, r_precision, precision_at_1 = (
+        np.concatenate([np.asarray(t[i]) for _, t in outputs])[:num_queries].astype(np.float64)
+        for i in range(3)
     )
+    has_relevant = num_relevant > 0
+    rank = np.where(has_relevant, rank, num_references)  # no correct reference: never recalled
     metrics = {f"recall@{k}": float(np.mean(rank < k)) for k in ks}
     num_scored = max(int(has_relevant.sum()), 1)
-    metrics["precision@1"] = float(precision_at_1.astype(np.float64).sum() / num_scored)
-    metrics["r_precision"] = float(r_precision.astype(np.float64).sum() / num_scored)
-    metrics["map@r"] = float(average_precision.astype(np.float64).sum() / num_scored)
+    metrics["precision@1"] = float(precision_at_1[has_relevant].sum() / num_scored)
+    metrics["r_precision"] = float(r_precision[has_relevant].sum() / num_scored)
+    metrics["map@r"] = float(average_precision[has_relevant].sum() / num_scored)
     return metrics
 
 

@@ -84,6 +84,42 @@ def test_chunk_size_does_not_change_the_result():
         assert_metrics_close(metrics.retrieval_metrics(x, y, ks=(1, 5), chunk_size=chunk_size), whole)
 
 
+def pair_classes(seed, num_points, dim, noise):
+    """Classes of 2-3 points: top-R stays small, so big sets take the grouped top-k path."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(num_points), rng.integers(2, 4, num_points))[:num_points]
+    centres = rng.normal(size=(num_points, dim))
+    return (centres[labels] + noise * rng.normal(size=(num_points, dim))).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("gallery", [False, True])
+def test_large_reference_set_matches_reference(gallery):
+    # 1,000 references = 16 groups of 64 columns: the grouped top-k and the padded columns
+    # (1,024 - 1,000) are exercised against the one-query-at-a-time reference.
+    x, y = pair_classes(12, 1100 if gallery else 1000, 8, 0.8)
+    args = (x[:100], y[:100], x[100:], y[100:]) if gallery else (x, y)
+    ks = (1, 2, 10, 100)
+    assert_metrics_close(metrics.retrieval_metrics(*args, ks=ks), reference_retrieval(*args, ks=ks))
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_grouped_top_k_equals_top_k_with_ties(k):
+    # Every value twice, scattered: ties across groups, which must still go to the lower index.
+    rng = np.random.default_rng(k)
+    similarity = np.stack([rng.permutation(np.arange(64 * 40) // 2) for _ in range(9)]).astype(np.float32)
+    similarity[:, -5:] = -np.inf  # like the padding columns
+    expected = jax.lax.top_k(similarity, k)[1]
+    np.testing.assert_array_equal(metrics._top_k_indices(similarity, k=k), expected)
+
+
+def test_count_at_least_equals_a_plain_count():
+    rng = np.random.default_rng(13)
+    similarity = rng.integers(-3, 4, (7, 64 * 5)).astype(np.float32)
+    threshold = rng.integers(-4, 5, 7).astype(np.float32)
+    expected = (similarity >= threshold[:, None]).sum(axis=1)
+    np.testing.assert_array_equal(metrics._count_at_least(similarity, threshold), expected)
+
+
 def test_self_is_excluded_by_index_not_by_value():
     # Two identical vectors of one class: each must find the other, never itself.
     x = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], np.float32)
