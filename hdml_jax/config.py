@@ -56,6 +56,9 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.seed = 0
     c.workdir = ""  # set by --workdir; empty: runs/<dataset>_<method>
     c.eval_only = False
+    # Split the fine proxies and their optimizer state over the devices along the class axis
+    # (for 10^5-10^6 classes; see hdml_jax.parallel). Off: every device holds all of them.
+    c.shard_proxies = False
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = dataset

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from hdml_jax import losses
+from hdml_jax import losses, parallel
 from hdml_jax.config import HIERARCHICAL_METHODS, PROXY_METHODS
 from hdml_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from hdml_jax.models import CGDHead, EmbeddingHead, EmbeddingModel, ResNet, batchnorm_mask, proxy_levels
@@ -35,9 +35,17 @@ State = dict[str, Any]
 
 
 def build_model(
-    config: ml_collections.ConfigDict, num_classes: int, coarse_groups: tuple[int, ...] = ()
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    coarse_groups: tuple[int, ...] = (),
+    num_devices: int = 1,
 ) -> EmbeddingModel:
-    """The ``EmbeddingModel`` a config describes (proxies only for proxy methods)."""
+    """The ``EmbeddingModel`` a config describes (proxies only for proxy methods).
+
+    With ``config.shard_proxies`` the fine proxies are padded so that they split evenly over
+    ``num_devices`` (see ``hdml_jax.parallel``).
+    """
+    proxy_method = config.method in PROXY_METHODS
     m = config.model
     backbone = ResNet(
         m.depth,
@@ -60,7 +68,10 @@ def build_model(
     return EmbeddingModel(
         backbone,
         head,
-        num_proxies=num_classes if config.method in PROXY_METHODS else 0,
+        num_proxies=num_classes if proxy_method else 0,
+        proxy_padding=parallel.proxy_padding(num_classes, num_devices)
+        if proxy_method and config.shard_proxies
+        else 0,
         coarse_groups=coarse_groups if config.method in HIERARCHICAL_METHODS else (),
         proxy_init=m.proxy_init,
     )
@@ -148,8 +159,13 @@ def compute_loss(
     params: Any,
     hierarchy: dict[str, Any],
     mask: jax.Array,
+    num_classes: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The method's loss on one (global) batch; returns ``(loss, named parts)``."""
+    """The method's loss on one (global) batch; returns ``(loss, named parts)``.
+
+    ``num_classes``: the real classes when ``params['proxies']`` has padding rows beyond them
+    (sharded proxies); the padding is masked out of the loss.
+    """
     method, lc = config.method, config.loss
     embeddings = outputs["embedding"]
     if method == "cgd":
@@ -173,22 +189,27 @@ def compute_loss(
         base, kwargs = losses.proxy_anchor_loss, {"margin": lc.margin, "alpha": lc.alpha}
     else:
         base, kwargs = losses.proxy_nca_loss, {"scale": lc.scale}
+    num_proxies = params["proxies"].shape[0]
+    proxy_mask = parallel.fine_proxy_mask(num_proxies, num_proxies if num_classes is None else num_classes)
+    fine_kwargs = kwargs if proxy_mask is None else {**kwargs, "proxy_mask": proxy_mask}
+    fine = base(embeddings, labels, params["proxies"], mask=mask, **fine_kwargs)
     if method not in HIERARCHICAL_METHODS:
-        loss = base(embeddings, labels, params["proxies"], mask=mask, **kwargs)
-        return loss, {}
+        return fine, {}
     weights = tuple(lc.level_weights)
+    levels = proxy_levels(params)
     level_weights = (weights[0], *(hierarchy["active"] * w for w in weights[1:]))
     total = losses.hierarchical_proxy_loss(
         embeddings,
         labels,
-        proxy_levels(params),
+        levels,
         hierarchy["assignments"],
         base_loss=base,
         level_weights=level_weights,
         mask=mask,
+        level_proxy_masks=(proxy_mask, *(None,) * (len(levels) - 1)),
         **kwargs,
     )
-    return total, {"fine": base(embeddings, labels, params["proxies"], mask=mask, **kwargs)}
+    return total, {"fine": fine}
 
 
 # ----------------------------------------------------------------------------- the step
@@ -218,7 +239,9 @@ def loss_and_grads(
             params = {**params, "backbone": jax.lax.stop_gradient(params["backbone"])}
         variables = {"params": params, "batch_stats": state["batch_stats"]}
         outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        loss, parts = compute_loss(config, outputs, labels, params, state["hierarchy"], mask)
+        loss, parts = compute_loss(
+            config, outputs, labels, params, state["hierarchy"], mask, num_classes=model.num_proxies
+        )
         return loss, (parts, updates.get("batch_stats", state["batch_stats"]))
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hdml_jax import evaluate, steps, visualize
+from hdml_jax import evaluate, parallel, steps, visualize
 from hdml_jax.config import HIERARCHICAL_METHODS, validate
 from hdml_jax.data import pipeline, sampling, transforms
 from hdml_jax.data.base import MetricDataset, Split
@@ -105,6 +105,12 @@ def class_to_coarse(split: Split) -> np.ndarray:
     return mapping
 
 
+def pad_fine_assignment(assignments: tuple[jax.Array, ...], num_proxies: int) -> tuple[jax.Array, ...]:
+    """Extend the class → group map ``a^0`` over padding proxies (to group 0; they are masked out)."""
+    fine = jnp.asarray(assignments[0])
+    return (jnp.pad(fine, (0, num_proxies - fine.shape[0])), *assignments[1:])
+
+
 def init_state(
     config: ml_collections.ConfigDict,
     model,
@@ -129,14 +135,16 @@ def init_state(
         )
     hierarchy: dict[str, Any] = {}
     if config.method in HIERARCHICAL_METHODS:
-        levels = (dataset.train.num_classes, *coarse_sizes)
+        levels = (params["proxies"].shape[0], *coarse_sizes)  # padded fine proxies included
         hierarchy = {
             "assignments": tuple(jnp.zeros((levels[i],), jnp.int32) for i in range(len(coarse_sizes))),
             "active": jnp.zeros((), jnp.float32),
         }
         if config.loss.coarse_from_labels:
             hierarchy = {
-                "assignments": hierarchy_from_labels(class_to_coarse(dataset.train)),
+                "assignments": pad_fine_assignment(
+                    hierarchy_from_labels(class_to_coarse(dataset.train)), levels[0]
+                ),
                 "active": jnp.ones((), jnp.float32),
             }
     return {
@@ -367,12 +375,11 @@ def train_and_evaluate(
 
     dataset = load_data(config) if dataset is None else dataset
     coarse_sizes = coarse_group_sizes(config, dataset)
-    model = steps.build_model(config, dataset.train.num_classes, coarse_sizes)
+    model = steps.build_model(config, dataset.train.num_classes, coarse_sizes, jax.device_count())
     steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
     num_steps = steps.total_steps(config, steps_per_epoch)
 
     mesh = make_mesh()
-    replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
         raise ValueError(
@@ -385,13 +392,14 @@ def train_and_evaluate(
     )["params"]
     optimizer = steps.make_optimizer(config, steps.unfreeze(params_shape), steps_per_epoch)
     state = init_state(config, model, dataset, optimizer, coarse_sizes)
-    state = jax.device_put(state, replicated)
+    sharding = parallel.state_sharding(state, mesh, config.shard_proxies)
+    state = jax.device_put(state, sharding)
 
     manager = checkpoint_manager(workdir, config)
     train_iter = make_train_iterator(config, dataset.train)
     if manager.latest_step() is not None:
         state, data_state = restore_checkpoint(manager, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
-        state = jax.device_put(state, replicated)
+        state = jax.device_put(state, sharding)
         train_iter.set_state(data_state)
         print(f"resumed from {workdir / 'checkpoints'} at step {int(state['step'])}", file=sys.stderr)
     elif config.eval_only:
@@ -399,7 +407,7 @@ def train_and_evaluate(
 
     embed = jax.jit(
         lambda variables, images: steps.embed_step(variables, images, model=model),
-        in_shardings=(replicated, batch_sharding),
+        in_shardings=(None, batch_sharding),  # the variables keep their own (state) sharding
         out_shardings=batch_sharding,
     )
 
@@ -432,7 +440,7 @@ def train_and_evaluate(
                 manager,
                 reporter,
                 run_evaluation,
-                replicated,
+                sharding,
                 batch_sharding,
                 steps_per_epoch,
                 num_steps,
@@ -460,7 +468,7 @@ class _Run:
     manager: ocp.CheckpointManager
     reporter: Reporter
     run_evaluation: Callable[[steps.State], tuple[dict[str, float], dict[str, np.ndarray]]]
-    replicated: NamedSharding
+    state_sharding: Any  # a NamedSharding per state leaf (hdml_jax.parallel.state_sharding)
     batch_sharding: NamedSharding
     steps_per_epoch: int
     num_steps: int
@@ -470,7 +478,7 @@ class _Run:
 def _train_loop(run: _Run, state: steps.State, train_iter) -> steps.State:
     """Steps from the state's step to ``num_steps``: log, evaluate, checkpoint, stop on request."""
     config, manager, reporter = run.config, run.manager, run.reporter
-    replicated, batch_sharding = run.replicated, run.batch_sharding
+    state_sharding, batch_sharding = run.state_sharding, run.batch_sharding
     steps_per_epoch, num_steps, coarse_sizes = run.steps_per_epoch, run.num_steps, run.coarse_sizes
     warm_steps = config.optimizer.warmup_epochs * steps_per_epoch
     compiled = {}
@@ -478,7 +486,7 @@ def _train_loop(run: _Run, state: steps.State, train_iter) -> steps.State:
     def step_fn(frozen: bool):
         if frozen not in compiled:
             compiled[frozen] = steps.compile_train_step(
-                run.model, config, run.optimizer, replicated, batch_sharding, frozen
+                run.model, config, run.optimizer, state_sharding, batch_sharding, frozen
             )
         return compiled[frozen]
 
@@ -497,7 +505,14 @@ def _train_loop(run: _Run, state: steps.State, train_iter) -> steps.State:
                 and (not hierarchy_active or (refresh_steps > 0 and (step - build_step) % refresh_steps == 0))
             ):
                 state = update_hierarchy(
-                    state, step, build_step, refresh_steps, coarse_sizes, config.seed, replicated
+                    state,
+                    step,
+                    build_step,
+                    refresh_steps,
+                    coarse_sizes,
+                    config.seed,
+                    state_sharding,
+                    run.model.num_proxies,
                 )
                 hierarchy_active = True
             local = next(train_iter)
@@ -540,16 +555,22 @@ def _train_loop(run: _Run, state: steps.State, train_iter) -> steps.State:
     return state
 
 
-def update_hierarchy(state, step, build_step, refresh_steps, coarse_sizes, seed, sharding):
-    """Build the HPL hierarchy by k-means at ``build_step``; refresh the assignments every ``refresh_steps``."""
+def update_hierarchy(state, step, build_step, refresh_steps, coarse_sizes, seed, sharding, num_classes):
+    """Build the HPL hierarchy by k-means at ``build_step``; refresh the assignments every ``refresh_steps``.
+
+    ``num_classes``: the real classes, the first rows of ``params['proxies']`` (the rest is padding).
+    """
     active = bool(jax.device_get(state["hierarchy"]["active"]))
     if not active and step >= build_step:
         key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-        built = build_hierarchy(key, state["params"]["proxies"], coarse_sizes)
+        proxies = state["params"]["proxies"]
+        # k-means over the real classes only (padding rows, if any, are not classes).
+        built = build_hierarchy(key, proxies[:num_classes], coarse_sizes)
         params = dict(state["params"])
         for level, centroids in enumerate(built.coarse_proxies, start=1):
             params[f"coarse_proxies_{level}"] = centroids
-        hierarchy = {"assignments": built.assignments, "active": jnp.ones((), jnp.float32)}
+        assignments = pad_fine_assignment(built.assignments, proxies.shape[0])
+        hierarchy = {"assignments": assignments, "active": jnp.ones((), jnp.float32)}
         return jax.device_put({**state, "params": params, "hierarchy": hierarchy}, sharding)
     if active and refresh_steps > 0 and step > build_step and (step - build_step) % refresh_steps == 0:
         assignments = refresh_assignments(proxy_levels(state["params"]))

@@ -1,7 +1,9 @@
 """Run under XLA_FLAGS=--xla_force_host_platform_device_count=8 (by tests/test_sharding.py).
 
 For one method, one training step's loss, gradients and BatchNorm statistics on a global batch
-sharded over 8 devices must equal those of the same batch on 1 device.
+sharded over 8 devices must equal those of the same batch on 1 device. With ``--shard-proxies``
+the fine proxies (padded) are also split over the 8 devices along the class axis; then the
+compiled step must not gather them: no collective may produce an array with a proxy-count axis.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,54 +19,107 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hdml_jax import steps, train
+from hdml_jax import parallel, steps, train
 from tests.test_train import tiny_config
 from tests.tiny_data import tiny_dataset
 
 
-def one_step(method: str, devices) -> tuple:
-    config = tiny_config(method)
+def one_step(method: str, devices, shard_proxies: bool, pad_proxies: bool) -> dict:
+    # pad_proxies: the 1-device baseline of a sharded run has the same padded proxies.
+    config = tiny_config(method, shard_proxies=pad_proxies)
     config.batch_size = 32
     if method == "cgd":
         config.classes_per_batch, config.samples_per_class = 8, 4
     dataset = tiny_dataset()
     coarse = train.coarse_group_sizes(config, dataset)
-    model = steps.build_model(config, dataset.train.num_classes, coarse)
-    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    params_shape = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))["params"]
+    # Padding for 8 devices in both runs, so the two compute the same function.
+    model = steps.build_model(config, dataset.train.num_classes, coarse, num_devices=8)
+    mesh = jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
+    sharded = NamedSharding(mesh, P("data"))
+    params_shape = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))[
+        "params"
+    ]
     optimizer = steps.make_optimizer(config, steps.unfreeze(params_shape), 4)
     state = train.init_state(config, model, dataset, optimizer, coarse)
-    if method == "hpl_pa":  # an active hierarchy, so the coarse level contributes
-        built = train.update_hierarchy(state, 4, 4, 0, coarse, 0, replicated)
-        state = built
-    state = jax.device_put(state, replicated)
+    state_sharding = parallel.state_sharding(state, mesh, shard_proxies)
+    state = jax.device_put(state, state_sharding)
+    if method in ("hpl_pa", "hpl_nca"):  # an active hierarchy, so the coarse level contributes
+        state = train.update_hierarchy(state, 4, 4, 0, coarse, 0, state_sharding, dataset.train.num_classes)
     iterator = train.make_train_iterator(config, dataset.train)
     local = next(iterator)
     batch = {k: jax.device_put(np.asarray(local[k]), sharded) for k in ("image", "label")}
     fn = jax.jit(
         functools.partial(steps.loss_and_grads, model=model, config=config),
-        in_shardings=(replicated, replicated, sharded),
-        out_shardings=replicated,
+        in_shardings=(state_sharding["params"], state_sharding, sharded),
+        out_shardings=((None, None, None), state_sharding["params"]),
     )
     (loss, _, batch_stats), grads = fn(state["params"], state, batch)
-    return jax.device_get((loss, grads, batch_stats))
+    result = {"values": jax.device_get((loss, grads, batch_stats))}
+    if shard_proxies:
+        num_proxies = state["params"]["proxies"].shape[0]
+        others = [leaf.shape for leaf in jax.tree.leaves(params_shape) if num_proxies in leaf.shape]
+        assert len(others) == 1, (
+            f"a non-proxy parameter has {num_proxies} rows: the check would be inconclusive"
+        )
+        hlo = fn.lower(state["params"], state, batch).compile().as_text()
+        result["gathered"] = [(op, s) for op, s in parallel.collective_shapes(hlo) if num_proxies in s]
+        result["num_collectives"] = len(parallel.collective_shapes(hlo))
+        result["proxy_shard_rows"] = {s.data.shape[0] for s in grads["proxies"].addressable_shards}
+        result["num_proxies"] = num_proxies
+    return result
 
 
-def main(method: str) -> None:
+def main(method: str, shard_proxies: bool) -> None:
     assert jax.device_count() == 8, jax.devices()
-    loss1, grads1, stats1 = one_step(method, jax.devices()[:1])
-    loss8, grads8, stats8 = one_step(method, jax.devices())
+    one = one_step(method, jax.devices()[:1], False, shard_proxies)
+    eight = one_step(method, jax.devices(), shard_proxies, shard_proxies)
+    (loss1, grads1, stats1), (loss8, grads8, stats8) = one["values"], eight["values"]
     worst = {"loss": abs(float(loss1) - float(loss8)) / max(abs(float(loss1)), 1e-6)}
 
     def relative(a, b):
-        return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(np.asarray(a)), 1e-12))
+        return float(
+            np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(np.asarray(a)), 1e-12)
+        )
 
     worst["grads"] = max(jax.tree.leaves(jax.tree.map(relative, grads1, grads8)))
     worst["batch_stats"] = max(jax.tree.leaves(jax.tree.map(relative, stats1, stats8)))
     worst["grad_norm"] = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads1))))
+    for key in ("gathered", "num_collectives", "proxy_shard_rows", "num_proxies"):
+        if key in eight:
+            value = eight[key]
+            worst[key] = sorted(value) if isinstance(value, set) else value
     print(json.dumps(worst))
 
 
+def train_sharded(workdir: str) -> None:
+    """HPL-PA with sharded proxies through the trainer: a run stopped at step 6 and resumed from its
+    (sharded) checkpoint ends like a straight one; the hierarchy is built and refreshed on the way."""
+    root = Path(workdir)
+    dataset = tiny_dataset()
+    config = functools.partial(tiny_config, "hpl_pa", shard_proxies=True, eval_every_epochs=0)
+    straight = train.train_and_evaluate(config(), root / "straight", dataset=dataset)
+    try:
+        train.train_and_evaluate(config(stop_after_steps=6), root / "resumed", dataset=dataset)
+        raise AssertionError("stop_after_steps=6 did not stop the run")
+    except train.TrainingInterruptedError as stop:
+        assert stop.step == 6, stop.step
+    resumed = train.train_and_evaluate(config(), root / "resumed", dataset=dataset)
+    embeddings = [np.load(root / run / "test_embeddings.npy") for run in ("straight", "resumed")]
+    print(
+        json.dumps(
+            {
+                "straight": straight,
+                "resumed": resumed,
+                "embedding_diff": float(np.abs(embeddings[0] - embeddings[1]).max()),
+            }
+        )
+    )
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "train":
+        train_sharded(sys.argv[2])
+    else:
+        main(sys.argv[1], "--shard-proxies" in sys.argv[2:])

@@ -170,7 +170,9 @@ def _ce_ref(x, y, p, mask):
 
 def _hpl_pa(x, y, p, mask):
     assignments = (jnp.asarray(_hpl_assignment(p[0].shape[0])),)
-    return hierarchical_proxy_loss(x, y, p, assignments, level_weights=(1.0, 0.1), mask=mask, margin=0.1, alpha=32.0)
+    return hierarchical_proxy_loss(
+        x, y, p, assignments, level_weights=(1.0, 0.1), mask=mask, margin=0.1, alpha=32.0
+    )
 
 
 def _hpl_pa_ref(x, y, p, mask):
@@ -347,8 +349,14 @@ def test_hierarchical_matches_reference(base_loss, base_ref, base_kwargs, masked
         x, labels, (fine, coarse), (assignment,), mask=mask
     )
     want = ref.hierarchical_ref(
-        x, labels, (fine, coarse), (assignment,), base_ref=base_ref, level_weights=(1.0, 0.1),
-        mask=mask, **base_kwargs,
+        x,
+        labels,
+        (fine, coarse),
+        (assignment,),
+        base_ref=base_ref,
+        level_weights=(1.0, 0.1),
+        mask=mask,
+        **base_kwargs,
     )
     np.testing.assert_allclose(float(got), want, rtol=1e-4, atol=1e-5)
 
@@ -619,7 +627,9 @@ def test_zero_norm_and_duplicate_rows_are_finite(case: LossCase):
 def test_huge_scales_stay_finite(loss, kwargs):
     """The docstrings promise stability for any α / σ (every exponent goes through a shifted logsumexp)."""
     x, labels, proxies = CASES_BY_NAME["proxy_anchor"].make(np.random.default_rng(78), BATCH, DIM, CLASSES)
-    value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, **kwargs), argnums=(0, 2)))(x, labels, proxies)
+    value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, **kwargs), argnums=(0, 2)))(
+        x, labels, proxies
+    )
     _assert_tree_finite((value, grads))
     assert float(value) > 100.0  # exp(α·…) would have overflowed float32 long before this
 
@@ -651,7 +661,10 @@ def test_bf16_inputs_give_float32_close_to_float32(case: LossCase):
     assert np.all(np.isfinite(np.asarray(grad16, np.float32)))
     # The math is float32: the same as float32 on the bf16-rounded inputs ...
     upcast = _value(
-        case, np.asarray(x16, np.float32), labels, jax.tree_util.tree_map(lambda p: np.asarray(p, np.float32), params16)
+        case,
+        np.asarray(x16, np.float32),
+        labels,
+        jax.tree_util.tree_map(lambda p: np.asarray(p, np.float32), params16),
     )
     np.testing.assert_allclose(float(value16), upcast, rtol=1e-5, atol=1e-6)
     # ... and close to the float32 value of the unrounded inputs.
@@ -691,7 +704,14 @@ def test_hierarchical_with_zero_coarse_weight_is_exactly_the_base_loss(base_loss
 
     def hpl(c):
         return hierarchical_proxy_loss(
-            x, labels, (fine, c), assignments, base_loss=base_loss, level_weights=weights, mask=mask, **base_kwargs
+            x,
+            labels,
+            (fine, c),
+            assignments,
+            base_loss=base_loss,
+            level_weights=weights,
+            mask=mask,
+            **base_kwargs,
         )
 
     # Eager on both sides: the same sequence of operations, hence bit-identical.
@@ -775,14 +795,19 @@ def test_build_hierarchy_shapes_ranges_and_determinism():
     unit = fine / np.linalg.norm(fine, axis=1, keepdims=True)
     a0 = np.asarray(hierarchy.assignments[0])
     for k in range(3):
-        np.testing.assert_allclose(np.asarray(hierarchy.coarse_proxies[0][k]), unit[a0 == k].mean(0), atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(hierarchy.coarse_proxies[0][k]), unit[a0 == k].mean(0), atol=1e-5
+        )
     again = build_hierarchy(key, fine, (3, 2))
     for a, b in zip(_tree_np(hierarchy), _tree_np(again), strict=True):
         np.testing.assert_array_equal(a, b)
     # And it plugs straight into the loss.
     value = jax.jit(hierarchical_proxy_loss, static_argnames="level_weights")(
-        rng.normal(size=(4, 6)).astype(np.float32), np.array([0, 3, 7, 11], np.int32),
-        (fine, *hierarchy.coarse_proxies), hierarchy.assignments, level_weights=(1.0, 0.1, 0.1),
+        rng.normal(size=(4, 6)).astype(np.float32),
+        np.array([0, 3, 7, 11], np.int32),
+        (fine, *hierarchy.coarse_proxies),
+        hierarchy.assignments,
+        level_weights=(1.0, 0.1, 0.1),
     )
     assert np.isfinite(float(value))
 
@@ -844,27 +869,53 @@ ERROR_CASES: dict[str, tuple[Callable[[], Any], str]] = {
         lambda: proxy_anchor_loss(_X, _Y, np.ones((3, 5), np.float32)),
         r"proxies have dimension 5 but embeddings have dimension 4",
     ),
-    "nca_dim_mismatch": (lambda: proxy_nca_loss(_X, _Y, _P[:, :3]), r"dimension 3 but embeddings have dimension 4"),
+    "nca_dim_mismatch": (
+        lambda: proxy_nca_loss(_X, _Y, _P[:, :3]),
+        r"dimension 3 but embeddings have dimension 4",
+    ),
     "hpl_coarse_dim_mismatch": (
         lambda: hierarchical_proxy_loss(_X, _Y, (_P, _P1[:, :2]), (_A0,)),
         r"level_proxies\[1\] have dimension 2",
     ),
-    "pa_embeddings_rank": (lambda: proxy_anchor_loss(_X[0], _Y[:1], _P), r"embeddings must have shape \(batch, dim\)"),
-    "triplet_embeddings_rank": (
-        lambda: batch_hard_triplet_loss(_X[None], _Y), r"embeddings must have shape \(batch, dim\)"
+    "pa_embeddings_rank": (
+        lambda: proxy_anchor_loss(_X[0], _Y[:1], _P),
+        r"embeddings must have shape \(batch, dim\)",
     ),
-    "nca_proxies_rank": (lambda: proxy_nca_loss(_X, _Y, _P[0]), r"proxies must have shape \(num_classes, dim\)"),
+    "triplet_embeddings_rank": (
+        lambda: batch_hard_triplet_loss(_X[None], _Y),
+        r"embeddings must have shape \(batch, dim\)",
+    ),
+    "nca_proxies_rank": (
+        lambda: proxy_nca_loss(_X, _Y, _P[0]),
+        r"proxies must have shape \(num_classes, dim\)",
+    ),
     "pa_labels_rank": (lambda: proxy_anchor_loss(_X, _Y[:, None], _P), r"labels must have shape \(batch,\)"),
-    "ce_logits_rank": (lambda: softmax_cross_entropy(_X[:, 0], _Y), r"logits must have shape \(batch, num_classes\)"),
-    "triplet_label_count": (lambda: batch_hard_triplet_loss(_X, _Y[:5]), r"labels has 5 entries but there are 6"),
+    "ce_logits_rank": (
+        lambda: softmax_cross_entropy(_X[:, 0], _Y),
+        r"logits must have shape \(batch, num_classes\)",
+    ),
+    "triplet_label_count": (
+        lambda: batch_hard_triplet_loss(_X, _Y[:5]),
+        r"labels has 5 entries but there are 6",
+    ),
     "pa_float_labels": (lambda: proxy_anchor_loss(_X, _Y.astype(np.float32), _P), r"labels must be integers"),
     "triplet_int_embeddings": (lambda: batch_hard_triplet_loss(_Y[:, None], _Y), r"floating-point"),
-    "pa_mask_shape": (lambda: proxy_anchor_loss(_X, _Y, _P, mask=np.ones(5, bool)), r"mask must have shape \(6,\)"),
-    "nca_mask_shape": (lambda: proxy_nca_loss(_X, _Y, _P, mask=np.ones((6, 1), bool)), r"mask must have shape \(6,\)"),
-    "triplet_mask_shape": (
-        lambda: batch_hard_triplet_loss(_X, _Y, mask=np.ones(7, bool)), r"mask must have shape \(6,\)"
+    "pa_mask_shape": (
+        lambda: proxy_anchor_loss(_X, _Y, _P, mask=np.ones(5, bool)),
+        r"mask must have shape \(6,\)",
     ),
-    "ce_mask_shape": (lambda: softmax_cross_entropy(_X, _Y, mask=np.ones(3, bool)), r"mask must have shape \(6,\)"),
+    "nca_mask_shape": (
+        lambda: proxy_nca_loss(_X, _Y, _P, mask=np.ones((6, 1), bool)),
+        r"mask must have shape \(6,\)",
+    ),
+    "triplet_mask_shape": (
+        lambda: batch_hard_triplet_loss(_X, _Y, mask=np.ones(7, bool)),
+        r"mask must have shape \(6,\)",
+    ),
+    "ce_mask_shape": (
+        lambda: softmax_cross_entropy(_X, _Y, mask=np.ones(3, bool)),
+        r"mask must have shape \(6,\)",
+    ),
     "hpl_mask_shape": (
         lambda: hierarchical_proxy_loss(_X, _Y, (_P, _P1), (_A0,), mask=np.ones(2, bool)),
         r"mask must have shape \(6,\)",
@@ -877,7 +928,10 @@ ERROR_CASES: dict[str, tuple[Callable[[], Any], str]] = {
         lambda: hierarchical_proxy_loss(_X, _Y, (_P, _P1), (_A0, _A0)),
         r"2 proxy levels need 1 level_assignments",
     ),
-    "hpl_no_levels": (lambda: hierarchical_proxy_loss(_X, _Y, (), (), level_weights=()), r"at least the fine"),
+    "hpl_no_levels": (
+        lambda: hierarchical_proxy_loss(_X, _Y, (), (), level_weights=()),
+        r"at least the fine",
+    ),
     "hpl_assignment_shape": (
         lambda: hierarchical_proxy_loss(_X, _Y, (_P, _P1), (np.array([0, 1], np.int32),)),
         r"level_assignments\[0\] must have shape \(3,\)",
@@ -902,13 +956,22 @@ ERROR_CASES: dict[str, tuple[Callable[[], Any], str]] = {
         lambda: build_hierarchy(jax.random.PRNGKey(0), _FINE, (3, 4)),
         r"num_groups\[1\] = 4 but level 1 has only 3 proxies",
     ),
-    "build_zero_groups": (lambda: build_hierarchy(jax.random.PRNGKey(0), _FINE, (0,)), r"num_groups\[0\] = 0"),
+    "build_zero_groups": (
+        lambda: build_hierarchy(jax.random.PRNGKey(0), _FINE, (0,)),
+        r"num_groups\[0\] = 0",
+    ),
     "nca_classic_one_proxy": (
         lambda: proxy_nca_loss(_X, np.zeros(6, np.int32), _P[:1], include_target_in_denominator=False),
         r"at least 2 proxies",
     ),
-    "ce_temperature": (lambda: softmax_cross_entropy(_X, _Y, temperature=0.0), r"temperature must be positive"),
-    "ce_smoothing": (lambda: softmax_cross_entropy(_X, _Y, label_smoothing=1.5), r"label_smoothing must lie in"),
+    "ce_temperature": (
+        lambda: softmax_cross_entropy(_X, _Y, temperature=0.0),
+        r"temperature must be positive",
+    ),
+    "ce_smoothing": (
+        lambda: softmax_cross_entropy(_X, _Y, label_smoothing=1.5),
+        r"label_smoothing must lie in",
+    ),
     "from_labels_float": (lambda: hierarchy_from_labels(np.array([0.5, 1.0])), r"1-D integer array"),
     "from_labels_length": (
         lambda: hierarchy_from_labels(np.array([0, 1, 1]), np.array([0, 0, 1])),
@@ -991,9 +1054,67 @@ def test_masked_rows_may_carry_any_label():
     labels = np.array([0, 1, 2, -1, 7])
     mask = np.array([True, True, True, False, False])
     for loss in (proxy_anchor_loss, proxy_nca_loss):
-        assert float(loss(x, labels, proxies, mask=mask)) == pytest.approx(float(loss(x[:3], labels[:3], proxies)))
+        assert float(loss(x, labels, proxies, mask=mask)) == pytest.approx(
+            float(loss(x[:3], labels[:3], proxies))
+        )
     assert float(softmax_cross_entropy(x[:, :3], labels, mask=mask)) == pytest.approx(
         float(softmax_cross_entropy(x[:3, :3], labels[:3]))
     )
     with pytest.raises(ValueError, match=r"\[-1, 7\]"):
         proxy_anchor_loss(x, labels, proxies)
+
+
+# --------------------------------------------------------------------------------------------
+# Padded proxies (proxy_mask): what sharding along the class axis relies on
+
+
+PADDED_LOSSES = {
+    "proxy_anchor": functools.partial(proxy_anchor_loss, margin=0.1, alpha=32.0),
+    "proxy_nca": functools.partial(proxy_nca_loss, scale=9.0),
+    "proxy_nca_classic": functools.partial(proxy_nca_loss, scale=9.0, include_target_in_denominator=False),
+}
+
+
+@pytest.mark.parametrize("name", list(PADDED_LOSSES), ids=list(PADDED_LOSSES))
+def test_masked_padding_proxies_change_nothing(name: str):
+    loss = PADDED_LOSSES[name]
+    rng = np.random.default_rng(21)
+    num_classes, num_padding = 11, 5
+    x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, num_classes, 16))
+    proxies = jnp.asarray(rng.normal(size=(num_classes, 6)), jnp.float32)
+    # Padding proxies right on top of the embeddings: they would change the loss a lot if counted.
+    padded = jnp.concatenate([proxies, x[:num_padding] * 3.0])
+    proxy_mask = jnp.arange(num_classes + num_padding) < num_classes
+    value, (gx, gp) = jax.value_and_grad(loss, argnums=(0, 2))(x, y, proxies)
+    value_p, (gx_p, gp_p) = jax.value_and_grad(
+        lambda a, b, c: loss(a, b, c, proxy_mask=proxy_mask), argnums=(0, 2)
+    )(x, y, padded)
+    np.testing.assert_allclose(value_p, value, rtol=1e-6)
+    np.testing.assert_allclose(gx_p, gx, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gp_p[:num_classes], gp, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(gp_p[num_classes:], 0.0)
+    assert abs(float(loss(x, y, padded)) - float(value)) > 1e-3  # unmasked, the padding does count
+
+
+def test_hierarchical_passes_level_proxy_masks_to_its_levels():
+    rng = np.random.default_rng(22)
+    x = jnp.asarray(rng.normal(size=(12, 5)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 8, 12))
+    fine = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
+    coarse = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+    assignment = jnp.asarray([0, 0, 1, 1, 2, 2, 0, 1])
+    expected = hierarchical_proxy_loss(x, y, (fine, coarse), (assignment,))
+    padded = jnp.concatenate([fine, jnp.ones((4, 5))])
+    got = hierarchical_proxy_loss(
+        x,
+        y,
+        (padded, coarse),
+        (jnp.concatenate([assignment, jnp.zeros(4, int)]),),
+        level_proxy_masks=(jnp.arange(12) < 8, None),
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="one mask"):
+        hierarchical_proxy_loss(x, y, (fine, coarse), (assignment,), level_proxy_masks=(None,))
+    with pytest.raises(ValueError, match="proxy_mask must have shape"):
+        proxy_anchor_loss(x, y, fine, proxy_mask=jnp.ones(7, bool))

@@ -16,17 +16,46 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("method", ["proxy_anchor", "hpl_pa", "cgd"])
-def test_eight_devices_match_one(method):
+def run_check(*args: str) -> dict:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, "-m", "tests.multidevice_check", method],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "tests.multidevice_check", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    worst = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def assert_same_step(worst: dict) -> None:
     assert worst["grad_norm"] > 0  # a real gradient was compared
     # fp32 reductions in a different order: agreement to float32 rounding.
     assert worst["loss"] < 1e-5, worst
     assert worst["grads"] < 1e-4, worst
     assert worst["batch_stats"] < 1e-5, worst
+
+
+@pytest.mark.parametrize("method", ["proxy_anchor", "hpl_pa", "cgd"])
+def test_eight_devices_match_one(method):
+    assert_same_step(run_check(method))
+
+
+@pytest.mark.parametrize("method", ["proxy_anchor", "hpl_pa", "hpl_nca"])
+def test_proxies_sharded_over_classes_match_one_device_and_are_never_gathered(method):
+    worst = run_check(method, "--shard-proxies")
+    assert_same_step(worst)
+    # Each device holds (and updates) an eighth of the proxies ...
+    assert worst["proxy_shard_rows"] == [worst["num_proxies"] // 8], worst
+    # ... and no collective rebuilds an array with the full class axis (proxies or similarities).
+    assert worst["num_collectives"] > 0, worst  # the check saw the step's collectives
+    assert worst["gathered"] == [], worst
+
+
+def test_trainer_with_sharded_proxies_resumes_exactly(tmp_path):
+    result = run_check("train", str(tmp_path))
+    assert result["resumed"] == pytest.approx(result["straight"]), result
+    assert result["embedding_diff"] < 1e-5, result
+    assert 0 < result["straight"]["recall@1"] <= 1

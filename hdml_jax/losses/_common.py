@@ -79,6 +79,21 @@ def check_proxies(proxies, embedding_dim: int, name: str = "proxies") -> None:
         raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(proxies)}.")
 
 
+def resolve_proxy_mask(proxy_mask, num_proxies: int) -> jax.Array:
+    """A boolean ``(num_proxies,)`` mask of the proxies that exist; all True when None.
+
+    False marks padding (e.g. proxies padded to a multiple of the device count so that they can
+    be sharded along the class axis): such a proxy takes part in no term and gets zero gradient.
+    """
+    if proxy_mask is None:
+        return jnp.ones((num_proxies,), dtype=bool)
+    if jnp.shape(proxy_mask) != (num_proxies,):
+        raise ValueError(
+            f"proxy_mask must have shape ({num_proxies},) (one flag per proxy), got {jnp.shape(proxy_mask)}."
+        )
+    return jnp.asarray(proxy_mask).astype(bool)
+
+
 def resolve_mask(mask, batch_size: int) -> jax.Array:
     """A boolean ``(batch,)`` mask; all True when ``mask`` is None."""
     if mask is None:

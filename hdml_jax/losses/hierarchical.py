@@ -95,6 +95,7 @@ def hierarchical_proxy_loss(
     base_loss: Callable[..., jax.Array] = proxy_anchor_loss,
     level_weights: Sequence[float] = (1.0, 0.1),
     mask: jax.Array | None = None,
+    level_proxy_masks: Sequence[jax.Array | None] | None = None,
     **base_kwargs,
 ) -> jax.Array:
     r"""HPL: a weighted sum of a proxy loss over every level of a proxy hierarchy::
@@ -114,6 +115,8 @@ def hierarchical_proxy_loss(
       base_loss: the proxy loss applied at every level.
       level_weights: ``(w_0, w_1, ...)``, one per level.
       mask: optional ``(B,)`` bool, passed to every level.
+      level_proxy_masks: optional, one ``(K_l,)`` bool or None per level, passed to the base
+        loss as ``proxy_mask`` (padding proxies, e.g. for sharding along the class axis).
       **base_kwargs: passed to ``base_loss`` (``margin``, ``alpha``, ``scale`` ...).
 
     Returns:
@@ -123,13 +126,23 @@ def hierarchical_proxy_loss(
     _check_hierarchy(level_proxies, level_assignments, level_weights, embeddings.shape[1])
     _common.check_labels(labels, embeddings.shape[0], level_proxies[0].shape[0], mask=mask)
 
+    if level_proxy_masks is None:
+        level_proxy_masks = (None,) * len(level_proxies)
+    if len(level_proxy_masks) != len(level_proxies):
+        raise ValueError(
+            f"level_proxy_masks has {len(level_proxy_masks)} entries for {len(level_proxies)} proxy "
+            "levels; give one mask (or None) per level."
+        )
     total = jnp.zeros((), jnp.float32)
-    for weight, proxies, labels_at_level in zip(
-        level_weights, level_proxies, level_labels(labels, level_assignments), strict=True
+    for weight, proxies, labels_at_level, proxy_mask in zip(
+        level_weights, level_proxies, level_labels(labels, level_assignments), level_proxy_masks, strict=True
     ):
         if isinstance(weight, (int, float)) and weight == 0:
             continue
-        total = total + weight * base_loss(embeddings, labels_at_level, proxies, mask=mask, **base_kwargs)
+        # Only masks that are given are passed on: base losses without padding support still work.
+        extra = {} if proxy_mask is None else {"proxy_mask": proxy_mask}
+        loss = base_loss(embeddings, labels_at_level, proxies, mask=mask, **extra, **base_kwargs)
+        total = total + weight * loss
     return total
 
 

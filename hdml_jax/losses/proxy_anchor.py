@@ -16,6 +16,7 @@ def proxy_anchor_loss(
     margin: float = 0.1,
     alpha: float = 32.0,
     mask: jax.Array | None = None,
+    proxy_mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Proxy-Anchor loss.
 
@@ -37,6 +38,8 @@ def proxy_anchor_loss(
       margin: ``δ``.
       alpha: ``α``, the scale (inverse temperature).
       mask: optional ``(B,)`` bool; a False row takes part in no term and gets zero gradient.
+      proxy_mask: optional ``(C,)`` bool; a False proxy (padding) is left out of ``P`` and ``P⁺``
+        and gets zero gradient, so padded proxies give exactly the loss of the unpadded ones.
 
     Returns:
       A float32 scalar. 0 when every row is masked.
@@ -51,14 +54,16 @@ def proxy_anchor_loss(
     num_classes = proxies.shape[0]
     _common.check_labels(labels, embeddings.shape[0], num_classes, mask=mask)
     mask = _common.resolve_mask(mask, embeddings.shape[0])
+    proxy_mask = _common.resolve_proxy_mask(proxy_mask, num_classes)
 
     x = _common.l2_normalize(_common.zero_masked_rows(embeddings.astype(jnp.float32), mask))
     p = _common.l2_normalize(proxies.astype(jnp.float32))
     cos = x @ p.T  # (B, C): the one big matmul.
 
     is_positive = labels[:, None] == jnp.arange(num_classes)[None, :]
-    positive = is_positive & mask[:, None]
-    negative = ~is_positive & mask[:, None]
+    row_and_proxy = mask[:, None] & proxy_mask[None, :]
+    positive = is_positive & row_and_proxy
+    negative = ~is_positive & row_and_proxy
 
     pos_term = _common.masked_logsumexp_plus_one(-alpha * (cos - margin), positive, axis=0)  # (C,)
     neg_term = _common.masked_logsumexp_plus_one(alpha * (cos + margin), negative, axis=0)  # (C,)
@@ -66,5 +71,5 @@ def proxy_anchor_loss(
     has_positive = jnp.any(positive, axis=0)
     num_with_positive = jnp.sum(has_positive.astype(jnp.float32))
     pos_loss = jnp.sum(pos_term) / jnp.maximum(num_with_positive, 1.0)
-    neg_loss = jnp.sum(neg_term) / num_classes
+    neg_loss = jnp.sum(neg_term) / jnp.maximum(jnp.sum(proxy_mask.astype(jnp.float32)), 1.0)
     return pos_loss + neg_loss

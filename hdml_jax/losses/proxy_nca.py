@@ -16,6 +16,7 @@ def proxy_nca_loss(
     scale: float = 1.0,
     include_target_in_denominator: bool = True,
     mask: jax.Array | None = None,
+    proxy_mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Proxy-NCA loss over squared distances of L2-normalised vectors.
 
@@ -39,6 +40,8 @@ def proxy_nca_loss(
       scale: ``σ``, the softmax scale (inverse temperature).
       include_target_in_denominator: softmax form (True) or classic form (False).
       mask: optional ``(B,)`` bool; False rows count in no mean and get zero gradient.
+      proxy_mask: optional ``(C,)`` bool; a False proxy (padding) is left out of every
+        denominator and gets zero gradient. Labels must name unmasked proxies.
 
     Returns:
       A float32 scalar, the mean over unmasked rows (0 when all are masked).
@@ -52,6 +55,7 @@ def proxy_nca_loss(
     num_classes = proxies.shape[0]
     _common.check_labels(labels, embeddings.shape[0], num_classes, mask=mask)
     mask = _common.resolve_mask(mask, embeddings.shape[0])
+    proxy_mask = _common.resolve_proxy_mask(proxy_mask, num_classes)
     if not include_target_in_denominator and num_classes < 2:
         raise ValueError("the classic Proxy-NCA form needs at least 2 proxies (its denominator is empty).")
 
@@ -61,6 +65,7 @@ def proxy_nca_loss(
     # so it cancels exactly in both forms (target logit minus normaliser): dropping it saves a
     # full (B, C) pass. ‖p̂‖² is kept (it is 1 except for a zero proxy), so the loss stays exact.
     logits = scale * (2.0 * (x @ p.T) - jnp.sum(p * p, axis=1)[None, :])  # (B, C)
+    logits = jnp.where(proxy_mask[None, :], logits, -jnp.inf)
 
     is_target = labels[:, None] == jnp.arange(num_classes)[None, :]
     target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=1)

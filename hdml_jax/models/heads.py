@@ -155,6 +155,9 @@ class EmbeddingModel(nn.Module):
       backbone: a ``ResNet`` (or any module mapping images to an NHWC feature map).
       head: an ``EmbeddingHead`` or ``CGDHead``.
       num_proxies: number of fine proxies (classes); 0 for proxy-free losses (CGD).
+      proxy_padding: extra fine proxy rows (``params['proxies']`` has ``num_proxies +
+        proxy_padding`` rows) so that the proxies split evenly over devices; the losses mask
+        them out (``hdml_jax.parallel``).
       coarse_groups: sizes of the coarse proxy levels (HPL), e.g. ``(16,)``.
       proxy_init: key of ``PROXY_INITS``.
     """
@@ -162,6 +165,7 @@ class EmbeddingModel(nn.Module):
     backbone: nn.Module
     head: nn.Module
     num_proxies: int = 0
+    proxy_padding: int = 0
     coarse_groups: Sequence[int] = ()
     proxy_init: str = "kaiming_fan_out"
 
@@ -174,7 +178,7 @@ class EmbeddingModel(nn.Module):
         dim = outputs["embedding"].shape[-1]
         if self.num_proxies:
             init = PROXY_INITS[self.proxy_init]
-            self.param("proxies", init, (self.num_proxies, dim))
+            self.param("proxies", init, (self.num_proxies + self.proxy_padding, dim))
             for level, groups in enumerate(self.coarse_groups, start=1):
                 self.param(f"coarse_proxies_{level}", init, (groups, dim))
         return outputs
