@@ -1118,3 +1118,84 @@ def test_hierarchical_passes_level_proxy_masks_to_its_levels():
         hierarchical_proxy_loss(x, y, (fine, coarse), (assignment,), level_proxy_masks=(None,))
     with pytest.raises(ValueError, match="proxy_mask must have shape"):
         proxy_anchor_loss(x, y, fine, proxy_mask=jnp.ones(7, bool))
+
+
+# --------------------------------------------------------------------------------------------
+# Proxy-Anchor's two computation paths: direct sums with a hand-written gradient (concrete,
+# moderate α and δ) and max-shifted logsumexps differentiated automatically (anything else)
+
+
+def _proxy_anchor_edge_inputs(rng: np.random.Generator):
+    """Masks, padding proxies, a zero-norm proxy, an out-of-range label, repeated classes."""
+    batch, dim, num_classes = 24, 8, 10
+    x = rng.normal(size=(batch, dim)).astype(np.float32)
+    labels = rng.integers(0, 6, size=batch).astype(np.int32)  # classes 6..9 have no positive
+    labels[3] = -1  # only a negative (under jit)
+    labels[4] = num_classes + 2
+    proxies = rng.normal(size=(num_classes, dim)).astype(np.float32)
+    proxies[7] *= 1e-14  # nonzero, but its norm is below the normalisation epsilon
+    proxies[2] *= 1e-3  # small but normalised
+    mask = np.ones(batch, bool)
+    mask[[5, 9, 17]] = False
+    mask[labels == 1] = False  # class 1: every row masked, so it leaves P⁺
+    proxy_mask = np.ones(num_classes, bool)
+    proxy_mask[[0, 8]] = False  # class 0 has rows, but its proxy is padding
+    return x, labels, proxies, mask, proxy_mask
+
+
+def test_proxy_anchor_direct_and_shifted_paths_agree():
+    x, labels, proxies, mask, proxy_mask = _proxy_anchor_edge_inputs(np.random.default_rng(31))
+
+    def value_and_grads(alpha_as_argument: bool):
+        def loss(x, p, y, alpha):
+            # A traced α cannot be bounded, so it takes the shifted path; a Python float the direct one.
+            alpha = alpha if alpha_as_argument else 32.0
+            return proxy_anchor_loss(x, y, p, margin=0.1, alpha=alpha, mask=mask, proxy_mask=proxy_mask)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, proxies, labels, jnp.float32(32.0))
+
+    value_direct, (gx_direct, gp_direct) = jax.tree_util.tree_map(np.asarray, value_and_grads(False))
+    value_shifted, (gx_shifted, gp_shifted) = jax.tree_util.tree_map(np.asarray, value_and_grads(True))
+    np.testing.assert_allclose(value_direct, value_shifted, rtol=1e-6)
+    scale_x, scale_p = np.abs(gx_shifted).max(), np.abs(gp_shifted).max()
+    np.testing.assert_allclose(gx_direct, gx_shifted, rtol=1e-4, atol=1e-6 * scale_x)
+    np.testing.assert_allclose(gp_direct, gp_shifted, rtol=1e-4, atol=1e-6 * scale_p)
+    np.testing.assert_array_equal(gp_direct[[0, 8]], 0.0)  # padding proxies
+    np.testing.assert_array_equal(gx_direct[[5, 9, 17]], 0.0)  # masked rows
+    assert np.abs(gp_direct[7]).max() > 0  # a sub-ε proxy still gets a gradient (p̂ = p/ε)
+
+
+def test_proxy_anchor_direct_path_matches_reference_with_masks():
+    x, labels, proxies, mask, proxy_mask = _proxy_anchor_edge_inputs(np.random.default_rng(32))
+    got = jax.jit(lambda *a: proxy_anchor_loss(*a, mask=mask, proxy_mask=proxy_mask))(x, labels, proxies)
+    # The reference knows no proxy mask: give it only the real proxies. A row whose class is a
+    # padding proxy (or out of range) is then a negative for every real proxy: label -1.
+    num_classes = len(proxies)
+    in_range = (labels >= 0) & (labels < num_classes)
+    real_class = in_range & proxy_mask[np.clip(labels, 0, num_classes - 1)]
+    reference_labels = np.where(
+        real_class, (np.cumsum(proxy_mask) - 1)[np.clip(labels, 0, num_classes - 1)], -1
+    )
+    assert (mask & ~real_class).sum() >= 3  # the edge cases are really there
+    want = ref.proxy_anchor_ref(x, reference_labels, proxies[proxy_mask], margin=0.1, alpha=32.0, mask=mask)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_proxy_anchor_direct_path_second_order_and_forward_mode():
+    rng = np.random.default_rng(33)
+    x = rng.normal(size=(6, 3))
+    labels = jnp.asarray([0, 0, 1, 2, 2, 2])
+    proxies = rng.normal(size=(4, 3))
+    with jax.enable_x64(True):
+        loss = jax.jit(lambda a, p: proxy_anchor_loss(a, labels, p, alpha=8.0))
+        check_grads(loss, (x, proxies), order=2, modes=["fwd", "rev"], eps=1e-3, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "margin", "batch", "direct"),
+    [(32.0, 0.1, 256, True), (64.0, 0.1, 4096, True), (70.0, 0.1, 256, False), (1e4, 0.1, 8, False)],
+)
+def test_proxy_anchor_takes_the_direct_path_only_far_from_overflow(alpha, margin, batch, direct):
+    from hdml_jax.losses.proxy_anchor import _direct_sums_are_safe
+
+    assert _direct_sums_are_safe(alpha, margin, batch) is direct

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from hdml_jax.losses import _common
+
+# ``exp`` of float32 overflows above ~88.7. The direct (unshifted) sums below hold at most
+# ``B · exp(α(1 + |δ|))``, so they are used only while this bound stays clear of the limit.
+_DIRECT_EXP_LIMIT = 80.0
 
 
 def proxy_anchor_loss(
@@ -26,9 +34,19 @@ def proxy_anchor_loss(
           + 1/|P|  Σ_{p∈P}  log(1 + Σ_{x∈X_p⁻} exp( α (s(x,p) + δ)))
 
     ``P⁺`` is the set of proxies with at least one positive in the batch, ``P`` all ``C`` proxies,
-    ``X_p⁺``/``X_p⁻`` the batch rows whose label is/is not ``p``'s class. Both inner sums are
-    computed as a masked logsumexp with an appended zero, so they are stable for any ``α``.
-    Matches pytorch-metric-learning's ``ProxyAnchorLoss`` (the authors' code).
+    ``X_p⁺``/``X_p⁻`` the batch rows whose label is/is not ``p``'s class. Matches
+    pytorch-metric-learning's ``ProxyAnchorLoss`` (the authors' code).
+
+    How it is computed. Cosines lie in ``[-1, 1]``, so every exponent is at most ``α(1 + |δ|)``;
+    while ``α(1 + |δ|) + log B`` stays well below float32's ``exp`` limit (``α = 32, δ = 0.1``:
+    41 against 88) the inner sums are plain sums of ``exp`` with ``log1p`` on top, which is exact
+    (a term that underflows is below ``1e-38`` next to the ``1`` of ``log(1 + ·)``). The
+    gradient is then written out by hand (a ``jax.custom_jvp``) so that the forward and backward
+    passes cost the three ``(B, C, d)`` matrix products and a few passes over the ``(B, C)``
+    similarities, not the many that automatic differentiation of masked logsumexps makes; the
+    proxies are never normalised into a copy (their norms scale the similarity columns).
+    Otherwise (a larger or traced ``α`` or ``δ``) both terms are max-shifted masked logsumexps
+    with an appended zero, stable for any value.
 
     Args:
       embeddings: ``(B, d)`` float, any scale (normalised inside). bf16 is accepted; the math is
@@ -57,9 +75,26 @@ def proxy_anchor_loss(
     proxy_mask = _common.resolve_proxy_mask(proxy_mask, num_classes)
 
     x = _common.l2_normalize(_common.zero_masked_rows(embeddings.astype(jnp.float32), mask))
-    p = _common.l2_normalize(proxies.astype(jnp.float32))
-    cos = x @ p.T  # (B, C): the one big matmul.
+    proxies = proxies.astype(jnp.float32)
+    labels = jnp.asarray(labels)
+    if _direct_sums_are_safe(alpha, margin, embeddings.shape[0]):
+        return _proxy_anchor_direct(x, proxies, labels, mask, proxy_mask, float(alpha), float(margin))
+    return _proxy_anchor_shifted(x, proxies, labels, mask, proxy_mask, alpha, margin)
 
+
+def _direct_sums_are_safe(alpha, margin, batch_size: int) -> bool:
+    """Whether ``B · exp(α(1 + |δ|))`` is far from float32 overflow (needs concrete α and δ)."""
+    try:
+        alpha, margin = float(alpha), float(margin)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return False  # traced hyperparameters: take the path that is stable for any value
+    return abs(alpha) * (1.0 + abs(margin)) + math.log(max(batch_size, 1)) < _DIRECT_EXP_LIMIT
+
+
+def _proxy_anchor_shifted(x, proxies, labels, mask, proxy_mask, alpha, margin) -> jax.Array:
+    """The general path: max-shifted masked logsumexps, differentiated automatically."""
+    num_classes = proxies.shape[0]
+    cos = x @ _common.l2_normalize(proxies).T  # (B, C)
     is_positive = labels[:, None] == jnp.arange(num_classes)[None, :]
     row_and_proxy = mask[:, None] & proxy_mask[None, :]
     positive = is_positive & row_and_proxy
@@ -73,3 +108,104 @@ def proxy_anchor_loss(
     pos_loss = jnp.sum(pos_term) / jnp.maximum(num_with_positive, 1.0)
     neg_loss = jnp.sum(neg_term) / jnp.maximum(jnp.sum(proxy_mask.astype(jnp.float32)), 1.0)
     return pos_loss + neg_loss
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+def _proxy_anchor_direct(x, proxies, labels, mask, proxy_mask, alpha, margin) -> jax.Array:
+    """Proxy-Anchor of unit rows ``x`` (B, d) and raw ``proxies`` (C, d), direct sums."""
+    return _ProxyAnchorTerms.compute(x, proxies, labels, mask, proxy_mask, alpha, margin).value
+
+
+@_proxy_anchor_direct.defjvp
+def _proxy_anchor_direct_jvp(alpha, margin, primals, tangents):
+    x, proxies, labels, mask, proxy_mask = primals
+    dx, dproxies = tangents[0], tangents[1]
+    terms = _ProxyAnchorTerms.compute(x, proxies, labels, mask, proxy_mask, alpha, margin)
+    grad_x, grad_proxies = terms.gradients()
+    return terms.value, jnp.vdot(grad_x, dx) + jnp.vdot(grad_proxies, dproxies)
+
+
+class _ProxyAnchorTerms(NamedTuple):
+    """The pieces of the direct path that the value and the gradients share.
+
+    Shapes: ``B`` rows, ``C`` proxies. ``cos`` is ``x̂·p̂`` (B, C); ``neg_exp`` is
+    ``exp(α(cos + δ))`` on the negative pairs and 0 elsewhere; ``neg_sum`` its column sums (C,);
+    ``pos_exp`` is ``exp(-α(cos_{i,y_i} - δ))`` for each valid row (B,) and ``pos_sum`` (B,) the sum of
+    ``pos_exp`` over the rows of the same class.
+    """
+
+    value: jax.Array
+    x: jax.Array
+    proxies: jax.Array
+    labels: jax.Array
+    proxy_sq_norm: jax.Array
+    proxy_inv_norm: jax.Array
+    cos: jax.Array
+    neg_exp: jax.Array
+    neg_sum: jax.Array
+    pos_exp: jax.Array
+    pos_sum: jax.Array
+    num_proxies: jax.Array
+    num_with_positive: jax.Array
+    alpha: float
+
+    @classmethod
+    def compute(cls, x, proxies, labels, mask, proxy_mask, alpha: float, margin: float) -> _ProxyAnchorTerms:
+        batch_size, num_classes = x.shape[0], proxies.shape[0]
+        proxy_sq_norm = jnp.einsum("cd,cd->c", proxies, proxies)
+        proxy_inv_norm = jax.lax.rsqrt(jnp.maximum(proxy_sq_norm, _common.NORM_EPS**2))
+        # Scaling the columns of x·pᵀ normalises the proxies without writing a (C, d) copy.
+        cos = (x @ proxies.T) * proxy_inv_norm[None, :]
+
+        is_positive = labels[:, None] == jnp.arange(num_classes)[None, :]
+        negative = mask[:, None] & proxy_mask[None, :] & ~is_positive
+        neg_exp = jnp.where(negative, jnp.exp(alpha * (cos + margin)), 0.0)
+        # Column sums as a matrix-vector product: on CPU a reduction fused with the exp above
+        # runs many times slower than this.
+        neg_sum = jnp.ones((batch_size,), jnp.float32) @ neg_exp
+
+        # Each row has at most one positive pair, (i, y_i): gather it instead of masking (B, C).
+        label_index = jnp.clip(labels, 0, num_classes - 1)
+        valid_positive = mask & (labels >= 0) & (labels < num_classes) & proxy_mask[label_index]
+        pos_cos = jnp.take_along_axis(cos, label_index[:, None], axis=1)[:, 0]
+        pos_exp = jnp.where(valid_positive, jnp.exp(-alpha * (pos_cos - margin)), 0.0)
+        # Per-class sums are taken per row over the (B, B) same-label pairs rather than scattered
+        # into a (C,) array: with the proxies sharded over the classes a scatter would have to be
+        # all-reduced over every class.
+        same_class = (labels[:, None] == labels[None, :]) & valid_positive[None, :]
+        pos_sum = same_class.astype(jnp.float32) @ pos_exp  # (B,): Σ over the row's class
+        earlier_same = jnp.any(same_class & jnp.tri(batch_size, k=-1, dtype=bool), axis=1)
+        first_of_class = valid_positive & ~earlier_same  # one row per class in P⁺
+
+        num_with_positive = jnp.maximum(jnp.sum(first_of_class.astype(jnp.float32)), 1.0)
+        num_proxies = jnp.maximum(jnp.sum(proxy_mask.astype(jnp.float32)), 1.0)
+        pos_loss = jnp.sum(jnp.where(first_of_class, jnp.log1p(pos_sum), 0.0)) / num_with_positive
+        value = pos_loss + jnp.sum(jnp.log1p(neg_sum)) / num_proxies
+        return cls(
+            value, x, proxies, labels, proxy_sq_norm, proxy_inv_norm, cos, neg_exp, neg_sum,
+            pos_exp, pos_sum, num_proxies, num_with_positive, alpha,
+        )  # fmt: skip
+
+    def gradients(self) -> tuple[jax.Array, jax.Array]:
+        """``(∂L/∂x̂, ∂L/∂proxies)``, shapes ``(B, d)`` and ``(C, d)``.
+
+        With ``G = ∂L/∂cos`` (B, C) and ``r_c = 1/‖p_c‖``: ``∂L/∂x̂ = G p̂ = (G r) p`` and
+        ``∂L/∂p_c = r_c (Gᵀx̂)_c - r_c² t_c p_c`` where ``t_c = Σ_i G_ic cos_ic`` (the radial part
+        that the normalisation removes), so both products use ``G r``.
+        """
+        num_classes = self.proxies.shape[0]
+        # ∂L/∂cos: α·exp(-α(cos-δ))/(1+pos_sum) on the positive pair of each row (negative sign),
+        # α·exp(α(cos+δ))/(1+neg_sum) on the negative pairs, each over its number of proxies.
+        pos_grad = -self.alpha * self.pos_exp / (self.num_with_positive * (1.0 + self.pos_sum))
+        neg_scale = self.alpha / (self.num_proxies * (1.0 + self.neg_sum))  # (C,)
+        is_positive = self.labels[:, None] == jnp.arange(num_classes)[None, :]
+        grad_cos = jnp.where(is_positive, pos_grad[:, None], neg_scale[None, :] * self.neg_exp)
+        grad_sim = grad_cos * self.proxy_inv_norm[None, :]  # ∂L/∂(x̂·p) (B, C)
+
+        grad_x = grad_sim @ self.proxies
+        ones = jnp.ones((self.x.shape[0],), jnp.float32)
+        radial = ones @ (grad_cos * self.cos)  # t_c = Σ_i G_ic cos_ic, a column sum again
+        # Below the normalisation epsilon p̂ = p/ε is linear in p: no radial part to remove.
+        radial = jnp.where(self.proxy_sq_norm >= _common.NORM_EPS**2, radial * self.proxy_inv_norm**2, 0.0)
+        grad_proxies = grad_sim.T @ self.x - self.proxies * radial[:, None]
+        return grad_x, grad_proxies
