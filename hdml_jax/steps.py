@@ -191,14 +191,13 @@ def compute_loss(
         base, kwargs = losses.proxy_nca_loss, {"scale": lc.scale}
     num_proxies = params["proxies"].shape[0]
     proxy_mask = parallel.fine_proxy_mask(num_proxies, num_proxies if num_classes is None else num_classes)
-    fine_kwargs = kwargs if proxy_mask is None else {**kwargs, "proxy_mask": proxy_mask}
-    fine = base(embeddings, labels, params["proxies"], mask=mask, **fine_kwargs)
     if method not in HIERARCHICAL_METHODS:
-        return fine, {}
+        fine_kwargs = kwargs if proxy_mask is None else {**kwargs, "proxy_mask": proxy_mask}
+        return base(embeddings, labels, params["proxies"], mask=mask, **fine_kwargs), {}
     weights = tuple(lc.level_weights)
     levels = proxy_levels(params)
     level_weights = (weights[0], *(hierarchy["active"] * w for w in weights[1:]))
-    total = losses.hierarchical_proxy_loss(
+    total, level_losses = losses.hierarchical_proxy_loss(
         embeddings,
         labels,
         levels,
@@ -207,9 +206,13 @@ def compute_loss(
         level_weights=level_weights,
         mask=mask,
         level_proxy_masks=(proxy_mask, *(None,) * (len(levels) - 1)),
+        return_levels=True,
         **kwargs,
     )
-    return total, {"fine": fine}
+    parts = {}
+    if level_losses[0] is not None:  # the fine level is skipped only with a fine weight of 0
+        parts["fine"] = level_losses[0]
+    return total, parts
 
 
 # ----------------------------------------------------------------------------- the step

@@ -1097,13 +1097,19 @@ def test_masked_padding_proxies_change_nothing(name: str):
     assert abs(float(loss(x, y, padded)) - float(value)) > 1e-3  # unmasked, the padding does count
 
 
-def test_hierarchical_passes_level_proxy_masks_to_its_levels():
-    rng = np.random.default_rng(22)
+def _two_level_inputs(seed: int):
+    """12 rows of 5-d embeddings over 8 classes, 8 fine and 3 coarse proxies, the class → group map."""
+    rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(size=(12, 5)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 8, 12))
     fine = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
     coarse = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
     assignment = jnp.asarray([0, 0, 1, 1, 2, 2, 0, 1])
+    return x, y, fine, coarse, assignment
+
+
+def test_hierarchical_passes_level_proxy_masks_to_its_levels():
+    x, y, fine, coarse, assignment = _two_level_inputs(22)
     expected = hierarchical_proxy_loss(x, y, (fine, coarse), (assignment,))
     padded = jnp.concatenate([fine, jnp.ones((4, 5))])
     got = hierarchical_proxy_loss(
@@ -1199,3 +1205,20 @@ def test_proxy_anchor_takes_the_direct_path_only_far_from_overflow(alpha, margin
     from hdml_jax.losses.proxy_anchor import _direct_sums_are_safe
 
     assert _direct_sums_are_safe(alpha, margin, batch) is direct
+
+
+def test_hierarchical_return_levels_gives_each_unweighted_level():
+    x, y, fine, coarse, assignment = _two_level_inputs(34)
+    total, (level0, level1) = hierarchical_proxy_loss(
+        x, y, (fine, coarse), (assignment,), level_weights=(1.0, 0.25), return_levels=True
+    )
+    np.testing.assert_allclose(level0, proxy_anchor_loss(x, y, fine), rtol=1e-6)
+    np.testing.assert_allclose(level1, proxy_anchor_loss(x, assignment[y], coarse), rtol=1e-6)
+    np.testing.assert_allclose(total, level0 + 0.25 * level1, rtol=1e-6)
+    np.testing.assert_allclose(
+        total, hierarchical_proxy_loss(x, y, (fine, coarse), (assignment,), level_weights=(1.0, 0.25))
+    )
+    _, levels = hierarchical_proxy_loss(
+        x, y, (fine, coarse), (assignment,), level_weights=(1.0, 0), return_levels=True
+    )
+    assert levels[1] is None  # a Python-zero weight skips its level

@@ -96,8 +96,9 @@ def hierarchical_proxy_loss(
     level_weights: Sequence[float] = (1.0, 0.1),
     mask: jax.Array | None = None,
     level_proxy_masks: Sequence[jax.Array | None] | None = None,
+    return_levels: bool = False,
     **base_kwargs,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, tuple[jax.Array | None, ...]]:
     r"""HPL: a weighted sum of a proxy loss over every level of a proxy hierarchy::
 
         L = Σ_l w_l · L_base(X, y^l, P^l),     y^0 = y,  y^l = a^{l-1}[y^{l-1}]
@@ -117,10 +118,12 @@ def hierarchical_proxy_loss(
       mask: optional ``(B,)`` bool, passed to every level.
       level_proxy_masks: optional, one ``(K_l,)`` bool or None per level, passed to the base
         loss as ``proxy_mask`` (padding proxies, e.g. for sharding along the class axis).
+      return_levels: also return the unweighted loss of every level (None for a skipped one),
+        e.g. to log the fine loss without computing it a second time.
       **base_kwargs: passed to ``base_loss`` (``margin``, ``alpha``, ``scale`` ...).
 
     Returns:
-      A float32 scalar.
+      A float32 scalar; with ``return_levels``, ``(total, (L_base level 0, level 1, ...))``.
     """
     _common.check_embeddings(embeddings)
     _check_hierarchy(level_proxies, level_assignments, level_weights, embeddings.shape[1])
@@ -134,16 +137,19 @@ def hierarchical_proxy_loss(
             "levels; give one mask (or None) per level."
         )
     total = jnp.zeros((), jnp.float32)
+    per_level: list[jax.Array | None] = []
     for weight, proxies, labels_at_level, proxy_mask in zip(
         level_weights, level_proxies, level_labels(labels, level_assignments), level_proxy_masks, strict=True
     ):
         if isinstance(weight, (int, float)) and weight == 0:
+            per_level.append(None)
             continue
         # Only masks that are given are passed on: base losses without padding support still work.
         extra = {} if proxy_mask is None else {"proxy_mask": proxy_mask}
         loss = base_loss(embeddings, labels_at_level, proxies, mask=mask, **extra, **base_kwargs)
+        per_level.append(loss)
         total = total + weight * loss
-    return total
+    return (total, tuple(per_level)) if return_levels else total
 
 
 def build_hierarchy(
