@@ -3,6 +3,10 @@
 Used to build HPL's coarse proxies from the fine ones and for the NMI metric. Distances are
 squared Euclidean; all work is done in blocks of points so that ``N × k`` never has to fit in
 memory at once (NMI on SOP clusters 60k points into 11k clusters).
+
+Similarity products run at HIGHEST precision: the ``points · centroidsᵀ`` of the distance expansion
+passes ``precision=FULL_PRECISION`` (``hdml_jax.losses._common``), so that assignments do not flip on
+bf16/TF32 rounding on TPUs and recent GPUs.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hdml_jax.losses._common import FULL_PRECISION
+
 
 def _sq_dists(points: jax.Array, centroids: jax.Array) -> jax.Array:
     """``(n, k)`` squared distances, clipped at 0."""
     d = (
         jnp.sum(points * points, axis=1, keepdims=True)
-        - 2.0 * points @ centroids.T
+        - jnp.matmul(2.0 * points, centroids.T, precision=FULL_PRECISION)
         + jnp.sum(centroids * centroids, axis=1)[None, :]
     )
     return jnp.maximum(d, 0.0)

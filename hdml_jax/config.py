@@ -5,16 +5,21 @@ set needs. The method is picked on the command line big_vision style::
 
     python -m hdml_jax.main --config configs/cars.py:method=hpl_pa --config.optimizer.lr=2e-4
 
-Methods and what they set (reference.md §1–2):
+Methods and their recipes (``apply_method`` cites the official code line by line; the data-set
+configs set the per-data-set numbers of the official commands):
 
 =============  =====================================================================
 proxy_anchor   GAP+GMP → Dense → L2; Proxy-Anchor (α=32, δ=0.1); AdamW 1e-4, wd 1e-4,
-               proxies ×100; warm-up epochs train only head + proxies; bn_freeze;
-               grad clip (value) 10; step decay.
-proxy_nca      same network and recipe; Proxy-NCA softmax form with σ = 32.
-proxy_nca_pp   ProxyNCA++: σ = 9, proxies randn/8, Adam eps 1.0 on the proxies.
+               proxies ×100, clipped too; warm-up trains only head + proxies; bn_freeze
+               (statistics frozen all run, affine frozen during warm-up); grad clip
+               (value) 10; StepLR per epoch; evaluation after every epoch.
+proxy_nca      same network and recipe; Proxy-NCA softmax form with σ = 32, proxies at
+               the base lr, N(0, 1) init, not clipped (the Proxy-Anchor repo's baseline).
+proxy_nca_pp   ProxyNCA++: MAC + LayerNorm → Dense(2048); σ = 9, proxies randn/8; Adam
+               lr 4e-3, ε = 1 on every group, no weight decay, proxies at 400; 5 warm-up
+               epochs, then fresh optimizer state; P×K 8 × 4; BN not frozen.
 hpl_pa         Proxy-Anchor inside HPL: levels (C, num_coarse_groups), w = (1.0, 0.1);
-               coarse proxies by k-means after warm-up, assignments refreshed.
+               coarse proxies by k-means when warm-up ends, assignments refreshed.
 hpl_nca        the same around Proxy-NCA (σ = 32).
 cgd            ResNet without stage-4 downsampling; CGD head (descriptors, 1536-d);
                CE (τ = 0.5, ε = 0.1) on the first descriptor + batch-hard triplet
@@ -26,13 +31,22 @@ from __future__ import annotations
 
 import ml_collections
 
-from hdml_jax.models.heads import ARCHITECTURES, COMBINES, parse_descriptors
+from hdml_jax.models.heads import (
+    ARCHITECTURES,
+    COMBINES,
+    EMBEDDING_INITS,
+    PROXY_INITS,
+    parse_descriptors,
+)
+from hdml_jax.models.pooling import POOLINGS
 
 METHODS = ("proxy_anchor", "proxy_nca", "proxy_nca_pp", "hpl_pa", "hpl_nca", "cgd")
 PROXY_METHODS = ("proxy_anchor", "proxy_nca", "proxy_nca_pp", "hpl_pa", "hpl_nca")
 HIERARCHICAL_METHODS = ("hpl_pa", "hpl_nca")
+# Trained with the Proxy-Anchor repository's recipe (its train.py runs Proxy_Anchor and Proxy_NCA).
+PROXY_ANCHOR_FAMILY = ("proxy_anchor", "proxy_nca", "hpl_pa", "hpl_nca")
 DATASET_NAMES = ("synthetic", "cub200", "cars196", "sop", "inshop")
-TRANSFORMS = ("proxy_anchor", "cgd", "mlrc", "synthetic")
+TRANSFORMS = ("proxy_anchor", "proxynca_pp", "cgd", "mlrc", "synthetic")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DTYPES = ("float32", "bfloat16")
 
@@ -74,13 +88,17 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.model.last_stride = 2
     c.model.frozen_bn = True
     c.model.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision (params stay fp32)
-    c.model.pretrained = ml_collections.FieldReference(None, field_type=str)  # from hdml_jax.models.convert
+    # ImageNet weights: "torchvision" (downloaded once into $HDML_JAX_CACHE, converted, reused), a
+    # directory written by `python -m hdml_jax.models.convert`, or "none" (train from scratch).
+    c.model.pretrained = "torchvision"
     c.model.embedding_dim = 512
     c.model.pooling = "gap_gmp"
+    c.model.embedding_init = "kaiming_fan_out"  # or "torch_default" (nn.Linear's own init)
     c.model.descriptors = "SG"
     c.model.combine = "concat"
     c.model.architecture = "cgd"
-    c.model.gem_p = 3.0
+    c.model.gem_p = 3.0  # GeM's p: CGD fixes it at 3 (CGD-port model.py:17, 62-67)
+    c.model.learnable_gem_p = False  # True: p is a parameter of the head (trains with it)
     c.model.proxy_init = "kaiming_fan_out"
 
     c.loss = ml_collections.ConfigDict()
@@ -89,7 +107,11 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.loss.scale = 32.0  # Proxy-NCA σ
     c.loss.level_weights = (1.0, 0.1)
     c.loss.num_coarse_groups = (0,)  # 0: about C / 8 groups, decided when the data set is known
-    c.loss.hierarchy_build_epoch = 1  # k-means over the fine proxies at the start of this epoch
+    # HPL has no official code: when the hierarchy is built and how often the class → group
+    # assignments are refreshed are our choices (reference.md §1, unconfirmed).
+    # -1: k-means over the fine proxies when warm-up ends (at the earliest after epoch 1: over
+    # randomly initialised proxies it would group nothing); >= 1: at the start of that epoch.
+    c.loss.hierarchy_build_epoch = -1
     c.loss.hierarchy_refresh_epochs = 5  # 0: never refresh the class → group assignments
     c.loss.coarse_from_labels = False  # use the data set's coarse labels instead of k-means
     c.loss.temperature = 0.5  # CGD classifier τ
@@ -106,13 +128,16 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.optimizer.proxy_eps = ml_collections.FieldReference(None, field_type=float)  # ProxyNCA++: 1.0
     c.optimizer.head_lr_multiplier = 1.0
     c.optimizer.backbone_lr_multiplier = 1.0
-    c.optimizer.warmup_epochs = 1  # backbone frozen: only head and proxies train
-    c.optimizer.decay_epochs = (
-        10,
-    )  # step decay at these epochs (repeating every last-gap epochs if decay_every)
+    c.optimizer.warmup_epochs = 1  # backbone frozen: only head and proxies train (hdml_jax.optim)
+    c.optimizer.decay_epochs = (10,)  # ×decay_factor at these epochs (every decay_epochs[0] if decay_every)
     c.optimizer.decay_every = True  # StepLR: decay at every multiple of decay_epochs[0]
+    c.optimizer.decay_steps = ()  # absolute steps instead of epochs (CGD: 400, 800)
     c.optimizer.decay_factor = 0.5
     c.optimizer.grad_clip_value = 10.0  # element-wise clip (the authors: clip_grad_value_); 0: off
+    c.optimizer.clip_proxies = True  # Proxy-Anchor clips its proxies too; Proxy-NCA(++) does not
+    # ProxyNCA++ warms up with an optimizer of its own and then starts a new one: every group's
+    # state (moments, step count) starts afresh when warm-up ends.
+    c.optimizer.fresh_state_after_warmup = False
 
     c.batch_size = 180
     c.sampler = "shuffle"  # or "pk"
@@ -122,7 +147,7 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.num_steps = 0  # > 0 overrides num_epochs
     c.stop_after_steps = 0  # > 0: save and stop after this many steps of this run (time-limited jobs)
 
-    c.eval_every_epochs = 5
+    c.eval_every_epochs = 1  # the official scripts evaluate after every epoch
     c.eval_batch_size = 256
     c.log_every_steps = 20
     c.checkpoint_every_steps = 500
@@ -136,30 +161,73 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
 
 
 def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
-    """Overwrite ``c`` with ``method``'s recipe (reference.md)."""
+    """Overwrite ``c`` with ``method``'s recipe; every number cites its source.
+
+    Sources (commits read): PA = tjddus9597/Proxy-Anchor-CVPR2020 @51db570; NCA++ =
+    euwern/proxynca_pp @217233d; CGD-port = leftthomas/CGD @c9cd98f (a reimplementation, not
+    the authors' code). The data-set configs (``configs/*.py``) set the per-data-set numbers.
+    """
     c.method = method  # an unknown name is reported by validate(), after flag parsing, in one line
+    # The base config is Proxy-Anchor's recipe: AdamW (PA train.py:60-62, 254), lr 1e-4 (l.63-65),
+    # wd 1e-4 on every group (l.66-68), proxies ×100 (l.241-242), clip_grad_value_ 10 on the model
+    # and the proxies (l.298-300), 60 epochs (l.43-46), α 32 / δ 0.1 (l.75-80), embedding 512
+    # (l.35-38), GAP+GMP → Linear (kaiming fan_out, bias 0) → L2 (net/resnet.py:144-147, 183-194),
+    # proxies kaiming_normal_ fan_out (losses.py:30-31), StepLR per epoch (train.py:256, 313).
     if method in ("proxy_nca", "hpl_nca"):
+        # PA's Proxy-NCA baseline: PML ProxyNCALoss, softmax_scale 32 (PA losses.py:63, 68); its
+        # proxies train at the base lr (train.py:243-244) and are not clipped (l.299-300); PML
+        # initialises them N(0, 1) (pytorch-metric-learning >= 0.9.90, losses/mixins.py:13-14).
         c.loss.scale = 32.0
+        c.optimizer.proxy_lr_multiplier = 1.0
+        c.optimizer.clip_proxies = False
+        c.model.proxy_init = "normal"
     if method == "proxy_nca_pp":
-        c.loss.scale = 9.0
-        c.model.proxy_init = "normal_over_8"
-        c.optimizer.name = "adam"
-        c.optimizer.proxy_eps = 1.0
+        # ProxyNCA++ (NCA++ config/cub.json; the data-set configs scale lr and batch for SOP/In-Shop).
+        c.loss.scale = 9.0  # scale 3 on both vectors before a squared distance (loss.py:60-65; cub.json:7)
+        c.model.proxy_init = "normal_over_8"  # randn / 8 (loss.py:55)
+        c.model.embedding_dim = 2048  # sz_embedding (cub.json:24)
+        c.model.pooling = "mac_layernorm"  # Feat_resnet50_max_n: max pool + LayerNorm (networks.py:51-53)
+        c.model.embedding_init = "torch_default"  # nn.Linear(2048, 2048) left at its init (train.py:101)
+        c.model.frozen_bn = False  # no BatchNorm freezing anywhere in the repository
+        c.dataset.transform = "proxynca_pp"  # RandomResizedCrop 256; eval Resize 288 + CenterCrop 256
+        c.dataset.image_size = 256  # (dataset/config.json:85-92, dataset/utils.py:57-74)
+        c.optimizer.name = "adam"  # cub.json:33
+        c.optimizer.lr = 4e-3  # base lr (cub.json:46)
+        c.optimizer.eps = 1.0  # base eps, inherited by every group (cub.json:47; train.py:287, 311)
+        c.optimizer.proxy_eps = None
+        c.optimizer.weight_decay = 0.0  # every group (cub.json:35-44)
+        c.optimizer.proxy_lr_multiplier = 1e5  # proxies lr 4e2 = 4e-3 × 1e5 (cub.json:43)
+        c.optimizer.clip_proxies = False  # clip_grad_value_(model.parameters(), 10) only (train.py:416, 451)
+        c.optimizer.warmup_epochs = 5  # warmup_k default (train.py:39), backbone lr 0 (l.263-288)
+        c.optimizer.fresh_state_after_warmup = True  # a new Adam after warm-up (train.py:290-312)
+        # Train mode picks lr drops by ReduceLROnPlateau on a validation half of the training
+        # classes; trainval replays them (train.py:118-124, 329-339). Without that validation run
+        # there is no drop (the trainval default lr_steps [1000], train.py:31).
+        c.optimizer.decay_epochs = ()
+        c.num_epochs = 45  # 5 warm-up epochs + nb_epochs 40 (cub.json:22; warm-up not counted, l.406, 420)
+        c.sampler = "pk"  # BalancedBatchSampler, 8 classes × 4 (cub.json:23-27; train.py:226)
+        c.classes_per_batch, c.samples_per_class = 8, 4
+        c.batch_size = 32
     if method == "cgd":
-        c.model.last_stride = 1
+        # CGD (Jun et al. 2019, arXiv 1903.10663) as reference.md §2 summarises the paper; where
+        # the paper is silent, the CGD-port's defaults.
+        c.model.last_stride = 1  # the paper: no downsampling between stages 3 and 4 (layer4)
         c.model.frozen_bn = False
-        c.model.embedding_dim = 1536
-        c.model.descriptors = "SG"
-        c.dataset.transform = "cgd"
-        c.optimizer.name = "adam"
+        c.model.embedding_dim = 1536  # CGD-port train.py:77
+        c.model.descriptors = "SG"  # CGD-port train.py:74-76
+        c.dataset.transform = "cgd"  # resize 252, random crop 224, flip; eval resize 224 (utils.py:19-24)
+        c.optimizer.name = "adam"  # Adam(model.parameters(), lr=1e-4), no decay (CGD-port train.py:116)
         c.optimizer.weight_decay = 0.0
         c.optimizer.warmup_epochs = 0
         c.optimizer.grad_clip_value = 0.0
-        c.optimizer.decay_factor = 0.1
-        c.sampler = "pk"
+        c.optimizer.decay_factor = 0.1  # MultiStepLR gamma 0.1 (train.py:117)
+        c.optimizer.decay_every = False
+        c.optimizer.decay_epochs = (12, 16)  # milestones 0.6 / 0.8 × 20 epochs (train.py:117; README:54-55)
+        c.num_epochs = 20  # CGD-port train.py:84
+        c.sampler = "pk"  # MPerClassSampler, m = 4 (utils.py:109-137)
         c.classes_per_batch = 32
         c.samples_per_class = 4
-        c.batch_size = 128
+        c.batch_size = 128  # CGD-port train.py:83
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -177,6 +245,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     one_of(c.model.depth, (18, 34, 50, 101), "model.depth")
     one_of(c.model.last_stride, (1, 2), "model.last_stride")
     one_of(c.sampler, ("pk", "shuffle"), "sampler")
+    one_of(c.model.pooling, tuple(POOLINGS), "model.pooling")
+    one_of(c.model.embedding_init, tuple(EMBEDDING_INITS), "model.embedding_init")
+    one_of(c.model.proxy_init, tuple(PROXY_INITS), "model.proxy_init")
     if c.method == "cgd":
         one_of(c.model.combine, COMBINES, "model.combine")
         one_of(c.model.architecture, ARCHITECTURES, "model.architecture")

@@ -23,6 +23,10 @@ nearest references (``R_max`` = the largest class size, 11 on SOP), found by one
 
 Ties: a wrong reference exactly as similar as the best correct one is counted as ranked before it
 (the pessimistic choice); in the top-``R_max`` list ties go to the lower reference index.
+
+Similarity products run at HIGHEST precision: the query × reference matmul passes
+``precision=FULL_PRECISION`` (and k-means for NMI does the same), so that on TPUs and recent GPUs
+bf16/TF32 rounding (about 1e-3 on a cosine) does not reorder near-tied neighbours.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdml_jax import cluster
-from hdml_jax.losses._common import l2_normalize
+from hdml_jax.losses._common import FULL_PRECISION, l2_normalize
 
 # Default chunk size keeps one chunk's similarity matrix near 64M floats (256 MiB).
 _CHUNK_ELEMENTS = 1 << 26
@@ -48,7 +52,7 @@ _GROUP = 64
 @functools.partial(jax.jit, static_argnames=("num_references",))
 def _similarities(queries, reference_padded, *, num_references):
     """``(chunk, N_pad)`` cosine similarities; the padding columns are -inf."""
-    similarity = queries @ reference_padded.T
+    similarity = jnp.matmul(queries, reference_padded.T, precision=FULL_PRECISION)
     column = jnp.arange(reference_padded.shape[0])
     return jnp.where(column[None, :] < num_references, similarity, -jnp.inf)
 

@@ -9,7 +9,7 @@ State (a plain dict pytree, checkpointed as is)::
     step         int32 scalar
     params       {'backbone', 'head', 'proxies', 'coarse_proxies_1', ...}
     batch_stats  BatchNorm statistics
-    opt_state    optax state
+    opt_state    hdml_jax.optim.OptimizerState (global count + per-group optax state)
     hierarchy    {'assignments': (a^0, ...), 'active': float32 scalar} (HPL; empty otherwise)
     rng          PRNG key data (uint32)
 """
@@ -29,7 +29,7 @@ import optax
 from hdml_jax import losses, parallel
 from hdml_jax.config import HIERARCHICAL_METHODS, PROXY_METHODS
 from hdml_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from hdml_jax.models import CGDHead, EmbeddingHead, EmbeddingModel, ResNet, batchnorm_mask, proxy_levels
+from hdml_jax.models import CGDHead, EmbeddingHead, EmbeddingModel, ResNet, proxy_levels
 
 State = dict[str, Any]
 
@@ -62,9 +62,12 @@ def build_model(
             combine=m.combine,
             architecture=m.architecture,
             gem_p=m.gem_p,
+            learnable_gem_p=m.learnable_gem_p,
         )
     else:
-        head = EmbeddingHead(m.embedding_dim, pooling=m.pooling, gem_p=m.gem_p)
+        head = EmbeddingHead(
+            m.embedding_dim, pooling=m.pooling, gem_p=m.gem_p, embedding_init=m.embedding_init
+        )
     return EmbeddingModel(
         backbone,
         head,
@@ -80,73 +83,6 @@ def build_model(
 def normalize_images(images: jax.Array) -> jax.Array:
     """uint8 NHWC → float32 with ImageNet mean/std (done on device: uint8 is 4× less to transfer)."""
     return (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
-
-
-# ----------------------------------------------------------------------------- optimizer
-
-
-def parameter_groups(params: Any, frozen_bn: bool) -> Any:
-    """Label every parameter ``backbone``, ``head``, ``proxies`` or ``frozen`` (BN under bn_freeze)."""
-    bn = batchnorm_mask(params)
-
-    def label(path, _, is_bn):
-        top = path[0].key
-        if top.startswith(("proxies", "coarse_proxies")):
-            return "proxies"
-        if frozen_bn and is_bn and top == "backbone":
-            return "frozen"
-        return "backbone" if top == "backbone" else "head"
-
-    return jax.tree_util.tree_map_with_path(label, params, bn)
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-    """Step decay: ×``decay_factor`` at the given epochs (or every ``decay_epochs[0]`` epochs)."""
-    o = config.optimizer
-    epochs = [int(e) for e in o.decay_epochs if int(e) > 0]
-    total_epochs = max(1, -(-total_steps(config, steps_per_epoch) // steps_per_epoch))
-    if o.decay_every and epochs:
-        epochs = list(range(epochs[0], total_epochs + 1, epochs[0]))
-    boundaries = {epoch * steps_per_epoch: o.decay_factor for epoch in epochs}
-    return optax.piecewise_constant_schedule(o.lr, boundaries)
-
-
-def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-    return int(config.num_steps) if config.num_steps > 0 else int(config.num_epochs) * steps_per_epoch
-
-
-def make_optimizer(
-    config: ml_collections.ConfigDict, params: Any, steps_per_epoch: int
-) -> optax.GradientTransformation:
-    """One optax optimizer with per-group learning-rate multipliers (and ε for ProxyNCA++ proxies)."""
-    o = config.optimizer
-    base = learning_rate_schedule(config, steps_per_epoch)
-
-    def scaled(multiplier: float) -> optax.Schedule:
-        return lambda step: base(step) * multiplier
-
-    def optimizer(lr: optax.Schedule, eps: float) -> optax.GradientTransformation:
-        if o.name == "adamw":
-            return optax.adamw(lr, eps=eps, weight_decay=o.weight_decay)
-        if o.name == "adam":
-            chain = [optax.scale_by_adam(eps=eps)]
-            if o.weight_decay:  # L2 penalty folded into the gradient, as torch.optim.Adam does
-                chain.insert(0, optax.add_decayed_weights(o.weight_decay))
-            return optax.chain(*chain, optax.scale_by_learning_rate(lr))
-        return optax.sgd(lr, momentum=0.9)
-
-    groups = {
-        "backbone": optimizer(scaled(o.backbone_lr_multiplier), o.eps),
-        "head": optimizer(scaled(o.head_lr_multiplier), o.eps),
-        "proxies": optimizer(
-            scaled(o.proxy_lr_multiplier), o.proxy_eps if o.proxy_eps is not None else o.eps
-        ),
-        "frozen": optax.set_to_zero(),
-    }
-    transform = optax.multi_transform(groups, parameter_groups(params, config.model.frozen_bn))
-    if o.grad_clip_value:
-        transform = optax.chain(optax.clip(o.grad_clip_value), transform)
-    return transform
 
 
 # ----------------------------------------------------------------------------- loss
@@ -262,15 +198,14 @@ def train_step(
 ) -> tuple[State, dict[str, jax.Array]]:
     """One optimizer step on a global batch (see ``loss_and_grads``).
 
-    ``backbone_frozen`` (static) is the warm-up variant: only the head and the proxies move.
+    ``optimizer`` is the phase's (``hdml_jax.optim.make_optimizer``): its frozen groups do not
+    move. ``backbone_frozen`` (static, the warm-up) also keeps the backbone's gradient from being
+    computed at all.
     """
     (loss, parts, batch_stats), grads = loss_and_grads(
         state["params"], state, batch, model=model, config=config, backbone_frozen=backbone_frozen
     )
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    if backbone_frozen:
-        # Zero the updates too: decoupled weight decay would otherwise still move the backbone.
-        updates = {**updates, "backbone": jax.tree.map(jnp.zeros_like, updates["backbone"])}
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.all(
         jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])

@@ -38,12 +38,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hdml_jax import evaluate, parallel, steps, visualize
+from hdml_jax import evaluate, optim, parallel, steps, visualize
 from hdml_jax.config import HIERARCHICAL_METHODS, validate
 from hdml_jax.data import pipeline, sampling, transforms
 from hdml_jax.data.base import MetricDataset, Split
-from hdml_jax.losses import build_hierarchy, hierarchy_from_labels, refresh_assignments
-from hdml_jax.models import load_pretrained, proxy_levels
+from hdml_jax.losses import hierarchy_from_labels
+from hdml_jax.models import load_pretrained
+from hdml_jax.models.weights import resolve_pretrained
+from hdml_jax.phases import Phases, hierarchy_is_active, pad_fine_assignment
 
 
 class TrainingDivergedError(RuntimeError):
@@ -105,12 +107,6 @@ def class_to_coarse(split: Split) -> np.ndarray:
     return mapping
 
 
-def pad_fine_assignment(assignments: tuple[jax.Array, ...], num_proxies: int) -> tuple[jax.Array, ...]:
-    """Extend the class → group map ``a^0`` over padding proxies (to group 0; they are masked out)."""
-    fine = jnp.asarray(assignments[0])
-    return (jnp.pad(fine, (0, num_proxies - fine.shape[0])), *assignments[1:])
-
-
 def init_state(
     config: ml_collections.ConfigDict,
     model,
@@ -118,7 +114,7 @@ def init_state(
     optimizer: optax.GradientTransformation,
     coarse_sizes: tuple[int, ...],
 ) -> steps.State:
-    """Fresh parameters (with ImageNet weights when ``model.pretrained`` is set) and optimizer state."""
+    """Fresh parameters (with ImageNet weights per ``model.pretrained``) and optimizer state."""
     size = config.dataset.image_size
     rng = jax.random.PRNGKey(config.seed)
     init_rng, rng = jax.random.split(rng)
@@ -127,8 +123,9 @@ def init_state(
     )
     params = steps.unfreeze(variables["params"])
     batch_stats = steps.unfreeze(variables.get("batch_stats", {}))
-    if config.model.pretrained:
-        pretrained = load_pretrained(config.model.pretrained)
+    weights = resolve_pretrained(config.model.pretrained, config.model.depth, width=config.model.width)
+    if weights is not None:
+        pretrained = load_pretrained(weights)
         params["backbone"] = _checked_replace(params["backbone"], pretrained["params"], "params")
         batch_stats["backbone"] = _checked_replace(
             batch_stats["backbone"], pretrained["batch_stats"], "batch_stats"
@@ -377,7 +374,7 @@ def train_and_evaluate(
     coarse_sizes = coarse_group_sizes(config, dataset)
     model = steps.build_model(config, dataset.train.num_classes, coarse_sizes, jax.device_count())
     steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
-    num_steps = steps.total_steps(config, steps_per_epoch)
+    num_steps = optim.total_steps(config, steps_per_epoch)
 
     mesh = make_mesh()
     batch_sharding = NamedSharding(mesh, P("data"))
@@ -390,7 +387,8 @@ def train_and_evaluate(
     params_shape = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8 * 32, 8 * 32, 3)), train=False)
     )["params"]
-    optimizer = steps.make_optimizer(config, steps.unfreeze(params_shape), steps_per_epoch)
+    params_shape = steps.unfreeze(params_shape)
+    optimizer = optim.make_optimizer(config, params_shape, steps_per_epoch)  # every phase: this layout
     state = init_state(config, model, dataset, optimizer, coarse_sizes)
     sharding = parallel.state_sharding(state, mesh, config.shard_proxies)
     state = jax.device_put(state, sharding)
@@ -433,18 +431,18 @@ def train_and_evaluate(
     reporter = Reporter(workdir, num_steps, config.batch_size)
     try:
         if not config.eval_only:
-            run = _Run(
+            phases = Phases(
                 config,
                 model,
-                optimizer,
-                manager,
-                reporter,
-                run_evaluation,
+                params_shape,
+                steps_per_epoch,
+                coarse_sizes,
                 sharding,
                 batch_sharding,
-                steps_per_epoch,
-                num_steps,
-                coarse_sizes,
+                hierarchy_active=hierarchy_is_active(state),
+            )
+            run = _Run(
+                config, phases, manager, reporter, run_evaluation, batch_sharding, steps_per_epoch, num_steps
             )
             state = _train_loop(run, state, train_iter)
         final, embeddings = run_evaluation(state)
@@ -463,64 +461,34 @@ class _Run:
     """What stays fixed during one training run."""
 
     config: ml_collections.ConfigDict
-    model: Any
-    optimizer: optax.GradientTransformation
+    phases: Phases  # what trains at each step, and the state changes between phases
     manager: ocp.CheckpointManager
     reporter: Reporter
     run_evaluation: Callable[[steps.State], tuple[dict[str, float], dict[str, np.ndarray]]]
-    state_sharding: Any  # a NamedSharding per state leaf (hdml_jax.parallel.state_sharding)
     batch_sharding: NamedSharding
     steps_per_epoch: int
     num_steps: int
-    coarse_sizes: tuple[int, ...]
 
 
 def _train_loop(run: _Run, state: steps.State, train_iter) -> steps.State:
     """Steps from the state's step to ``num_steps``: log, evaluate, checkpoint, stop on request."""
-    config, manager, reporter = run.config, run.manager, run.reporter
-    state_sharding, batch_sharding = run.state_sharding, run.batch_sharding
-    steps_per_epoch, num_steps, coarse_sizes = run.steps_per_epoch, run.num_steps, run.coarse_sizes
-    warm_steps = config.optimizer.warmup_epochs * steps_per_epoch
-    compiled = {}
-
-    def step_fn(frozen: bool):
-        if frozen not in compiled:
-            compiled[frozen] = steps.compile_train_step(
-                run.model, config, run.optimizer, state_sharding, batch_sharding, frozen
-            )
-        return compiled[frozen]
-
-    hierarchical = config.method in HIERARCHICAL_METHODS and not config.loss.coarse_from_labels
-    build_step = config.loss.hierarchy_build_epoch * steps_per_epoch
-    refresh_steps = config.loss.hierarchy_refresh_epochs * steps_per_epoch
+    config, manager, reporter, phases = run.config, run.manager, run.reporter, run.phases
+    steps_per_epoch, num_steps = run.steps_per_epoch, run.num_steps
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch)
     eval_steps = config.eval_every_epochs * steps_per_epoch
     step = int(jax.device_get(state["step"]))
     start_step = last_good = step
-    hierarchy_active = bool(hierarchical and jax.device_get(state["hierarchy"]["active"]))
 
     with _Preemption() as preemption:
         while step < num_steps:
-            if hierarchical and (
-                step >= build_step
-                and (not hierarchy_active or (refresh_steps > 0 and (step - build_step) % refresh_steps == 0))
-            ):
-                state = update_hierarchy(
-                    state,
-                    step,
-                    build_step,
-                    refresh_steps,
-                    coarse_sizes,
-                    config.seed,
-                    state_sharding,
-                    run.model.num_proxies,
-                )
-                hierarchy_active = True
+            state = phases.begin_step(state, step)
+            step_fn = phases.step_function(step)
             local = next(train_iter)
             batch = {
-                key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[key]))
+                key: jax.make_array_from_process_local_data(run.batch_sharding, np.asarray(local[key]))
                 for key in ("image", "label")
             }
-            state, metrics = step_fn(step < warm_steps)(state, batch)
+            state, metrics = step_fn(state, batch)
             step += 1
             log_now = step % config.log_every_steps == 0 or step == num_steps
             stop_now = preemption.agreed(step, config.log_every_steps) or (
@@ -537,7 +505,7 @@ def _train_loop(run: _Run, state: steps.State, train_iter) -> steps.State:
                         f"loss or parameters became NaN/Inf at step {step} (loss {values['loss']}); the last good "
                         f"checkpoint (step {last_good}) is kept. Lower optimizer.lr, or raise grad clipping."
                     )
-                values["lr"] = float(steps.learning_rate_schedule(config, steps_per_epoch)(step))
+                values["lr"] = float(schedule(step - 1))  # the rate this step used
                 if log_now:
                     reporter.train(step, step / steps_per_epoch, values)
             result = None
@@ -555,38 +523,25 @@ def _train_loop(run: _Run, state: steps.State, train_iter) -> steps.State:
     return state
 
 
-def update_hierarchy(state, step, build_step, refresh_steps, coarse_sizes, seed, sharding, num_classes):
-    """Build the HPL hierarchy by k-means at ``build_step``; refresh the assignments every ``refresh_steps``.
-
-    ``num_classes``: the real classes, the first rows of ``params['proxies']`` (the rest is padding).
-    """
-    active = bool(jax.device_get(state["hierarchy"]["active"]))
-    if not active and step >= build_step:
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-        proxies = state["params"]["proxies"]
-        # k-means over the real classes only (padding rows, if any, are not classes).
-        built = build_hierarchy(key, proxies[:num_classes], coarse_sizes)
-        params = dict(state["params"])
-        for level, centroids in enumerate(built.coarse_proxies, start=1):
-            params[f"coarse_proxies_{level}"] = centroids
-        assignments = pad_fine_assignment(built.assignments, proxies.shape[0])
-        hierarchy = {"assignments": assignments, "active": jnp.ones((), jnp.float32)}
-        return jax.device_put({**state, "params": params, "hierarchy": hierarchy}, sharding)
-    if active and refresh_steps > 0 and step > build_step and (step - build_step) % refresh_steps == 0:
-        assignments = refresh_assignments(proxy_levels(state["params"]))
-        hierarchy = {**state["hierarchy"], "assignments": assignments}
-        return jax.device_put({**state, "hierarchy": hierarchy}, sharding)
-    return state
-
-
 # ----------------------------------------------------------------------------- outputs
 
 
 def write_outputs(
     workdir: Path, config, dataset: MetricDataset, final: dict[str, float], embeddings, step: int
 ) -> None:
-    """final_metrics.json, embeddings, and the three pictures."""
-    (workdir / "final_metrics.json").write_text(json.dumps({"step": step, **final}, indent=2) + "\n")
+    """final_metrics.json, embeddings, and the three pictures.
+
+    ``final_metrics.json`` holds the last evaluation at the top level (``step``, ``epoch`` and the
+    metrics) and, under ``best``, the evaluation with the highest Recall@1 of the run (its
+    ``step`` and ``epoch`` too). The official Proxy-Anchor and CGD scripts evaluate on the test
+    split after every epoch and report that best epoch; the last one is the number free of
+    selection on the test set.
+    """
+    steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
+    last = {"step": step, "epoch": step / steps_per_epoch, **final}
+    best = best_evaluation(workdir / "metrics.jsonl", last, step)
+    summary = {**last, "best": best, "best_by": BEST_METRIC}
+    (workdir / "final_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     np.save(workdir / "test_embeddings.npy", embeddings["test"])
     np.save(workdir / "test_labels.npy", dataset.test.labels)
     for name in ("query", "gallery"):
@@ -605,6 +560,28 @@ def write_outputs(
     )
     write_retrieval_picture(workdir / "retrieval.png", dataset, embeddings, config)
     visualize.plot_curves(workdir / "curves.png", workdir / "metrics.jsonl")
+
+
+BEST_METRIC = "recall@1"
+
+
+def best_evaluation(metrics_path: Path, last: dict[str, float], step: int) -> dict[str, float]:
+    """The evaluation with the highest ``BEST_METRIC`` among ``metrics.jsonl``'s (up to ``step``) and ``last``.
+
+    Ties go to the earlier evaluation, as the official scripts' strict ``<`` does.
+    """
+    candidates = []
+    if metrics_path.exists():
+        for line in metrics_path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("kind") == "eval" and record["step"] <= step and BEST_METRIC in record:
+                candidates.append({k: v for k, v in record.items() if k != "kind"})
+    candidates.append(last)
+    best = candidates[0]
+    for candidate in candidates[1:]:
+        if candidate[BEST_METRIC] > best[BEST_METRIC]:
+            best = candidate
+    return best
 
 
 def write_retrieval_picture(

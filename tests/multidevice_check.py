@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hdml_jax import parallel, steps, train
+from hdml_jax import optim, parallel, phases, steps, train
 from tests.test_train import tiny_config
 from tests.tiny_data import tiny_dataset
 
@@ -41,12 +41,15 @@ def one_step(method: str, devices, shard_proxies: bool, pad_proxies: bool) -> di
     params_shape = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))[
         "params"
     ]
-    optimizer = steps.make_optimizer(config, steps.unfreeze(params_shape), 4)
+    optimizer = optim.make_optimizer(config, steps.unfreeze(params_shape), 4)
     state = train.init_state(config, model, dataset, optimizer, coarse)
     state_sharding = parallel.state_sharding(state, mesh, shard_proxies)
     state = jax.device_put(state, state_sharding)
     if method in ("hpl_pa", "hpl_nca"):  # an active hierarchy, so the coarse level contributes
-        state = train.update_hierarchy(state, 4, 4, 0, coarse, 0, state_sharding, dataset.train.num_classes)
+        hierarchy = phases.Phases(
+            config, model, steps.unfreeze(params_shape), 4, coarse, state_sharding, sharded, False
+        )
+        state = hierarchy.build_hierarchy(state, 4)
     iterator = train.make_train_iterator(config, dataset.train)
     local = next(iterator)
     batch = {k: jax.device_put(np.asarray(local[k]), sharded) for k in ("image", "label")}

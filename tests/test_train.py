@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -34,7 +35,7 @@ def tiny_config(method: str, **overrides):
     c.model.width = 4
     c.model.embedding_dim = 16
     c.batch_size = 16
-    if method == "cgd":
+    if c.sampler == "pk":
         c.classes_per_batch, c.samples_per_class = 4, 4
     c.num_epochs = 4
     c.eval_every_epochs = 2
@@ -209,3 +210,44 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "interrupted" in out
     step = int(out.split()[-1])
     assert (tmp_path / "checkpoints" / str(step)).is_dir()
+
+
+def test_hpl_hierarchy_is_built_when_warmup_ends_refreshed_on_schedule_and_never_twice(dataset, tmp_path, monkeypatch):
+    """Warm-up 1 epoch (4 steps): k-means at step 4, refresh every epoch (8, 12); a run stopped at
+    step 6 and resumed builds nothing again. Right after the build the coarse proxies are the
+    k-means centroids of the fine proxies of that moment, and their optimizer state is fresh."""
+    from hdml_jax import phases
+
+    events = []
+    build, refresh = phases.Phases.build_hierarchy, phases.Phases.refresh_hierarchy
+
+    def recording_build(self, state, step):
+        fine = np.asarray(jax.device_get(state["params"]["proxies"]))
+        state = build(self, state, step)
+        events.append(("build", step, fine, jax.device_get(state)))
+        return state
+
+    def recording_refresh(self, state):
+        events.append(("refresh", int(jax.device_get(state["step"])), None, None))
+        return refresh(self, state)
+
+    monkeypatch.setattr(phases.Phases, "build_hierarchy", recording_build)
+    monkeypatch.setattr(phases.Phases, "refresh_hierarchy", recording_refresh)
+    settings = {"optimizer.warmup_epochs": 1, "model.frozen_bn": True, "loss.hierarchy_build_epoch": -1}
+    with pytest.raises(train.TrainingInterruptedError):
+        train.train_and_evaluate(tiny_config("hpl_pa", stop_after_steps=6, **settings), tmp_path, dataset=dataset)
+    train.train_and_evaluate(tiny_config("hpl_pa", **settings), tmp_path, dataset=dataset)
+    assert [(kind, step) for kind, step, _, _ in events] == [("build", 4), ("refresh", 8), ("refresh", 12)]
+
+    _, _, fine, state = events[0]
+    centroids = np.asarray(state["params"]["coarse_proxies_1"])
+    assignment = np.asarray(state["hierarchy"]["assignments"][0])
+    directions = fine / np.linalg.norm(fine, axis=1, keepdims=True)
+    nearest = np.argmax(directions @ (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).T, axis=1)
+    np.testing.assert_array_equal(assignment, nearest)  # every class sits with its nearest centroid
+    for group in np.unique(assignment):  # and each centroid is its classes' mean direction
+        mean = directions[assignment == group].mean(axis=0)
+        np.testing.assert_allclose(centroids[group] / np.linalg.norm(centroids[group]), mean / np.linalg.norm(mean), atol=1e-5)
+    coarse_state = state["opt_state"].groups.inner_states["coarse_proxies"].inner_state
+    assert all(int(np.asarray(x)) == 0 for x in jax.tree.leaves(coarse_state) if np.ndim(x) == 0)  # step counts
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(coarse_state))  # zero moments too

@@ -23,6 +23,8 @@ name           train                                                   eval
 =============  ======================================================  ==============================
 proxy_anchor   RandomResizedCrop(size, scale 0.08–1, ratio 3/4–4/3),   shorter side → 256/224·size,
                horizontal flip                                         centre crop size
+proxynca_pp    the same (size 256)                                     shorter side → 288/256·size,
+                                                                       centre crop size
 cgd            resize to 252/224·size square, random crop size, flip   resize to size × size
 mlrc           shorter side → 256/227·size, RandomResizedCrop(size,    shorter side → 256/227·size,
                scale 0.16–1, ratio 0.75–1.33), flip (size 227)         centre crop size (227)
@@ -280,6 +282,19 @@ def proxy_anchor(size: int = 224, *, crop_to_bbox: bool = False) -> TransformPai
     )
 
 
+def proxynca_pp(size: int = 256, *, crop_to_bbox: bool = False) -> TransformPair:
+    """ProxyNCA++ (Teh et al. 2020): RandomResizedCrop(256) + flip; eval Resize(288) → CenterCrop(256).
+
+    euwern/proxynca_pp dataset/config.json:85-92 (sz_crop 256, sz_resize 288), dataset/utils.py:57-74.
+    """
+    return TransformPair(
+        train=RandomResizedCrop(
+            size=size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), crop_to_bbox=crop_to_bbox
+        ),
+        eval=CenterCrop(size=size, resize_shorter=round(size * 288 / 256), crop_to_bbox=crop_to_bbox),
+    )
+
+
 def cgd(size: int = 224, *, crop_to_bbox: bool = False) -> TransformPair:
     """CGD (Jun et al. 2019): square resize 252/224·size, random crop, flip; eval square resize."""
     return TransformPair(
@@ -313,6 +328,7 @@ def synthetic(size: int = 32, *, crop_to_bbox: bool = False) -> TransformPair:
 
 TRANSFORMS: dict[str, Callable[..., TransformPair]] = {
     "proxy_anchor": proxy_anchor,
+    "proxynca_pp": proxynca_pp,
     "cgd": cgd,
     "mlrc": mlrc,
     "synthetic": synthetic,

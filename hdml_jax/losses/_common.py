@@ -1,9 +1,12 @@
-"""Shared helpers of the loss functions: input validation, masks, safe normalisation.
+"""Shared helpers of the loss functions: input validation, masks, safe normalisation, precision.
 
 Validation runs on shapes always (they are static under ``jax.jit``) and on values only when the
 values are concrete. Under ``jax.jit`` the labels are tracers, so a label outside ``[0, K)`` cannot
 raise; it then simply matches no proxy (its one-hot row is all zeros). Validate labels once on the
 host (``check_labels``) when they come from an untrusted source.
+
+Similarity products run at HIGHEST precision: every similarity / distance matmul of the losses,
+the retrieval metrics and k-means passes ``precision=FULL_PRECISION`` (see below).
 """
 
 from __future__ import annotations
@@ -15,6 +18,15 @@ import numpy as np
 # The same epsilon as ``torch.nn.functional.normalize``: a row with a smaller norm is left at
 # (almost) zero instead of being blown up, and its gradient stays finite.
 NORM_EPS = 1e-12
+
+# The precision of every similarity / distance product (losses, their hand-written gradients,
+# retrieval metrics, k-means). Under JAX's default precision, TPUs (and GPUs with TF32) may run a
+# float32 matmul as bf16 or TF32 passes, i.e. with about 3 significant digits. The losses multiply
+# cosines by α = 32 (Proxy-Anchor) or σ = 32 (Proxy-NCA) inside an ``exp``, which turns a 1e-3
+# error in a cosine into a few percent in a term; nearest-neighbour ranks and k-means assignments
+# flip on near ties. HIGHEST asks for true float32 everywhere; on CPU float32 matmuls are exact
+# float32 anyway, so results and speed there do not change.
+FULL_PRECISION = jax.lax.Precision.HIGHEST
 
 
 def is_concrete(x) -> bool:

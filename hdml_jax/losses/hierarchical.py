@@ -12,6 +12,9 @@ Choices the paper leaves open, and the defaults here:
   * a group is assigned to the coarser proxy of highest cosine similarity on refresh;
   * when to build and how often to refresh is the trainer's business (default there: build after
     warm-up, refresh every few epochs).
+
+Similarity products run at HIGHEST precision: the base losses, k-means (``hdml_jax.cluster``) and
+the nearest-proxy search of ``refresh_assignments`` all use ``_common.FULL_PRECISION``.
 """
 
 from __future__ import annotations
@@ -198,8 +201,10 @@ def build_hierarchy(
 
 @jax.jit
 def _nearest_by_cosine(finer: jax.Array, coarser: jax.Array) -> jax.Array:
-    similarity = (
-        _common.l2_normalize(finer.astype(jnp.float32)) @ _common.l2_normalize(coarser.astype(jnp.float32)).T
+    similarity = jnp.matmul(
+        _common.l2_normalize(finer.astype(jnp.float32)),
+        _common.l2_normalize(coarser.astype(jnp.float32)).T,
+        precision=_common.FULL_PRECISION,
     )
     return jnp.argmax(similarity, axis=1).astype(jnp.int32)
 

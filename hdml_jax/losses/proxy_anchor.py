@@ -1,4 +1,9 @@
-"""Proxy-Anchor loss (Kim et al., CVPR 2020)."""
+"""Proxy-Anchor loss (Kim et al., CVPR 2020).
+
+Similarity products run at HIGHEST precision: the similarities, the column sums and the matmuls
+of the hand-written gradient all pass ``precision=_common.FULL_PRECISION``, since at ``α = 32`` a
+bf16/TF32 matmul (TPU, recent GPUs) would put an error of several percent into the exponentials.
+"""
 
 from __future__ import annotations
 
@@ -94,7 +99,7 @@ def _direct_sums_are_safe(alpha, margin, batch_size: int) -> bool:
 def _proxy_anchor_shifted(x, proxies, labels, mask, proxy_mask, alpha, margin) -> jax.Array:
     """The general path: max-shifted masked logsumexps, differentiated automatically."""
     num_classes = proxies.shape[0]
-    cos = x @ _common.l2_normalize(proxies).T  # (B, C)
+    cos = jnp.matmul(x, _common.l2_normalize(proxies).T, precision=_common.FULL_PRECISION)  # (B, C)
     is_positive = labels[:, None] == jnp.arange(num_classes)[None, :]
     row_and_proxy = mask[:, None] & proxy_mask[None, :]
     positive = is_positive & row_and_proxy
@@ -122,7 +127,10 @@ def _proxy_anchor_direct_jvp(alpha, margin, primals, tangents):
     dx, dproxies = tangents[0], tangents[1]
     terms = _ProxyAnchorTerms.compute(x, proxies, labels, mask, proxy_mask, alpha, margin)
     grad_x, grad_proxies = terms.gradients()
-    return terms.value, jnp.vdot(grad_x, dx) + jnp.vdot(grad_proxies, dproxies)
+    tangent = jnp.vdot(grad_x, dx, precision=_common.FULL_PRECISION) + jnp.vdot(
+        grad_proxies, dproxies, precision=_common.FULL_PRECISION
+    )
+    return terms.value, tangent
 
 
 class _ProxyAnchorTerms(NamedTuple):
@@ -152,17 +160,17 @@ class _ProxyAnchorTerms(NamedTuple):
     @classmethod
     def compute(cls, x, proxies, labels, mask, proxy_mask, alpha: float, margin: float) -> _ProxyAnchorTerms:
         batch_size, num_classes = x.shape[0], proxies.shape[0]
-        proxy_sq_norm = jnp.einsum("cd,cd->c", proxies, proxies)
+        proxy_sq_norm = jnp.einsum("cd,cd->c", proxies, proxies, precision=_common.FULL_PRECISION)
         proxy_inv_norm = jax.lax.rsqrt(jnp.maximum(proxy_sq_norm, _common.NORM_EPS**2))
         # Scaling the columns of x·pᵀ normalises the proxies without writing a (C, d) copy.
-        cos = (x @ proxies.T) * proxy_inv_norm[None, :]
+        cos = jnp.matmul(x, proxies.T, precision=_common.FULL_PRECISION) * proxy_inv_norm[None, :]
 
         is_positive = labels[:, None] == jnp.arange(num_classes)[None, :]
         negative = mask[:, None] & proxy_mask[None, :] & ~is_positive
         neg_exp = jnp.where(negative, jnp.exp(alpha * (cos + margin)), 0.0)
         # Column sums as a matrix-vector product: on CPU a reduction fused with the exp above
         # runs many times slower than this.
-        neg_sum = jnp.ones((batch_size,), jnp.float32) @ neg_exp
+        neg_sum = jnp.matmul(jnp.ones((batch_size,), jnp.float32), neg_exp, precision=_common.FULL_PRECISION)
 
         # Each row has at most one positive pair, (i, y_i): gather it instead of masking (B, C).
         label_index = jnp.clip(labels, 0, num_classes - 1)
@@ -173,7 +181,8 @@ class _ProxyAnchorTerms(NamedTuple):
         # into a (C,) array: with the proxies sharded over the classes a scatter would have to be
         # all-reduced over every class.
         same_class = (labels[:, None] == labels[None, :]) & valid_positive[None, :]
-        pos_sum = same_class.astype(jnp.float32) @ pos_exp  # (B,): Σ over the row's class
+        # (B,): Σ over the row's class
+        pos_sum = jnp.matmul(same_class.astype(jnp.float32), pos_exp, precision=_common.FULL_PRECISION)
         earlier_same = jnp.any(same_class & jnp.tri(batch_size, k=-1, dtype=bool), axis=1)
         first_of_class = valid_positive & ~earlier_same  # one row per class in P⁺
 
@@ -202,10 +211,13 @@ class _ProxyAnchorTerms(NamedTuple):
         grad_cos = jnp.where(is_positive, pos_grad[:, None], neg_scale[None, :] * self.neg_exp)
         grad_sim = grad_cos * self.proxy_inv_norm[None, :]  # ∂L/∂(x̂·p) (B, C)
 
-        grad_x = grad_sim @ self.proxies
+        grad_x = jnp.matmul(grad_sim, self.proxies, precision=_common.FULL_PRECISION)
         ones = jnp.ones((self.x.shape[0],), jnp.float32)
-        radial = ones @ (grad_cos * self.cos)  # t_c = Σ_i G_ic cos_ic, a column sum again
+        # t_c = Σ_i G_ic cos_ic, a column sum again
+        radial = jnp.matmul(ones, grad_cos * self.cos, precision=_common.FULL_PRECISION)
         # Below the normalisation epsilon p̂ = p/ε is linear in p: no radial part to remove.
         radial = jnp.where(self.proxy_sq_norm >= _common.NORM_EPS**2, radial * self.proxy_inv_norm**2, 0.0)
-        grad_proxies = grad_sim.T @ self.x - self.proxies * radial[:, None]
+        grad_proxies = (
+            jnp.matmul(grad_sim.T, self.x, precision=_common.FULL_PRECISION) - self.proxies * radial[:, None]
+        )
         return grad_x, grad_proxies

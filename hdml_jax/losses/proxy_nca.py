@@ -1,4 +1,8 @@
-"""Proxy-NCA loss (Movshovitz-Attias et al., ICCV 2017) and its ProxyNCA++ setting."""
+"""Proxy-NCA loss (Movshovitz-Attias et al., ICCV 2017) and its ProxyNCA++ setting.
+
+Similarity products run at HIGHEST precision: ``x̂·p̂`` passes ``precision=_common.FULL_PRECISION``,
+since at ``σ = 32`` a bf16/TF32 matmul (TPU, recent GPUs) would distort the softmax.
+"""
 
 from __future__ import annotations
 
@@ -64,7 +68,8 @@ def proxy_nca_loss(
     # -σ‖x̂ - p̂‖² = σ(2 x̂·p̂ - ‖p̂‖²) - σ‖x̂‖². The last term is the same for every class of a row,
     # so it cancels exactly in both forms (target logit minus normaliser): dropping it saves a
     # full (B, C) pass. ‖p̂‖² is kept (it is 1 except for a zero proxy), so the loss stays exact.
-    logits = scale * (2.0 * (x @ p.T) - jnp.sum(p * p, axis=1)[None, :])  # (B, C)
+    similarity = jnp.matmul(x, p.T, precision=_common.FULL_PRECISION)  # (B, C)
+    logits = scale * (2.0 * similarity - jnp.sum(p * p, axis=1)[None, :])
     logits = jnp.where(proxy_mask[None, :], logits, -jnp.inf)
 
     is_target = labels[:, None] == jnp.arange(num_classes)[None, :]

@@ -1,4 +1,9 @@
-"""Batch-hard triplet loss (Hermans et al., 2017), the ranking loss of CGD."""
+"""Batch-hard triplet loss (Hermans et al., 2017), the ranking loss of CGD.
+
+Similarity products run at HIGHEST precision: the Gram matrix of the distance expansion passes
+``precision=_common.FULL_PRECISION`` (a bf16/TF32 matmul on TPU or recent GPUs would swamp the
+small distances that the hardest positive / negative are chosen by).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from hdml_jax.losses import _common
 def pairwise_squared_distances(embeddings: jax.Array) -> jax.Array:
     """``D²_ij = ‖x_i‖² + ‖x_j‖² - 2 x_i·x_j`` as a ``(B, B)`` matrix, clipped at 0, zero diagonal."""
     sq_norm = jnp.sum(embeddings * embeddings, axis=1)
-    sq_dist = sq_norm[:, None] + sq_norm[None, :] - 2.0 * (embeddings @ embeddings.T)
+    gram = jnp.matmul(embeddings, embeddings.T, precision=_common.FULL_PRECISION)
+    sq_dist = sq_norm[:, None] + sq_norm[None, :] - 2.0 * gram
     sq_dist = jnp.maximum(sq_dist, 0.0)
     # The expansion leaves rounding noise on the diagonal; a point is at distance 0 from itself.
     return jnp.where(jnp.eye(embeddings.shape[0], dtype=bool), 0.0, sq_dist)

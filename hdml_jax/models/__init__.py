@@ -1,6 +1,15 @@
-"""Backbones, descriptor heads, and torchvision weight import."""
+"""Backbones, descriptor heads, and torchvision weight import.
 
-from hdml_jax.models.convert import load_pretrained, load_torchvision_resnet, torchvision_resnet_to_flax
+The weight-import names are loaded on first access (PEP 562 ``__getattr__``): importing
+``convert`` here would put it in ``sys.modules`` before ``python -m hdml_jax.models.convert`` runs
+it as ``__main__``, which runpy warns about.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from hdml_jax.models.heads import (
     CGDHead,
     EmbeddingHead,
@@ -12,6 +21,18 @@ from hdml_jax.models.heads import (
 from hdml_jax.models.pooling import GeM, gap_gmp, gem, mac, spoc
 from hdml_jax.models.resnet import FrozenBatchNorm, ResNet
 
+if TYPE_CHECKING:
+    from hdml_jax.models.convert import load_pretrained, load_torchvision_resnet, torchvision_resnet_to_flax
+    from hdml_jax.models.weights import WeightsUnavailableError, resolve_pretrained
+
+_LAZY_SUBMODULE = {
+    "load_pretrained": "convert",
+    "load_torchvision_resnet": "convert",
+    "torchvision_resnet_to_flax": "convert",
+    "WeightsUnavailableError": "weights",
+    "resolve_pretrained": "weights",
+}
+
 __all__ = [
     "CGDHead",
     "EmbeddingHead",
@@ -19,6 +40,7 @@ __all__ = [
     "FrozenBatchNorm",
     "GeM",
     "ResNet",
+    "WeightsUnavailableError",
     "batchnorm_mask",
     "gap_gmp",
     "gem",
@@ -27,6 +49,19 @@ __all__ = [
     "mac",
     "parse_descriptors",
     "proxy_levels",
+    "resolve_pretrained",
     "spoc",
     "torchvision_resnet_to_flax",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY_SUBMODULE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY_SUBMODULE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

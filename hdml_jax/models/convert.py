@@ -9,16 +9,24 @@ weights serve both strides.
 One-time conversion to a checkpoint that ``config.model.pretrained`` points to::
 
     python -m hdml_jax.models.convert resnet50-0676ba61.pth --depth 50 --output ~/weights/resnet50
+
+``--config.model.pretrained=torchvision`` does the download and this conversion by itself
+(``hdml_jax.models.weights``). ``.pth`` files are read without torch (``read_torch_zip``) unless
+they predate torch 1.6's zip format.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import pickle
 import struct
+import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
@@ -176,8 +184,207 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+# torch's legacy storage classes, as ``torch.save`` names them in the pickle, and the bytes they hold.
+# bfloat16 has no NumPy dtype; it is read as uint16 and widened to float32 (exactly).
+_TORCH_STORAGE_DTYPES = {
+    "FloatStorage": "f4",
+    "HalfStorage": "f2",
+    "DoubleStorage": "f8",
+    "BFloat16Storage": "u2",
+    "LongStorage": "i8",
+    "IntStorage": "i4",
+}
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    """Stands in for ``torch.FloatStorage`` & co. inside the pickle; only carries the element type."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class _Storage:
+    """One flat storage record of the archive, already in native byte order (bfloat16 as float32)."""
+
+    data: np.ndarray
+
+
+def _rebuild_tensor(
+    storage: _Storage,
+    storage_offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> np.ndarray:
+    """``torch._utils._rebuild_tensor_v2`` for NumPy: a copy of the strided view into the storage.
+
+    Views saved by ``torch.save`` (slices, transposes) keep their whole storage plus offset and
+    strides, so all three must be honoured. The bounds are checked before ``as_strided``, which
+    would otherwise read outside the buffer of a malformed file.
+    """
+    del requires_grad, backward_hooks, metadata
+    if not isinstance(storage, _Storage):
+        raise ValueError("malformed tensor record: its storage is not a tensor storage.")
+    numbers = (storage_offset, *size, *stride)
+    if len(size) != len(stride) or not all(isinstance(n, int) and n >= 0 for n in numbers):
+        raise ValueError(f"malformed tensor record: offset {storage_offset}, size {size}, stride {stride}.")
+    data = storage.data
+    if 0 in size:
+        return np.empty(size, dtype=data.dtype)
+    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if last >= data.size:
+        raise ValueError(
+            f"malformed tensor record: size {size}, stride {stride} and offset {storage_offset} "
+            f"reach element {last} of a storage of {data.size}."
+        )
+    view = np.lib.stride_tricks.as_strided(
+        data[storage_offset:],
+        shape=size,
+        strides=tuple(s * data.itemsize for s in stride),
+        writeable=False,
+    )
+    return view.copy()
+
+
+def _rebuild_parameter(
+    data: np.ndarray, requires_grad: bool = False, backward_hooks: Any = None
+) -> np.ndarray:
+    """``torch._utils._rebuild_parameter``: a saved ``nn.Parameter`` is just its tensor here."""
+    del requires_grad, backward_hooks
+    return data
+
+
+# Everything a pickled state dict of dense tensors refers to besides the storage classes.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+}
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """Unpickles ``data.pkl`` of a zip-format ``.pth`` into NumPy arrays, executing nothing.
+
+    A pickle may name any importable callable and call it; ``torch.load(weights_only=True)``
+    guards against that with an allow-list, and so does this class: only the few globals a plain
+    state dict of tensors consists of resolve, each to a harmless local stand-in (``OrderedDict``
+    excepted). Storages come from ``<prefix>/data/<key>`` via ``persistent_load``.
+    """
+
+    def __init__(self, file: BinaryIO, archive: zipfile.ZipFile, prefix: str, byteorder: str, source: Path):
+        super().__init__(file)
+        self._archive = archive
+        self._prefix = prefix
+        self._byteorder = "<" if byteorder == "little" else ">"
+        self._source = source
+        self._storages: dict[str, _Storage] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[(module, name)]
+        if module == "torch" and name in _TORCH_STORAGE_DTYPES:
+            return _StorageType(name)
+        raise ValueError(
+            f"{self._source} is not a plain state dict of tensors: its pickle references "
+            f"{module}.{name}, which is not loaded (nothing in it was executed). Load it with "
+            "torch, save `model.state_dict()` and convert that file."
+        )
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] in ("storage", b"storage")
+            and isinstance(pid[1], _StorageType)
+        ):
+            raise ValueError(f"{self._source} is not a plain state dict of tensors: storage record {pid!r}.")
+        _, storage_type, key, _location, numel = pid
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        if key not in self._storages:
+            self._storages[key] = self._read_storage(storage_type, key, numel)
+        return self._storages[key]
+
+    def _read_storage(self, storage_type: _StorageType, key: str, numel: int) -> _Storage:
+        dtype = np.dtype(self._byteorder + _TORCH_STORAGE_DTYPES[storage_type.name])
+        try:
+            raw = self._archive.read(f"{self._prefix}/data/{key}")
+        except KeyError:
+            raise ValueError(f"{self._source}: storage {key} is missing from the archive.") from None
+        if not isinstance(numel, int) or numel < 0 or numel * dtype.itemsize > len(raw):
+            raise ValueError(f"{self._source}: storage {key} holds {len(raw)} bytes, not {numel} elements.")
+        data = np.frombuffer(raw, dtype=dtype, count=numel).astype(dtype.newbyteorder("="))
+        if storage_type.name == "BFloat16Storage":
+            data = (data.astype(np.uint32) << 16).view(np.float32)
+        return _Storage(data)
+
+
+def _archive_prefix(archive: zipfile.ZipFile, path: Path) -> str:
+    """The folder every record sits in: ``archive`` nowadays, the file's stem in older torch versions."""
+    names = archive.namelist()
+    prefix = names[0].split("/", 1)[0] if names else ""
+    if f"{prefix}/data.pkl" not in names:
+        kind = (
+            "a TorchScript archive" if f"{prefix}/constants.pkl" in names else "a zip file without data.pkl"
+        )
+        raise ValueError(f"{path} is {kind}, not a plain state dict saved by torch.save.")
+    return prefix
+
+
+def read_torch_zip(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a state dict from PyTorch's zip format (``torch.save`` since 1.6) with NumPy alone.
+
+    Same safety as ``torch.load(weights_only=True)``: nothing but tensors, ``OrderedDict`` and
+    plain containers can be built, so a crafted file executes no code. Arrays keep their dtype
+    (bfloat16 becomes float32); a ``{"state_dict": ...}`` wrapper is unwrapped.
+    """
+    path = Path(path)
+    with zipfile.ZipFile(path) as archive:
+        prefix = _archive_prefix(archive, path)
+        names = set(archive.namelist())
+        byteorder = (
+            archive.read(f"{prefix}/byteorder").decode() if f"{prefix}/byteorder" in names else "little"
+        )
+        with archive.open(f"{prefix}/data.pkl") as pickled:
+            state = _StateDictUnpickler(pickled, archive, prefix, byteorder, path).load()
+    return _tensor_dict(state, path)
+
+
+def _tensor_dict(state: Any, path: Path) -> dict[str, np.ndarray]:
+    """Unwrap ``{"state_dict": ...}`` and insist on a flat ``name → array`` mapping."""
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict.")
+    others = [str(key) for key, value in state.items() if not isinstance(value, np.ndarray)]
+    if others:
+        raise ValueError(f"{path} is not a plain state dict: non-tensor entries {', '.join(others[:10])}.")
+    return {str(key): value for key, value in state.items()}
+
+
+def _read_legacy_with_torch(path: Path) -> dict[str, np.ndarray]:
+    """Files from ``torch.save`` before 1.6 (not zip): only torch knows that format."""
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"{path} uses PyTorch's legacy (pre-1.6, non-zip) format, which needs torch to read. "
+            "Convert it on a machine with torch installed (pip install torch): "
+            f"`python -m hdml_jax.models.convert {path.name} --depth N --output DIR`, or re-save it "
+            "there with torch.save(torch.load(FILE, weights_only=True), NEW_FILE)."
+        ) from error
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    return {key: value.detach().float().numpy() for key, value in state.items()}
+
+
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """A torchvision state dict from ``.safetensors``, ``.npz`` (no torch needed) or ``.pth``/``.pt``."""
+    """A torchvision state dict from ``.safetensors``, ``.npz`` or ``.pth``/``.pt``.
+
+    None of them needs torch, except ``.pth`` files in the legacy pre-1.6 format.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -192,16 +399,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(path) as archive:
             return {key: archive[key] for key in archive.files}
     if suffix in (".pth", ".pt"):
-        try:
-            import torch
-        except ImportError as error:
-            raise ImportError(
-                f"reading {path} needs PyTorch; install it (pip install torch) or convert the file "
-                "to .safetensors or .npz elsewhere."
-            ) from error
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        return {key: value.detach().float().numpy() for key, value in state.items()}
+        return read_torch_zip(path) if zipfile.is_zipfile(path) else _read_legacy_with_torch(path)
     raise ValueError(f"{path}: unknown weight format {suffix!r}; use .safetensors, .npz or .pth.")
 
 
@@ -237,7 +435,9 @@ def load_pretrained(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m hdml_jax.models.convert", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("weights", help="torchvision ResNet weights: .pth, .safetensors or .npz")
     parser.add_argument("--depth", type=int, required=True, choices=(18, 34, 50, 101))
     parser.add_argument("--output", required=True, help="new checkpoint directory")

@@ -29,8 +29,25 @@ DESCRIPTORS = {"S": "SPoC", "M": "MAC", "G": "GeM"}
 COMBINES = ("concat", "sum")
 ARCHITECTURES = ("cgd", "A", "B")
 
-# Proxy-Anchor initialises its embedding layer with kaiming_normal_(mode="fan_out").
+# Proxy-Anchor initialises its embedding layer with kaiming_normal_(mode="fan_out"), bias 0
+# (Proxy-Anchor-CVPR2020 code/net/resnet.py:192-194).
 embedding_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+# kernel_init, bias_init(fan_in) of the embedding Dense layer.
+EMBEDDING_INITS = {
+    "kaiming_fan_out": (embedding_init, lambda fan_in: nn.initializers.zeros),
+    # torch.nn.Linear's default (ProxyNCA++ leaves its embedding layer at it, train.py:101):
+    # weight kaiming_uniform_(a=√5) = U(±1/√fan_in), bias U(±1/√fan_in).
+    "torch_default": (
+        nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+        lambda fan_in: (
+            lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+                key, shape, dtype, -1.0 / fan_in**0.5, 1.0 / fan_in**0.5
+            )
+        ),
+    ),
+}
 
 
 def parse_descriptors(descriptors: str, embedding_dim: int, combine: str = "concat") -> tuple[str, ...]:
@@ -55,12 +72,17 @@ def parse_descriptors(descriptors: str, embedding_dim: int, combine: str = "conc
 
 
 class EmbeddingHead(nn.Module):
-    """``L2(Dense(pool(x)))``. ``pooling`` is one of ``gap_gmp`` (Proxy-Anchor), ``spoc``, ``mac``, ``gem``."""
+    """``L2(Dense(pool(x)))``.
+
+    ``pooling``: ``gap_gmp`` (Proxy-Anchor), ``mac_layernorm`` (ProxyNCA++), ``spoc``, ``mac``,
+    ``gem``. ``embedding_init``: a key of ``EMBEDDING_INITS``.
+    """
 
     embedding_dim: int = 512
     pooling: str = "gap_gmp"
     gem_p: float = 3.0
     normalize: bool = True
+    embedding_init: str = "kaiming_fan_out"
 
     @nn.compact
     def __call__(self, features: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -71,7 +93,17 @@ class EmbeddingHead(nn.Module):
             if self.pooling == "gem"
             else pooling.POOLINGS[self.pooling](features)
         )
-        embedding = nn.Dense(self.embedding_dim, kernel_init=embedding_init, name="embedding")(pooled)
+        if self.embedding_init not in EMBEDDING_INITS:
+            raise ValueError(
+                f"embedding_init must be one of {sorted(EMBEDDING_INITS)}, got {self.embedding_init!r}."
+            )
+        kernel_init, bias_init = EMBEDDING_INITS[self.embedding_init]
+        embedding = nn.Dense(
+            self.embedding_dim,
+            kernel_init=kernel_init,
+            bias_init=bias_init(pooled.shape[-1]),
+            name="embedding",
+        )(pooled)
         return {"embedding": l2_normalize(embedding) if self.normalize else embedding}
 
 
@@ -141,6 +173,8 @@ PROXY_INITS = {
     ),
     # ProxyNCA++: randn / 8.
     "normal_over_8": lambda key, shape, dtype=jnp.float32: jax.random.normal(key, shape, dtype) / 8.0,
+    # pytorch-metric-learning's ProxyNCALoss (>= 0.9.90): torch.nn.init.normal_, N(0, 1).
+    "normal": lambda key, shape, dtype=jnp.float32: jax.random.normal(key, shape, dtype),
 }
 
 

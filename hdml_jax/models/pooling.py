@@ -6,6 +6,8 @@ With ``x`` clipped at ``eps`` first (GeM only, so the power is defined)::
     MAC   f_c = max_{h,w}  x_hwc                        (p = ∞)
     GeM   f_c = (mean_{h,w} x_hwc^p)^{1/p}              (p = 3 in CGD; fixed or learnable)
     GAP+GMP   mean + max (Proxy-Anchor's pooling)
+    MAC+LN    (f - mean_c f) / sqrt(var_c f + 1e-5), f = MAC   (ProxyNCA++: max pooling, then
+              LayerNorm without affine parameters, euwern/proxynca_pp networks.py:15-22, 38-39)
 
 All reductions run in float32 whatever the feature map's dtype.
 """
@@ -45,6 +47,14 @@ def gap_gmp(x: jax.Array) -> jax.Array:
     return spoc(x) + mac(x)
 
 
+def mac_layernorm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """MAC followed by a LayerNorm over channels without scale or bias (ProxyNCA++'s head)."""
+    f = mac(x)
+    mean = jnp.mean(f, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(f - mean), axis=-1, keepdims=True)
+    return (f - mean) * jax.lax.rsqrt(var + eps)
+
+
 class GeM(nn.Module):
     """GeM with ``p`` fixed (default) or a learnable scalar parameter ``p`` initialised at ``p``."""
 
@@ -58,4 +68,4 @@ class GeM(nn.Module):
         return gem(x, p, self.eps)
 
 
-POOLINGS = {"spoc": spoc, "mac": mac, "gem": gem, "gap_gmp": gap_gmp}
+POOLINGS = {"spoc": spoc, "mac": mac, "gem": gem, "gap_gmp": gap_gmp, "mac_layernorm": mac_layernorm}

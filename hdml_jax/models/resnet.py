@@ -36,12 +36,13 @@ BN_EPSILON = 1e-5
 
 
 class FrozenBatchNorm(nn.Module):
-    """BatchNorm in inference mode whose statistics and affine parameters never train.
+    """BatchNorm whose statistics never change: always normalises with the running mean/var.
 
     Same variables as ``nn.BatchNorm`` (``params: scale, bias``; ``batch_stats: mean, var``), so
-    the same checkpoints load into either. The affine parameters pass through ``stop_gradient``:
-    their gradient is exactly zero (Proxy-Anchor's ``bn_freeze``). Exclude them from weight decay
-    too (``hdml_jax.models.batchnorm_mask``), or a decoupled decay would still shrink them.
+    the same checkpoints load into either. This is Proxy-Anchor's ``bn_freeze``: every BatchNorm
+    in ``eval()`` mode for the whole run. The affine ``scale``/``bias`` receive gradients as
+    usual; whether they train is the optimizer's decision (``hdml_jax.optim.frozen_groups``:
+    the official code freezes them during warm-up only).
     """
 
     epsilon: float = BN_EPSILON
@@ -54,9 +55,9 @@ class FrozenBatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
-        multiplier = jax.lax.stop_gradient(scale) * jax.lax.rsqrt(var.value + self.epsilon)
+        multiplier = scale * jax.lax.rsqrt(var.value + self.epsilon)
         dtype = self.dtype or x.dtype
-        y = (x.astype(jnp.float32) - mean.value) * multiplier + jax.lax.stop_gradient(bias)
+        y = (x.astype(jnp.float32) - mean.value) * multiplier + bias
         return y.astype(dtype)
 
 
@@ -145,7 +146,7 @@ class ResNet(nn.Module):
     Attributes:
       depth: 18, 34, 50 or 101.
       last_stride: 2 (torchvision) or 1 (no stage-4 downsampling: 14×14 maps at 224, as in CGD).
-      frozen_bn: BatchNorm always in inference mode with frozen scale/bias.
+      frozen_bn: BatchNorm always in inference mode (running statistics frozen).
       width: channels of the stem and of stage 1 (64 in the paper; e.g. 8 for fast tests).
       dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters stay float32.
       zero_init_residual: start each residual branch's last BN scale at 0 (off in torchvision).

@@ -1,0 +1,259 @@
+"""``config.model.pretrained``: a converted checkpoint directory, ``"torchvision"`` or nothing.
+
+``"torchvision"`` downloads torchvision's ImageNet ResNet file once into the cache
+(``$HDML_JAX_CACHE``, default ``~/.cache/hdml_jax``), checks it against the hash in its file name
+and converts it once (``hdml_jax.models.convert``, no torch needed); later runs reuse the
+converted directory without touching the network. Every step writes to a temporary name first and
+renames, so an interrupted run or several processes sharing the cache never leave a partial file
+under a final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from hdml_jax.models.convert import load_torchvision_resnet, save_pretrained
+
+# torchvision's IMAGENET1K_V1 ResNet weights (ResNet{18,34,50,101}_Weights.IMAGENET1K_V1). The same
+# four URLs appear in pytorch/vision, torchvision/prototype/models/resnet.py at commit
+# aabcd2162c45791995ba92c92737b7da30e97b5f (the weights API that became torchvision.models in
+# 0.13), e.g. `url="https://download.pytorch.org/models/resnet18-f37072fd.pth"`. These files are
+# the 2021 re-saves in torch's zip format (pytorch/vision#3620, fixing #2068), which replaced the
+# legacy-format resnet18-5c106cde.pth & co. The hex part of each name is the start of the file's
+# SHA-256, as torch.hub's check_hash expects. Tests replace entries of this dict.
+TORCHVISION_RESNET_URLS: dict[int, str] = {
+    18: "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    34: "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    50: "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    101: "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+}
+
+DOWNLOAD_TIMEOUT_S = 60.0
+_CHUNK_BYTES = 1 << 20
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's HASH_REGEX
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The weights could not be downloaded; the message says where to put them by hand."""
+
+
+def cache_dir() -> Path:
+    """Where downloaded and converted weights live: ``$HDML_JAX_CACHE`` or ``~/.cache/hdml_jax``."""
+    return Path(os.environ.get("HDML_JAX_CACHE") or "~/.cache/hdml_jax").expanduser()
+
+
+def hash_prefix(url: str) -> str:
+    """The SHA-256 prefix in a torchvision file name (``resnet18-f37072fd.pth`` → ``f37072fd``)."""
+    match = _HASH_IN_NAME.search(url.rsplit("/", 1)[-1])
+    if match is None:
+        raise ValueError(f"{url}: the file name carries no hash (expected NAME-<hex>.pth).")
+    return match.group(1)
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in chunks (the files are up to a few hundred MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manual_steps(url: str, destination: Path, depth: int | None) -> str:
+    depth_arg = str(depth) if depth is not None else "N"
+    return (
+        f"Without network access here, download {url} on another machine and either copy it to "
+        f"{destination} (the next run converts it) or copy it anywhere and convert it once with\n"
+        f"  python -m hdml_jax.models.convert FILE --depth {depth_arg} --output DIR\n"
+        "then pass --config.model.pretrained=DIR."
+    )
+
+
+class _Progress:
+    """Download progress on stderr: one ``\\r`` line on a terminal, else at most five lines."""
+
+    def __init__(self, url: str, total: int | None, stream: TextIO | None = None):
+        self._stream = stream or sys.stderr
+        self._total = total
+        self._interactive = self._stream.isatty()
+        self._last_time = 0.0
+        self._next_quarter = 1
+        print(f"downloading {url} ({_megabytes(total)})", file=self._stream, flush=True)
+
+    def update(self, done: int) -> None:
+        if self._interactive:
+            now = time.monotonic()
+            if now - self._last_time >= 0.2 or done == self._total:
+                self._last_time = now
+                print(f"\r  {self._fraction(done)}", end="", file=self._stream, flush=True)
+        elif self._total and done * 4 >= self._next_quarter * self._total:
+            self._next_quarter = done * 4 // self._total + 1
+            print(f"  {self._fraction(done)}", file=self._stream, flush=True)
+
+    def close(self, done: int) -> None:
+        if self._interactive:
+            print(f"\r  {self._fraction(done)}", file=self._stream, flush=True)
+        elif not self._total:
+            print(f"  {_megabytes(done)} done", file=self._stream, flush=True)
+
+    def _fraction(self, done: int) -> str:
+        if not self._total:
+            return _megabytes(done)
+        return f"{_megabytes(done)} / {_megabytes(self._total)} ({100 * done // self._total}%)"
+
+
+def _megabytes(size: int | None) -> str:
+    return "size unknown" if size is None else f"{size / 1e6:.1f} MB"
+
+
+def _stream_to(response: BinaryIO, out: BinaryIO, total: int | None, progress: _Progress) -> str:
+    """Copy the response body to ``out``; return its SHA-256."""
+    digest, done = hashlib.sha256(), 0
+    while chunk := response.read(_CHUNK_BYTES):
+        out.write(chunk)
+        digest.update(chunk)
+        done += len(chunk)
+        progress.update(done)
+    progress.close(done)
+    if total is not None and done != total:
+        raise http.client.IncompleteRead(b"", total - done)
+    return digest.hexdigest()
+
+
+def download(url: str, destination: str | Path, sha256_prefix: str, *, depth: int | None = None) -> Path:
+    """Download ``url`` to ``destination`` if its SHA-256 starts with ``sha256_prefix``.
+
+    The bytes go to a temporary file next to ``destination`` that is renamed only after the hash
+    matched, so ``destination`` either does not exist or holds the complete, verified file (also
+    with concurrent downloads: the rename is atomic and they write identical bytes).
+
+    Raises:
+      WeightsUnavailableError: on any network error (no connection, timeout, HTTP error, cut-off
+        transfer); the message names the URL, ``destination`` and how to supply the file by hand
+        (``depth`` fills in the ResNet depth of the conversion command).
+      ValueError: when the downloaded bytes do not match ``sha256_prefix`` (nothing is kept).
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    request = urllib.request.Request(url, headers={"User-Agent": "hdml_jax"})
+    fd, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                    length = response.headers.get("Content-Length")
+                    total = int(length) if length and length.isdigit() else None
+                    digest = _stream_to(response, out, total, _Progress(url, total))
+            except _NETWORK_ERRORS as error:
+                raise WeightsUnavailableError(
+                    f"could not download {url} ({error}). "
+                    f"The file belongs at {destination}.\n" + _manual_steps(url, destination, depth)
+                ) from error
+        if not digest.startswith(sha256_prefix):
+            raise ValueError(
+                f"{url} downloaded, but its SHA-256 is {digest}, which does not start with "
+                f"{sha256_prefix}; the file was discarded. Retry, or check the URL."
+            )
+        os.replace(temporary, destination)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return destination
+
+
+def resolve_pretrained(spec: str | None, depth: int, *, width: int = 64) -> Path | None:
+    """Turn ``config.model.pretrained`` into a checkpoint directory for ``load_pretrained``.
+
+    Args:
+      spec: ``None``, ``""`` or ``"none"``: train from scratch (returns ``None``).
+        ``"torchvision"``: torchvision's IMAGENET1K_V1 weights for ``depth``, downloaded and
+        converted on first use, then read from the cache. Anything else: a directory written by
+        ``python -m hdml_jax.models.convert`` (``~`` expanded).
+      depth: the backbone depth (18, 34, 50 or 101).
+      width: the backbone stem width; torchvision's weights exist only for 64.
+
+    Raises:
+      ValueError: ``"torchvision"`` with a width or depth torchvision has no weights for, or a
+        downloaded/cached file whose hash is wrong.
+      WeightsUnavailableError: the download failed (the message explains the manual route).
+      FileNotFoundError: a path that does not exist.
+    """
+    if spec is None or spec.strip().lower() in ("", "none"):
+        return None
+    if spec.strip().lower() == "torchvision":
+        return _torchvision_checkpoint(depth, width)
+    path = Path(spec).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no converted weights at {path}. Use --config.model.pretrained=torchvision to download "
+            "and convert torchvision's ImageNet weights automatically, or create the directory once "
+            "with `python -m hdml_jax.models.convert WEIGHTS --depth N --output DIR`."
+        )
+    return path
+
+
+def _torchvision_checkpoint(depth: int, width: int) -> Path:
+    """The cached conversion of torchvision's weights for ``depth``; made on first use."""
+    if width != 64:
+        raise ValueError(
+            f"pretrained='torchvision' needs model.width=64 (torchvision's ResNets), got {width}; "
+            "set model.width=64 or pretrained=None."
+        )
+    if depth not in TORCHVISION_RESNET_URLS:
+        raise ValueError(
+            f"no torchvision weights for ResNet-{depth}; depths with weights: {sorted(TORCHVISION_RESNET_URLS)}."
+        )
+    url = TORCHVISION_RESNET_URLS[depth]
+    expected_hash = hash_prefix(url)
+    cache = cache_dir()
+    checkpoint = cache / f"resnet{depth}-{expected_hash}-flax"
+    if checkpoint.exists():
+        return checkpoint
+    weights_file = cache / url.rsplit("/", 1)[-1]
+    if weights_file.exists():
+        _check_cached_hash(weights_file, expected_hash)
+    else:
+        download(url, weights_file, expected_hash, depth=depth)
+    _convert_into(weights_file, depth, checkpoint)
+    return checkpoint
+
+
+def _check_cached_hash(path: Path, expected_hash: str) -> None:
+    """A file copied into the cache by hand gets the same check as a download, before conversion."""
+    digest = sha256_of(path)
+    if not digest.startswith(expected_hash):
+        raise ValueError(
+            f"{path} has SHA-256 {digest}, which does not start with {expected_hash}: it is not "
+            "torchvision's file (or is incomplete). Delete it and run again."
+        )
+
+
+def _convert_into(weights_file: Path, depth: int, checkpoint: Path) -> None:
+    """Convert into a private temporary directory, then rename it to ``checkpoint`` atomically.
+
+    When several processes convert at once, the first rename wins; the others find ``checkpoint``
+    present (renaming onto a non-empty directory fails) and discard their copy.
+    """
+    print(f"converting {weights_file} to {checkpoint}", file=sys.stderr, flush=True)
+    workspace = Path(tempfile.mkdtemp(dir=checkpoint.parent, prefix=f".{checkpoint.name}."))
+    try:
+        staged = save_pretrained(load_torchvision_resnet(weights_file, depth), workspace / "ckpt")
+        try:
+            os.rename(staged, checkpoint)
+        except OSError:
+            if not checkpoint.exists():
+                raise
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)

@@ -1,0 +1,238 @@
+"""Optimizers with PyTorch's parameter-group semantics, as the official training scripts use them.
+
+Every parameter carries a group label (``parameter_groups``):
+
+==================  ========================================================================
+``backbone``        the ResNet's convolutions (everything of the backbone but BatchNorm)
+``backbone_bn``     the backbone's BatchNorm scale/bias
+``head``            the embedding layer(s), CGD's descriptor projections and classifier
+``proxies``         the fine proxies (one per class)
+``coarse_proxies``  HPL's coarse proxies (``coarse_proxies_1``, ...)
+==================  ========================================================================
+
+A **phase** is the set of groups that are frozen for a while (``frozen_groups``): during
+warm-up the backbone; with ``bn_freeze`` and no warm-up the BatchNorm affine parameters for the
+whole run; HPL's coarse proxies until the hierarchy exists. PyTorch gives a parameter with
+``requires_grad=False`` no gradient, so ``torch.optim.Adam``/``AdamW`` skip it: its step count and
+moments do not exist until it first trains, and its weight decay is not applied. Here a frozen
+group's optimizer state is passed through untouched and its update is exactly zero, so when it
+unfreezes its state is what a fresh PyTorch optimizer would create (step 0, zero moments).
+
+The learning rate is a function of the **global** step (``learning_rate_schedule``), like
+``torch.optim.lr_scheduler.StepLR`` stepped once per epoch, not of a group's own step count;
+each group scales it by its multiplier. Per group, with ``g`` the (clipped) gradient, ``p`` the
+parameter, ``η = lr(step) · multiplier``::
+
+    adamw:  p ← p − η (m̂ / (√v̂ + ε) + λ p)            torch.optim.AdamW (decoupled decay)
+    adam:   g ← g + λ p;  p ← p − η m̂ / (√v̂ + ε)       torch.optim.Adam (L2 in the gradient)
+    sgd:    g ← g + λ p;  b ← 0.9 b + g;  p ← p − η (g + 0.9 b)    SGD, momentum 0.9, Nesterov
+
+Gradient clipping is element-wise (``torch.nn.utils.clip_grad_value_``) before any of this; the
+proxies are clipped only where the official code clips them (``optimizer.clip_proxies``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from hdml_jax.config import HIERARCHICAL_METHODS
+from hdml_jax.models import batchnorm_mask
+
+GROUPS = ("backbone", "backbone_bn", "head", "proxies", "coarse_proxies")
+PROXY_GROUPS = ("proxies", "coarse_proxies")
+
+
+class OptimizerState(NamedTuple):
+    """``count``: updates applied so far (the global step); ``groups``: per-group optax state."""
+
+    count: jax.Array
+    groups: Any
+
+
+def parameter_groups(params: Any) -> Any:
+    """A pytree of group labels (``GROUPS``) with the structure of ``params``."""
+    is_bn = batchnorm_mask(params)
+
+    def label(path, _, bn: bool) -> str:
+        top = path[0].key
+        if top == "proxies":
+            return "proxies"
+        if top.startswith("coarse_proxies"):
+            return "coarse_proxies"
+        if top == "backbone":
+            return "backbone_bn" if bn else "backbone"
+        return "head"
+
+    return jax.tree_util.tree_map_with_path(label, params, is_bn)
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    return int(config.optimizer.warmup_epochs) * steps_per_epoch
+
+
+def frozen_groups(
+    config: ml_collections.ConfigDict, step: int, steps_per_epoch: int, hierarchy_active: bool = True
+) -> frozenset[str]:
+    """The groups that do not train at ``step`` (a Python int: each phase compiles its own step).
+
+    * ``step < warm-up``: ``backbone`` and ``backbone_bn`` (the official ``train.py`` sets
+      ``requires_grad=False`` on every parameter but the embedding layer and the proxies).
+    * ``model.frozen_bn`` (``bn_freeze``) and no warm-up at all: ``backbone_bn`` for the whole run.
+      The official model freezes BatchNorm's weight/bias at construction, and only the warm-up's
+      end (``epoch == warm``, inside ``if args.warm > 0``) sets ``requires_grad=True`` on them
+      again; with a warm-up they train from its end on, like every other parameter.
+    * HPL: ``coarse_proxies`` until the hierarchy is built (they do not exist before).
+    """
+    frozen = set()
+    warm = warmup_steps(config, steps_per_epoch)
+    if step < warm:
+        frozen |= {"backbone", "backbone_bn"}
+    elif config.model.frozen_bn and warm == 0:
+        frozen.add("backbone_bn")
+    if config.method in HIERARCHICAL_METHODS and not hierarchy_active:
+        frozen.add("coarse_proxies")
+    return frozenset(frozen)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    return int(config.num_steps) if config.num_steps > 0 else int(config.num_epochs) * steps_per_epoch
+
+
+def decay_boundaries(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
+    """Global steps after which the learning rate is multiplied by ``decay_factor``.
+
+    ``optimizer.decay_steps`` (absolute steps, e.g. CGD's 400 and 800) wins over
+    ``decay_epochs``; ``decay_every`` repeats ``decay_epochs[0]`` (StepLR) up to the last epoch.
+    """
+    o = config.optimizer
+    steps = sorted(int(s) for s in o.decay_steps if int(s) > 0)
+    if steps:
+        return steps
+    epochs = sorted(int(e) for e in o.decay_epochs if int(e) > 0)
+    total_epochs = max(1, -(-total_steps(config, steps_per_epoch) // steps_per_epoch))
+    if o.decay_every and epochs:
+        epochs = list(range(epochs[0], total_epochs + 1, epochs[0]))
+    return [epoch * steps_per_epoch for epoch in epochs]
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """Base learning rate at a global step: ``lr · decay_factor^(boundaries passed)``.
+
+    StepLR(step_size=k) stepped once per epoch gives epoch ``e`` the rate ``lr · γ^⌊e/k⌋``: the
+    boundaries are the first steps of epochs ``k, 2k, ...``.
+    """
+    o = config.optimizer
+    boundaries = {step: o.decay_factor for step in decay_boundaries(config, steps_per_epoch)}
+    return optax.piecewise_constant_schedule(o.lr, boundaries)
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+
+def _direction(config: ml_collections.ConfigDict, eps: float) -> optax.GradientTransformation:
+    """A group's update direction before ``−lr · multiplier`` (PyTorch formulas, module docstring)."""
+    o = config.optimizer
+    if o.name == "adamw":
+        return optax.chain(optax.scale_by_adam(eps=eps), optax.add_decayed_weights(o.weight_decay))
+    if o.name == "adam":
+        return optax.chain(optax.add_decayed_weights(o.weight_decay), optax.scale_by_adam(eps=eps))
+    return optax.chain(optax.add_decayed_weights(o.weight_decay), optax.trace(decay=0.9, nesterov=True))
+
+
+def _frozen(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner``'s state layout, but updates are zero and the state does not move."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(jnp.zeros_like, updates), state
+
+    return optax.GradientTransformation(inner.init, update)
+
+
+def group_settings(config: ml_collections.ConfigDict) -> dict[str, tuple[float, float]]:
+    """``{group: (learning-rate multiplier, Adam ε)}``."""
+    o = config.optimizer
+    proxy_eps = o.proxy_eps if o.proxy_eps is not None else o.eps
+    return {
+        "backbone": (o.backbone_lr_multiplier, o.eps),
+        "backbone_bn": (o.backbone_lr_multiplier, o.eps),
+        "head": (o.head_lr_multiplier, o.eps),
+        "proxies": (o.proxy_lr_multiplier, proxy_eps),
+        "coarse_proxies": (o.proxy_lr_multiplier, proxy_eps),
+    }
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    steps_per_epoch: int,
+    frozen: Iterable[str] = (),
+) -> optax.GradientTransformation:
+    """The optimizer of one phase (``frozen`` groups do not move; see ``frozen_groups``).
+
+    Every phase's optimizer has the same state layout (``OptimizerState``), so the state carries
+    over from one phase to the next; only a frozen group's part of it stays as ``init`` made it.
+    ``params`` gives the tree structure (shapes suffice).
+    """
+    o = config.optimizer
+    frozen = frozenset(frozen)
+    unknown = frozen - set(GROUPS)
+    if unknown:
+        raise ValueError(f"unknown parameter groups {sorted(unknown)}; valid: {', '.join(GROUPS)}.")
+    labels = parameter_groups(params)
+    settings = group_settings(config)
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    directions = optax.multi_transform(
+        {
+            group: _frozen(_direction(config, eps)) if group in frozen else _direction(config, eps)
+            for group, (_, eps) in settings.items()
+        },
+        labels,
+    )
+    clip = float(o.grad_clip_value)
+
+    def clip_gradient(gradient, label):
+        if clip and (o.clip_proxies or label not in PROXY_GROUPS):
+            return jnp.clip(gradient, -clip, clip)
+        return gradient
+
+    def init(params):
+        return OptimizerState(jnp.zeros((), jnp.int32), directions.init(params))
+
+    def update(grads, state, params=None):
+        grads = jax.tree.map(clip_gradient, grads, labels)
+        direction, groups = directions.update(grads, state.groups, params)
+        lr = schedule(state.count)
+        updates = jax.tree.map(
+            lambda d, label: (-lr * settings[label][0] * d).astype(d.dtype), direction, labels
+        )
+        return updates, OptimizerState(state.count + 1, groups)
+
+    return optax.GradientTransformation(init, update)
+
+
+def reset_groups(
+    optimizer: optax.GradientTransformation, state: OptimizerState, params: Any, groups: Iterable[str]
+) -> OptimizerState:
+    """``state`` with ``groups`` made fresh (zero moments, step 0), as a new PyTorch optimizer's.
+
+    Used where the official code starts a new optimizer (ProxyNCA++ after its warm-up) and when
+    HPL's coarse proxies are (re)built from k-means: their old moments belong to other vectors.
+    """
+    fresh = optimizer.init(params).groups
+    inner = dict(state.groups.inner_states)
+    for group in groups:
+        inner[group] = fresh.inner_states[group]
+    return OptimizerState(state.count, state.groups._replace(inner_states=inner))
