@@ -52,6 +52,7 @@ def main(argv: list[str]) -> int:
 
     from hdml_jax import train
     from hdml_jax.config import validate
+    from hdml_jax.models.weights import WeightsUnavailableError
 
     config = FLAGS.config
     try:
@@ -64,6 +65,8 @@ def main(argv: list[str]) -> int:
     except train.TrainingInterruptedError as stop:
         print(f"\n{stop}", file=sys.stderr)
         return 0
+    except WeightsUnavailableError as error:  # offline: the message says how to get the weights
+        sys.exit(f"error: {error}")
     if jax.process_index() == 0:
         print(f"done: recall@1 {100 * final['recall@1']:.2f} — results in {Path(workdir).resolve()}")
     return 0

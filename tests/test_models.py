@@ -307,3 +307,33 @@ def test_load_from_every_format_and_save_pretrained(tmp_path):
 
 def test_model_is_a_flax_module():
     assert issubclass(ResNet, nn.Module)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 3, 5)])
+def test_batchnorm_matches_torch_in_training_mode(shape):
+    """Output, gradient and running statistics (unbiased running variance) of one training step."""
+    import torch
+
+    from hdml_jax.models.resnet import BatchNorm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, shape).astype(np.float32)
+    weight = rng.normal(1.0, 0.2, shape[-1]).astype(np.float32)
+    reference = (torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d)(shape[-1])
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(weight))
+    channels_first = torch.from_numpy(x if len(shape) == 2 else x.transpose(0, 3, 1, 2)).requires_grad_()
+    out = reference.train()(channels_first)
+    (out**3).sum().backward()
+    expected = out.detach().numpy() if len(shape) == 2 else out.detach().numpy().transpose(0, 2, 3, 1)
+    expected_grad = channels_first.grad.numpy() if len(shape) == 2 else channels_first.grad.numpy().transpose(0, 2, 3, 1)
+
+    module = BatchNorm()
+    variables = module.init(jax.random.PRNGKey(0), x)
+    variables = {"params": {**variables["params"], "scale": jnp.asarray(weight)}, "batch_stats": variables["batch_stats"]}
+    y, updates = module.apply(variables, x, mutable=["batch_stats"])
+    grad = jax.grad(lambda v: jnp.sum(module.apply(variables, v, mutable=["batch_stats"])[0] ** 3))(x)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], reference.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], reference.running_var.numpy(), rtol=1e-6, atol=1e-6)

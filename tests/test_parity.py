@@ -38,8 +38,12 @@ WIDTH, DIM, SIZE, BATCH, CLASSES = 8, 16, 32, 16, 8
 STEPS_PER_EPOCH = 2
 
 
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().numpy().copy()  # a copy: state_dict() shares the live parameters' memory
+
+
 class TorchEmbedder(torch.nn.Module):
-    """backbone → pooling → Linear (→ L2 in the loss or here), the official heads."""
+    """backbone → pooling → Linear (→ L2), the Proxy-Anchor and ProxyNCA++ heads."""
 
     def __init__(self, pooling: str, normalize: bool):
         super().__init__()
@@ -55,6 +59,55 @@ class TorchEmbedder(torch.nn.Module):
             pooled = F.layer_norm(f.amax((2, 3)), (f.shape[1],), eps=1e-5)
         e = self.model.embedding(pooled)
         return F.normalize(e, dim=1, eps=1e-12) if self.normalize else e
+
+    def head_in_our_layout(self):
+        embedding = self.model.embedding
+        return {"embedding": {"kernel": _numpy(embedding.weight).T, "bias": _numpy(embedding.bias)}}, {}
+
+
+class TorchCGD(torch.nn.Module):
+    """CGD with descriptors S, G (GeM p = 3): each Linear (no bias) → L2, concatenated → L2;
+    BatchNorm1d → Linear classifier on the first descriptor (the paper; CGD-port model.py:14-86)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = randomized(TorchResNet(18, width=WIDTH, last_stride=1), seed=1)
+        features = WIDTH * 8
+        self.fc_S = torch.nn.Linear(features, DIM // 2, bias=False)
+        self.fc_G = torch.nn.Linear(features, DIM // 2, bias=False)
+        self.auxiliary_bn = torch.nn.BatchNorm1d(features)
+        self.auxiliary_fc = torch.nn.Linear(features, CLASSES)
+
+    def forward(self, x):
+        f = self.model.features(x)
+        spoc = f.mean((2, 3))
+        gem = f.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3)
+        branches = [F.normalize(self.fc_S(spoc), dim=1), F.normalize(self.fc_G(gem), dim=1)]
+        return F.normalize(torch.cat(branches, 1), dim=1), self.auxiliary_fc(self.auxiliary_bn(spoc))
+
+    def head_in_our_layout(self):
+        bn, fc = self.auxiliary_bn, self.auxiliary_fc
+        params = {
+            "fc_S": {"kernel": _numpy(self.fc_S.weight).T},
+            "fc_G": {"kernel": _numpy(self.fc_G.weight).T},
+            "auxiliary_bn": {"scale": _numpy(bn.weight), "bias": _numpy(bn.bias)},
+            "auxiliary_fc": {"kernel": _numpy(fc.weight).T, "bias": _numpy(fc.bias)},
+        }
+        return params, {"auxiliary_bn": {"mean": _numpy(bn.running_mean), "var": _numpy(bn.running_var)}}
+
+
+def in_our_layout(torch_model, proxies: torch.Tensor | None) -> dict:
+    """``{'params', 'batch_stats'}`` of a PyTorch model (and its proxies) in our tree layout."""
+    backbone_state = {
+        k: _numpy(v) for k, v in torch_model.model.state_dict().items() if not k.startswith("embedding")
+    }
+    backbone = torchvision_resnet_to_flax(backbone_state, 18, width=WIDTH)
+    head, head_stats = torch_model.head_in_our_layout()
+    params = {"backbone": backbone["params"], "head": head}
+    if proxies is not None:
+        params["proxies"] = _numpy(proxies)
+    batch_stats = {"backbone": backbone["batch_stats"], **({"head": head_stats} if head_stats else {})}
+    return {"params": params, "batch_stats": batch_stats}
 
 
 def torch_proxy_anchor(x, y, proxies, margin=0.1, alpha=32.0):
@@ -90,7 +143,7 @@ def to_torch_images(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
 
 
-def jax_setup(config, torch_model: TorchEmbedder, torch_proxies: torch.Tensor):
+def jax_setup(config, torch_model, torch_proxies: torch.Tensor | None):
     """Our state with the PyTorch weights, and the trainer's phase logic on one device."""
     dataset = tiny_dataset(num_train_classes=CLASSES, num_test_classes=2, per_class=4)
     model = steps.build_model(config, CLASSES)
@@ -100,23 +153,10 @@ def jax_setup(config, torch_model: TorchEmbedder, torch_proxies: torch.Tensor):
     )
     optimizer = optim.make_optimizer(config, params_shape, STEPS_PER_EPOCH)
     state = train.init_state(config, model, dataset, optimizer, ())
-    backbone = torchvision_resnet_to_flax(
-        {
-            k: v.detach().numpy()
-            for k, v in torch_model.model.state_dict().items()
-            if not k.startswith("embedding")
-        },
-        18,
-        width=WIDTH,
-    )
-    embedding = torch_model.model.embedding
-    state["params"]["backbone"] = jax.tree.map(jnp.asarray, backbone["params"])
-    state["batch_stats"]["backbone"] = jax.tree.map(jnp.asarray, backbone["batch_stats"])
-    state["params"]["head"]["embedding"] = {
-        "kernel": jnp.asarray(embedding.weight.detach().numpy().T),
-        "bias": jnp.asarray(embedding.bias.detach().numpy()),
-    }
-    state["params"]["proxies"] = jnp.asarray(torch_proxies.detach().numpy())
+    theirs = jax.tree.map(jnp.asarray, in_our_layout(torch_model, torch_proxies))
+    for collection in ("params", "batch_stats"):
+        assert jax.tree.structure(theirs[collection]) == jax.tree.structure(state[collection])
+        state[collection] = theirs[collection]
     sharding = parallel.state_sharding(state, mesh, False)
     groups = phases.Phases(
         config, model, params_shape, STEPS_PER_EPOCH, (), sharding, NamedSharding(mesh, P("data")), False
@@ -124,29 +164,9 @@ def jax_setup(config, torch_model: TorchEmbedder, torch_proxies: torch.Tensor):
     return groups, jax.device_put(state, sharding)
 
 
-def torch_named_parameters(torch_model: TorchEmbedder, proxies: torch.Tensor) -> dict[str, np.ndarray]:
+def torch_named_parameters(torch_model, proxies: torch.Tensor | None) -> dict[str, np.ndarray]:
     """Our parameter paths → the PyTorch values (converted to our layout)."""
-    # Copies: state_dict() shares the live parameters' memory.
-    state = {
-        k: v.detach().numpy().copy()
-        for k, v in torch_model.model.state_dict().items()
-        if not k.startswith("embedding")
-    }
-    flax = torchvision_resnet_to_flax(state, 18, width=WIDTH)
-    tree = {
-        "params": {
-            "backbone": flax["params"],
-            "head": {
-                "embedding": {
-                    "kernel": torch_model.model.embedding.weight.detach().numpy().T.copy(),
-                    "bias": torch_model.model.embedding.bias.detach().numpy().copy(),
-                }
-            },
-            "proxies": proxies.detach().numpy().copy(),
-        },
-        "batch_stats": {"backbone": flax["batch_stats"]},
-    }
-    return flatten(tree)
+    return flatten(in_our_layout(torch_model, proxies))
 
 
 def flatten(tree) -> dict[str, np.ndarray]:
@@ -181,6 +201,21 @@ def assert_states_match(
         assert loose.sum() <= max(2, 0.02 * loose.size), (
             f"{name} after step {step}: {loose.sum()} of {loose.size} elements differ"
         )
+
+
+def run_and_compare(groups, state, batches, history, config):
+    """Our trainer's steps (``Phases.begin_step`` + the phase's compiled step) against ``history``."""
+    for step, batch in enumerate(batches):
+        state = groups.begin_step(state, step)
+        state, metrics = groups.step_function(step)(state, batch)
+        expected_loss, expected = history[step]
+        np.testing.assert_allclose(
+            float(metrics["loss"]), expected_loss, rtol=1e-4, err_msg=f"loss at step {step}"
+        )
+        assert_states_match(
+            jax.device_get(state), expected, step, config.optimizer.lr, config.optimizer.proxy_lr_multiplier
+        )
+    return state
 
 
 # ----------------------------------------------------------------------------- Proxy-Anchor
@@ -273,16 +308,7 @@ def test_proxy_anchor_steps_match_the_official_pytorch_loop(warmup_epochs):
     history, clipped = run_torch_proxy_anchor(torch_model, proxies, batches, config, clip)
     assert sum(clipped) > 0, "clipping never acted: the test would not check it"
 
-    for step, batch in enumerate(batches):
-        state = groups.begin_step(state, step)
-        state, metrics = groups.step_function(step)(state, batch)
-        expected_loss, expected = history[step]
-        np.testing.assert_allclose(
-            float(metrics["loss"]), expected_loss, rtol=1e-5, err_msg=f"loss at step {step}"
-        )
-        assert_states_match(
-            jax.device_get(state), expected, step, config.optimizer.lr, config.optimizer.proxy_lr_multiplier
-        )
+    state = run_and_compare(groups, state, batches, history, config)
 
     final = flatten(jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]}))
     bn_scale = next(k for k in final if k.endswith("['bn1']['scale']") and "backbone" in k)
@@ -292,3 +318,128 @@ def test_proxy_anchor_steps_match_the_official_pytorch_loop(warmup_epochs):
     assert np.array_equal(final[stats], initial[stats])  # running statistics frozen all run
     # BatchNorm's affine parameters train after a warm-up, and never without one.
     assert np.array_equal(final[bn_scale], initial[bn_scale]) == (warmup_epochs == 0)
+
+
+# ----------------------------------------------------------------------------- CGD
+
+
+def torch_cgd_loss(embedding, logits, y, temperature=0.5, smoothing=0.1, margin=0.1):
+    """CE with τ and ε (CGD-port utils.py:61-72) + batch-hard triplet (utils.py:75-106)."""
+    log_probs = F.log_softmax(logits / temperature, dim=-1)
+    nll = -log_probs.gather(1, y[:, None])[:, 0]
+    classification = ((1 - smoothing) * nll + smoothing * -log_probs.mean(-1)).mean()
+    distance = torch.cdist(embedding[None], embedding[None])[0]
+    same = y[:, None] == y[None, :]
+    positive = same & ~torch.eye(len(y), dtype=torch.bool)
+    hardest_positive = (positive.float() * distance).max(1)[0]
+    hardest_negative = (distance + distance.max(1, keepdim=True)[0] * same.float()).min(1)[0]
+    return classification + F.relu(hardest_positive - hardest_negative + margin).mean()
+
+
+def test_cgd_steps_match_a_pytorch_loop():
+    """Adam, BatchNorm in train mode (running statistics compared too), CE + triplet, and the
+    learning rate ×0.1 after an absolute step (the paper's iteration milestones): 6 steps."""
+    torch.manual_seed(0)
+    config = tiny_config(
+        "cgd",
+        **{
+            "model.width": WIDTH,
+            "model.embedding_dim": DIM,
+            "model.descriptors": "SG",
+            "optimizer.lr": 3e-3,
+            "optimizer.eps": 1e-4,  # see test_proxy_anchor_steps_match_the_official_pytorch_loop
+            "optimizer.decay_steps": (3,),
+            "batch_size": BATCH,
+            "classes_per_batch": CLASSES,
+            "samples_per_class": BATCH // CLASSES,
+            "num_epochs": 3,
+        },
+    )
+    torch_model = TorchCGD()
+    batches = fixed_batches(3 * STEPS_PER_EPOCH)
+    groups, state = jax_setup(config, torch_model, None)
+    optimizer = torch.optim.Adam(torch_model.parameters(), lr=config.optimizer.lr, eps=config.optimizer.eps)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[3], gamma=0.1)
+    history = []
+    torch_model.train()
+    for batch in batches:  # the schedule counts iterations here
+        embedding, logits = torch_model(to_torch_images(batch["image"]))
+        loss = torch_cgd_loss(embedding, logits, torch.from_numpy(batch["label"]).long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        history.append((loss.item(), torch_named_parameters(torch_model, None)))
+    run_and_compare(groups, state, batches, history, config)
+
+
+# ----------------------------------------------------------------------------- ProxyNCA++
+
+
+def test_proxy_nca_pp_steps_match_the_official_pytorch_loop():
+    """Adam ε = 1 on every group, no weight decay, proxies ×1e5, model-only clipping, BatchNorm in
+    train mode; warm-up (1 epoch) in an optimizer of its own with the backbone at lr 0, then a new
+    optimizer: 6 steps."""
+    torch.manual_seed(0)
+    clip = 2e-3
+    config = tiny_config(
+        "proxy_nca_pp",
+        **{
+            "model.width": WIDTH,
+            "model.embedding_dim": DIM,
+            "optimizer.warmup_epochs": 1,
+            "optimizer.grad_clip_value": clip,
+            "batch_size": BATCH,
+            "classes_per_batch": CLASSES,
+            "samples_per_class": BATCH // CLASSES,
+            "num_epochs": 3,
+        },
+    )
+    o = config.optimizer
+    assert (o.name, o.eps, o.weight_decay, o.proxy_lr_multiplier, o.clip_proxies) == (
+        "adam",
+        1.0,
+        0.0,
+        1e5,
+        False,
+    )
+    assert o.fresh_state_after_warmup and not config.model.frozen_bn
+    torch_model = TorchEmbedder("mac_layernorm", normalize=True)
+    proxies = torch.nn.Parameter(torch.randn(CLASSES, DIM) / 8)
+    batches = fixed_batches(3 * STEPS_PER_EPOCH)
+    groups, state = jax_setup(config, torch_model, proxies)
+    embedding = list(torch_model.model.embedding.parameters())
+    backbone = [p for p in torch_model.parameters() if all(p is not e for e in embedding)]
+
+    def adam(backbone_lr):
+        return torch.optim.Adam(
+            [
+                {"params": backbone, "lr": backbone_lr},
+                {"params": embedding},
+                {"params": [proxies], "lr": o.lr * o.proxy_lr_multiplier},
+            ],
+            lr=o.lr,
+            eps=o.eps,
+            weight_decay=0.0,
+        )
+
+    history, clipped, proxy_grad = [], 0, 0.0
+    torch_model.train()
+    for step, batch in enumerate(batches):
+        if step == 0:
+            optimizer = adam(0.0)  # NCA++ train.py:263-288
+        if step == STEPS_PER_EPOCH:
+            optimizer = adam(o.lr)  # a new optimizer after warm-up (train.py:290-312)
+        x = torch_model(to_torch_images(batch["image"]))
+        loss = torch_proxy_nca_pp(x, torch.from_numpy(batch["label"]).long(), proxies)
+        optimizer.zero_grad()
+        loss.backward()
+        clipped += sum(
+            int((p.grad.abs() > clip).sum()) for p in torch_model.parameters() if p.grad is not None
+        )
+        proxy_grad = max(proxy_grad, float(proxies.grad.abs().max()))
+        torch.nn.utils.clip_grad_value_(torch_model.parameters(), clip)  # not the proxies
+        optimizer.step()
+        history.append((loss.item(), torch_named_parameters(torch_model, proxies)))
+    assert clipped > 0 and proxy_grad > clip  # both clipping rules are exercised
+    run_and_compare(groups, state, batches, history, config)

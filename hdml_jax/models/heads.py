@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from hdml_jax.losses._common import l2_normalize
 from hdml_jax.models import pooling
-from hdml_jax.models.resnet import BN_EPSILON, BN_MOMENTUM
+from hdml_jax.models.resnet import BatchNorm
 
 DESCRIPTORS = {"S": "SPoC", "M": "MAC", "G": "GeM"}
 COMBINES = ("concat", "sum")
@@ -158,9 +158,7 @@ class CGDHead(nn.Module):
             outputs["embedding"] = l2_normalize(joined)
             outputs["branch_embeddings"] = tuple(branches)
         if self.num_classes:
-            normed = nn.BatchNorm(
-                use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="auxiliary_bn"
-            )(raw[0])
+            normed = BatchNorm(use_running_average=not train, name="auxiliary_bn")(raw[0])
             outputs["logits"] = nn.Dense(self.num_classes, name="auxiliary_fc")(normed)
         return outputs
 

@@ -12,6 +12,7 @@ Input: NHWC images. Output: the last feature map, ``(N, H/32, W/32, 8·width·ex
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -61,6 +62,46 @@ class FrozenBatchNorm(nn.Module):
         return y.astype(dtype)
 
 
+class BatchNorm(nn.Module):
+    """``torch.nn.BatchNorm{1,2}d`` exactly: normalisation over every axis but the last.
+
+    Training normalises with the batch mean and the *biased* batch variance, and updates the
+    running variance with the *unbiased* one (``n / (n - 1)``, ``n`` values per channel), as
+    PyTorch does; Flax's ``nn.BatchNorm`` uses the biased one there, which for a 1-d BatchNorm on
+    a batch of 32 is 3% off. The variance is computed in two passes (mean first), in float32.
+    Same variables as ``nn.BatchNorm``. ``momentum`` in Flax's convention (PyTorch 0.1 = 0.9).
+    """
+
+    use_running_average: bool = False
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
+    dtype: Any = None
+    scale_init: Callable = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        x32 = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axis=axes)
+            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            if not self.is_initializing():
+                n = x.size // features
+                unbiased = var * (n / max(n - 1, 1))
+                m = self.momentum
+                running_mean.value = m * running_mean.value + (1 - m) * mean
+                running_var.value = m * running_var.value + (1 - m) * unbiased
+        y = (x32 - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+        return y.astype(self.dtype or x.dtype)
+
+
 def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
     """A bias-free conv with torchvision's symmetric padding ``kernel // 2``."""
     pad = kernel // 2
@@ -80,12 +121,9 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.
 def _norm(train: bool, frozen: bool, dtype: Any, name: str, zero_scale: bool = False) -> nn.Module:
     if frozen:
         return FrozenBatchNorm(dtype=dtype, name=name)
-    return nn.BatchNorm(
+    return BatchNorm(
         use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
         dtype=dtype,
-        param_dtype=jnp.float32,
         scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
         name=name,
     )
