@@ -124,7 +124,7 @@ def test_train_mode_updates_batch_stats_and_frozen_bn_freezes():
 
             return proxy_anchor_loss(outputs["embedding"], labels, params["proxies"]), updates
 
-        (_, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        (_, updates), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
         step, _ = optimizer.update(grads, opt_state, variables["params"])
         new_params = optax.apply_updates(variables["params"], step)
         stats_changed = jax.tree.leaves(
