@@ -18,20 +18,14 @@ Recipes (sources as in ``configs/cub.py``):
   train.py:84, 117) and its Cars descriptors SG (README.md:100-105).
 """
 
-from hdml_jax.config import PROXY_ANCHOR_FAMILY, base_config, parse_arg
+from hdml_jax.config import apply_proxy_anchor_command, base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
     args = parse_arg(arg)
     c = base_config("cars196", args.pop("method", "hpl_pa"))
-    if c.method in PROXY_ANCHOR_FAMILY:
-        c.batch_size = 120
-        c.optimizer.warmup_epochs = 5
-        c.model.frozen_bn = True
-        c.optimizer.decay_epochs = (10,)
-        c.optimizer.decay_factor = 0.5
-        c.num_epochs = 60
-        c.sampler = "shuffle"
+    # PA README.md:101-112 (ResNet-50)
+    apply_proxy_anchor_command(c, batch_size=120, lr=1e-4, warm=5, bn_freeze=True, lr_decay_step=10)
     if c.method == "cgd":
         c.model.descriptors = "SG"
     # HPL's number of coarse groups: a guess (no official code; the paper's ablation varies it).

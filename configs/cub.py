@@ -22,20 +22,14 @@ Proxy-Anchor-CVPR2020, NCA++ = proxynca_pp, CGD-port = leftthomas/CGD):
   §2); descriptors MG, the CGD-port's CUB row (README.md:132-137).
 """
 
-from hdml_jax.config import PROXY_ANCHOR_FAMILY, base_config, parse_arg
+from hdml_jax.config import apply_proxy_anchor_command, base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
     args = parse_arg(arg)
     c = base_config("cub200", args.pop("method", "hpl_pa"))
-    if c.method in PROXY_ANCHOR_FAMILY:
-        c.batch_size = 120
-        c.optimizer.warmup_epochs = 5
-        c.model.frozen_bn = True
-        c.optimizer.decay_epochs = (5,)
-        c.optimizer.decay_factor = 0.5
-        c.num_epochs = 60
-        c.sampler = "shuffle"
+    # PA README.md:64-75 (ResNet-50)
+    apply_proxy_anchor_command(c, batch_size=120, lr=1e-4, warm=5, bn_freeze=True, lr_decay_step=5)
     if c.method == "cgd":
         c.model.descriptors = "MG"
         c.num_steps = 1500

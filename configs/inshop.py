@@ -19,27 +19,20 @@ Recipes (sources as in ``configs/cub.py``):
   (README.md:198-205); the paper gives no In-Shop schedule.
 """
 
-from hdml_jax.config import PROXY_ANCHOR_FAMILY, base_config, parse_arg
+from hdml_jax.config import apply_proxy_anchor_command, apply_proxynca_pp_config, base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
     args = parse_arg(arg)
     c = base_config("inshop", args.pop("method", "hpl_pa"))
-    if c.method in PROXY_ANCHOR_FAMILY:
-        c.batch_size = 180
-        c.optimizer.lr = 6e-4
-        c.optimizer.warmup_epochs = 1
-        c.model.frozen_bn = False
-        c.optimizer.decay_epochs = (20,)
-        c.optimizer.decay_factor = 0.25
-        c.num_epochs = 60
-        c.sampler = "shuffle"
-    if c.method == "proxy_nca_pp":
-        c.optimizer.lr = 4e-3 * 6
-        c.optimizer.proxy_lr_multiplier = (4e2 * 6) / (4e-3 * 6)  # proxies at 2400
-        c.classes_per_batch, c.samples_per_class = 64, 3
-        c.batch_size = 192
-        c.num_epochs = 85
+    # PA README.md:145-157 (BN-Inception: no ResNet-50 command exists)
+    apply_proxy_anchor_command(
+        c, batch_size=180, lr=6e-4, warm=1, bn_freeze=False, lr_decay_step=20, lr_decay_gamma=0.25
+    )
+    # NCA++ config/inshop.json:22-25, 43, 46
+    apply_proxynca_pp_config(
+        c, lr=4e-3 * 6, proxy_lr=4e2 * 6, classes_per_batch=64, samples_per_class=3, epochs=80 + 5
+    )
     if c.method == "cgd":
         c.model.descriptors = "GS"
     # HPL's number of coarse groups: a guess (no official code; the paper's ablation varies it).

@@ -230,6 +230,55 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
         c.batch_size = 128  # CGD-port train.py:83
 
 
+def apply_proxy_anchor_command(
+    c: ml_collections.ConfigDict,
+    *,
+    batch_size: int,
+    lr: float,
+    warm: int,
+    bn_freeze: bool,
+    lr_decay_step: int,
+    lr_decay_gamma: float = 0.5,
+    epochs: int = 60,
+) -> None:
+    """The flags of an official Proxy-Anchor training command, for the methods trained with it.
+
+    Defaults are PA ``train.py``'s (``--lr-decay-gamma`` 0.5, l.72-74; ``--epochs`` 60, l.43-46);
+    no README command passes ``--IPC``, so batches are shuffled (l.141-150). Other methods keep
+    their own recipe.
+    """
+    if c.method not in PROXY_ANCHOR_FAMILY:
+        return
+    c.batch_size = batch_size
+    c.optimizer.lr = lr
+    c.optimizer.warmup_epochs = warm
+    c.model.frozen_bn = bn_freeze
+    c.optimizer.decay_epochs = (lr_decay_step,)
+    c.optimizer.decay_every = True  # StepLR(step_size=lr_decay_step)
+    c.optimizer.decay_factor = lr_decay_gamma
+    c.num_epochs = epochs
+    c.sampler = "shuffle"
+
+
+def apply_proxynca_pp_config(
+    c: ml_collections.ConfigDict,
+    *,
+    lr: float,
+    proxy_lr: float,
+    classes_per_batch: int,
+    samples_per_class: int,
+    epochs: int,
+) -> None:
+    """A ProxyNCA++ ``config/<dataset>.json``'s numbers (``epochs`` includes the 5 warm-up epochs)."""
+    if c.method != "proxy_nca_pp":
+        return
+    c.optimizer.lr = lr
+    c.optimizer.proxy_lr_multiplier = proxy_lr / lr
+    c.classes_per_batch, c.samples_per_class = classes_per_batch, samples_per_class
+    c.batch_size = classes_per_batch * samples_per_class
+    c.num_epochs = epochs
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Check a config before anything is built; one-line errors listing the valid values."""
 
