@@ -1,6 +1,9 @@
-"""The pieces of one training step: model, parameter groups, optimizer, loss, and the step itself.
+"""The pieces of one training step: model, loss, and the step itself.
 
-The step is a pure function ``(state, batch) -> (state, metrics)`` compiled once with ``jax.jit``;
+The optimizer (parameter groups, PyTorch semantics) is ``hdml_jax.optim``; which groups train
+at a step, and the state changes between phases, are ``hdml_jax.phases``.
+
+The step is a pure function ``(state, batch) -> (state, metrics)`` compiled once per phase with ``jax.jit``;
 the batch is sharded over the ``'data'`` axis of a device mesh and the state replicated, so the
 losses and BatchNorm see the global batch on 1 device or 256 without any hand-written collective.
 
