@@ -11,7 +11,7 @@ Workdir layout::
     metrics.jsonl        one JSON record per log step and per evaluation
     events.*             TensorBoard (tensorboardX)
     checkpoints/         orbax: the last ``keep_checkpoints`` and the best by Recall@1
-    final_metrics.json   the last evaluation
+    final_metrics.json   the last evaluation, and the best one (by Recall@1) under "best"
     test_embeddings.npy  test_labels.npy (and query/gallery for In-Shop)
     tsne.png  retrieval.png  curves.png
 """
