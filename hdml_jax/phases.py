@@ -142,10 +142,10 @@ class Phases:
             "assignments": pad_fine_assignment(built.assignments, proxies.shape[0]),
             "active": jnp.ones((), jnp.float32),
         }
-        state = jax.device_put({**state, "params": params, "hierarchy": hierarchy}, self.state_sharding)
         self.hierarchy_active = True
-        # The old moments (if any) belong to other vectors: start the coarse proxies afresh.
-        return self._reset_optimizer(state, ("coarse_proxies",))
+        # The old moments (if any) belong to other vectors: start the coarse proxies afresh
+        # (this also places the new state on the mesh).
+        return self._reset_optimizer({**state, "params": params, "hierarchy": hierarchy}, ("coarse_proxies",))
 
     def refresh_hierarchy(self, state: steps.State) -> steps.State:
         """Re-assign every class to its nearest coarse proxy (the coarse proxies keep training)."""
