@@ -15,7 +15,7 @@ from hdml_jax.config import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, keys=("method", "seed"))
     c = base_config("synthetic", args.get("method", "hpl_pa"))
     c.model.pretrained = "none"  # from scratch: ImageNet features do not fit 48-px shapes
     c.dataset.image_size = 48

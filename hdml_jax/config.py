@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from hdml_jax.errors import ConfigError
 from hdml_jax.models.heads import (
     ARCHITECTURES,
     COMBINES,
@@ -49,10 +50,16 @@ DATASET_NAMES = ("synthetic", "cub200", "cars196", "sop", "inshop")
 TRANSFORMS = ("proxy_anchor", "proxynca_pp", "cgd", "mlrc", "synthetic")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DTYPES = ("float32", "bfloat16")
+# Higher is better for each; the kept "best" checkpoint and final_metrics.json's "best" use one.
+BEST_METRICS = ("recall@1", "map@r", "r_precision")
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """``"method=hpl_pa,seed=3"`` or just ``"hpl_pa"`` → ``{"method": "hpl_pa", "seed": "3"}``."""
+def parse_arg(arg: str | None, keys: tuple[str, ...] = ("method",)) -> dict[str, str]:
+    """``"method=hpl_pa,seed=3"`` or just ``"hpl_pa"`` → ``{"method": "hpl_pa", "seed": "3"}``.
+
+    ``keys`` are the options the config file understands after its colon; any other key is an
+    error (a misspelt ``methd=hpl_pa`` must not silently run the default method).
+    """
     result: dict[str, str] = {}
     for part in filter(None, (arg or "").split(",")):
         key, sep, value = part.partition("=")
@@ -60,6 +67,13 @@ def parse_arg(arg: str | None) -> dict[str, str]:
             result[key.strip()] = value.strip()
         else:
             result["method"] = key.strip()
+    unknown = sorted(set(result) - set(keys))
+    if unknown:
+        raise ConfigError(
+            f"unknown option {', '.join(map(repr, unknown))} after the config file's colon; valid: "
+            f"{', '.join(keys)} (e.g. configs/cub.py:method=hpl_pa). Other fields are set with "
+            "--config.FIELD=VALUE."
+        )
     return result
 
 
@@ -151,7 +165,8 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.eval_batch_size = 256
     c.log_every_steps = 20
     c.checkpoint_every_steps = 500
-    c.keep_checkpoints = 2
+    c.keep_checkpoints = 2  # the last N checkpoints; the best by best_metric is kept too
+    c.best_metric = "recall@1"  # which evaluation is "best" (final_metrics.json's best, kept checkpoint)
     c.nmi = True
     c.pictures = True
     c.tsne_max_points = 2000
@@ -279,14 +294,69 @@ def apply_proxynca_pp_config(
     c.num_epochs = epochs
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Check a config before anything is built; one-line errors listing the valid values."""
+# Fields that only some methods (or the P×K sampler) read. Overriding one of them for a method
+# that ignores it is an error (``unused_overrides``): the run would not be what was asked for.
+_CGD = ("cgd",)
+_PROXY_ANCHOR_LOSS = ("proxy_anchor", "hpl_pa")
+_NCA_LOSS = ("proxy_nca", "proxy_nca_pp", "hpl_nca")
+_EMBEDDING_HEAD = PROXY_METHODS
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "model.descriptors": _CGD,
+    "model.combine": _CGD,
+    "model.architecture": _CGD,
+    "model.learnable_gem_p": _CGD,
+    "model.pooling": _EMBEDDING_HEAD,
+    "model.embedding_init": _EMBEDDING_HEAD,
+    "model.proxy_init": PROXY_METHODS,
+    "loss.margin": _PROXY_ANCHOR_LOSS,
+    "loss.alpha": _PROXY_ANCHOR_LOSS,
+    "loss.scale": _NCA_LOSS,
+    "loss.level_weights": HIERARCHICAL_METHODS,
+    "loss.num_coarse_groups": HIERARCHICAL_METHODS,
+    "loss.hierarchy_build_epoch": HIERARCHICAL_METHODS,
+    "loss.hierarchy_refresh_epochs": HIERARCHICAL_METHODS,
+    "loss.coarse_from_labels": HIERARCHICAL_METHODS,
+    "loss.temperature": _CGD,
+    "loss.label_smoothing": _CGD,
+    "loss.triplet_margin": _CGD,
+    "loss.classification_weight": _CGD,
+    "optimizer.proxy_lr_multiplier": PROXY_METHODS,
+    "optimizer.proxy_eps": PROXY_METHODS,
+    "optimizer.clip_proxies": PROXY_METHODS,
+}
+_PK_FIELDS = ("classes_per_batch", "samples_per_class")
+
+
+def unused_overrides(c: ml_collections.ConfigDict, overridden: list[str] | tuple[str, ...]) -> list[str]:
+    """Messages for the overridden fields (dotted names) that ``c``'s method or sampler never reads."""
+    messages = []
+    for name in overridden:
+        users = METHOD_FIELDS.get(name)
+        if users is not None and c.method not in users:
+            messages.append(f"{name} has no effect with method {c.method} (used by: {', '.join(users)})")
+        if name in _PK_FIELDS and c.sampler != "pk":
+            messages.append(f"{name} has no effect with sampler={c.sampler!r} (used by sampler='pk')")
+        if name == "model.gem_p" and c.method != "cgd" and c.model.pooling != "gem":
+            messages.append(
+                f"model.gem_p has no effect with model.pooling={c.model.pooling!r} (used by cgd and 'gem')"
+            )
+    return messages
+
+
+def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> None:
+    """Check a config before anything is built; one-line ``ConfigError`` listing the valid values.
+
+    ``overridden``: the dotted names set on the command line; one the method ignores is an error.
+    """
 
     def one_of(value, valid, what):
         if value not in valid:
-            raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}.")
+            raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}.")
 
     one_of(c.method, METHODS, "method")
+    unused = unused_overrides(c, overridden)
+    if unused:
+        raise ConfigError("; ".join(unused) + ". Remove the override or pick a method that uses it.")
     one_of(c.dataset.name, DATASET_NAMES, "dataset")
     one_of(c.dataset.transform, TRANSFORMS, "transform")
     one_of(c.optimizer.name, OPTIMIZERS, "optimizer")
@@ -304,12 +374,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.method in HIERARCHICAL_METHODS:
         levels = len(tuple(c.loss.num_coarse_groups)) + 1
         if len(tuple(c.loss.level_weights)) != levels:
-            raise ValueError(
+            raise ConfigError(
                 f"loss.level_weights has {len(tuple(c.loss.level_weights))} entries for {levels} proxy levels "
                 f"(1 fine + {levels - 1} coarse from loss.num_coarse_groups); give one weight per level."
             )
     if c.sampler == "pk" and c.batch_size != c.classes_per_batch * c.samples_per_class:
-        raise ValueError(
+        raise ConfigError(
             f"batch_size {c.batch_size} must equal classes_per_batch × samples_per_class = "
             f"{c.classes_per_batch} × {c.samples_per_class} with sampler='pk'."
         )
@@ -321,8 +391,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "keep_checkpoints",
     ):
         if int(c[name]) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {c[name]}.")
+            raise ConfigError(f"{name} must be a positive integer, got {c[name]}.")
     if c.num_steps <= 0 and c.num_epochs <= 0:
-        raise ValueError("set num_epochs or num_steps to a positive number.")
+        raise ConfigError("set num_epochs or num_steps to a positive number.")
     if c.optimizer.lr <= 0:
-        raise ValueError(f"optimizer.lr must be positive, got {c.optimizer.lr}.")
+        raise ConfigError(f"optimizer.lr must be positive, got {c.optimizer.lr}.")
+    one_of(c.best_metric, BEST_METRICS, "best_metric")
+    if c.eval_every_epochs < 0:
+        raise ConfigError(f"eval_every_epochs must be >= 0 (0: only at the end), got {c.eval_every_epochs}.")

@@ -2,24 +2,34 @@
 
 Without ``--config`` it runs the embedded default, ``configs/synthetic.py`` (HPL-PA on the
 generated synthetic data set). Any field can be overridden: ``--config.optimizer.lr=2e-4``.
-Rerunning the same command resumes from the workdir's last checkpoint; ``--config.eval_only=True``
-evaluates the latest checkpoint.
+Rerunning the same command resumes from the workdir's last checkpoint (a finished run says so
+and stops); ``--config.eval_only=True`` evaluates the latest checkpoint again.
+
+Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the next step and exits (130 after Ctrl-C, 0
+after SIGTERM); a second one exits at once. Mistakes end in one ``error:`` line and exit 2;
+``HDML_JAX_DEBUG=1`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic.py"
+from hdml_jax import interrupts
+from hdml_jax.errors import ConfigError, UserError, debug_enabled, exit_with_message
 
-config_flags.DEFINE_config_file(
-    "config", str(DEFAULT_CONFIG), "A configs/*.py file, optionally with :method=..."
-)
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "synthetic.py"
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
+
+# No default here: ml_collections would load the default file (and apply sys.argv's overrides)
+# at import, outside any error handling. parse_flags supplies configs/synthetic.py instead.
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :method=...")
 flags.DEFINE_string(
     "workdir", None, "Where checkpoints, metrics and pictures go (default: runs/<dataset>_<method>)."
 )
@@ -27,6 +37,117 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host without auto-detect
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 FLAGS = flags.FLAGS
+
+
+def usage() -> str:
+    """``--help``: the command, the config files, the methods and where every field is documented."""
+    from hdml_jax.config import METHODS
+
+    configs = []
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        doc = path.read_text().split('"""')
+        first = doc[1].strip().splitlines()[0] if len(doc) > 2 else ""
+        configs.append(f"  configs/{path.name:<14} {first}")
+    return "\n".join(
+        [
+            "usage: python -m hdml_jax.main [--config FILE[:method=NAME]] [--workdir DIR] [--config.FIELD=VALUE ...]",
+            "",
+            "Train a deep-metric-learning model, evaluate it (Recall@K, MAP@R, R-Precision, NMI) and",
+            "write checkpoints, metrics and pictures to the workdir. Rerun the same command to resume.",
+            "",
+            "configs (default: configs/synthetic.py, generated data, no download):",
+            *configs,
+            "",
+            f"methods (FILE:method=NAME): {', '.join(METHODS)}",
+            "  recipes and their sources: hdml_jax/config.py (module docstring and apply_method)",
+            "",
+            "flags:",
+            "  --workdir DIR              checkpoints, metrics.jsonl, final_metrics.json, pictures",
+            "                             (default: runs/<dataset>_<method>)",
+            "  --config.FIELD=VALUE       any config field, e.g. --config.optimizer.lr=2e-4,",
+            "                             --config.eval_only=True; every field is listed with a comment",
+            "                             in hdml_jax/config.py base_config()",
+            "  --coordinator_address, --num_processes, --process_id   multi-host without auto-detection",
+            "",
+            "Ctrl-C or SIGTERM: checkpoint at the next step and exit (130 / 0); twice: exit at once.",
+            "HDML_JAX_DEBUG=1 shows tracebacks of user errors.  More: README.md",
+        ]
+    )
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and its causes/contexts, outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _last_exception_line(text: str) -> str:
+    """``pkg.SomeError: message`` → ``message``: the last line of a traceback formatted as text
+    (ml_collections puts a config file's traceback into its own error's message)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else text
+    return re.sub(r"^[\w.]+(Error|Exception|Exit):\s*", "", last)
+
+
+def describe_flag_error(error: BaseException, argv: list[str]) -> str:
+    """One line for a command line that absl or ml_collections could not parse."""
+    chain = _chain(error)
+    for candidate in reversed(chain):  # the innermost: ml_collections re-raises with a traceback as text
+        if isinstance(candidate, UserError):
+            return _last_exception_line(str(candidate))
+    if isinstance(error, flags.IllegalFlagValueError):  # names the flag and the value
+        return str(error).splitlines()[0]
+    for candidate in chain:
+        if isinstance(candidate, (AttributeError, KeyError)):  # an unknown --config.FIELD
+            text = str(candidate).strip("'\"").replace("\\n", "\n").replace("\\'", "'")
+            key, _, hint = text.partition("\n")
+            key = key.strip("'\"")
+            flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a), key)
+            hint = f" {hint.strip()}" if hint.strip() else ""
+            return f"unknown config field in {flag}.{hint} Every field is listed in hdml_jax/config.py base_config()."
+    text = str(chain[-1])
+    if "Traceback (most recent call last)" in str(error):
+        text = _last_exception_line(str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines[-2:]) if lines else type(chain[-1]).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with ``--help`` that exits 0 and errors in one line."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(usage())
+        sys.exit(0)
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
+        argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+    _check_config_file(argv)
+    try:
+        remaining = FLAGS(argv)
+        FLAGS.config.method  # noqa: B018 — ml_collections defers a config file's errors until here
+        return remaining
+    except Exception as error:
+        if debug_enabled():
+            raise
+        exit_with_message(ConfigError(describe_flag_error(error, argv)), "config error")
+        raise  # unreachable: exit_with_message exits
+
+
+def _check_config_file(argv: list[str]) -> None:
+    """A missing ``--config`` file, named with the ones that exist."""
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        path = value.split(":", 1)[0]
+        if not Path(path).is_file():
+            available = ", ".join(f"configs/{p.name}" for p in sorted((ROOT / "configs").glob("*.py")))
+            exit_with_message(ConfigError(f"config file {path} not found; available: {available}."), "config error")
 
 
 def _multi_process() -> bool:
@@ -40,37 +161,45 @@ def _multi_process() -> bool:
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        exit_with_message(ConfigError(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR."))
     # Libraries (orbax above all) log every checkpoint step at INFO through absl; keep the screen
     # for the progress line and the evaluation summaries. --verbosity=0 brings them back.
     if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+        logging.set_verbosity(logging.ERROR)
     import jax
 
     if _multi_process():
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
     from hdml_jax import train
-    from hdml_jax.config import validate
-    from hdml_jax.models.weights import WeightsUnavailableError
 
     config = FLAGS.config
-    try:
-        validate(config)
-    except ValueError as error:
-        sys.exit(f"config error: {error}")
+    overridden = tuple(config_flags.get_override_values(FLAGS["config"]))
     workdir = FLAGS.workdir or config.workdir or f"runs/{config.dataset.name}_{config.method}"
     try:
-        final = train.train_and_evaluate(config, workdir)
+        final = train.train_and_evaluate(config, workdir, overridden=overridden)
     except train.TrainingInterruptedError as stop:
         print(f"\n{stop}", file=sys.stderr)
-        return 0
-    except WeightsUnavailableError as error:  # offline: the message says how to get the weights
-        sys.exit(f"error: {error}")
+        return interrupts.exit_code(stop.signum)
+    except ConfigError as error:
+        exit_with_message(error, "config error")
+    except UserError as error:
+        exit_with_message(error)
+    except train.TrainingDivergedError as error:
+        exit_with_message(error)
     if jax.process_index() == 0:
         print(f"done: recall@1 {100 * final['recall@1']:.2f} — results in {Path(workdir).resolve()}")
     return 0
 
 
+def run() -> None:
+    # Ctrl-C from the very start: before JAX is imported, during flag parsing and start-up.
+    interrupts.install()
+    try:
+        app.run(main, flags_parser=parse_flags)
+    finally:
+        interrupts.uninstall()
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -210,8 +210,9 @@ def train_step(
     )
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    # BatchNorm statistics too: NaN running statistics would reach evaluation unseen.
     finite = jnp.isfinite(loss) & jnp.all(
-        jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])
+        jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, batch_stats))])
     )
     new_state = {
         **state,

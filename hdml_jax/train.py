@@ -3,28 +3,37 @@
 ``train_and_evaluate(config, workdir)`` is all ``main.py`` calls. One batch goes
 ``data.pipeline`` → ``steps.train_step`` (jit, sharded) → optax; every ``eval_every_epochs`` the
 test split is embedded and scored (``evaluate``); orbax checkpoints hold the whole state plus the
-data iterator position, so rerunning the same command resumes exactly where it stopped.
+data iterator position (``hdml_jax.checkpoints``), so rerunning the same command resumes exactly
+where it stopped, and a finished run says so and does nothing.
+
+Nothing is lost when the user interrupts or errs: SIGINT and SIGTERM stop at the next safe point
+with a checkpoint (``hdml_jax.interrupts``); a hard kill leaves the last complete checkpoint;
+a damaged checkpoint falls back to the newest intact one; the workdir is locked against a
+second run; a full disk or a mistake ends in one message, and a run that fails before its first
+step leaves no workdir behind (``hdml_jax.workdir``).
 
 Workdir layout::
 
-    config.json          the resolved config
+    config.json          the resolved config (written once a resume is validated)
     metrics.jsonl        one JSON record per log step and per evaluation
     events.*             TensorBoard (tensorboardX)
-    checkpoints/         orbax: the last ``keep_checkpoints`` and the best by Recall@1
-    final_metrics.json   the last evaluation, and the best one (by Recall@1) under "best"
+    checkpoints/         orbax: the last ``keep_checkpoints`` and the best by ``best_metric``
+    final_metrics.json   the last evaluation, and the best one under "best"; marks the run complete
     test_embeddings.npy  test_labels.npy (and query/gallery for In-Shop)
     tsne.png  retrieval.png  curves.png
+    .lock                held by the running process
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +47,45 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hdml_jax import evaluate, optim, parallel, steps, visualize
+from hdml_jax import checkpoints, evaluate, interrupts, optim, parallel, steps, visualize
 from hdml_jax.config import HIERARCHICAL_METHODS, validate
 from hdml_jax.data import pipeline, sampling, transforms
 from hdml_jax.data.base import MetricDataset, Split
+from hdml_jax.errors import ConfigError, UserError
 from hdml_jax.losses import hierarchy_from_labels
 from hdml_jax.models import load_pretrained
 from hdml_jax.models.weights import resolve_pretrained
 from hdml_jax.phases import Phases, hierarchy_is_active, pad_fine_assignment
+from hdml_jax.workdir import (
+    WorkdirLock,
+    atomic_write,
+    atomic_write_text,
+    first_missing_ancestor,
+    read_log,
+    remove_stub,
+    storage_errors,
+)
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss or the parameters became NaN/Inf; the last good checkpoint is left untouched."""
+    """The loss, the parameters, the BatchNorm statistics or the embeddings became NaN/Inf; the
+    last good checkpoint is left untouched."""
 
 
 class TrainingInterruptedError(Exception):
-    """SIGTERM or ``stop_after_steps``: a checkpoint was saved; rerunning the command resumes."""
+    """SIGINT, SIGTERM or ``stop_after_steps``: the message says what was saved and how to go on.
 
-    def __init__(self, step: int, directory: Path):
-        super().__init__(
-            f"stopped at step {step}; checkpoint saved in {directory}. Rerun the same command to resume."
-        )
-        self.step = step
+    ``step``: the step of the checkpoint saved on the way out (None: stopped during start-up);
+    ``signum``: the signal, or None for ``stop_after_steps``.
+    """
+
+    def __init__(self, message: str, *, step: int | None, signum: int | None):
+        super().__init__(message)
+        self.step, self.signum = step, signum
+
+
+class NoCheckpointError(UserError, FileNotFoundError):
+    """``eval_only`` with no checkpoint to evaluate."""
 
 
 # ----------------------------------------------------------------------------- setup
@@ -86,14 +112,14 @@ def coarse_group_sizes(config: ml_collections.ConfigDict, dataset: MetricDataset
         return ()
     if config.loss.coarse_from_labels:
         if dataset.train.coarse_labels is None:
-            raise ValueError(f"loss.coarse_from_labels=True but {dataset.name} has no coarse labels.")
+            raise ConfigError(f"loss.coarse_from_labels=True but {dataset.name} has no coarse labels.")
         return (dataset.train.num_coarse_classes,)
     num_classes = dataset.train.num_classes
     sizes = []
     for size in config.loss.num_coarse_groups:
         size = int(size) or max(2, round(num_classes / 8))
         if not 1 <= size < (sizes[-1] if sizes else num_classes):
-            raise ValueError(
+            raise ConfigError(
                 f"loss.num_coarse_groups {tuple(config.loss.num_coarse_groups)} must decrease below {num_classes} classes."
             )
         sizes.append(size)
@@ -158,7 +184,7 @@ def _checked_replace(current: Any, loaded: Any, what: str) -> Any:
     shapes = jax.tree.map(np.shape, current)
     loaded_shapes = jax.tree.map(np.shape, loaded)
     if shapes != loaded_shapes:
-        raise ValueError(
+        raise ConfigError(
             f"model.pretrained {what} do not fit the configured backbone (depth/width differ?). "
             "Convert weights of the same depth with `python -m hdml_jax.models.convert`."
         )
@@ -209,22 +235,36 @@ def make_eval_batches(config: ml_collections.ConfigDict, split: Split):
 
 
 class Reporter:
-    """Progress line on screen; metrics.jsonl and TensorBoard in the workdir (process 0 only)."""
+    """Progress line on screen; metrics.jsonl and TensorBoard in the workdir (process 0 only).
 
-    def __init__(self, workdir: Path, total_steps: int, batch_size: int):
+    ``record=False`` (``eval_only``) prints without writing anything. ``purge_step``: on resume,
+    TensorBoard drops the events at and after it that an earlier attempt wrote.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        total_steps: int,
+        batch_size: int,
+        *,
+        record: bool = True,
+        purge_step: int | None = None,
+    ):
         self.enabled = jax.process_index() == 0
+        self.record = record and self.enabled
+        self.workdir = workdir
         self.total_steps, self.batch_size = total_steps, batch_size
         self.interactive = sys.stderr.isatty()
         self._tb = None
         self._jsonl = None
         self._last = (time.perf_counter(), None)
         self._smoothed: float | None = None
-        if self.enabled:
+        if self.record:
             self._jsonl = open(workdir / "metrics.jsonl", "a")
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(workdir))
+                self._tb = SummaryWriter(str(workdir), purge_step=purge_step)
             except ImportError:
                 print("tensorboardX is not installed: no TensorBoard events are written.", file=sys.stderr)
 
@@ -266,124 +306,286 @@ class Reporter:
         self._write({"kind": "eval", "step": step, "epoch": epoch, **values}, "eval")
 
     def _write(self, record: dict[str, Any], prefix: str) -> None:
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("kind", "step") and isinstance(value, (int, float)):
-                    # TensorBoard tags allow no "@": recall@1 → recall_at_1.
-                    self._tb.add_scalar(f"{prefix}/{key.replace('@', '_at_')}", value, record["step"])
-            self._tb.flush()
+        if not self.record:
+            return
+        with storage_errors("writing metrics.jsonl", self.workdir):
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+            if self._tb is not None:
+                for key, value in record.items():
+                    if key not in ("kind", "step") and isinstance(value, (int, float)):
+                        # TensorBoard tags allow no "@": recall@1 → recall_at_1.
+                        self._tb.add_scalar(f"{prefix}/{key.replace('@', '_at_')}", value, record["step"])
+                self._tb.flush()
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
+        with contextlib.suppress(OSError):  # a full disk was reported already
+            if self._jsonl is not None:
+                self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- run control
 
 
-def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    """Atomic orbax checkpoints: keep the last N and the best by Recall@1."""
-    policies = ocp.checkpoint_managers.preservation_policy
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=policies.AnyPreservationPolicy(
-            [
-                policies.LatestN(n=config.keep_checkpoints),
-                policies.BestN(
-                    get_metric_fn=lambda m: m["recall@1"], n=1, keep_checkpoints_without_metrics=False
-                ),
-            ]
-        ),
-        enable_async_checkpointing=False,
-    )
-    return ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=options)
+def _signal_name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum else "a stop request"
 
 
-def save_checkpoint(manager, state, data_state, metrics=None) -> None:
-    step = int(jax.device_get(state["step"]))
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-        metrics=metrics,
-        force=True,
-    )
-    manager.wait_until_finished()
+class _StopRequestedError(Exception):
+    """Raised at a safe point outside a training step when a signal arrived (one process only)."""
 
 
-def restore_checkpoint(manager, abstract_state, step=None):
-    step = manager.latest_step() if step is None else step
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
-    )
-    return restored["state"], restored["data"]
+def _stop_point() -> None:
+    """Outside the step loop: stop if SIGINT/SIGTERM arrived. With several processes the stop must
+    be agreed (collective), which only the step loop does; elsewhere the flag waits for it."""
+    if jax.process_count() == 1 and interrupts.received() is not None:
+        raise _StopRequestedError
 
 
-# ----------------------------------------------------------------------------- the loop
+def _stoppable(batches: Iterable[Any]) -> Iterator[Any]:
+    """``batches`` with a stop point before each one (evaluation)."""
+    for batch in batches:
+        _stop_point()
+        yield batch
 
 
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and exits cleanly."""
+def _stop_agreed(step: int, every: int) -> bool:
+    """Whether to stop after ``step``. With several processes all must stop at the same step (the
+    save is collective): the flag is all-gathered every ``every`` steps only (a collective)."""
+    requested = interrupts.received() is not None
+    if jax.process_count() == 1:
+        return requested
+    if step % every:
+        return False
+    return bool(np.any(multihost_utils.process_allgather(np.array([requested]))))
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
 
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
+def _completed(workdir: Path, num_steps: int) -> dict[str, Any] | None:
+    """``final_metrics.json`` of a run that already reached ``num_steps``, else None."""
+    path = workdir / "final_metrics.json"
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return summary if summary.get("step", -1) >= num_steps else None
 
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
 
-    def agreed(self, step: int, every: int) -> bool:
-        """Whether to stop now. With several processes all must stop at the same step (the save
-        is collective), so the flag is all-gathered, every ``every`` steps only (a collective)."""
-        if jax.process_count() == 1:
-            return self.requested
-        if step % every:
-            return False
-        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+def _config_changes(path: Path, config: ml_collections.ConfigDict) -> list[str]:
+    """``field: old → new`` for the fields where ``config`` differs from the saved ``config.json``."""
+    if not path.exists():
+        return []
+    try:
+        old = _flatten(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError):
+        return []
+    new = _flatten(json.loads(_config_json(config)))
+    ignored = {"eval_only", "stop_after_steps", "workdir"}
+    return [
+        f"{key}: {old.get(key)!r} → {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if key not in ignored and old.get(key) != new.get(key)
+    ]
 
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _config_json(config: ml_collections.ConfigDict) -> str:
+    """The config as saved in ``config.json``: what the run trains (``eval_only`` is no part of it)."""
+    saved = config.copy_and_resolve_references()
+    with saved.unlocked():
+        saved.eval_only = False
+    return saved.to_json_best_effort(indent=2) + "\n"
+
+
+def _validate_resume_log(workdir: Path, step: int, evaluations: list[dict[str, Any]]) -> None:
+    """Drop ``metrics.jsonl`` records past the restored step, and evaluation records the restored
+    checkpoint does not know (written after it by an attempt that died): they are written again."""
+    path = workdir / "metrics.jsonl"
+    known = {e["step"] for e in evaluations}
+    records = read_log(path)
+    kept = [r for r in records if r["step"] <= step and (r.get("kind") != "eval" or r["step"] in known)]
+    if path.exists() and len(kept) != len(path.read_text().splitlines()):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+# ----------------------------------------------------------------------------- train_and_evaluate
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | Path, dataset: MetricDataset | None = None
-) -> dict[str, float]:
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    dataset: MetricDataset | None = None,
+    overridden: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Train (or, with ``eval_only``, just evaluate) and return the final metrics.
 
     ``dataset`` replaces the one named by ``config.dataset.name`` (train on your own data).
-    """
-    validate(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    ``overridden``: the dotted fields set on the command line (checked against the method).
 
-    dataset = load_data(config) if dataset is None else dataset
+    Raises ``UserError`` subclasses for what the user can fix (bad config, missing data or
+    checkpoint, workdir in use, full disk), ``TrainingInterruptedError`` after SIGINT/SIGTERM or
+    ``stop_after_steps`` (a checkpoint is saved where there was anything to save) and
+    ``TrainingDivergedError``. A run that fails before its first step leaves no workdir behind.
+    """
+    validate(config, overridden)
+    workdir = Path(workdir)
+    primary = jax.process_index() == 0
+    created = first_missing_ancestor(workdir) if primary else None
+    installed = interrupts.install()
+    started = False
+    try:
+        if config.eval_only and not checkpoints.steps_in(workdir / "checkpoints"):
+            raise NoCheckpointError(
+                f"eval_only=True but {workdir / 'checkpoints'} holds no checkpoint; train first "
+                "(the same command without --config.eval_only) or point --workdir at a trained run."
+            )
+        dataset = load_data(config) if dataset is None else dataset
+        steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
+        num_steps = optim.total_steps(config, steps_per_epoch)
+        _stop_point()
+        workdir.mkdir(parents=True, exist_ok=True)
+        with WorkdirLock(workdir) if primary else contextlib.nullcontext():
+            complete = None if config.eval_only else _completed(workdir, num_steps)
+            if complete is not None:
+                if primary:
+                    print(
+                        f"{workdir} holds a complete run (step {complete['step']}, recall@1 "
+                        f"{100 * complete['recall@1']:.2f}); nothing to do. --config.eval_only=True "
+                        "evaluates it again; a larger num_epochs continues it.",
+                        file=sys.stderr,
+                    )
+                return {k: v for k, v in complete.items() if not isinstance(v, dict)}
+            run = _prepare(config, workdir, dataset, steps_per_epoch, num_steps)
+            started = True
+            return _train_and_finish(run)
+    except _StopRequestedError:
+        signum = interrupts.received()
+        if primary:
+            remove_stub(workdir, created)
+        where = "resume" if checkpoints.steps_in(workdir / "checkpoints") else "start"
+        raise TrainingInterruptedError(
+            f"stopped by {_signal_name(signum)} during start-up; nothing new to save. "
+            f"Rerun the same command to {where}.",
+            step=None,
+            signum=signum,
+        ) from None
+    except BaseException:
+        if not started and primary:
+            remove_stub(workdir, created)
+        raise
+    finally:
+        if installed:
+            interrupts.uninstall()
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one run works with; ``evaluations`` grows (and is checkpointed) as it goes."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    dataset: MetricDataset
+    model: Any
+    state: steps.State
+    train_iter: Any
+    manager: ocp.CheckpointManager
+    reporter: Reporter
+    embed: Callable[..., jax.Array]
+    batch_sharding: NamedSharding
+    steps_per_epoch: int
+    num_steps: int
+    evaluations: list[dict[str, Any]]
+    evaluate_first: bool
+    phases: Phases | None = None
+
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.state["step"]))
+
+    def save(self, evaluate_first: bool = False) -> None:
+        intact = self.manager.latest_step()
+        before = f"The last complete checkpoint (step {intact}) is intact. " if intact is not None else ""
+        with storage_errors(f"saving the checkpoint of step {self.step}", self.manager.directory, before):
+            checkpoints.save(
+                self.manager, self.state, self.train_iter.get_state(), self.evaluations, evaluate_first
+            )
+            checkpoints.prune(
+                self.manager, self.evaluations, self.config.keep_checkpoints, self.config.best_metric
+            )
+
+    def evaluate(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Embed the evaluation splits and score them; stops (``_StopRequestedError``) between batches."""
+        variables = {"params": self.state["params"], "batch_stats": self.state["batch_stats"]}
+        step = self.step
+
+        def embed_split(split: Split) -> np.ndarray:
+            batches = _stoppable(make_eval_batches(self.config, split))
+            return evaluate.embed_batches(
+                batches, lambda x: self.embed(variables, x), self.batch_sharding, len(split)
+            )
+
+        embeddings = evaluate.embed_dataset(self.dataset, embed_split)
+        for name, values in embeddings.items():
+            bad = int(np.sum(~np.all(np.isfinite(values), axis=1)))
+            if bad:
+                raise TrainingDivergedError(
+                    f"{bad} of {len(values)} {name} embeddings at step {step} are NaN/Inf: the network "
+                    f"diverged{_last_good(self.manager)}. Lower optimizer.lr or raise grad clipping."
+                )
+        nmi_key = jax.random.PRNGKey(self.config.seed) if self.config.nmi else None
+        result = evaluate.evaluate_embeddings(
+            self.dataset,
+            embeddings["test"],
+            query_embeddings=embeddings.get("query"),
+            gallery_embeddings=embeddings.get("gallery"),
+            nmi_key=nmi_key,
+        )
+        return result, embeddings
+
+    def record_evaluation(self, result: dict[str, float]) -> None:
+        step = self.step
+        epoch = step / self.steps_per_epoch
+        self.reporter.eval(step, epoch, result)
+        self.evaluations = [e for e in self.evaluations if e["step"] != step]
+        self.evaluations.append({"step": step, "epoch": epoch, **result})
+
+
+def _last_good(manager: ocp.CheckpointManager) -> str:
+    latest = manager.latest_step()
+    if latest is None:
+        return "; no checkpoint had been saved yet"
+    return f"; the last good checkpoint (step {latest}) is kept"
+
+
+def _prepare(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    dataset: MetricDataset,
+    steps_per_epoch: int,
+    num_steps: int,
+) -> _Run:
+    """Model, state, data, checkpoint: restored (validated) or fresh; then config.json and logs."""
     coarse_sizes = coarse_group_sizes(config, dataset)
     model = steps.build_model(config, dataset.train.num_classes, coarse_sizes, jax.device_count())
-    steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
-    num_steps = optim.total_steps(config, steps_per_epoch)
-
     mesh = make_mesh()
     batch_sharding = NamedSharding(mesh, P("data"))
     if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
-        raise ValueError(
+        raise ConfigError(
             f"batch_size {config.batch_size} and eval_batch_size {config.eval_batch_size} must be "
             f"multiples of the {jax.device_count()} devices."
         )
-
     params_shape = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8 * 32, 8 * 32, 3)), train=False)
     )["params"]
@@ -392,196 +594,257 @@ def train_and_evaluate(
     state = init_state(config, model, dataset, optimizer, coarse_sizes)
     sharding = parallel.state_sharding(state, mesh, config.shard_proxies)
     state = jax.device_put(state, sharding)
+    _stop_point()
 
-    manager = checkpoint_manager(workdir, config)
+    with contextlib.ExitStack() as cleanup:
+        manager = checkpoints.manager(workdir / "checkpoints")
+        cleanup.callback(manager.close)  # on an error below; the run owns the manager after
+        run = _restore(config, workdir, dataset, model, state, sharding, manager, batch_sharding, num_steps)
+        cleanup.pop_all()
+    run.steps_per_epoch = steps_per_epoch
+    if not config.eval_only:
+        run.phases = Phases(
+            config,
+            model,
+            params_shape,
+            steps_per_epoch,
+            coarse_sizes,
+            sharding,
+            batch_sharding,
+            hierarchy_active=hierarchy_is_active(run.state),
+        )
+    return run
+
+
+def _restore(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    dataset: MetricDataset,
+    model: Any,
+    state: steps.State,
+    sharding: Any,
+    manager: ocp.CheckpointManager,
+    batch_sharding: NamedSharding,
+    num_steps: int,
+) -> _Run:
+    """Resume from the newest intact checkpoint (or start afresh), then open config and logs."""
     train_iter = make_train_iterator(config, dataset.train)
-    if manager.latest_step() is not None:
-        state, data_state = restore_checkpoint(manager, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+    evaluations: list[dict[str, Any]] = []
+    evaluate_first = False
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = checkpoints.restore_latest_intact(manager, abstract, workdir)
+    if restored is not None:
+        state, data, step = restored
         state = jax.device_put(state, sharding)
-        train_iter.set_state(data_state)
-        print(f"resumed from {workdir / 'checkpoints'} at step {int(state['step'])}", file=sys.stderr)
-    elif config.eval_only:
-        raise FileNotFoundError(f"eval_only=True but there is no checkpoint in {workdir / 'checkpoints'}.")
+        train_iter.set_state(data["iterator"])
+        evaluations, evaluate_first = list(data["evaluations"]), bool(data["evaluate_first"])
+        print(f"resumed from {workdir / 'checkpoints' / str(step)} (step {step})", file=sys.stderr)
+    step = int(jax.device_get(state["step"]))
+    _stop_point()
 
+    if jax.process_index() == 0 and not config.eval_only:
+        changes = _config_changes(workdir / "config.json", config) if restored is not None else []
+        if changes:
+            print(
+                "note: this run's config differs from the saved one: " + "; ".join(changes), file=sys.stderr
+            )
+        atomic_write_text(workdir / "config.json", _config_json(config))
+        if restored is not None:
+            _validate_resume_log(workdir, step, evaluations)
     embed = jax.jit(
         lambda variables, images: steps.embed_step(variables, images, model=model),
         in_shardings=(None, batch_sharding),  # the variables keep their own (state) sharding
         out_shardings=batch_sharding,
     )
+    reporter = Reporter(
+        workdir,
+        num_steps,
+        config.batch_size,
+        record=not config.eval_only,
+        purge_step=step + 1 if restored is not None else None,
+    )
+    return _Run(
+        config,
+        workdir,
+        dataset,
+        model,
+        state,
+        train_iter,
+        manager,
+        reporter,
+        embed,
+        batch_sharding,
+        0,
+        num_steps,
+        evaluations,
+        evaluate_first,
+    )
 
-    def run_evaluation(state: steps.State) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
 
-        def embed_split(split: Split) -> np.ndarray:
-            return evaluate.embed_batches(
-                make_eval_batches(config, split), lambda x: embed(variables, x), batch_sharding, len(split)
-            )
-
-        embeddings = evaluate.embed_dataset(dataset, embed_split)
-        nmi_key = jax.random.PRNGKey(config.seed) if config.nmi else None
-        result = evaluate.evaluate_embeddings(
-            dataset,
-            embeddings["test"],
-            query_embeddings=embeddings.get("query"),
-            gallery_embeddings=embeddings.get("gallery"),
-            nmi_key=nmi_key,
-        )
-        return result, embeddings
-
-    reporter = Reporter(workdir, num_steps, config.batch_size)
+def _train_and_finish(run: _Run) -> dict[str, Any]:
+    """The loop, the final evaluation and the outputs; stops cleanly on SIGINT/SIGTERM."""
     try:
-        if not config.eval_only:
-            phases = Phases(
-                config,
-                model,
-                params_shape,
-                steps_per_epoch,
-                coarse_sizes,
-                sharding,
-                batch_sharding,
-                hierarchy_active=hierarchy_is_active(state),
+        if not run.config.eval_only:
+            _train_loop(run)
+        final, embeddings = run.evaluate()
+        step = run.step
+        if run.config.eval_only:
+            run.reporter.eval(step, step / run.steps_per_epoch, final)
+            evaluations = [e for e in run.evaluations if e["step"] != step]
+            evaluations.append({"step": step, "epoch": step / run.steps_per_epoch, **final})
+        else:
+            run.record_evaluation(final)
+            checkpoints.prune(
+                run.manager, run.evaluations, run.config.keep_checkpoints, run.config.best_metric
             )
-            run = _Run(
-                config, phases, manager, reporter, run_evaluation, batch_sharding, steps_per_epoch, num_steps
-            )
-            state = _train_loop(run, state, train_iter)
-        final, embeddings = run_evaluation(state)
-        step = int(jax.device_get(state["step"]))
-        reporter.eval(step, step / steps_per_epoch, final)
+            evaluations = run.evaluations
         if jax.process_index() == 0:
-            write_outputs(workdir, config, dataset, final, embeddings, step)
+            write_outputs(run.workdir, run.config, run.dataset, final, embeddings, step, evaluations)
+        return final
+    except _StopRequestedError:
+        signum = interrupts.received()
+        raise TrainingInterruptedError(
+            f"stopped by {_signal_name(signum)} during the final evaluation; training is complete "
+            f"and saved (step {run.step} in {run.manager.directory}). Rerun the same command to "
+            "evaluate and write the results.",
+            step=run.step,
+            signum=signum,
+        ) from None
     finally:
-        reporter.close()
-        manager.close()
-    return final
+        run.reporter.close()
+        run.manager.close()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Run:
-    """What stays fixed during one training run."""
-
-    config: ml_collections.ConfigDict
-    phases: Phases  # what trains at each step, and the state changes between phases
-    manager: ocp.CheckpointManager
-    reporter: Reporter
-    run_evaluation: Callable[[steps.State], tuple[dict[str, float], dict[str, np.ndarray]]]
-    batch_sharding: NamedSharding
-    steps_per_epoch: int
-    num_steps: int
-
-
-def _train_loop(run: _Run, state: steps.State, train_iter) -> steps.State:
+def _train_loop(run: _Run) -> None:
     """Steps from the state's step to ``num_steps``: log, evaluate, checkpoint, stop on request."""
-    config, manager, reporter, phases = run.config, run.manager, run.reporter, run.phases
+    config, reporter, phases = run.config, run.reporter, run.phases
     steps_per_epoch, num_steps = run.steps_per_epoch, run.num_steps
     schedule = optim.learning_rate_schedule(config, steps_per_epoch)
     eval_steps = config.eval_every_epochs * steps_per_epoch
-    step = int(jax.device_get(state["step"]))
-    start_step = last_good = step
+    step = start_step = run.step
+    saved = step if run.manager.latest_step() == step else None
 
-    with _Preemption() as preemption:
-        while step < num_steps:
-            state = phases.begin_step(state, step)
-            step_fn = phases.step_function(step)
-            local = next(train_iter)
-            batch = {
-                key: jax.make_array_from_process_local_data(run.batch_sharding, np.asarray(local[key]))
-                for key in ("image", "label")
-            }
-            state, metrics = step_fn(state, batch)
-            step += 1
-            log_now = step % config.log_every_steps == 0 or step == num_steps
-            stop_now = preemption.agreed(step, config.log_every_steps) or (
-                config.stop_after_steps > 0
-                and step - start_step >= config.stop_after_steps
-                and step < num_steps
+    def stop(message: str) -> TrainingInterruptedError:
+        signum = interrupts.received()
+        return TrainingInterruptedError(
+            f"stopped at step {run.step} ({message}); checkpoint saved in "
+            f"{run.manager.directory / str(run.step)}. Rerun the same command to resume.",
+            step=run.step,
+            signum=signum,
+        )
+
+    if run.evaluate_first and step < num_steps:  # a stop cut this step's evaluation short
+        try:
+            result, _ = run.evaluate()
+        except _StopRequestedError:
+            raise stop(_signal_name(interrupts.received())) from None
+        run.record_evaluation(result)
+        run.evaluate_first = False
+    while step < num_steps:
+        state = phases.begin_step(run.state, step)
+        step_fn = phases.step_function(step)
+        local = next(run.train_iter)
+        batch = {
+            key: jax.make_array_from_process_local_data(run.batch_sharding, np.asarray(local[key]))
+            for key in ("image", "label")
+        }
+        run.state, metrics = step_fn(state, batch)
+        step += 1
+        log_now = step % config.log_every_steps == 0 or step == num_steps
+        signalled = _stop_agreed(step, config.log_every_steps)
+        requested = (
+            config.stop_after_steps > 0 and step - start_step >= config.stop_after_steps and step < num_steps
+        )
+        stop_now = signalled or requested
+        checkpoint_now = step % config.checkpoint_every_steps == 0 or stop_now
+        eval_now = eval_steps > 0 and step % eval_steps == 0 and step < num_steps
+        if log_now or checkpoint_now or eval_now:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not values.pop("finite"):
+                raise TrainingDivergedError(
+                    f"loss, parameters or BatchNorm statistics became NaN/Inf at step {step} (loss "
+                    f"{values['loss']}){_last_good(run.manager)}. Lower optimizer.lr, or raise grad clipping."
+                )
+            values["lr"] = float(schedule(step - 1))  # the rate this step used
+            if log_now:
+                reporter.train(step, step / steps_per_epoch, values)
+        if eval_now and not stop_now:
+            try:
+                result, _ = run.evaluate()
+            except _StopRequestedError:  # save now; the evaluation of this step runs first on resume
+                run.save(evaluate_first=True)
+                raise stop(_signal_name(interrupts.received())) from None
+            run.record_evaluation(result)
+        if checkpoint_now or eval_now:
+            run.save(evaluate_first=eval_now and stop_now)
+            saved = step
+            reporter.restart_clock(step)
+        if stop_now:
+            raise stop(
+                _signal_name(interrupts.received())
+                if signalled
+                else f"stop_after_steps={config.stop_after_steps}"
             )
-            checkpoint_now = step % config.checkpoint_every_steps == 0 or stop_now
-            eval_now = eval_steps > 0 and step % eval_steps == 0 and step < num_steps
-            if log_now or checkpoint_now or eval_now:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not values.pop("finite"):
-                    raise TrainingDivergedError(
-                        f"loss or parameters became NaN/Inf at step {step} (loss {values['loss']}); the last good "
-                        f"checkpoint (step {last_good}) is kept. Lower optimizer.lr, or raise grad clipping."
-                    )
-                values["lr"] = float(schedule(step - 1))  # the rate this step used
-                if log_now:
-                    reporter.train(step, step / steps_per_epoch, values)
-            result = None
-            if eval_now:
-                result, _ = run.run_evaluation(state)
-                reporter.eval(step, step / steps_per_epoch, result)
-            if checkpoint_now or eval_now:
-                save_checkpoint(manager, state, train_iter.get_state(), result)
-                last_good = step
-                reporter.restart_clock(step)
-            if stop_now:
-                raise TrainingInterruptedError(step, manager.directory)
-    if last_good != step:
-        save_checkpoint(manager, state, train_iter.get_state())
-    return state
+    if saved != step:
+        run.save()
 
 
 # ----------------------------------------------------------------------------- outputs
 
 
 def write_outputs(
-    workdir: Path, config, dataset: MetricDataset, final: dict[str, float], embeddings, step: int
+    workdir: Path,
+    config,
+    dataset: MetricDataset,
+    final: dict[str, float],
+    embeddings,
+    step: int,
+    evaluations: list[dict[str, Any]],
 ) -> None:
-    """final_metrics.json, embeddings, and the three pictures.
+    """final_metrics.json, embeddings, and the three pictures; each file replaced atomically.
 
     ``final_metrics.json`` holds the last evaluation at the top level (``step``, ``epoch`` and the
-    metrics) and, under ``best``, the evaluation with the highest Recall@1 of the run (its
-    ``step`` and ``epoch`` too). The official Proxy-Anchor and CGD scripts evaluate on the test
-    split after every epoch and report that best epoch; the last one is the number free of
-    selection on the test set.
+    metrics) and, under ``best``, the evaluation with the highest ``config.best_metric`` among
+    ``evaluations`` (the run's, the last included; ``best_by`` names the metric). The official
+    Proxy-Anchor and CGD scripts evaluate on the test split after every epoch and report that
+    best epoch; the last one is the number free of selection on the test set. It is written
+    last: its presence marks the run complete.
     """
     steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
     last = {"step": step, "epoch": step / steps_per_epoch, **final}
-    best = best_evaluation(workdir / "metrics.jsonl", last, step)
-    summary = {**last, "best": best, "best_by": BEST_METRIC}
-    (workdir / "final_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    np.save(workdir / "test_embeddings.npy", embeddings["test"])
-    np.save(workdir / "test_labels.npy", dataset.test.labels)
+    best = checkpoints.best_evaluation(evaluations, config.best_metric) or last
+
+    def save_array(name: str, values: np.ndarray) -> None:
+        atomic_write(workdir / name, lambda tmp: np.save(tmp, values))
+
+    save_array("test_embeddings.npy", embeddings["test"])
+    save_array("test_labels.npy", dataset.test.labels)
     for name in ("query", "gallery"):
         if name in embeddings:
-            np.save(workdir / f"{name}_embeddings.npy", embeddings[name])
-            np.save(workdir / f"{name}_labels.npy", getattr(dataset, name).labels)
-    if not config.pictures:
-        return
-    visualize.plot_tsne(
-        workdir / "tsne.png",
-        embeddings["test"],
-        dataset.test.labels,
-        dataset.test.coarse_labels,
-        jax.random.PRNGKey(config.seed),
-        max_points=config.tsne_max_points,
-    )
-    write_retrieval_picture(workdir / "retrieval.png", dataset, embeddings, config)
-    visualize.plot_curves(workdir / "curves.png", workdir / "metrics.jsonl")
-
-
-BEST_METRIC = "recall@1"
-
-
-def best_evaluation(metrics_path: Path, last: dict[str, float], step: int) -> dict[str, float]:
-    """The evaluation with the highest ``BEST_METRIC`` among ``metrics.jsonl``'s (up to ``step``) and ``last``.
-
-    Ties go to the earlier evaluation, as the official scripts' strict ``<`` does.
-    """
-    candidates = []
-    if metrics_path.exists():
-        for line in metrics_path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("kind") == "eval" and record["step"] <= step and BEST_METRIC in record:
-                candidates.append({k: v for k, v in record.items() if k != "kind"})
-    candidates.append(last)
-    best = candidates[0]
-    for candidate in candidates[1:]:
-        if candidate[BEST_METRIC] > best[BEST_METRIC]:
-            best = candidate
-    return best
+            save_array(f"{name}_embeddings.npy", embeddings[name])
+            save_array(f"{name}_labels.npy", getattr(dataset, name).labels)
+    if config.pictures:
+        _stop_point()
+        atomic_write(
+            workdir / "tsne.png",
+            lambda tmp: visualize.plot_tsne(
+                tmp,
+                embeddings["test"],
+                dataset.test.labels,
+                dataset.test.coarse_labels,
+                jax.random.PRNGKey(config.seed),
+                max_points=config.tsne_max_points,
+            ),
+        )
+        _stop_point()
+        atomic_write(
+            workdir / "retrieval.png", lambda tmp: write_retrieval_picture(tmp, dataset, embeddings, config)
+        )
+        atomic_write(
+            workdir / "curves.png", lambda tmp: visualize.plot_curves(tmp, workdir / "metrics.jsonl")
+        )
+    summary = {**last, "best": best, "best_by": config.best_metric}
+    atomic_write_text(workdir / "final_metrics.json", json.dumps(summary, indent=2) + "\n")
 
 
 def write_retrieval_picture(
