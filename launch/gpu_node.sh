@@ -81,6 +81,7 @@ cmd_run() {
     [[ -z ${SLURM_JOB_ID:-} ]] || env_args+=(-u SLURM_JOB_ID)
     [[ -z $GPUS ]] || env_args+=("CUDA_VISIBLE_DEVICES=$GPUS")
     # The script runs the trainer from the repository root: make the user's relative paths absolute.
+    VENV=$(abspath "$VENV")
     WORKDIR=$(abspath "$WORKDIR")
     [[ -z $DATA_DIR ]] || DATA_DIR=$(abspath "$DATA_DIR")
     [[ -z $LOG ]] || LOG=$(abspath "$LOG")
@@ -102,9 +103,9 @@ cmd_run() {
 }
 
 parse_args "$@"
-((${#POSITIONAL[@]} <= 1)) || die "expected at most one command (install or run), got: ${POSITIONAL[*]}"
+((${#POSITIONAL[@]} <= 1)) || die "expected at most one command (install or run), got: ${POSITIONAL[*]@Q}"
 COMMAND=${POSITIONAL[0]:-run}
 case $COMMAND in
     install | run) "cmd_$COMMAND" ;;
-    *) die "unknown command '$COMMAND' (install or run)" ;;
+    *) die "unknown command ${COMMAND@Q} (install or run)" ;;
 esac

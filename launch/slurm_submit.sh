@@ -7,6 +7,14 @@
 # The filled-in script is written to <workdir>/slurm/hdml_jax.sbatch: it needs no environment, so
 # `sbatch <workdir>/slurm/hdml_jax.sbatch` later resumes the same run. --dry-run prints the script
 # and the sbatch command instead.
+#
+# Values reach the script in two ways. The run's settings and the trainer arguments after -- are
+# bash assignments, quoted (quote, _common.sh): any value is safe there. #SBATCH lines are read by
+# sbatch, not by bash, and cannot be quoted: sbatch splits them at whitespace, a "#" starts a
+# comment, and how quotes and backslashes are read differs between Slurm versions; only a newline
+# could make bash run part of one. So the values of #SBATCH lines are checked instead (names and
+# times: a conservative character set), and the output path, which may well hold a space, goes on
+# sbatch's command line when it holds a character that an #SBATCH line cannot carry verbatim.
 set -euo pipefail
 
 LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -29,12 +37,15 @@ Resources (environment variable in brackets; flags win):
                         (120; raise it when an evaluation takes longer)
   --partition P         [PARTITION]     --account A  [ACCOUNT]     --qos Q  [QOS]
   --job-name NAME       [JOB_NAME] (hdml_<config>)
+                        (time, partition, account, qos, job name: letters, digits and _.,:@+=-)
   --sbatch-args "ARGS"  more sbatch options, one #SBATCH line each, e.g. "--exclusive --mem=0" [SBATCH_ARGS]
+                        (split on spaces; no quotes, backslashes or "#")
 Run:
   --config SPEC         configs/<dataset>.py[:method=...] [CONFIG]                        (required)
   --workdir DIR         shared by all nodes; the same path resumes [WORKDIR]              (required)
   --data-dir DIR        the TFDS data dir, readable on every node [DATA_DIR]
   --extra-args "ARGS"   more trainer flags, split on spaces [EXTRA_ARGS]; or put them after --
+                        (those after -- pass verbatim, one argument each: spaces, quotes, anything)
   --venv DIR            venv on shared storage [VENV] (<repo>/.venv; launch/gpu_node.sh install)
   --modules "M ..."     environment modules to load in the job [MODULES]
   --max-restarts N      [MAX_RESTARTS] (50)
@@ -73,12 +84,10 @@ FLAGS=(
     "--max-restarts MAX_RESTARTS" "--script SCRIPT"
 )
 parse_args "$@"
-((${#POSITIONAL[@]} == 0)) || die "unexpected arguments: ${POSITIONAL[*]} (trainer flags go after --)"
+((${#POSITIONAL[@]} == 0)) || die "unexpected arguments: ${POSITIONAL[*]@Q} (trainer flags go after --)"
 require CONFIG "pass --config configs/<dataset>.py[:method=...] or set CONFIG"
 require WORKDIR "pass --workdir or set WORKDIR (on storage all nodes share; the same path resumes)"
-for var in NODES GPUS_PER_NODE CPUS_PER_GPU SIGNAL_LEAD MAX_RESTARTS; do
-    [[ ${!var} =~ ^[0-9]+$ ]] || die "$var must be a whole number (got '${!var}')"
-done
+check_whole NODES GPUS_PER_NODE CPUS_PER_GPU SIGNAL_LEAD MAX_RESTARTS
 ((NODES >= 1 && GPUS_PER_NODE >= 1)) || die "--nodes and --gpus-per-node must be at least 1"
 case $TASKS in
     per-node) tasks_per_node=1 cpus_per_task=$((CPUS_PER_GPU * GPUS_PER_NODE)) ;;
@@ -86,24 +95,40 @@ case $TASKS in
     *) die "--tasks must be per-node or per-gpu (got '$TASKS')" ;;
 esac
 
+# #SBATCH values (see the top of this file). Slurm's own names and times use none of the others.
+SBATCH_CHARS='A-Za-z0-9_.,:@+=-'
+[[ ${TIME,,} =~ ^([0-9]+([:-][0-9]+)*|unlimited|infinite)$ ]] ||
+    die "--time must be a SLURM time such as 24:00:00, 90 or 2-00:00:00 (got ${TIME@Q})"
+for var in PARTITION ACCOUNT QOS JOB_NAME; do
+    [[ -z ${!var} ]] || check_chars "$var" "$SBATCH_CHARS"
+done
+check_modules
+
 # The job runs elsewhere, later, maybe requeued: bake in absolute paths and every setting.
 WORKDIR=$(abspath "$WORKDIR")
 [[ -z $DATA_DIR ]] || DATA_DIR=$(abspath "$DATA_DIR")
 VENV=$(abspath "$VENV")
 CONFIG=$(resolve_config "$CONFIG" "$REPO_ROOT")
-if ((${#EXTRA[@]})); then
-    for arg in "${EXTRA[@]}"; do
-        [[ $arg != *[[:space:]]* ]] || die "trainer argument '$arg' contains a space; EXTRA_ARGS is split on spaces"
-    done
-    EXTRA_ARGS="${EXTRA_ARGS:+$EXTRA_ARGS }${EXTRA[*]}"
-fi
 if [[ -z $JOB_NAME ]]; then
     JOB_NAME=$(basename "${CONFIG%%:*}" .py)
     [[ $CONFIG != *:method=* ]] || JOB_NAME+="_${CONFIG##*:method=}"
     JOB_NAME="hdml_${JOB_NAME%%,*}"
+    JOB_NAME=${JOB_NAME//[^$SBATCH_CHARS]/_} # from --config: made safe rather than refused
 fi
-SCRIPT=${SCRIPT:-$WORKDIR/slurm/hdml_jax.sbatch}
+SCRIPT=$(abspath "${SCRIPT:-$WORKDIR/slurm/hdml_jax.sbatch}")
+# abspath may have added the current directory, which the checks of parse_args did not see.
+check_line WORKDIR DATA_DIR VENV SCRIPT
 output_dir=$(dirname "$SCRIPT") # SLURM does not create the output file's directory
+# In SLURM's file name patterns "%%" is a "%", and a backslash anywhere turns the patterns off.
+[[ $output_dir != *\\* ]] ||
+    die "the job's output directory ${output_dir@Q} (next to --script) must not contain a backslash"
+output="${output_dir//%/%%}/%x-%j.out"
+sbatch_options=()
+if [[ $output == *[[:space:]\"\'#]* ]]; then
+    # Not expressible on an #SBATCH line (see the top): on the command line it is one argv word.
+    sbatch_options+=("--output=$output")
+fi
+resubmit=$(join_quoted quote sbatch "${sbatch_options[@]}" "$SCRIPT")
 
 generate() {
     # The template with its #SBATCH values replaced and the two marker lines filled in.
@@ -113,7 +138,10 @@ generate() {
     [[ -z $QOS ]] || extra_directives+=("--qos=$QOS")
     read -r -a words <<<"$SBATCH_ARGS"
     for arg in "${words[@]}"; do
-        [[ $arg == --?* ]] || die "--sbatch-args: '$arg' is not an sbatch option (--name=value)"
+        [[ $arg == --?* ]] || die "--sbatch-args: ${arg@Q} is not an sbatch option (--name=value)"
+        [[ $arg != *[\"\'\\#]* ]] ||
+            die "--sbatch-args: ${arg@Q} holds a quote, a backslash or a \"#\", which an #SBATCH line" \
+                "does not carry verbatim; give that option to sbatch yourself"
     done
     extra_directives+=("${words[@]}")
     while IFS= read -r line || [[ -n $line ]]; do
@@ -127,7 +155,8 @@ generate() {
                 cpus-per-task) line="#SBATCH --cpus-per-task=$cpus_per_task" ;;
                 time) line="#SBATCH --time=$TIME" ;;
                 signal) line="#SBATCH --signal=B:USR1@$SIGNAL_LEAD" ;;
-                output) line="#SBATCH --output=$output_dir/%x-%j.out" ;;
+                # On the command line instead, which wins; the template's line stays as a fallback.
+                output) ((${#sbatch_options[@]})) || line="#SBATCH --output=$output" ;;
             esac
             printf '%s\n' "$line"
         elif [[ $line == "#@EXTRA_SBATCH@"* ]]; then
@@ -135,7 +164,7 @@ generate() {
                 printf '#SBATCH %s\n' "$arg"
             done
         elif [[ $line == "#@SETTINGS@"* ]]; then
-            printf '# Written by launch/slurm_submit.sh. To resubmit (and resume) this run: sbatch %s\n' "$SCRIPT"
+            printf '# Written by launch/slurm_submit.sh. To resubmit (and resume) this run: %s\n' "$resubmit"
             local var
             for var in REPO CONFIG WORKDIR DATA_DIR EXTRA_ARGS VENV MODULES GPUS_PER_NODE MAX_RESTARTS; do
                 if [[ $var == REPO ]]; then
@@ -144,6 +173,8 @@ generate() {
                     printf '%s=%s\n' "$var" "$(quote "${!var}")"
                 fi
             done
+            # The trainer arguments given after --, one word each, exactly as given.
+            printf 'TRAINER_ARGS=(%s)\n' "$(join_quoted quote "${EXTRA[@]}")"
         else
             printf '%s\n' "$line"
         fi
@@ -158,4 +189,4 @@ else
     printf '+ cat > %s\n' "$(quote "$SCRIPT")"
     printf '%s\n' "$script_text" >"$SCRIPT"
 fi
-run sbatch "$SCRIPT"
+run sbatch "${sbatch_options[@]}" "$SCRIPT"

@@ -4,6 +4,9 @@
 #   launch/tpu_vm.sh create|setup|data|run|resume|fetch|logs|stop|delete [flags] [-- trainer args]
 #
 # Every step is a plain gcloud/gsutil command, printed before it runs; --dry-run only prints them.
+# What runs on the workers is one command string per step (gcloud ... ssh --command), which their
+# login shell parses: every value in it is quoted for a POSIX shell (squote/rquote, _common.sh), and
+# values that cannot be quoted there (a number after sleep, an scp path) are checked instead.
 # On a pod slice every command that touches the workers uses --worker=all, because JAX is
 # multi-controller: the same program runs on every host and they meet in jax.distributed.initialize()
 # (auto-detected on TPU VMs by hdml_jax.main). See launch/README.md for the whole story.
@@ -201,16 +204,19 @@ check_gs() {
 
 gcsfuse_mount_step() {
     # gcsfuse_mount_step URL MOUNTPOINT FLAGS SUDO: mount URL (gs://bucket[/prefix]) unless mounted.
-    # Mount points outside $HOME need sudo to create; the mount itself runs as the user.
-    local url=$1 dir=$2 flags=$3 use_sudo=$4 prefix mkdir_cmd
+    # Mount points outside $HOME need sudo to create; the mount itself runs as the user. FLAGS is
+    # split on spaces, each word quoted.
+    local url=$1 dir=$2 flag_words=() flags use_sudo=$4 prefix mkdir_cmd
+    read -r -a flag_words <<<"$3"
+    flags=$(join_quoted squote "${flag_words[@]}")
     prefix=$(gs_prefix "$url")
     mkdir_cmd="mkdir -p $(rquote "$dir")"
     if ((use_sudo)); then
         mkdir_cmd="sudo mkdir -p $(rquote "$dir") && sudo chown \"\$USER\" $(rquote "$dir")"
     fi
     printf 'if ! mountpoint -q %s; then %s && gcsfuse %s%s %s %s; fi' \
-        "$(rquote "$dir")" "$mkdir_cmd" "$flags" "${prefix:+ --only-dir $(quote "$prefix")}" \
-        "$(quote "$(gs_bucket "$url")")" "$(rquote "$dir")"
+        "$(rquote "$dir")" "$mkdir_cmd" "$flags" "${prefix:+ --only-dir $(squote "$prefix")}" \
+        "$(squote "$(gs_bucket "$url")")" "$(rquote "$dir")"
 }
 
 uses_gcsfuse() { [[ -n $WORKDIR_BUCKET || $DATA_MODE == gcsfuse ]]; }
@@ -218,6 +224,16 @@ uses_gcsfuse() { [[ -n $WORKDIR_BUCKET || $DATA_MODE == gcsfuse ]]; }
 validate_common() {
     require NAME "pass --name or set NAME (the TPU VM's name)"
     require ZONE "pass --zone or set ZONE (e.g. us-central2-b)"
+    # NAME also makes scp's NAME:path and the default --to results/NAME: a plain Cloud TPU name.
+    [[ $NAME =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
+        die "--name must be a Cloud TPU name: lowercase letters, digits and -, starting with a letter (got ${NAME@Q})"
+    # Settings without a flag (the checks of parse_args do not see them).
+    check_line JAX_PACKAGE GCSFUSE_WORKDIR_FLAGS GCSFUSE_DATA_FLAGS
+    [[ $PYTHON_VERSION =~ ^[0-9]+(\.[0-9]+)*$ ]] || die "PYTHON_VERSION must look like 3.11 (got ${PYTHON_VERSION@Q})"
+    # LOG_DIR is also a remote path of scp, which some scp versions hand to the remote shell unquoted.
+    check_chars LOG_DIR 'A-Za-z0-9_./~+@%,=-'
+    check_whole SYNC_EVERY
+    [[ $REPO_URL != -* && $REPO_REF != -* ]] || die "--repo-url and --repo-ref must not start with '-'"
     [[ $ACCELERATOR =~ ^v[0-9]+[a-z]*-[0-9]+$ ]] || die "--accelerator $ACCELERATOR does not look like v4-8 or v5litepod-16"
     [[ $CAPACITY =~ ^(|spot|preemptible)$ ]] || die "CAPACITY must be spot, preemptible or empty (got '$CAPACITY')"
     [[ $DATA_MODE =~ ^(rsync|gcsfuse)$ ]] || die "--data-mode must be rsync or gcsfuse (got '$DATA_MODE')"
@@ -276,10 +292,10 @@ cmd_setup() {
     if [[ -n $REPO_URL ]]; then
         # A clone is exactly a commit; fine when the code is pushed (private repos need a deploy key).
         local update="git -C $repo pull --quiet --ff-only"
-        [[ -z $REPO_REF ]] || update="git -C $repo fetch --quiet origin && git -C $repo checkout --quiet $(quote "$REPO_REF")"
+        [[ -z $REPO_REF ]] || update="git -C $repo fetch --quiet origin && git -C $repo checkout --quiet $(squote "$REPO_REF")"
         local clone
-        clone="git clone --quiet $(quote "$REPO_URL") $repo"
-        [[ -z $REPO_REF ]] || clone+=" && git -C $repo checkout --quiet $(quote "$REPO_REF")"
+        clone="git clone --quiet -- $(squote "$REPO_URL") $repo"
+        [[ -z $REPO_REF ]] || clone+=" && git -C $repo checkout --quiet $(squote "$REPO_REF")"
         steps+=("if [ -d $repo/.git ]; then $update; else $clone; fi")
     else
         # The working tree as it is (uncommitted edits included), minus caches, venvs and runs.
@@ -296,7 +312,7 @@ cmd_setup() {
     # image has it, else let uv fetch a standalone interpreter. Skipped when the venv exists.
     local py="python$PYTHON_VERSION"
     steps+=("if [ ! -x $venv/bin/python ]; then if command -v $py >/dev/null 2>&1; then $py -m venv $venv; else python3 -m pip install --user --quiet uv && \"\$HOME\"/.local/bin/uv venv --quiet --seed --python $PYTHON_VERSION $venv; fi; fi")
-    steps+=("$venv/bin/pip install --quiet --upgrade pip" "$venv/bin/pip install --quiet -e $repo $(quote "$JAX_PACKAGE")")
+    steps+=("$venv/bin/pip install --quiet --upgrade pip" "$venv/bin/pip install --quiet -e $repo $(squote "$JAX_PACKAGE")")
     if uses_gcsfuse; then
         # Not on the TPU images; Google's apt repository (cloud.google.com/storage/docs/gcsfuse-install).
         steps+=("if ! command -v gcsfuse >/dev/null 2>&1; then echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; fi")
@@ -314,11 +330,11 @@ data_steps() {
         elif ((!only_mounts)); then
             # Every host needs the whole training set (the sampler draws from all of it), so each
             # gets a full copy; rsync makes a rerun after a resume cheap.
-            steps+=("mkdir -p $(rquote "$DATA_DIR")" "gsutil -m -q rsync -r $(quote "${GCS_DATA%/}") $(rquote "$DATA_DIR")")
+            steps+=("mkdir -p $(rquote "$DATA_DIR")" "gsutil -m -q rsync -r $(squote "${GCS_DATA%/}") $(rquote "$DATA_DIR")")
         fi
     fi
     if [[ -n $GCS_WEIGHTS ]] && ((!only_mounts)); then
-        steps+=("mkdir -p $(rquote "$WEIGHTS_DIR")" "gsutil -m -q rsync -r $(quote "${GCS_WEIGHTS%/}") $(rquote "$WEIGHTS_DIR")")
+        steps+=("mkdir -p $(rquote "$WEIGHTS_DIR")" "gsutil -m -q rsync -r $(squote "${GCS_WEIGHTS%/}") $(rquote "$WEIGHTS_DIR")")
     fi
     ((${#steps[@]} == 0)) || and_join "${steps[@]}"
 }
@@ -355,17 +371,17 @@ cmd_run() {
     start="cd $(rquote "$REMOTE_DIR") || exit 1"
     if [[ -n $SYNC_URI ]]; then
         # Local workdir on one host: bring back what an earlier (preempted) VM mirrored to GCS.
-        start+="; if gsutil -q ls $(quote "${SYNC_URI%/}") >/dev/null 2>&1; then gsutil -m -q rsync -r $(quote "${SYNC_URI%/}") $workdir; fi"
+        start+="; if gsutil -q ls $(squote "${SYNC_URI%/}") >/dev/null 2>&1; then gsutil -m -q rsync -r $(squote "${SYNC_URI%/}") $workdir; fi"
     fi
     start+="; nohup $(trainer_command) >> $log/train.log 2>&1 < /dev/null & pid=\$!; echo \$pid > $log/train.pid"
     if [[ -n $SYNC_URI ]]; then
         # Mirror the workdir while the trainer lives and once more after it exits, from a subshell
         # that ignores the hang-up of the ssh session; orbax's unfinished *.orbax-checkpoint-tmp-*
         # directories are never copied.
-        sync="gsutil -m -q rsync -r -x \".*orbax-checkpoint-tmp.*\" $workdir $(quote "${SYNC_URI%/}")"
+        sync="gsutil -m -q rsync -r -x \".*orbax-checkpoint-tmp.*\" $workdir $(squote "${SYNC_URI%/}")"
         start+="; (trap \"\" HUP; while kill -0 \$pid 2>/dev/null; do sleep $SYNC_EVERY; $sync; done; $sync) >> $log/sync.log 2>&1 < /dev/null & sync_pid=\$!"
     fi
-    start+="; echo \"\$(hostname): started hdml_jax.main, pid \$(cat $log/train.pid), log $LOG_DIR/train.log\""
+    start+="; echo \"\$(hostname): started hdml_jax.main, pid \$(cat $log/train.pid), log\" $log/train.log"
     steps+=("if [ -f $log/train.pid ] && kill -0 \"\$(cat $log/train.pid)\" 2>/dev/null; then echo \"\$(hostname): hdml_jax.main is already running (pid \$(cat $log/train.pid))\"; else $start; fi")
     ssh_workers all "$(and_join "${steps[@]}")"
 }
@@ -412,6 +428,8 @@ cmd_resume() {
 cmd_fetch() {
     require WORKDIR "pass the --workdir of the run to fetch"
     local to=${FETCH_TO:-results/$NAME} exclude=() workdir
+    # scp and tar read a local "a:b" as host:path; "./a:b" is a local path to both.
+    [[ $to != *:* || $to == /* ]] || to=./$to
     ((FETCH_CHECKPOINTS)) || exclude=(-x '^checkpoints/.*')
     workdir=$(remote_path "$WORKDIR")
     if [[ -n $WORKDIR_BUCKET && $workdir != "${WORKDIR_MOUNT%/}/"* ]]; then
@@ -461,7 +479,7 @@ parse_args "$@"
 COMMAND=${POSITIONAL[0]}
 case $COMMAND in
     create | setup | data | run | resume | fetch | logs | stop | delete) ;;
-    *) die "unknown command '$COMMAND' (create, setup, data, run, resume, fetch, logs, stop, delete)" ;;
+    *) die "unknown command ${COMMAND@Q} (create, setup, data, run, resume, fetch, logs, stop, delete)" ;;
 esac
 validate_common
 "cmd_$COMMAND"

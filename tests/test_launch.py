@@ -324,7 +324,8 @@ def test_tpu_setup_from_git(sandbox):
         )
     )
     assert (
-        "git clone --quiet https://example.com/hdml_jax.git" in remote and "checkout --quiet v1.0" in remote
+        "git clone --quiet -- https://example.com/hdml_jax.git" in remote
+        and "checkout --quiet v1.0" in remote
     )
 
 
@@ -516,7 +517,7 @@ def test_slurm_submit_dry_run(sandbox, tmp_path):
         "--mem=0",
     ]:
         assert f"#SBATCH {directive}\n" in script, directive
-    assert f"REPO={ROOT}\n" in script and "EXTRA_ARGS=--config.num_epochs=3\n" in script
+    assert f"REPO={ROOT}\n" in script and "TRAINER_ARGS=(--config.num_epochs=3)\n" in script
     assert not workdir.exists(), "a dry run created the workdir"
     # The generated script is itself valid and, run as the job would be, starts one srun step.
     path = tmp_path / "job.sbatch"
@@ -579,11 +580,7 @@ def test_slurm_errors_are_clear(sandbox):
     )
     fails(
         launch(sandbox, SUBMIT, "--config", "c", "--workdir", "/w", "--nodes", "two"),
-        "NODES must be a whole number",
-    )
-    fails(
-        launch(sandbox, SUBMIT, "--config", "c", "--workdir", "/w", "--", "--config.name=a b"),
-        "contains a space",
+        "--nodes must be a whole number",
     )
     fails(launch(sandbox, SBATCH, "--workdir", "/w"), "CONFIG is not set")
     fails(launch(sandbox, SBATCH, "--config", "c", "--workdir", "/w", dry=False), "not inside a SLURM job")
@@ -685,3 +682,329 @@ def test_no_secrets_or_hard_coded_projects():
             assert bucket in {"BUCKET", "bucket", "b"} or bucket.startswith(("my-", "example")), (
                 f"{path.name}: gs://{bucket}"
             )
+
+
+# ----------------------------------------------------------------------------- hostile values
+# Every value must reach its target as one word, or be refused with a one-line error: none may run
+# (each injection below would create a file named PWNED) or split a generated line.
+
+# Trainer arguments after "--" arrive as the very same argv on every launcher.
+HOSTILE_ARGS = [
+    "--config.name=a b",
+    'it\'s "quoted"',
+    "$(touch PWNED)",
+    "`touch PWNED`",
+    "; touch PWNED #",
+    "line one\nline two",
+    "x\nHDML_SBATCH_EOF\ntouch PWNED",  # would end the dry run's here-document early
+    "tab\there",
+    "$HOME ~user * \\ !",
+    "",
+]
+INJECTED = "PWNED"
+
+
+def no_injection(*dirs: Path):
+    for directory in dirs:
+        assert not (directory / INJECTED).exists(), f"an injected command ran in {directory}"
+
+
+def bash_words(line: str, cwd: Path) -> list[str]:
+    """The words of a printed command line as bash reads them (shlex knows no $'...')."""
+    result = subprocess.run(
+        ["bash", "-c", "printf '%s\\0' " + line], cwd=cwd, capture_output=True, text=True, timeout=10
+    )
+    assert result.returncode == 0, line + result.stderr
+    return result.stdout.split("\0")[:-1]
+
+
+def printed(stdout: str, cwd: Path) -> list[list[str]]:
+    """Every "+ " command of a dry run, read by bash: one line each, whatever the values."""
+    return [
+        bash_words(line[2:], cwd)
+        for line in stdout.splitlines()
+        if line.startswith("+ ") and "<<" not in line
+    ]
+
+
+def argv_recorder(path: Path, out: Path):
+    """An executable at PATH that writes its arguments, NUL-separated, to OUT."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/bash\nprintf '%s\\0' \"$@\" > {shlex.quote(str(out))}\n")
+    path.chmod(0o755)
+
+
+def recorded(out: Path, timeout: float = 5) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return out.read_bytes().decode().split("\0")[:-1]
+
+
+def test_quote_round_trips(tmp_path):
+    """quote (bash, one line), squote and rquote (POSIX sh) give back every word unchanged."""
+    words = [*HOSTILE_ARGS, "plain", "a=b", "jax[tpu]", "'", '"', "\r\x1b[31m", "-n", "~", "a~/b"]
+
+    def run(argv: list[str]) -> list[str]:  # bytes: text mode would read "\r" as "\n"
+        result = subprocess.run(
+            argv, cwd=tmp_path, capture_output=True, timeout=10, env={"HOME": "/h", "PATH": "/usr/bin:/bin"}
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.decode().split("\0")[:-1]
+
+    def quoted(func: str, *words: str) -> list[str]:
+        script = 'source "$1"; shift; f=$1; shift; for w in "$@"; do "$f" "$w"; printf "\\0"; done'
+        return run(["bash", "-c", script, "_", str(LAUNCH / "_common.sh"), func, *words])
+
+    for func, shell in [("quote", "bash"), ("squote", "sh"), ("rquote", "sh")]:
+        kept = [word for word in words if func != "rquote" or word != "~"]  # rquote: "~" is $HOME
+        forms = quoted(func, *kept)
+        if func == "quote":
+            assert not any("\n" in form for form in forms), forms
+        assert run([shell, "-c", "printf '%s\\0' " + " ".join(forms)]) == kept, (func, forms)
+    # rquote turns a leading "~/" (also after "=") into the remote $HOME.
+    forms = quoted("rquote", "~/w x", "--p=~/$(y)", "~")
+    assert run(["sh", "-c", "printf '%s\\0' " + " ".join(forms)]) == ["/h/w x", "--p=/h/$(y)", "/h"]
+    no_injection(tmp_path)
+
+
+def test_gpu_node_passes_hostile_trainer_args_verbatim(sandbox, tmp_path):
+    venv, out = tmp_path / "venv", tmp_path / "argv"
+    argv_recorder(venv / "bin" / "python", out)
+    flags = [
+        "--config",
+        "c.py",
+        "--workdir",
+        "my runs/$(touch PWNED)",
+        "--venv",
+        str(venv),
+        "--",
+        *HOSTILE_ARGS,
+    ]
+    expected = ["-m", "hdml_jax.main", "--config", "c.py", "--workdir", f"{tmp_path}/my runs/$(touch PWNED)"]
+    dry = ok(launch(sandbox, GPU, *flags, cwd=tmp_path))
+    assert printed(dry, tmp_path)[-1] == [str(venv / "bin" / "python"), *expected, *HOSTILE_ARGS]
+    ok(launch(sandbox, GPU, *flags, cwd=tmp_path, dry=False))
+    assert recorded(out) == [*expected, *HOSTILE_ARGS]
+    no_injection(tmp_path, ROOT)
+
+
+def test_slurm_hostile_trainer_args_and_a_workdir_with_spaces(sandbox, tmp_path):
+    """Submit for real (sbatch records its argv), then run the written script as the job would."""
+    bin_dir, submitted, srun_argv = tmp_path / "bin", tmp_path / "sbatch.argv", tmp_path / "srun.argv"
+    argv_recorder(bin_dir / "sbatch", submitted)
+    argv_recorder(bin_dir / "srun", srun_argv)
+    venv = tmp_path / "venv"
+    argv_recorder(venv / "bin" / "python", tmp_path / "unused")
+    workdir = tmp_path / "my runs" / "sop #1 100%"
+    flags = [
+        "--config",
+        "c.py",
+        "--workdir",
+        str(workdir),
+        "--venv",
+        str(venv),
+        "--sbatch-args",
+        "--comment=$(touch${IFS}PWNED) --constraint=a100|v100&ib",
+        "--",
+        *HOSTILE_ARGS,
+    ]
+    dry = ok(launch(sandbox, SUBMIT, *flags, cwd=tmp_path))
+    assert dry.count("\nHDML_SBATCH_EOF\n") == 1  # the here-document ends where it should
+    env = {"PATH": f"{bin_dir}:{sandbox['env']['PATH']}"}
+    ok(launch(sandbox, SUBMIT, *flags, env=env, cwd=tmp_path, dry=False))
+    script_path = workdir / "slurm" / "hdml_jax.sbatch"
+    output = f"--output={str(workdir).replace('%', '%%')}/slurm/%x-%j.out"
+    # The output path holds a space and a "#": it goes on sbatch's command line, one argv word.
+    assert recorded(submitted) == [output, str(script_path)]
+    script = script_path.read_text()
+    assert script == generated_script(dry) + "\n"
+    header, _, body = script.partition("set -euo pipefail\n")
+    directives = [line for line in header.splitlines() if line.startswith("#SBATCH")]
+    assert all(line.startswith("#") for line in header.splitlines()), header  # nothing but comments
+    assert "#SBATCH --comment=$(touch${IFS}PWNED)" in directives  # verbatim; sbatch runs no shell
+    assert not any(str(tmp_path) in line for line in directives), directives
+    resubmit = next(line for line in body.splitlines() if "To resubmit" in line).split(": ", 1)[1]
+    assert bash_words(resubmit, tmp_path) == ["sbatch", output, str(script_path)]
+    assert subprocess.run(["bash", "-n", str(script_path)]).returncode == 0
+    # The job, for real: srun gets the trainer's argv exactly.
+    job_env = {**SLURM_ENV, "PATH": f"{bin_dir}:{sandbox['env']['PATH']}"}
+    ok(launch(sandbox, script_path, env=job_env, cwd=tmp_path, dry=False))
+    trainer = [
+        str(venv / "bin" / "python"),
+        "-m",
+        "hdml_jax.main",
+        "--config",
+        "c.py",
+        "--workdir",
+        str(workdir),
+    ]
+    assert recorded(srun_argv) == ["--kill-on-bad-exit=1", f"--chdir={ROOT}", *trainer, *HOSTILE_ARGS]
+    job = ok(launch(sandbox, script_path, env=SLURM_ENV, cwd=tmp_path))
+    assert next(a for a in printed(job, tmp_path) if a[0] == "srun")[3:] == [*trainer, *HOSTILE_ARGS]
+    no_injection(tmp_path, workdir, ROOT)
+
+
+NEWLINE = "\ntouch PWNED"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        *[
+            ([flag, value + NEWLINE], {}, f"{flag} must not contain a newline")
+            for flag, value in [
+                ("--partition", "gpu"),
+                ("--time", "24:00:00"),
+                ("--account", "a"),
+                ("--qos", "q"),
+                ("--job-name", "j"),
+                ("--sbatch-args", "--exclusive"),
+                ("--workdir", "/w"),
+                ("--script", "/s.sbatch"),
+                ("--modules", "cuda"),
+            ]
+        ],
+        ([], {"PARTITION": "gpu" + NEWLINE}, "--partition must not contain a newline"),
+        (["--partition", "gpu debug"], {}, "--partition must not contain spaces"),
+        (["--account", "a;touch PWNED"], {}, "--account must not contain spaces, quotes or other shell"),
+        (["--qos", "$(touch PWNED)"], {}, "--qos must not contain"),
+        (["--job-name", "x`touch PWNED`"], {}, "--job-name must not contain"),
+        (["--time", "1:00 #x"], {}, "--time must be a SLURM time"),
+        (["--sbatch-args", '--comment="a b"'], {}, "--sbatch-args: '--comment=\"a' holds a quote"),
+        (["--modules", "cuda;touch PWNED"], {}, "--modules must not contain"),
+        (["--workdir", "/w\\x"], {}, "must not contain a backslash"),
+        (["--nodes", "PATH[$(touch PWNED)0]"], {}, "--nodes must be a whole number"),
+        ([], {"DRY_RUN": "PATH[$(touch PWNED)0]"}, "DRY_RUN must be 0 or 1"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_slurm_submit_refuses_unsafe_values(sandbox, tmp_path, args, env, message):
+    base = {"CONFIG": "c.py", "WORKDIR": str(tmp_path / "w")}
+    err = fails(launch(sandbox, SUBMIT, *args, env={**base, **env}, cwd=tmp_path, dry=False), message)
+    assert err.count("\n") == 1, err  # one line, whatever the value
+    assert not sandbox["calls"].exists() and not (tmp_path / "w").exists()
+    no_injection(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--gpus-per-node", "PATH[$(touch PWNED)0]"], {}, "--gpus-per-node must be a whole number"),
+        (["--max-restarts", "PATH[$(touch PWNED)0]"], {}, "--max-restarts must be a whole number"),
+        ([], {"SLURM_GPUS_ON_NODE": "PATH[$(touch PWNED)0]"}, "SLURM_GPUS_ON_NODE must be a whole number"),
+        (["--modules", "x $(touch PWNED)"], {}, "--modules must not contain"),
+        (["--extra-args", "--a=1" + NEWLINE], {}, "--extra-args must not contain a newline"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_slurm_job_refuses_unsafe_values(sandbox, tmp_path, args, env, message):
+    flags = ["--config", "c.py", "--workdir", str(tmp_path / "w"), *args]
+    fails(launch(sandbox, SBATCH, *flags, env={**SLURM_ENV, **env}, cwd=tmp_path, dry=False), message)
+    assert not sandbox["calls"].exists()
+    no_injection(tmp_path)
+
+
+def test_tpu_worker_gets_hostile_trainer_args_verbatim(sandbox, tmp_path):
+    """The remote start command, run by bash and by a POSIX sh as the worker's login shell."""
+    home = Path(sandbox["env"]["HOME"])
+    (home / "hdml_jax").mkdir()
+    out = tmp_path / "argv"
+    argv_recorder(home / "hdml_venv" / "bin" / "python", out)
+    flags = [*RUN_FLAGS[:2], "--workdir", "runs/a b $(touch PWNED)", "--", *HOSTILE_ARGS]
+    lines = printed(ok(launch(sandbox, TPU, "run", *flags, env=TPU_BASE, cwd=tmp_path)), tmp_path)
+    ((start,),) = [[a[a.index("--command") + 1]] for a in lines if a[4] == "ssh"]
+    expected = [
+        "-m",
+        "hdml_jax.main",
+        "--config",
+        "configs/cub.py:method=hpl_pa",
+        "--workdir",
+        f"{home}/hdml_jax/runs/a b $(touch PWNED)",
+        f"--config.dataset.data_dir={home}/tensorflow_datasets",
+        *HOSTILE_ARGS,
+    ]
+    for shell in ("bash", "sh"):
+        out.unlink(missing_ok=True)
+        (home / "hdml_logs" / "train.pid").unlink(missing_ok=True)  # the stand-in may not have exited yet
+        result = subprocess.run(
+            [shell, "-c", start], env=sandbox["env"], cwd=tmp_path, capture_output=True, text=True, timeout=10
+        )
+        assert result.returncode == 0 and "started hdml_jax.main" in result.stdout, (
+            result.stdout + result.stderr
+        )
+        assert recorded(out) == expected, shell
+    assert (home / "hdml_jax" / "runs" / "a b $(touch PWNED)").is_dir()
+    no_injection(tmp_path, home, home / "hdml_jax")
+
+
+def test_tpu_gcsfuse_flags_are_words_not_code(sandbox, tmp_path):
+    bin_dir, out = tmp_path / "worker-bin", tmp_path / "gcsfuse.argv"
+    argv_recorder(bin_dir / "gcsfuse", out)
+    (bin_dir / "mountpoint").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "mountpoint").chmod(0o755)
+    env = {**TPU_BASE, "GCSFUSE_DATA_FLAGS": "-o ro; touch PWNED"}
+    flags = ["--gcs-data", "gs://example-bucket/tfds", "--data-mode", "gcsfuse"]
+    ((_, remote),) = remote_commands(ok(launch(sandbox, TPU, "data", *flags, env=env)))
+    worker_env = {**sandbox["env"], "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    subprocess.run(["sh", "-c", remote], env=worker_env, cwd=tmp_path, check=True, timeout=10)
+    home = sandbox["env"]["HOME"]
+    assert recorded(out) == [
+        "-o",
+        "ro;",
+        "touch",
+        "PWNED",
+        "--only-dir",
+        "tfds",
+        "example-bucket",
+        f"{home}/tensorflow_datasets",
+    ]
+    no_injection(tmp_path, Path(home))
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "env", "message"),
+    [
+        ("create", ["--name", "hdml" + NEWLINE], {}, "--name must not contain a newline"),
+        ("create", ["--name", "a;touch PWNED"], {}, "--name must be a Cloud TPU name"),
+        ("create", ["--zone", "z" + NEWLINE], {}, "--zone must not contain a newline"),
+        ("setup", [], {"PYTHON_VERSION": "3.11; touch PWNED"}, "PYTHON_VERSION must look like 3.11"),
+        ("setup", ["--repo-url", "--upload-pack=touch PWNED"], {}, "must not start with '-'"),
+        ("run", [*RUN_FLAGS, "--sync-every", "1; touch PWNED"], {}, "--sync-every must be a whole number"),
+        ("run", RUN_FLAGS, {"LOG_DIR": "~/logs $(touch PWNED)"}, "LOG_DIR must not contain spaces"),
+        (
+            "run",
+            RUN_FLAGS,
+            {"GCSFUSE_WORKDIR_FLAGS": "-o" + NEWLINE},
+            "GCSFUSE_WORKDIR_FLAGS must not contain",
+        ),
+        ("run", [*RUN_FLAGS, "--extra-args", "--a" + NEWLINE], {}, "--extra-args must not contain a newline"),
+        (
+            "fetch",
+            RUN_FLAGS,
+            {"FETCH_CHECKPOINTS": "PATH[$(touch PWNED)0]"},
+            "FETCH_CHECKPOINTS must be 0 or 1",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_tpu_refuses_unsafe_values(sandbox, tmp_path, command, args, env, message):
+    err = fails(
+        launch(sandbox, TPU, command, *args, env={**TPU_BASE, **env}, cwd=tmp_path, dry=False), message
+    )
+    assert err.count("\n") == 1, err
+    assert not sandbox["calls"].exists()
+    no_injection(tmp_path)
+
+
+def test_gpu_node_refuses_unsafe_values(sandbox, tmp_path):
+    flags = ["--config", "c", "--workdir", "/w"]
+    fails(
+        launch(sandbox, GPU, *flags, env={"INSTALL": "PATH[$(touch PWNED)0]"}, cwd=tmp_path),
+        "INSTALL must be 0 or 1",
+    )
+    fails(
+        launch(sandbox, GPU, *flags, "--extra-args", "--a" + NEWLINE, cwd=tmp_path),
+        "--extra-args must not contain",
+    )
+    no_injection(tmp_path)
