@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,78 @@ def _pyplot():
     return plt
 
 
+# ----------------------------------------------------------------------------- t-SNE
+
+# Ten clearly different colours (matplotlib's tab10) times eight marker shapes: 80 classes can be
+# told apart before a colour/marker combination repeats.
+CLASS_COLOURS = tuple(f"C{i}" for i in range(10))
+CLASS_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LEGEND_MAX_CLASSES = 20
+
+
+def class_styles(num_classes: int) -> tuple[list[tuple[str, str]], bool]:
+    """``(colour, marker)`` of each of ``num_classes`` classes, and whether combinations repeat.
+
+    Colours come first (the fewest markers that give every class its own combination), so up to
+    ten classes are told apart by colour alone; beyond ``len(CLASS_COLOURS) * len(CLASS_MARKERS)``
+    classes the combinations repeat.
+    """
+    num_colours = max(1, min(num_classes, len(CLASS_COLOURS)))
+    num_markers = min(max(1, -(-num_classes // num_colours)), len(CLASS_MARKERS))
+    styles = [
+        (CLASS_COLOURS[i % num_colours], CLASS_MARKERS[(i // num_colours) % num_markers])
+        for i in range(num_classes)
+    ]
+    return styles, num_classes > num_colours * num_markers
+
+
+def _scatter_by_class(ax, xy: np.ndarray, labels: np.ndarray, kind: str) -> str:
+    """One scatter per colour/marker combination; returns the title's note on the classes."""
+    classes, index = np.unique(labels, return_inverse=True)
+    styles, repeats = class_styles(len(classes))
+    combos = sorted(set(styles), key=styles.index)
+    with_legend = len(classes) <= LEGEND_MAX_CLASSES
+    for combo in combos:
+        members = [i for i, style in enumerate(styles) if style == combo]
+        chosen = np.isin(index, members)
+        colour, marker = combo
+        label = f"{kind} {classes[members[0]]}" if with_legend else f"_{colour} {marker}"
+        ax.scatter(
+            xy[chosen, 0], xy[chosen, 1], c=colour, marker=marker, s=14, linewidths=0, alpha=0.85, label=label
+        )
+    if with_legend:
+        ax.legend(
+            loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=7, markerscale=1.5
+        )
+    plural = "classes" if kind == "class" else f"{kind}s"
+    if repeats:
+        return f"colours repeat: {len(classes)} {plural}, {len(combos)} colour/marker combinations"
+    return f"{len(classes)} {plural}, each its own colour/marker"
+
+
+def tsne_figure(xy: np.ndarray, labels: np.ndarray, coarse_labels: np.ndarray | None = None):
+    """The figure of ``tsne.png`` from 2-D points: one panel by class, one by coarse group if given.
+
+    Every class gets its own colour/marker combination (``class_styles``) while there are enough;
+    past that the title says that they repeat. With at most ``LEGEND_MAX_CLASSES`` classes (or
+    groups) a legend, outside the panel, names them. The coarse panel is drawn the same way.
+    """
+    panels = [("class", np.asarray(labels))]
+    if coarse_labels is not None:
+        panels.append(("group", np.asarray(coarse_labels)))
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(7.5 * len(panels), 6.5), squeeze=False, layout="constrained"
+    )
+    for ax, (kind, values) in zip(axes[0], panels, strict=True):
+        note = _scatter_by_class(ax, xy, values, kind)
+        what = "class" if kind == "class" else "coarse group"
+        ax.set_title(f"t-SNE of {len(xy)} test embeddings, by {what}\n({note})", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig
+
+
 def plot_tsne(
     path: str | Path,
     embeddings: np.ndarray,
@@ -95,23 +168,17 @@ def plot_tsne(
     *,
     max_points: int = 2000,
 ) -> None:
-    """``tsne.png``: one panel coloured by class, one by coarse group (when there are groups)."""
+    """``tsne.png``: t-SNE of up to ``max_points`` embeddings (see ``tsne_figure``)."""
     rng = np.random.default_rng(0)
     index = np.sort(rng.permutation(len(embeddings))[:max_points])
     xy = tsne(embeddings[index], key)
-    panels = [("class", labels[index])]
-    if coarse_labels is not None:
-        panels.append(("coarse group", coarse_labels[index]))
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6), squeeze=False)
-    for ax, (title, colour) in zip(axes[0], panels, strict=True):
-        ax.scatter(xy[:, 0], xy[:, 1], c=colour % 20, cmap="tab20", s=6, linewidths=0)
-        ax.set_title(f"t-SNE of {len(index)} test embeddings, coloured by {title}")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
+    coarse = None if coarse_labels is None else np.asarray(coarse_labels)[index]
+    fig = tsne_figure(xy, np.asarray(labels)[index], coarse)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
+
+
+# ----------------------------------------------------------------------------- retrieval
 
 
 def plot_retrieval(
@@ -144,33 +211,129 @@ def plot_retrieval(
     plt.close(fig)
 
 
-def plot_curves(path: str | Path, metrics_jsonl: str | Path) -> None:
-    """``curves.png``: training loss and every evaluation metric against the step."""
-    train, evals = [], []
+# ----------------------------------------------------------------------------- curves
+
+# Train-record keys that are not loss terms.
+_NOT_LOSS_TERMS = frozenset({"step", "loss", "kind", "epoch", "images_per_second", "grad_norm", "lr"})
+_NOT_METRICS = frozenset({"step", "kind", "epoch"})
+
+# What each logged loss term is (``steps.compute_loss``): HPL's total is Σ_l w_l·L_l over the
+# fine level (the per-class proxies, L_0) and the coarse levels; CGD's is triplet + w·classification.
+LOSS_TERM_LABELS = {
+    "fine": "fine level (HPL L_0, unweighted)",
+    "triplet": "triplet (CGD ranking term)",
+    "classification": "classification (CGD, before its weight)",
+}
+
+# Evaluation series: colour, line style and marker each cycle, so every series has its own
+# combination and series that coincide stay visible (hollow markers, some lines dashed or absent).
+_SERIES_LINESTYLES = ("-", "--", ":", "-.", "none")
+_SERIES_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def read_metrics(metrics_jsonl: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(train records, eval records)`` of ``metrics.jsonl``, each sorted by step.
+
+    A resumed run appends to the file, so a step can appear twice: the last record of each
+    ``(kind, step)`` wins. Blank and unreadable lines (a write cut off by a crash) are skipped.
+    """
+    latest: dict[tuple[str, int], dict[str, Any]] = {}
     for line in Path(metrics_jsonl).read_text().splitlines():
-        record = json.loads(line)
-        (evals if record.get("kind") == "eval" else train).append(record)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or "step" not in record:
+            continue
+        kind = "eval" if record.get("kind") == "eval" else "train"
+        latest.pop((kind, record["step"]), None)
+        latest[(kind, record["step"])] = record
+    by_step = sorted(latest.items(), key=lambda item: item[0][1])
+    train = [record for (kind, _), record in by_step if kind == "train"]
+    evals = [record for (kind, _), record in by_step if kind == "eval"]
+    return train, evals
+
+
+def _total_loss_label(terms: list[str]) -> str:
+    if "fine" in terms:
+        return "total Σ_l w_l·L_l (HPL, all levels)"
+    if "triplet" in terms or "classification" in terms:
+        return "total: triplet + w·classification (CGD)"
+    return "loss"
+
+
+def _series(records: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
+    steps = [r["step"] for r in records if isinstance(r.get(key), int | float)]
+    values = [scale * r[key] for r in records if isinstance(r.get(key), int | float)]
+    return steps, values
+
+
+def _same(a: tuple[list[int], list[float]], b: tuple[list[int], list[float]]) -> bool:
+    """Two series at the same steps whose values agree to float rounding (in %)."""
+    return a[0] == b[0] and np.allclose(a[1], b[1], rtol=0.0, atol=1e-6)
+
+
+def _legend_outside(ax) -> None:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
+
+
+def curves_figure(metrics_jsonl: str | Path):
+    """The figure of ``curves.png``: the training loss (and its terms) and every evaluation metric.
+
+    Each evaluation metric has its own colour, line style and marker; a metric whose values
+    equal an earlier one's (precision@1 and recall@1 whenever every query has a match) is drawn
+    with markers only and labelled ``(= that metric)``, so neither hides the other. Legends sit
+    outside the panels, off the data.
+    """
+    train, evals = read_metrics(metrics_jsonl)
     plt = _pyplot()
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(15, 4.8), layout="constrained")
+
+    terms = sorted({k for r in train for k in r} - _NOT_LOSS_TERMS)
     if train:
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="loss")
-        for part in sorted(
-            {k for r in train for k in r}
-            - {"step", "loss", "kind", "epoch", "images_per_second", "grad_norm", "lr"}
-        ):
+        ax_loss.plot(*_series(train, "loss"), color="black", linewidth=1.6, label=_total_loss_label(terms))
+        for i, term in enumerate(terms):
             ax_loss.plot(
-                [r["step"] for r in train if part in r], [r[part] for r in train if part in r], label=part
+                *_series(train, term),
+                color=f"C{i}",
+                linestyle=("--", ":", "-.")[i % 3],
+                linewidth=1.3,
+                label=LOSS_TERM_LABELS.get(term, term),
             )
+        _legend_outside(ax_loss)
     ax_loss.set_xlabel("step")
     ax_loss.set_title("training loss")
-    ax_loss.legend()
-    names = [k for k in (evals[0] if evals else {}) if k not in ("step", "kind", "epoch")]
-    for name in names:
-        ax_eval.plot([r["step"] for r in evals], [100 * r[name] for r in evals], marker="o", label=name)
+
+    names = list(dict.fromkeys(k for r in evals for k in r if k not in _NOT_METRICS))
+    names = [n for n in names if _series(evals, n)[0]]
+    drawn: dict[str, tuple[list[int], list[float]]] = {}
+    for i, name in enumerate(names):
+        steps, values = _series(evals, name, 100.0)
+        same_as = next((other for other, series in drawn.items() if _same(series, (steps, values))), None)
+        style = {
+            "color": f"C{i % 10}",
+            "linestyle": _SERIES_LINESTYLES[i % len(_SERIES_LINESTYLES)],
+            "marker": _SERIES_MARKERS[i % len(_SERIES_MARKERS)],
+            "markerfacecolor": "none",
+            "markersize": 6,
+        }
+        label = name
+        if same_as is not None:
+            style.update(linestyle="none", marker="x", markersize=9, markeredgewidth=1.5)
+            label = f"{name} (= {same_as})"
+        ax_eval.plot(steps, values, label=label, **style)
+        drawn[name] = (steps, values)
     ax_eval.set_xlabel("step")
     ax_eval.set_title("test metrics (%)")
     if names:
-        ax_eval.legend(fontsize=8)
-    fig.tight_layout()
+        _legend_outside(ax_eval)
+    return fig
+
+
+def plot_curves(path: str | Path, metrics_jsonl: str | Path) -> None:
+    """``curves.png``: the figure of ``curves_figure``."""
+    fig = curves_figure(metrics_jsonl)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)

@@ -9,11 +9,13 @@ TFDS data through the TFDS catalogue builders, as it would the real ones.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import pickle
 import subprocess
 import sys
+import tarfile
 import types
 import warnings
 import zipfile
@@ -23,7 +25,14 @@ import numpy as np
 import pytest
 
 from hdml_jax.data import datasets, inshop, prepare
-from hdml_jax.data.datasets import DATASETS, DatasetNotFoundError, load_dataset
+from hdml_jax.data.datasets import (
+    DATASETS,
+    BadManualFilesError,
+    DatasetNotFoundError,
+    ManualFilesError,
+    load_dataset,
+)
+from hdml_jax.errors import UserError
 from tests import fake_archives as fa
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,10 +149,11 @@ def test_registry():
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))
-def test_missing_data_error_says_what_to_do(name, tmp_path):
+def test_missing_data_error_says_what_to_do(name, tmp_path, caplog, capfd):
+    caplog.set_level("INFO")
     with pytest.raises(DatasetNotFoundError) as info:
         load_dataset(name, data_dir=tmp_path)
-    assert isinstance(info.value, FileNotFoundError)
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, UserError)
     message = str(info.value)
     for file in DATASETS[name].manual_files:
         assert file in message
@@ -151,7 +161,12 @@ def test_missing_data_error_says_what_to_do(name, tmp_path):
     assert (
         f"python -m hdml_jax.data.prepare {name} --data_dir {tmp_path} --manual_dir {manual_dir}" in message
     )
-    assert ("pip install tensorflow-cpu" in message) == DATASETS[name].needs_tensorflow
+    # The README's install command, for the prepare extra (pyproject's [prepare]).
+    assert ("pip install -e '.[prepare]'" in message) == DATASETS[name].needs_tensorflow
+    assert "pip install tensorflow-cpu" not in message
+    # The error is the only message: no TFDS "Variant folder .../2.1.0 has no dataset_info.json".
+    assert not [r for r in caplog.records if "Variant folder" in r.getMessage()]
+    assert "Variant folder" not in capfd.readouterr().err
 
 
 def test_unknown_name():
@@ -375,20 +390,105 @@ def test_inshop_without_boxes_from_extracted_folder(tmp_path):
 # ----------------------------------------------------------------------------- prepare CLI
 
 
-def test_prepare_names_missing_files(tmp_path, capsys):
-    assert prepare.main(["cars196", "--data_dir", str(tmp_path), "--manual_dir", str(tmp_path / "m")]) == 2
+def _prepare_fails(capsys, argv) -> str:
+    """``prepare.main(argv)`` exits with status 2 and one ``error:`` message, the end of stderr
+    (before it: TFDS's progress bars, if preparing started); returns the message."""
+    with pytest.raises(SystemExit) as info:
+        prepare.main(argv)
+    assert info.value.code == 2
     err = capsys.readouterr().err
-    for file in DATASETS["cars196"].manual_files:
-        assert file in err
-    assert str(tmp_path / "m") in err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+    return err[err.index("error: ") :]
+
+
+def test_prepare_names_missing_files(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "cars_train.tgz").write_bytes(b"")
+    err = _prepare_fails(
+        capsys, ["cars196", "--data_dir", str(tmp_path), "--manual_dir", str(tmp_path / "m")]
+    )
+    first_line = err.splitlines()[0]
+    assert str(tmp_path / "m") in first_line and "cars_train.tgz" not in first_line
+    for file in DATASETS["cars196"].manual_files[1:]:
+        assert file in first_line
+    assert "--skip_checksums" in err  # the instructions (expected layout) follow
+    # No manual_dir at all: said so, with the files it must hold.
+    err = _prepare_fails(capsys, ["sop", "--data_dir", str(tmp_path), "--manual_dir", str(tmp_path / "none")])
+    assert "is not a folder" in err and "Stanford_Online_Products.zip" in err
 
 
 def test_prepare_asks_for_tensorflow(tmp_path, capsys, monkeypatch):
     fa.make_sop_manual_dir(tmp_path)
     monkeypatch.setattr(prepare, "_module_available", lambda module: module != "tensorflow")
-    assert prepare.main(["sop", "--data_dir", str(tmp_path / "data"), "--manual_dir", str(tmp_path)]) == 3
-    assert "pip install tensorflow-cpu" in capsys.readouterr().err
+    err = _prepare_fails(capsys, ["sop", "--data_dir", str(tmp_path / "data"), "--manual_dir", str(tmp_path)])
+    assert "pip install -e '.[prepare]'" in err and "tensorflow-cpu" in err
+    assert len(err.splitlines()) == 1
     assert prepare.missing_modules("inshop") == []
+
+
+def _break_inshop(manual: Path, how: str) -> str:
+    """Damage a flat In-Shop manual dir; returns what the message must name."""
+    partition = manual / "list_eval_partition.txt"
+    if how == "bad zip":
+        (manual / "img.zip").write_bytes(b"not a zip archive")
+        return "img.zip is not a zip archive"
+    if how == "image missing":
+        partition.write_text(partition.read_text().replace("01_1_front.jpg", "99_1_front.jpg", 1))
+        return "99_1_front.jpg, listed in list_eval_partition.txt, is not in"
+    partition.write_text(partition.read_text() + "img/x.jpg id_1 validation\n")
+    return "unexpected line 'img/x.jpg id_1 validation'"
+
+
+@pytest.mark.parametrize("how", ["bad zip", "image missing", "bad partition line"])
+def test_prepare_with_wrong_files_says_which_in_one_message(how, tmp_path, capsys):
+    fa.make_inshop_manual_dir(tmp_path / "manual", nested=False)
+    expected = _break_inshop(tmp_path / "manual", how)
+    err = _prepare_fails(
+        capsys, ["inshop", "--data_dir", str(tmp_path / "data"), "--manual_dir", str(tmp_path / "manual")]
+    )
+    assert expected in err and len(err.strip().splitlines()) == 1
+
+
+class NonMatchingChecksumError(Exception):
+    """Named as TFDS's (``tfds.download.NonMatchingChecksumError``), which needs no import here."""
+
+
+class ExtractError(Exception):
+    """Named as TFDS's extraction error, which wraps the archive module's."""
+
+
+def _raised_from(error: Exception, cause: Exception) -> Exception:
+    try:
+        raise error from cause
+    except Exception as raised:
+        return raised
+
+
+def test_catalogue_builder_failures_are_explained():
+    """What the TFDS builders of CUB, Cars and SOP raise on wrong files (no TensorFlow needed)."""
+    explain = functools.partial(prepare.explain_failure, "cars196", "/m")
+    cases = [
+        (
+            NonMatchingChecksumError("Artifact cars_train.tgz has wrong checksum:\n* Expected: ..."),
+            BadManualFilesError,
+            "--skip_checksums",
+        ),
+        (
+            _raised_from(
+                ExtractError("Error while extracting /m/cars_test.tgz"), tarfile.ReadError("not a gzip file")
+            ),
+            BadManualFilesError,
+            "cannot be unpacked",
+        ),
+        (FileNotFoundError("/dl/extracted/cars_train"), ManualFilesError, "cars_train.tgz  cars_test.tgz"),
+        (KeyError("annotations"), ManualFilesError, "'annotations'"),
+        (ValueError("Unknown mat file type"), BadManualFilesError, "expected content"),
+    ]
+    for error, kind, text in cases:
+        explained = explain(error)
+        assert isinstance(explained, kind) and isinstance(explained, UserError)
+        assert text in str(explained) and "/m" in str(explained)
+    assert explain(TypeError("a bug")) is None  # not the files' fault: the traceback stays
 
 
 def test_prepare_module_entry_point():
@@ -416,11 +516,14 @@ needs_cv2 = _needs("cv2", "the TFDS CUB builder needs OpenCV (pip install '.[pre
 
 @pytest.mark.slow
 @needs_tf
-def test_prepare_cars196_from_official_layout(tmp_path):
+def test_prepare_cars196_from_official_layout(tmp_path, capsys):
     classes = fa.make_cars_manual_dir(tmp_path / "manual")
     # The fake archives do not have TFDS's registered checksums, as re-packed mirrors may not.
-    with pytest.raises(Exception, match="checksum"):
+    with pytest.raises(SystemExit) as info:
         _prepare("cars196", tmp_path)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "checksum" in err and "--skip_checksums" in err and "Traceback" not in err
     assert _prepare("cars196", tmp_path, "--skip_checksums") == 0
     dataset = _load("cars196", tmp_path / "data")
     all_classes = classes["train"] + classes["test"]

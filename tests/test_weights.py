@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from hdml_jax.errors import ConfigError, UserError
 from hdml_jax.models import (
     WeightsUnavailableError,
     convert,
@@ -126,8 +127,9 @@ def test_legacy_format_without_torch_says_what_to_do(tmp_path, monkeypatch):
     path = tmp_path / "old.pth"
     path.write_bytes(pickle.dumps({"weight": 1}))  # not a zip file
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails
-    with pytest.raises(ImportError, match=r"legacy .*needs torch"):
+    with pytest.raises(ImportError, match=r"legacy .*needs torch") as error:
         convert.read_state_dict(path)
+    assert isinstance(error.value, UserError)
 
 
 @pytest.fixture
@@ -217,6 +219,7 @@ def test_network_failures_explain_the_manual_route(server, tmp_path, monkeypatch
     monkeypatch.setitem(weights.TORCHVISION_RESNET_URLS, 50, url)
     with pytest.raises(WeightsUnavailableError) as error:
         resolve_pretrained("torchvision", 50)
+    assert isinstance(error.value, UserError) and isinstance(error.value, RuntimeError)
     message = str(error.value)
     assert url in message
     assert str(tmp_path / "resnet50-0676ba61.pth") in message
@@ -229,12 +232,13 @@ def test_specs_without_download(tmp_path, monkeypatch):
     assert resolve_pretrained("none", 50) is None
     assert resolve_pretrained(None, 50) is None
     assert resolve_pretrained("", 18) is None
-    with pytest.raises(ValueError, match=r"width=64"):
+    with pytest.raises(ConfigError, match=r"width=64"):
         resolve_pretrained("torchvision", 18, width=32)
-    with pytest.raises(ValueError, match="ResNet-152"):
+    with pytest.raises(ConfigError, match="ResNet-152"):
         resolve_pretrained("torchvision", 152)
-    with pytest.raises(FileNotFoundError, match=r"hdml_jax\.models\.convert"):
+    with pytest.raises(convert.WeightsFileNotFoundError, match=r"hdml_jax\.models\.convert") as error:
         resolve_pretrained(str(tmp_path / "missing"), 50)
+    assert isinstance(error.value, FileNotFoundError) and isinstance(error.value, UserError)
     (tmp_path / "ckpt").mkdir()
     assert resolve_pretrained(str(tmp_path / "ckpt"), 50) == tmp_path / "ckpt"
     monkeypatch.delenv("HDML_JAX_CACHE", raising=False)
@@ -257,4 +261,56 @@ def test_convert_cli_names_itself_and_imports_cleanly():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m hdml_jax.models.convert")
-    assert "found in sys.modules" not in result.stderr
+    assert "found in sys.modules" not in result.stderr and "RuntimeWarning" not in result.stderr
+
+
+def _convert_fails(capsys, *argv: str) -> str:
+    """``convert.main`` exits with status 2 and a one-line ``error:`` message; returns it."""
+    with pytest.raises(SystemExit) as info:
+        convert.main(list(argv))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_convert_cli_mistakes_are_one_message(resnet18_file, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    missing = _convert_fails(capsys, str(tmp_path / "resnet50.pth"), "--depth", "50", "--output", out)
+    assert f"no weights at {tmp_path / 'resnet50.pth'}" in missing
+    for name, body in [
+        ("bad.pth", b"<html>not found</html>"),
+        ("bad.npz", b"garbage"),
+        ("bad.safetensors", b"\x01"),
+    ]:
+        (tmp_path / name).write_bytes(body)
+        assert name in _convert_fails(capsys, str(tmp_path / name), "--depth", "18", "--output", out)
+    (tmp_path / "cut.pth").write_bytes(resnet18_file.body[:4096])  # an interrupted download
+    assert "cut.pth" in _convert_fails(capsys, str(tmp_path / "cut.pth"), "--depth", "18", "--output", out)
+    depth = _convert_fails(capsys, str(resnet18_file.path), "--depth", "34", "--output", out)
+    assert "ResNet-18 of width 64, but ResNet-34" in depth and "depth/width differ" in depth
+    assert "--depth 18" in depth
+    (tmp_path / "exists").mkdir()
+    exists = _convert_fails(
+        capsys, str(resnet18_file.path), "--depth", "18", "--output", str(tmp_path / "exists")
+    )
+    assert "exists" in exists
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_errors_are_user_errors_of_the_expected_builtin_class(resnet18_file, tmp_path):
+    with pytest.raises(convert.WeightsMismatchError, match="depth/width differ") as mismatch:
+        torchvision_resnet_to_flax(resnet18_file.state, 34)
+    assert isinstance(mismatch.value, ValueError)
+    with pytest.raises(convert.WeightsFileNotFoundError) as missing:
+        load_pretrained(tmp_path / "nowhere")
+    assert isinstance(missing.value, FileNotFoundError)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(convert.BadWeightsFileError, match="not a checkpoint written by") as bad:
+        load_pretrained(tmp_path / "empty")
+    assert isinstance(bad.value, ValueError)
+    with pytest.raises(convert.OutputExistsError) as exists:
+        convert.save_pretrained({}, tmp_path / "empty")
+    assert isinstance(exists.value, FileExistsError)
+    for error in (mismatch, missing, bad, exists):
+        assert isinstance(error.value, UserError) and error.value.exit_code == 2

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from hdml_jax.data.base import MetricDataset, Split, SubsetSource, remap_labels
+from hdml_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,7 @@ _LABEL_READ_CHUNK = 1024
 _CUB_INSTRUCTIONS = """\
 Download CUB_200_2011.tgz (images, labels, boxes) and segmentations.tgz (masks; the TFDS builder
 stores them) from https://www.vision.caltech.edu/datasets/cub_200_2011/ (data.caltech.edu) and
-put both, unextracted, into `manual_dir`. Preparing needs TensorFlow and OpenCV:
-  pip install tensorflow-cpu opencv-python-headless
+put both, unextracted, into `manual_dir`. Preparing needs TensorFlow and OpenCV.
 """
 
 _CARS_INSTRUCTIONS = """\
@@ -55,13 +55,13 @@ al., 3dRR 2013), put into `manual_dir`, unextracted and with exactly these names
   cars_train.tgz  cars_test.tgz  car_devkit.tgz  cars_test_annos_withlabels.mat
 (car_devkit.tgz holds devkit/cars_train_annos.mat; cars_test_annos_withlabels.mat is the test
 annotation file with labels). Mirrors often re-pack the archives: if the checksums differ, add
---skip_checksums. Preparing needs TensorFlow and SciPy: pip install tensorflow-cpu scipy
+--skip_checksums. Preparing needs TensorFlow and SciPy.
 """
 
 _SOP_INSTRUCTIONS = """\
 Download Stanford_Online_Products.zip (the Stanford Online Products data set of Song et al.,
 CVPR 2016, https://cvgl.stanford.edu/projects/lifted_struct/) and put it, unextracted, into
-`manual_dir`. Preparing needs TensorFlow: pip install tensorflow-cpu
+`manual_dir`. Preparing needs TensorFlow.
 """
 
 
@@ -183,8 +183,21 @@ DATASETS: dict[str, DatasetSpec] = {
 NAMES = (*DATASETS, "synthetic")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """The prepared TFDS data of a data set is not in ``data_dir``; the message says how to make it."""
+
+
+class ManualFilesError(UserError, FileNotFoundError):
+    """A file that preparing needs is missing: from ``manual_dir``, or from inside its archives."""
+
+
+class BadManualFilesError(UserError, ValueError):
+    """A file in ``manual_dir`` is there but unusable: not the expected archive, format or content."""
+
+
+# What installs everything that preparing needs (pyproject's ``prepare`` extra), as the README says.
+PREPARE_INSTALL = "pip install -e '.[prepare]'"
+PREPARE_PACKAGES = "tensorflow-cpu, opencv-python-headless, scipy"
 
 
 def default_data_dir() -> str:
@@ -207,7 +220,8 @@ def missing_data_message(name: str, data_dir: str | os.PathLike | None, where: s
     data_dir = os.fspath(data_dir) if data_dir is not None else default_data_dir()
     manual_dir = os.path.join(data_dir, "downloads", "manual")
     tf_note = (
-        "Preparing needs TensorFlow (reading does not): pip install tensorflow-cpu\n"
+        f"Preparing needs TensorFlow (reading does not): {PREPARE_INSTALL} in the hdml_jax checkout "
+        f"(it installs {PREPARE_PACKAGES}).\n"
         if spec.needs_tensorflow
         else ""
     )
@@ -235,11 +249,20 @@ def tfds_builder(name: str, data_dir: str | os.PathLike | None = None):
     return tfds.builder(spec.tfds_name, data_dir=os.fspath(data_dir) if data_dir is not None else None)
 
 
+def is_prepared(builder) -> bool:
+    """Whether ``builder``'s version folder holds prepared data (its ``dataset_info.json``).
+
+    What ``builder.is_prepared()`` checks, without its warning (``Variant folder ... has no
+    dataset_info.json``) about a data set that simply has not been prepared yet.
+    """
+    return (builder.data_path / "dataset_info.json").exists()
+
+
 def _prepared_builder(name: str, data_dir: str | os.PathLike | None):
     import tensorflow_datasets as tfds
 
     builder = tfds_builder(name, data_dir)
-    if not builder.is_prepared():
+    if not is_prepared(builder):
         raise DatasetNotFoundError(missing_data_message(name, data_dir, os.fspath(builder.data_path)))
     file_format = builder.info.file_format
     if file_format != tfds.core.file_adapters.FileFormat.ARRAY_RECORD:

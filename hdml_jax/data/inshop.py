@@ -39,6 +39,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from hdml_jax.data.datasets import BadManualFilesError, ManualFilesError
+
 SPLIT_STATUSES = ("train", "query", "gallery")
 
 MANUAL_FILES = ("img.zip", "list_eval_partition.txt", "list_bbox_inshop.txt")
@@ -117,27 +119,55 @@ def _data_lines(text: str, header_start: str) -> Iterator[list[str]]:
     yield from lines[start:]
 
 
+def _read_text(path: str | Path, what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except UnicodeDecodeError as error:
+        raise BadManualFilesError(f"{path} is not a text file ({error}); {what}.") from error
+
+
+_PARTITION_FORMAT = (
+    "expected the In-Shop benchmark's Eval/list_eval_partition.txt: a count line, the header "
+    "'image_name item_id evaluation_status', then 'img/... id_... train|query|gallery' lines"
+)
+
+
 def read_partition(path: str | Path) -> list[PartitionEntry]:
-    """Parse ``list_eval_partition.txt``; checks the count line when there is one."""
-    text = Path(path).read_text()
+    """Parse ``list_eval_partition.txt``; checks the count line when there is one.
+
+    Raises:
+      BadManualFilesError: the file is not in that format (a ``ValueError``).
+    """
+    text = _read_text(path, _PARTITION_FORMAT)
     entries = []
     for fields in _data_lines(text, "image_name"):
         if len(fields) != 3 or fields[2] not in SPLIT_STATUSES:
-            raise ValueError(f"{path}: unexpected line {' '.join(fields)!r}")
+            raise BadManualFilesError(f"{path}: unexpected line {' '.join(fields)!r}; {_PARTITION_FORMAT}.")
         entries.append(PartitionEntry(*fields))
     first = text.split(None, 1)[0] if text.strip() else ""
     if first.isdigit() and int(first) != len(entries):
-        raise ValueError(f"{path}: the count line says {first} images, found {len(entries)}.")
+        raise BadManualFilesError(
+            f"{path}: the count line says {first} images, found {len(entries)} (a truncated copy?)."
+        )
+    if not entries:
+        raise BadManualFilesError(f"{path} lists no images; {_PARTITION_FORMAT}.")
     return entries
 
 
 def read_bboxes(path: str | Path) -> dict[str, tuple[float, float, float, float]]:
     """Parse ``list_bbox_inshop.txt``: image name → pixel box ``(x_1, y_1, x_2, y_2)``."""
+    layout = (
+        "expected the In-Shop benchmark's Anno/list_bbox_inshop.txt: a count line, a header, then "
+        "'image_name clothes_type pose_type x_1 y_1 x_2 y_2' lines (or leave the file out: it is optional)"
+    )
     boxes = {}
-    for fields in _data_lines(Path(path).read_text(), "image_name"):
-        if len(fields) != 7:
-            raise ValueError(f"{path}: unexpected line {' '.join(fields)!r}")
-        boxes[fields[0]] = tuple(float(v) for v in fields[3:7])
+    for fields in _data_lines(_read_text(path, layout), "image_name"):
+        try:
+            if len(fields) != 7:
+                raise ValueError(f"{len(fields)} fields")
+            boxes[fields[0]] = tuple(float(v) for v in fields[3:7])
+        except ValueError:
+            raise BadManualFilesError(f"{path}: unexpected line {' '.join(fields)!r}; {layout}.") from None
     return boxes
 
 
@@ -157,7 +187,13 @@ class _ImageReader:
 
     def __enter__(self) -> _ImageReader:
         if self._path.is_file():
-            self._zip = zipfile.ZipFile(self._path)
+            try:
+                self._zip = zipfile.ZipFile(self._path)
+            except zipfile.BadZipFile as error:
+                raise BadManualFilesError(
+                    f"{self._path} is not a zip archive ({error}): an incomplete download? Download "
+                    "img.zip (from Img/ of the In-Shop benchmark) again, or put the extracted img/ folder there."
+                ) from error
             self._names = set(self._zip.namelist())
         return self
 
@@ -172,19 +208,32 @@ class _ImageReader:
             for name in (image_name, stripped):
                 if name in self._names:
                     return self._zip.read(name)
-            raise FileNotFoundError(f"{image_name} is not in {self._path}")
+            raise ManualFilesError(
+                f"{image_name}, listed in list_eval_partition.txt, is not in {self._path}: the image "
+                "archive and the list must come from the same In-Shop release (img.zip holds img/...)."
+            )
         folder_root = self._path.parent  # ".../img" holds "WOMEN/...": image_name is relative to its parent
         for path in (folder_root / image_name, self._path / stripped):
             if path.is_file():
                 return path.read_bytes()
-        raise FileNotFoundError(f"{image_name} is not under {self._path}")
+        raise ManualFilesError(
+            f"{image_name}, listed in list_eval_partition.txt, is not under {self._path}: the extracted "
+            "folder must be the img/ folder of img.zip (img/WOMEN/..., img/MEN/...)."
+        )
 
 
-def _normalized_bbox(image: bytes, box: tuple[float, float, float, float] | None) -> tfds.features.BBox:
+def _normalized_bbox(
+    image: bytes, box: tuple[float, float, float, float] | None, image_name: str = "an image"
+) -> tfds.features.BBox:
     if box is None:
         return tfds.features.BBox(0.0, 0.0, 1.0, 1.0)
-    with Image.open(io.BytesIO(image)) as pil:  # reads the header only
-        width, height = pil.size
+    try:
+        with Image.open(io.BytesIO(image)) as pil:  # reads the header only
+            width, height = pil.size
+    except OSError as error:
+        raise BadManualFilesError(
+            f"{image_name} is not a readable image ({error}): a damaged img.zip?"
+        ) from error
     x1, y1, x2, y2 = box
     ymin, xmin = np.clip([y1 / height, x1 / width], 0.0, 1.0)
     ymax, xmax = np.clip([y2 / height, x2 / width], 0.0, 1.0)
@@ -222,7 +271,7 @@ class InShop(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         files = InShopFiles.find(dl_manager.manual_dir)
         if files.missing:
-            raise FileNotFoundError(
+            raise ManualFilesError(
                 f"In-Shop files missing from {dl_manager.manual_dir}: {', '.join(files.missing)}.\n"
                 + MANUAL_DOWNLOAD_INSTRUCTIONS
             )
@@ -251,7 +300,11 @@ class InShop(tfds.core.GeneratorBasedBuilder):
                 image = reader.read(entry.image_name)
                 box = None if bboxes is None else bboxes.get(entry.image_name)
                 if bboxes is not None and box is None:
-                    raise ValueError(f"{entry.image_name} has no line in list_bbox_inshop.txt")
+                    raise BadManualFilesError(
+                        f"{entry.image_name} has no line in list_bbox_inshop.txt: the box list and "
+                        "list_eval_partition.txt must come from the same In-Shop release (or leave the "
+                        "optional box list out)."
+                    )
                 yield (
                     entry.image_name,
                     {
@@ -260,6 +313,6 @@ class InShop(tfds.core.GeneratorBasedBuilder):
                         "item_id": entry.item_id,
                         "label": int(label),
                         "category": entry.category,
-                        "bbox": _normalized_bbox(image, box),
+                        "bbox": _normalized_bbox(image, box, entry.image_name),
                     },
                 )

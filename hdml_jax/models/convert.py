@@ -13,15 +13,22 @@ One-time conversion to a checkpoint that ``config.model.pretrained`` points to::
 ``--config.model.pretrained=torchvision`` does the download and this conversion by itself
 (``hdml_jax.models.weights``). ``.pth`` files are read without torch (``read_torch_zip``) unless
 they predate torch 1.6's zip format.
+
+A missing or unreadable weights file, weights of another depth or width and an existing output
+are the user's to fix: each raises a ``hdml_jax.errors.UserError`` (that also derives from the
+built-in class a caller expects), which the command prints as one ``error: ...`` message, exit
+status 2 (``HDML_JAX_DEBUG=1`` adds the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import pickle
 import struct
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,7 +39,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdml_jax.models.resnet import ResNet
+from hdml_jax.errors import UserError, exit_with_message
+from hdml_jax.models.resnet import STAGES, ResNet
+
+
+class WeightsFileNotFoundError(UserError, FileNotFoundError):
+    """No weights file, or no converted checkpoint directory, at the given path."""
+
+
+class BadWeightsFileError(UserError, ValueError):
+    """The weights file (or checkpoint directory) cannot be read: wrong format, damaged, not a state dict."""
+
+
+class WeightsMismatchError(UserError, ValueError):
+    """The weights do not fit the requested ResNet: another depth or width, or keys missing."""
+
+
+class LegacyWeightsFormatError(UserError, ImportError):
+    """A pre-1.6 (non-zip) ``torch.save`` file, which only torch reads, and torch is not installed."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """The output directory of a conversion exists already."""
+
 
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 IGNORED_PREFIXES = ("fc.",)
@@ -50,7 +79,9 @@ def _flax_name(torch_module: str) -> str:
     return "/".join(parts)
 
 
+@functools.lru_cache(maxsize=8)
 def _expected_variables(depth: int, width: int) -> dict[str, Any]:
+    """The variable shapes of ``ResNet(depth, width=width)`` (traced once per depth and width; read only)."""
     model = ResNet(depth, width=width)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
 
@@ -77,6 +108,26 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def resnet_layout(state_dict: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """``(depth, stem width)`` of a torchvision ResNet state dict; None for what is not recognised.
+
+    The depth comes from the number of blocks per stage and the block type (a ``conv3`` means
+    bottleneck blocks), the width from ``conv1.weight``'s output channels.
+    """
+    blocks = dict.fromkeys(("layer1", "layer2", "layer3", "layer4"), 0)
+    bottleneck = False
+    for key in state_dict:
+        parts = str(key).split(".")
+        if len(parts) > 2 and parts[0] in blocks and parts[1].isdigit():
+            blocks[parts[0]] = max(blocks[parts[0]], int(parts[1]) + 1)
+            bottleneck = bottleneck or parts[2] == "conv3"
+    layout = ("bottleneck" if bottleneck else "basic", tuple(blocks.values()))
+    depth = next((d for d, stages in STAGES.items() if stages == layout), None)
+    stem = state_dict.get("conv1.weight")
+    width = int(np.shape(stem)[0]) if stem is not None and np.ndim(stem) == 4 else None
+    return depth, width
+
+
 def torchvision_resnet_to_flax(
     state_dict: Mapping[str, Any], depth: int, *, width: int = 64
 ) -> dict[str, Any]:
@@ -89,7 +140,8 @@ def torchvision_resnet_to_flax(
       width: the stem width of the target ``ResNet`` (64 for torchvision's models).
 
     Raises:
-      ValueError: listing every missing, unexpected and mis-shaped key at once.
+      WeightsMismatchError: (a ``ValueError``) in one line when the weights are a ResNet of
+        another depth or width; else listing every missing, unexpected and mis-shaped key at once.
     """
     expected = {collection: _flatten(tree) for collection, tree in _expected_variables(depth, width).items()}
     converted: dict[str, dict[str, np.ndarray]] = {"params": {}, "batch_stats": {}}
@@ -127,6 +179,19 @@ def torchvision_resnet_to_flax(
         if path not in converted[collection] and f"{collection}/{path}" not in seen_with_wrong_shape
     ]
     if missing or unexpected or misshaped:
+        found_depth, found_width = resnet_layout(state_dict)
+        if (
+            found_depth is not None
+            and found_width is not None
+            and (found_depth, found_width) != (depth, width)
+        ):
+            raise WeightsMismatchError(
+                f"the weights are a ResNet-{found_depth} of width {found_width}, but ResNet-{depth} of "
+                f"width {width} was asked for: the depth/width differ. Use weights of ResNet-{depth}, "
+                f"or convert these with --depth {found_depth} and train with model.depth={found_depth}"
+                + ("" if found_width == width else f", model.width={found_width}")
+                + "."
+            )
         lines = [f"the weights do not fit ResNet-{depth}:"]
         if missing:
             lines.append(
@@ -143,7 +208,7 @@ def torchvision_resnet_to_flax(
         if misshaped:
             lines.append(f"  wrong shape ({len(misshaped)}): " + "; ".join(misshaped[:20]))
         lines.append("  Check the depth argument and that the file holds a torchvision ResNet state dict.")
-        raise ValueError("\n".join(lines))
+        raise WeightsMismatchError("\n".join(lines))
     return {collection: _unflatten(flat) for collection, flat in converted.items()}
 
 
@@ -176,7 +241,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             tensors[name] = raw.view(np.float32).reshape(info["shape"])
             continue
         if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}.")
+            raise BadWeightsFileError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}.")
         start, end = info["data_offsets"]
         tensors[name] = np.frombuffer(data[start:end], dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(
             info["shape"]
@@ -227,16 +292,18 @@ def _rebuild_tensor(
     """
     del requires_grad, backward_hooks, metadata
     if not isinstance(storage, _Storage):
-        raise ValueError("malformed tensor record: its storage is not a tensor storage.")
+        raise BadWeightsFileError("malformed tensor record: its storage is not a tensor storage.")
     numbers = (storage_offset, *size, *stride)
     if len(size) != len(stride) or not all(isinstance(n, int) and n >= 0 for n in numbers):
-        raise ValueError(f"malformed tensor record: offset {storage_offset}, size {size}, stride {stride}.")
+        raise BadWeightsFileError(
+            f"malformed tensor record: offset {storage_offset}, size {size}, stride {stride}."
+        )
     data = storage.data
     if 0 in size:
         return np.empty(size, dtype=data.dtype)
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if last >= data.size:
-        raise ValueError(
+        raise BadWeightsFileError(
             f"malformed tensor record: size {size}, stride {stride} and offset {storage_offset} "
             f"reach element {last} of a storage of {data.size}."
         )
@@ -287,7 +354,7 @@ class _StateDictUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)]
         if module == "torch" and name in _TORCH_STORAGE_DTYPES:
             return _StorageType(name)
-        raise ValueError(
+        raise BadWeightsFileError(
             f"{self._source} is not a plain state dict of tensors: its pickle references "
             f"{module}.{name}, which is not loaded (nothing in it was executed). Load it with "
             "torch, save `model.state_dict()` and convert that file."
@@ -300,7 +367,9 @@ class _StateDictUnpickler(pickle.Unpickler):
             and pid[0] in ("storage", b"storage")
             and isinstance(pid[1], _StorageType)
         ):
-            raise ValueError(f"{self._source} is not a plain state dict of tensors: storage record {pid!r}.")
+            raise BadWeightsFileError(
+                f"{self._source} is not a plain state dict of tensors: storage record {pid!r}."
+            )
         _, storage_type, key, _location, numel = pid
         key = key.decode() if isinstance(key, bytes) else str(key)
         if key not in self._storages:
@@ -312,9 +381,11 @@ class _StateDictUnpickler(pickle.Unpickler):
         try:
             raw = self._archive.read(f"{self._prefix}/data/{key}")
         except KeyError:
-            raise ValueError(f"{self._source}: storage {key} is missing from the archive.") from None
+            raise BadWeightsFileError(f"{self._source}: storage {key} is missing from the archive.") from None
         if not isinstance(numel, int) or numel < 0 or numel * dtype.itemsize > len(raw):
-            raise ValueError(f"{self._source}: storage {key} holds {len(raw)} bytes, not {numel} elements.")
+            raise BadWeightsFileError(
+                f"{self._source}: storage {key} holds {len(raw)} bytes, not {numel} elements."
+            )
         data = np.frombuffer(raw, dtype=dtype, count=numel).astype(dtype.newbyteorder("="))
         if storage_type.name == "BFloat16Storage":
             data = (data.astype(np.uint32) << 16).view(np.float32)
@@ -329,7 +400,7 @@ def _archive_prefix(archive: zipfile.ZipFile, path: Path) -> str:
         kind = (
             "a TorchScript archive" if f"{prefix}/constants.pkl" in names else "a zip file without data.pkl"
         )
-        raise ValueError(f"{path} is {kind}, not a plain state dict saved by torch.save.")
+        raise BadWeightsFileError(f"{path} is {kind}, not a plain state dict saved by torch.save.")
     return prefix
 
 
@@ -357,50 +428,124 @@ def _tensor_dict(state: Any, path: Path) -> dict[str, np.ndarray]:
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict.")
+        raise BadWeightsFileError(f"{path} holds a {type(state).__name__}, not a state dict.")
     others = [str(key) for key, value in state.items() if not isinstance(value, np.ndarray)]
     if others:
-        raise ValueError(f"{path} is not a plain state dict: non-tensor entries {', '.join(others[:10])}.")
+        raise BadWeightsFileError(
+            f"{path} is not a plain state dict: non-tensor entries {', '.join(others[:10])}."
+        )
     return {str(key): value for key, value in state.items()}
 
 
 def _read_legacy_with_torch(path: Path) -> dict[str, np.ndarray]:
     """Files from ``torch.save`` before 1.6 (not zip): only torch knows that format."""
+    with open(path, "rb") as f:
+        if f.read(1) != b"\x80":  # every torch.save file of that format starts with a pickle
+            raise BadWeightsFileError(
+                f"{path} is not a file saved by torch.save (neither zip nor pickle): an incomplete "
+                "download, or another format under a .pth name?"
+            )
     try:
         import torch
     except ImportError as error:
-        raise ImportError(
+        raise LegacyWeightsFormatError(
             f"{path} uses PyTorch's legacy (pre-1.6, non-zip) format, which needs torch to read. "
             "Convert it on a machine with torch installed (pip install torch): "
             f"`python -m hdml_jax.models.convert {path.name} --depth N --output DIR`, or re-save it "
             "there with torch.save(torch.load(FILE, weights_only=True), NEW_FILE)."
         ) from error
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. about the pickle protocol of a file it then refuses
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch reports damaged and unsafe files with many exception types
+        raise BadWeightsFileError(
+            f"{path}: torch cannot read it as a state dict of tensors ({type(error).__name__}): a damaged "
+            "file, or one that holds more than tensors (load it with torch, save model.state_dict() and "
+            "convert that file)."
+        ) from error
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, Mapping) or not all(hasattr(v, "detach") for v in state.values()):
+        raise BadWeightsFileError(f"{path} is not a plain state dict of tensors.")
     return {key: value.detach().float().numpy() for key, value in state.items()}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(path):
+        raise BadWeightsFileError(
+            f"{path} is not a .npz archive (not a zip file): a damaged or incomplete file, or another "
+            "format under this name?"
+        )
+    with np.load(path, allow_pickle=False) as archive:
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise BadWeightsFileError(f"{path} holds a single array, not a .npz archive of named arrays.")
+        return {key: archive[key] for key in archive.files}
+
+
+# What a damaged or mislabelled file makes the readers raise.
+_READ_ERRORS = (
+    ValueError,
+    KeyError,
+    EOFError,
+    OSError,
+    struct.error,
+    zipfile.BadZipFile,
+    pickle.UnpicklingError,
+)
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """A torchvision state dict from ``.safetensors``, ``.npz`` or ``.pth``/``.pt``.
 
     None of them needs torch, except ``.pth`` files in the legacy pre-1.6 format.
+
+    Raises:
+      WeightsFileNotFoundError: no file at ``path`` (a ``FileNotFoundError``).
+      BadWeightsFileError: an unknown suffix, or a file that cannot be read as a state dict of
+        tensors in its format (a ``ValueError``).
+      LegacyWeightsFormatError: a legacy ``.pth`` file and no torch (an ``ImportError``).
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(
+        raise WeightsFileNotFoundError(
             f"no weights at {path}. Download torchvision's ImageNet ResNet weights (e.g. "
             "resnet50-0676ba61.pth or a .safetensors export) on a machine with network access "
             "and copy the file here."
         )
+    if path.is_dir():
+        raise BadWeightsFileError(
+            f"{path} is a folder, not a weights file. A folder written by this converter is used as it "
+            f"is: --config.model.pretrained={path}"
+        )
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        return read_safetensors(path)
-    if suffix == ".npz":
-        with np.load(path) as archive:
-            return {key: archive[key] for key in archive.files}
-    if suffix in (".pth", ".pt"):
-        return read_torch_zip(path) if zipfile.is_zipfile(path) else _read_legacy_with_torch(path)
-    raise ValueError(f"{path}: unknown weight format {suffix!r}; use .safetensors, .npz or .pth.")
+    readers = {
+        ".safetensors": read_safetensors,
+        ".npz": _read_npz,
+        ".pth": lambda p: read_torch_zip(p) if zipfile.is_zipfile(p) else _read_legacy_with_torch(p),
+    }
+    reader = readers.get(".pth" if suffix == ".pt" else suffix)
+    if reader is None:
+        raise BadWeightsFileError(
+            f"{path}: unknown weight format {suffix!r}; use .safetensors, .npz or .pth."
+        )
+    try:
+        return reader(path)
+    except BadWeightsFileError as error:
+        if str(path) in str(error):
+            raise
+        raise BadWeightsFileError(f"{path}: {error}") from error
+    except UserError:
+        raise
+    except _READ_ERRORS as error:
+        raise BadWeightsFileError(
+            f"{path} cannot be read as a {suffix} state dict ({_first_line(error)}): a damaged or "
+            "incomplete file, or another format under this name?"
+        ) from error
 
 
 def load_torchvision_resnet(path: str | Path, depth: int) -> dict[str, Any]:
@@ -414,7 +559,7 @@ def save_pretrained(variables: Mapping[str, Any], output: str | Path) -> Path:
 
     output = Path(output).expanduser().resolve()
     if output.exists():
-        raise FileExistsError(f"{output} exists; choose a new directory or remove it first.")
+        raise OutputExistsError(f"{output} exists; choose a new directory or remove it first.")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(output, jax.tree.map(np.asarray, dict(variables)))
     checkpointer.wait_until_finished()
@@ -427,21 +572,39 @@ def load_pretrained(path: str | Path) -> dict[str, Any]:
 
     path = Path(path).expanduser().resolve()
     if not path.exists():
-        raise FileNotFoundError(
+        raise WeightsFileNotFoundError(
             f"no converted weights at {path}; create them once with "
             "`python -m hdml_jax.models.convert WEIGHTS --depth N --output DIR`."
         )
-    return ocp.StandardCheckpointer().restore(path)
+    try:
+        return ocp.StandardCheckpointer().restore(path)
+    except (OSError, ValueError, KeyError) as error:
+        raise BadWeightsFileError(
+            f"{path} is not a checkpoint written by `python -m hdml_jax.models.convert` "
+            f"({_first_line(error)}); convert the weights again into a new directory."
+        ) from error
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Convert; 0 when done. A user's mistake exits with one ``error: ...`` message (status 2)."""
     parser = argparse.ArgumentParser(
         prog="python -m hdml_jax.models.convert", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("weights", help="torchvision ResNet weights: .pth, .safetensors or .npz")
-    parser.add_argument("--depth", type=int, required=True, choices=(18, 34, 50, 101))
+    parser.add_argument("--depth", type=int, required=True, choices=sorted(STAGES))
     parser.add_argument("--output", required=True, help="new checkpoint directory")
     args = parser.parse_args(argv)
+    try:
+        return _convert(args)
+    except UserError as error:
+        exit_with_message(error)
+    return 2  # not reached: exit_with_message exits
+
+
+def _convert(args: argparse.Namespace) -> int:
+    output = Path(args.output).expanduser().resolve()
+    if output.exists():  # before the conversion, not after it
+        raise OutputExistsError(f"{output} exists; choose a new directory or remove it first.")
     variables = load_torchvision_resnet(args.weights, args.depth)
     output = save_pretrained(variables, args.output)
     count = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))

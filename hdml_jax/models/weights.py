@@ -23,7 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from hdml_jax.models.convert import load_torchvision_resnet, save_pretrained
+from hdml_jax.errors import ConfigError, UserError
+from hdml_jax.models.convert import WeightsFileNotFoundError, load_torchvision_resnet, save_pretrained
 
 # torchvision's IMAGENET1K_V1 ResNet weights (ResNet{18,34,50,101}_Weights.IMAGENET1K_V1). The same
 # four URLs appear in pytorch/vision, torchvision/prototype/models/resnet.py at commit
@@ -45,8 +46,12 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's HASH_REGEX
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError)
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """The weights could not be downloaded; the message says where to put them by hand."""
+
+
+class WeightsHashError(UserError, ValueError):
+    """A downloaded or cached weights file is not the expected one (its SHA-256 differs)."""
 
 
 def cache_dir() -> Path:
@@ -143,7 +148,8 @@ def download(url: str, destination: str | Path, sha256_prefix: str, *, depth: in
       WeightsUnavailableError: on any network error (no connection, timeout, HTTP error, cut-off
         transfer); the message names the URL, ``destination`` and how to supply the file by hand
         (``depth`` fills in the ResNet depth of the conversion command).
-      ValueError: when the downloaded bytes do not match ``sha256_prefix`` (nothing is kept).
+      WeightsHashError: (a ``ValueError``) when the downloaded bytes do not match
+        ``sha256_prefix`` (nothing is kept).
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +168,7 @@ def download(url: str, destination: str | Path, sha256_prefix: str, *, depth: in
                     f"The file belongs at {destination}.\n" + _manual_steps(url, destination, depth)
                 ) from error
         if not digest.startswith(sha256_prefix):
-            raise ValueError(
+            raise WeightsHashError(
                 f"{url} downloaded, but its SHA-256 is {digest}, which does not start with "
                 f"{sha256_prefix}; the file was discarded. Retry, or check the URL."
             )
@@ -185,10 +191,15 @@ def resolve_pretrained(spec: str | None, depth: int, *, width: int = 64) -> Path
       width: the backbone stem width; torchvision's weights exist only for 64.
 
     Raises:
-      ValueError: ``"torchvision"`` with a width or depth torchvision has no weights for, or a
-        downloaded/cached file whose hash is wrong.
+      ConfigError: ``"torchvision"`` with a width or depth torchvision has no weights for.
+      WeightsHashError: a downloaded or cached file whose hash is wrong.
       WeightsUnavailableError: the download failed (the message explains the manual route).
-      FileNotFoundError: a path that does not exist.
+      WeightsFileNotFoundError: a path that does not exist.
+      WeightsMismatchError, BadWeightsFileError (``hdml_jax.models.convert``): the cached file
+        cannot be converted to the requested ResNet.
+
+    All are ``hdml_jax.errors.UserError`` and derive from ``ValueError``, ``RuntimeError`` or
+    ``FileNotFoundError`` as before.
     """
     if spec is None or spec.strip().lower() in ("", "none"):
         return None
@@ -196,7 +207,7 @@ def resolve_pretrained(spec: str | None, depth: int, *, width: int = 64) -> Path
         return _torchvision_checkpoint(depth, width)
     path = Path(spec).expanduser().resolve()
     if not path.exists():
-        raise FileNotFoundError(
+        raise WeightsFileNotFoundError(
             f"no converted weights at {path}. Use --config.model.pretrained=torchvision to download "
             "and convert torchvision's ImageNet weights automatically, or create the directory once "
             "with `python -m hdml_jax.models.convert WEIGHTS --depth N --output DIR`."
@@ -207,12 +218,12 @@ def resolve_pretrained(spec: str | None, depth: int, *, width: int = 64) -> Path
 def _torchvision_checkpoint(depth: int, width: int) -> Path:
     """The cached conversion of torchvision's weights for ``depth``; made on first use."""
     if width != 64:
-        raise ValueError(
+        raise ConfigError(
             f"pretrained='torchvision' needs model.width=64 (torchvision's ResNets), got {width}; "
             "set model.width=64 or pretrained=None."
         )
     if depth not in TORCHVISION_RESNET_URLS:
-        raise ValueError(
+        raise ConfigError(
             f"no torchvision weights for ResNet-{depth}; depths with weights: {sorted(TORCHVISION_RESNET_URLS)}."
         )
     url = TORCHVISION_RESNET_URLS[depth]
@@ -234,7 +245,7 @@ def _check_cached_hash(path: Path, expected_hash: str) -> None:
     """A file copied into the cache by hand gets the same check as a download, before conversion."""
     digest = sha256_of(path)
     if not digest.startswith(expected_hash):
-        raise ValueError(
+        raise WeightsHashError(
             f"{path} has SHA-256 {digest}, which does not start with {expected_hash}: it is not "
             "torchvision's file (or is incomplete). Delete it and run again."
         )
