@@ -76,6 +76,15 @@ def steps_in(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+def discard_partial_saves(manager: ocp.CheckpointManager) -> None:
+    """After a failed save (a full disk): remove its temporary folder at once, to give the space
+    back, and mute the complaints of orbax's write tasks that died with it."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "exception was never retrieved"
+    if jax.process_index() == 0:
+        for path in Path(manager.directory).glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- fingerprint
 
 

@@ -57,6 +57,7 @@ from hdml_jax.models import load_pretrained
 from hdml_jax.models.weights import resolve_pretrained
 from hdml_jax.phases import Phases, hierarchy_is_active, pad_fine_assignment
 from hdml_jax.workdir import (
+    StorageFullError,
     WorkdirLock,
     atomic_write,
     atomic_write_text,
@@ -517,13 +518,17 @@ class _Run:
     def save(self, evaluate_first: bool = False) -> None:
         intact = self.manager.latest_step()
         before = f"The last complete checkpoint (step {intact}) is intact. " if intact is not None else ""
-        with storage_errors(f"saving the checkpoint of step {self.step}", self.manager.directory, before):
-            checkpoints.save(
-                self.manager, self.state, self.train_iter.get_state(), self.evaluations, evaluate_first
-            )
-            checkpoints.prune(
-                self.manager, self.evaluations, self.config.keep_checkpoints, self.config.best_metric
-            )
+        try:
+            with storage_errors(f"saving the checkpoint of step {self.step}", self.manager.directory, before):
+                checkpoints.save(
+                    self.manager, self.state, self.train_iter.get_state(), self.evaluations, evaluate_first
+                )
+                checkpoints.prune(
+                    self.manager, self.evaluations, self.config.keep_checkpoints, self.config.best_metric
+                )
+        except StorageFullError:
+            checkpoints.discard_partial_saves(self.manager)
+            raise
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """Embed the evaluation splits and score them; stops (``_StopRequestedError``) between batches."""
