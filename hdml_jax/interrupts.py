@@ -67,3 +67,19 @@ def received() -> int | None:
 def exit_code(signum: int | None) -> int:
     """130 after SIGINT, 0 after SIGTERM or a requested stop (``stop_after_steps``)."""
     return 128 + signal.SIGINT if signum == signal.SIGINT else 0
+
+
+class StopRequestedError(Exception):
+    """Raised by ``stop_point`` when SIGINT/SIGTERM arrived (outside the step loop, one process)."""
+
+
+def stop_point() -> None:
+    """A safe place to stop outside the step loop: raise ``StopRequestedError`` if a signal came.
+
+    With several processes a stop must be agreed by all (the save is collective), which only the
+    step loop does; elsewhere the flag waits for it.
+    """
+    import jax
+
+    if _received is not None and jax.process_count() == 1:
+        raise StopRequestedError

@@ -29,10 +29,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hdml_jax import checkpoints, evaluate, interrupts, optim, parallel, steps, visualize
+from hdml_jax import checkpoints, evaluate, interrupts, optim, parallel, steps
 from hdml_jax.config import HIERARCHICAL_METHODS, validate
 from hdml_jax.data import pipeline, sampling, transforms
 from hdml_jax.data.base import MetricDataset, Split
@@ -55,11 +53,12 @@ from hdml_jax.errors import ConfigError, UserError
 from hdml_jax.losses import hierarchy_from_labels
 from hdml_jax.models import load_pretrained
 from hdml_jax.models.weights import resolve_pretrained
+from hdml_jax.outputs import write_outputs
 from hdml_jax.phases import Phases, hierarchy_is_active, pad_fine_assignment
+from hdml_jax.reporting import Reporter
 from hdml_jax.workdir import (
     StorageFullError,
     WorkdirLock,
-    atomic_write,
     atomic_write_text,
     first_missing_ancestor,
     read_log,
@@ -232,101 +231,6 @@ def make_eval_batches(config: ml_collections.ConfigDict, split: Split):
     )
 
 
-# ----------------------------------------------------------------------------- logging
-
-
-class Reporter:
-    """Progress line on screen; metrics.jsonl and TensorBoard in the workdir (process 0 only).
-
-    ``record=False`` (``eval_only``) prints without writing anything. ``purge_step``: on resume,
-    TensorBoard drops the events at and after it that an earlier attempt wrote.
-    """
-
-    def __init__(
-        self,
-        workdir: Path,
-        total_steps: int,
-        batch_size: int,
-        *,
-        record: bool = True,
-        purge_step: int | None = None,
-    ):
-        self.enabled = jax.process_index() == 0
-        self.record = record and self.enabled
-        self.workdir = workdir
-        self.total_steps, self.batch_size = total_steps, batch_size
-        self.interactive = sys.stderr.isatty()
-        self._tb = None
-        self._jsonl = None
-        self._last = (time.perf_counter(), None)
-        self._smoothed: float | None = None
-        if self.record:
-            self._jsonl = open(workdir / "metrics.jsonl", "a")
-            try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(workdir), purge_step=purge_step)
-            except ImportError:
-                print("tensorboardX is not installed: no TensorBoard events are written.", file=sys.stderr)
-
-    def restart_clock(self, step: int) -> None:
-        """Exclude what happened since the last log (evaluation, checkpointing) from images/s."""
-        self._last = (time.perf_counter(), step)
-
-    def train(self, step: int, epoch: float, values: dict[str, float]) -> None:
-        now = time.perf_counter()
-        last_time, last_step = self._last
-        self._last = (now, step)
-        speed = (step - last_step) * self.batch_size / (now - last_time) if last_step is not None else 0.0
-        if speed > 0:  # the first interval holds compilation: leave it out of the average
-            self._smoothed = speed if self._smoothed is None else 0.7 * self._smoothed + 0.3 * speed
-        values = {**values, "images_per_second": speed}
-        if not self.enabled:
-            return
-        remaining = (
-            (self.total_steps - step) * self.batch_size / self._smoothed if self._smoothed else float("nan")
-        )
-        eta = "?" if math.isnan(remaining) else time.strftime("%H:%M:%S", time.gmtime(remaining))
-        done = int(30 * step / self.total_steps)
-        line = (
-            f"[{'#' * done}{'.' * (30 - done)}] step {step}/{self.total_steps} epoch {epoch:.1f} "
-            f"loss {values['loss']:.4f} {speed:.0f} img/s ETA {eta}"
-        )
-        if self.interactive:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
-        self._write({"kind": "train", "step": step, "epoch": epoch, **values}, "train")
-
-    def eval(self, step: int, epoch: float, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        if self.interactive:
-            print(file=sys.stderr)
-        print(evaluate.summary_line(step, values), file=sys.stderr, flush=True)
-        self._write({"kind": "eval", "step": step, "epoch": epoch, **values}, "eval")
-
-    def _write(self, record: dict[str, Any], prefix: str) -> None:
-        if not self.record:
-            return
-        with storage_errors("writing metrics.jsonl", self.workdir):
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
-            if self._tb is not None:
-                for key, value in record.items():
-                    if key not in ("kind", "step") and isinstance(value, (int, float)):
-                        # TensorBoard tags allow no "@": recall@1 → recall_at_1.
-                        self._tb.add_scalar(f"{prefix}/{key.replace('@', '_at_')}", value, record["step"])
-                self._tb.flush()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):  # a full disk was reported already
-            if self._jsonl is not None:
-                self._jsonl.close()
-            if self._tb is not None:
-                self._tb.close()
-
-
 # ----------------------------------------------------------------------------- run control
 
 
@@ -334,21 +238,10 @@ def _signal_name(signum: int | None) -> str:
     return signal.Signals(signum).name if signum else "a stop request"
 
 
-class _StopRequestedError(Exception):
-    """Raised at a safe point outside a training step when a signal arrived (one process only)."""
-
-
-def _stop_point() -> None:
-    """Outside the step loop: stop if SIGINT/SIGTERM arrived. With several processes the stop must
-    be agreed (collective), which only the step loop does; elsewhere the flag waits for it."""
-    if jax.process_count() == 1 and interrupts.received() is not None:
-        raise _StopRequestedError
-
-
 def _stoppable(batches: Iterable[Any]) -> Iterator[Any]:
     """``batches`` with a stop point before each one (evaluation)."""
     for batch in batches:
-        _stop_point()
+        interrupts.stop_point()
         yield batch
 
 
@@ -455,7 +348,7 @@ def train_and_evaluate(
         dataset = load_data(config) if dataset is None else dataset
         steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
         num_steps = optim.total_steps(config, steps_per_epoch)
-        _stop_point()
+        interrupts.stop_point()
         workdir.mkdir(parents=True, exist_ok=True)
         with WorkdirLock(workdir) if primary else contextlib.nullcontext():
             complete = None if config.eval_only else _completed(workdir, num_steps)
@@ -471,7 +364,7 @@ def train_and_evaluate(
             run = _prepare(config, workdir, dataset, steps_per_epoch, num_steps)
             started = True
             return _train_and_finish(run)
-    except _StopRequestedError:
+    except interrupts.StopRequestedError:
         signum = interrupts.received()
         if primary:
             remove_stub(workdir, created)
@@ -531,7 +424,7 @@ class _Run:
             raise
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """Embed the evaluation splits and score them; stops (``_StopRequestedError``) between batches."""
+        """Embed the evaluation splits and score them; may stop between batches (``StopRequestedError``)."""
         variables = {"params": self.state["params"], "batch_stats": self.state["batch_stats"]}
         step = self.step
 
@@ -599,7 +492,7 @@ def _prepare(
     state = init_state(config, model, dataset, optimizer, coarse_sizes)
     sharding = parallel.state_sharding(state, mesh, config.shard_proxies)
     state = jax.device_put(state, sharding)
-    _stop_point()
+    interrupts.stop_point()
 
     with contextlib.ExitStack() as cleanup:
         manager = checkpoints.manager(workdir / "checkpoints")
@@ -645,7 +538,7 @@ def _restore(
         evaluations, evaluate_first = list(data["evaluations"]), bool(data["evaluate_first"])
         print(f"resumed from {workdir / 'checkpoints' / str(step)} (step {step})", file=sys.stderr)
     step = int(jax.device_get(state["step"]))
-    _stop_point()
+    interrupts.stop_point()
 
     if jax.process_index() == 0 and not config.eval_only:
         changes = _config_changes(workdir / "config.json", config) if restored is not None else []
@@ -706,7 +599,7 @@ def _train_and_finish(run: _Run) -> dict[str, Any]:
         if jax.process_index() == 0:
             write_outputs(run.workdir, run.config, run.dataset, final, embeddings, step, evaluations)
         return final
-    except _StopRequestedError:
+    except interrupts.StopRequestedError:
         signum = interrupts.received()
         raise TrainingInterruptedError(
             f"stopped by {_signal_name(signum)} during the final evaluation; training is complete "
@@ -741,7 +634,7 @@ def _train_loop(run: _Run) -> None:
     if run.evaluate_first and step < num_steps:  # a stop cut this step's evaluation short
         try:
             result, _ = run.evaluate()
-        except _StopRequestedError:
+        except interrupts.StopRequestedError:
             raise stop(_signal_name(interrupts.received())) from None
         run.record_evaluation(result)
         run.evaluate_first = False
@@ -776,7 +669,9 @@ def _train_loop(run: _Run) -> None:
         if eval_now and not stop_now:
             try:
                 result, _ = run.evaluate()
-            except _StopRequestedError:  # save now; the evaluation of this step runs first on resume
+            except (
+                interrupts.StopRequestedError
+            ):  # save now; the evaluation of this step runs first on resume
                 run.save(evaluate_first=True)
                 raise stop(_signal_name(interrupts.received())) from None
             run.record_evaluation(result)
@@ -792,86 +687,3 @@ def _train_loop(run: _Run) -> None:
             )
     if saved != step:
         run.save()
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-def write_outputs(
-    workdir: Path,
-    config,
-    dataset: MetricDataset,
-    final: dict[str, float],
-    embeddings,
-    step: int,
-    evaluations: list[dict[str, Any]],
-) -> None:
-    """final_metrics.json, embeddings, and the three pictures; each file replaced atomically.
-
-    ``final_metrics.json`` holds the last evaluation at the top level (``step``, ``epoch`` and the
-    metrics) and, under ``best``, the evaluation with the highest ``config.best_metric`` among
-    ``evaluations`` (the run's, the last included; ``best_by`` names the metric). The official
-    Proxy-Anchor and CGD scripts evaluate on the test split after every epoch and report that
-    best epoch; the last one is the number free of selection on the test set. It is written
-    last: its presence marks the run complete.
-    """
-    steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
-    last = {"step": step, "epoch": step / steps_per_epoch, **final}
-    best = checkpoints.best_evaluation(evaluations, config.best_metric) or last
-
-    def save_array(name: str, values: np.ndarray) -> None:
-        atomic_write(workdir / name, lambda tmp: np.save(tmp, values))
-
-    save_array("test_embeddings.npy", embeddings["test"])
-    save_array("test_labels.npy", dataset.test.labels)
-    for name in ("query", "gallery"):
-        if name in embeddings:
-            save_array(f"{name}_embeddings.npy", embeddings[name])
-            save_array(f"{name}_labels.npy", getattr(dataset, name).labels)
-    if config.pictures:
-        _stop_point()
-        atomic_write(
-            workdir / "tsne.png",
-            lambda tmp: visualize.plot_tsne(
-                tmp,
-                embeddings["test"],
-                dataset.test.labels,
-                dataset.test.coarse_labels,
-                jax.random.PRNGKey(config.seed),
-                max_points=config.tsne_max_points,
-            ),
-        )
-        _stop_point()
-        atomic_write(
-            workdir / "retrieval.png", lambda tmp: write_retrieval_picture(tmp, dataset, embeddings, config)
-        )
-        atomic_write(
-            workdir / "curves.png", lambda tmp: visualize.plot_curves(tmp, workdir / "metrics.jsonl")
-        )
-    summary = {**last, "best": best, "best_by": config.best_metric}
-    atomic_write_text(workdir / "final_metrics.json", json.dumps(summary, indent=2) + "\n")
-
-
-def write_retrieval_picture(
-    path: Path, dataset: MetricDataset, embeddings, config, num_queries: int = 6, k: int = 5
-) -> None:
-    if "query" in embeddings:
-        queries, query_split = embeddings["query"], dataset.query
-        gallery, gallery_split, exclude_self = embeddings["gallery"], dataset.gallery, False
-    else:
-        queries = gallery = embeddings["test"]
-        query_split = gallery_split = dataset.test
-        exclude_self = True
-    rng = np.random.default_rng(config.seed)
-    chosen = np.sort(rng.choice(len(queries), size=min(num_queries, len(queries)), replace=False))
-    similarity = queries[chosen] @ gallery.T
-    if exclude_self:
-        similarity[np.arange(len(chosen)), chosen] = -np.inf
-    neighbours = np.argsort(-similarity, axis=1)[:, :k]
-    visualize.plot_retrieval(
-        path,
-        [query_split.source[int(i)]["image"] for i in chosen],
-        query_split.labels[chosen],
-        [[gallery_split.source[int(j)]["image"] for j in row] for row in neighbours],
-        gallery_split.labels[neighbours],
-    )

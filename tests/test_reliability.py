@@ -146,6 +146,29 @@ def test_rerunning_a_finished_run_changes_nothing_and_eval_only_records_nothing(
     assert sorted(after) == sorted(before)  # no second TensorBoard events file either
 
 
+def test_a_save_cut_short_by_a_hard_kill_is_ignored_and_cleaned_up(finished, dataset, tmp_path):
+    """What a SIGKILL in the middle of a save leaves: orbax's temporary folder, half written, and
+    no final_metrics.json. The rerun restores the last complete checkpoint, removes the folder
+    and finishes with the reference's numbers."""
+    path = copy_of(finished[0], tmp_path)
+    (path / "final_metrics.json").unlink()
+    partial = path / "checkpoints" / "20.orbax-checkpoint-tmp"
+    shutil.copytree(path / "checkpoints" / "16", partial)
+    for file in sorted(partial.rglob("*"), key=lambda f: str(f))[::2]:
+        if file.is_file():
+            os.truncate(file, file.stat().st_size // 2)
+    final = train.train_and_evaluate(config(), path, dataset=dataset)
+    assert final == finished[1]
+    assert not partial.exists()
+    assert checkpoints.steps_in(path / "checkpoints") == checkpoints.steps_in(finished[0] / "checkpoints")
+
+
+def test_divergence_messages_name_only_checkpoints_that_exist(tmp_path):
+    manager = checkpoints.manager(tmp_path / "checkpoints")
+    assert train._last_good(manager) == "; no checkpoint had been saved yet"
+    manager.close()
+
+
 def test_a_second_run_on_a_busy_workdir_is_refused(dataset, tmp_path):
     with workdir.WorkdirLock(tmp_path):
         with pytest.raises(workdir.WorkdirBusyError, match=f"pid {os.getpid()}"):

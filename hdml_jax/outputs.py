@@ -1,0 +1,94 @@
+"""A finished run's files: ``final_metrics.json``, the embeddings and the three pictures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from hdml_jax import checkpoints, interrupts, visualize
+from hdml_jax.data.base import MetricDataset
+from hdml_jax.workdir import atomic_write, atomic_write_text
+
+
+def write_outputs(
+    workdir: Path,
+    config,
+    dataset: MetricDataset,
+    final: dict[str, float],
+    embeddings,
+    step: int,
+    evaluations: list[dict[str, Any]],
+) -> None:
+    """final_metrics.json, embeddings, and the three pictures; each file replaced atomically.
+
+    ``final_metrics.json`` holds the last evaluation at the top level (``step``, ``epoch`` and the
+    metrics) and, under ``best``, the evaluation with the highest ``config.best_metric`` among
+    ``evaluations`` (the run's, the last included; ``best_by`` names the metric). The official
+    Proxy-Anchor and CGD scripts evaluate on the test split after every epoch and report that
+    best epoch; the last one is the number free of selection on the test set. It is written
+    last: its presence marks the run complete.
+    """
+    steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
+    last = {"step": step, "epoch": step / steps_per_epoch, **final}
+    best = checkpoints.best_evaluation(evaluations, config.best_metric) or last
+
+    def save_array(name: str, values: np.ndarray) -> None:
+        atomic_write(workdir / name, lambda tmp: np.save(tmp, values))
+
+    save_array("test_embeddings.npy", embeddings["test"])
+    save_array("test_labels.npy", dataset.test.labels)
+    for name in ("query", "gallery"):
+        if name in embeddings:
+            save_array(f"{name}_embeddings.npy", embeddings[name])
+            save_array(f"{name}_labels.npy", getattr(dataset, name).labels)
+    if config.pictures:
+        interrupts.stop_point()
+        atomic_write(
+            workdir / "tsne.png",
+            lambda tmp: visualize.plot_tsne(
+                tmp,
+                embeddings["test"],
+                dataset.test.labels,
+                dataset.test.coarse_labels,
+                jax.random.PRNGKey(config.seed),
+                max_points=config.tsne_max_points,
+            ),
+        )
+        interrupts.stop_point()
+        atomic_write(
+            workdir / "retrieval.png", lambda tmp: write_retrieval_picture(tmp, dataset, embeddings, config)
+        )
+        atomic_write(
+            workdir / "curves.png", lambda tmp: visualize.plot_curves(tmp, workdir / "metrics.jsonl")
+        )
+    summary = {**last, "best": best, "best_by": config.best_metric}
+    atomic_write_text(workdir / "final_metrics.json", json.dumps(summary, indent=2) + "\n")
+
+
+def write_retrieval_picture(
+    path: Path, dataset: MetricDataset, embeddings, config, num_queries: int = 6, k: int = 5
+) -> None:
+    if "query" in embeddings:
+        queries, query_split = embeddings["query"], dataset.query
+        gallery, gallery_split, exclude_self = embeddings["gallery"], dataset.gallery, False
+    else:
+        queries = gallery = embeddings["test"]
+        query_split = gallery_split = dataset.test
+        exclude_self = True
+    rng = np.random.default_rng(config.seed)
+    chosen = np.sort(rng.choice(len(queries), size=min(num_queries, len(queries)), replace=False))
+    similarity = queries[chosen] @ gallery.T
+    if exclude_self:
+        similarity[np.arange(len(chosen)), chosen] = -np.inf
+    neighbours = np.argsort(-similarity, axis=1)[:, :k]
+    visualize.plot_retrieval(
+        path,
+        [query_split.source[int(i)]["image"] for i in chosen],
+        query_split.labels[chosen],
+        [[gallery_split.source[int(j)]["image"] for j in row] for row in neighbours],
+        gallery_split.labels[neighbours],
+    )
