@@ -17,7 +17,10 @@ import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 
-jax.config.update(
-    "jax_compilation_cache_dir", os.environ.get("HDML_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "hdml_jax_jit_cache"))
-)
+JIT_CACHE = os.environ.get("HDML_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "hdml_jax_jit_cache"))
+jax.config.update("jax_compilation_cache_dir", JIT_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Subprocesses (8 simulated devices, 2 processes, the CLI) read the same cache from the environment:
+# their repeated trainer runs compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JIT_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -70,12 +71,20 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+    """Grain workers share the terminal's process group, so Ctrl-C reaches them too: they ignore
+    it (no ``KeyboardInterrupt`` traceback from each) and leave stopping to the trainer, which
+    checkpoints and then shuts them down."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _multiprocess(dataset: grain.MapDataset, num_workers: int, prefetch: int) -> grain.IterDataset:
     """``dataset`` computed in ``num_workers`` grain processes (worker w: elements ≡ w mod n), in order."""
     _ensure_absl_flags_parsed()
     read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # each worker computes sequentially
     options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch)
-    return dataset.to_iter_dataset(read).mp_prefetch(options)
+    return dataset.to_iter_dataset(read).mp_prefetch(options, worker_init_fn=_ignore_ctrl_c)
 
 
 def _own(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
