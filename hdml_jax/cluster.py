@@ -160,7 +160,12 @@ def kmeans(
 
     Returns:
       ``(centroids, assignments)``: ``(k, d)`` float32 means of the clusters and ``(N,)`` int32
-      cluster indices.
+      cluster indices. Under ``jax.jit`` (traced points) a NaN or inf point makes centroids NaN.
+
+    Raises:
+      NonFiniteEmbeddingsError (``hdml_jax.metrics``): concrete points with a NaN or inf row
+        (their assignments would be arbitrary).
+      ValueError: a bad shape, ``num_clusters``, ``num_iters``, ``tol`` or ``block_size``.
     """
     if jnp.ndim(points) != 2:
         raise ValueError(f"points must have shape (num_points, dim), got shape {jnp.shape(points)}.")
@@ -170,6 +175,16 @@ def kmeans(
             f"num_clusters must lie in [1, num_points={num_points}], got {num_clusters}; "
             "k-means cannot make more non-empty clusters than there are points."
         )
+    for name, value, low in (("num_iters", num_iters, 0), ("block_size", block_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+    if isinstance(tol, (int, float)) and not tol >= 0:
+        raise ValueError(
+            f"tol must be a number >= 0 (the largest squared centroid shift to stop at), got {tol!r}."
+        )
+    from hdml_jax.metrics import check_finite  # metrics imports this module
+
+    check_finite(points, "k-means point")
     block_size = int(min(block_size, num_points))
     return _kmeans(key, jnp.asarray(points), int(num_clusters), int(num_iters), tol, block_size)
 

@@ -57,7 +57,19 @@ def evaluate_embeddings(
     gallery_embeddings: np.ndarray | None = None,
     nmi_key: jax.Array | None = None,
 ) -> dict[str, float]:
-    """All metrics of one evaluation from already computed embeddings."""
+    """All metrics of one evaluation from already computed embeddings.
+
+    Raises:
+      metrics.NonFiniteEmbeddingsError: any of the given embeddings has a NaN or inf row; raised
+        before anything is scored, so a diverged run never reports a metric.
+    """
+    for name, values in (
+        ("test", test_embeddings),
+        ("query", query_embeddings),
+        ("gallery", gallery_embeddings),
+    ):
+        if values is not None:
+            metrics.check_finite(values, f"{name} embedding")
     ks = tuple(dataset.recall_ks)
     if dataset.query is not None and dataset.gallery is not None:
         result = metrics.retrieval_metrics(

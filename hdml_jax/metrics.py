@@ -27,6 +27,12 @@ Ties: a wrong reference exactly as similar as the best correct one is counted as
 Similarity products run at HIGHEST precision: the query × reference matmul passes
 ``precision=FULL_PRECISION`` (and k-means for NMI does the same), so that on TPUs and recent GPUs
 bf16/TF32 rounding (about 1e-3 on a cosine) does not reorder near-tied neighbours.
+
+Non-finite embeddings: a NaN similarity compares false with everything, so a row holding a NaN or
+an inf would rank arbitrarily (all-NaN embeddings scored Recall@K = 1). Every scoring function here
+counts such rows first (in the same jitted pass that normalises the embeddings) and raises
+``NonFiniteEmbeddingsError`` instead of returning a score. The functions return Python floats, so
+they only take concrete arrays; under ``jax.jit`` they raise ``TypeError``.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdml_jax import cluster
-from hdml_jax.losses._common import FULL_PRECISION, l2_normalize
+from hdml_jax.losses._common import FULL_PRECISION, is_concrete, l2_normalize
 
 # Default chunk size keeps one chunk's similarity matrix near 64M floats (256 MiB).
 _CHUNK_ELEMENTS = 1 << 26
@@ -47,6 +53,78 @@ _CHUNK_ELEMENTS = 1 << 26
 # multiple of it): a group's count of "at least as similar" fits in int8, and a group's maximum
 # lets the top-k look only at the few groups that can hold the k nearest.
 _GROUP = 64
+
+
+class NonFiniteEmbeddingsError(ValueError):
+    """Embeddings with NaN or inf rows were given to a metric: there is no score to report.
+
+    Attributes:
+      num_non_finite: rows holding at least one NaN or inf.
+      num_rows: rows in total.
+      name: which rows, as in the message (``"embedding"``, ``"query embedding"`` ...).
+    """
+
+    def __init__(self, num_non_finite: int, num_rows: int, name: str = "embedding") -> None:
+        self.num_non_finite, self.num_rows, self.name = int(num_non_finite), int(num_rows), name
+        super().__init__(
+            f"{self.num_non_finite} of {self.num_rows} {name} rows are not finite (NaN or inf), so no "
+            "metric of them means anything; training likely diverged (lower the learning rate or "
+            "clip gradients, and evaluate an earlier checkpoint)."
+        )
+
+    def __reduce__(self):
+        return type(self), (self.num_non_finite, self.num_rows, self.name)
+
+
+@jax.jit
+def _count_non_finite_rows(x: jax.Array) -> jax.Array:
+    """``Σ_i [row i holds a NaN or inf]`` of a ``(N, d)`` array, as int32."""
+    return jnp.sum(~jnp.all(jnp.isfinite(x), axis=1), dtype=jnp.int32)
+
+
+@jax.jit
+def _normalize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x̂ (N, d) float32 L2-normalised rows, number of rows holding a NaN or inf)``, one pass."""
+    x = x.astype(jnp.float32)
+    return l2_normalize(x), _count_non_finite_rows(x)
+
+
+def _require_concrete(function: str, *arrays) -> None:
+    if not all(is_concrete(a) for a in arrays):
+        raise TypeError(
+            f"{function} returns Python floats computed on the host, so it needs concrete arrays; "
+            "call it outside jax.jit / grad / vmap."
+        )
+
+
+def check_finite(embeddings, name: str = "embedding") -> None:
+    """Raise ``NonFiniteEmbeddingsError`` if a concrete ``(N, d)`` array has a NaN or inf row.
+
+    NumPy arrays are checked on the host, JAX arrays on their device (no transfer). A traced
+    array cannot be checked here and passes (the losses and normalisation propagate NaN).
+    """
+    if not is_concrete(embeddings) or np.size(embeddings) == 0:
+        return
+    if isinstance(embeddings, jax.Array):
+        bad = int(_count_non_finite_rows(embeddings.reshape(embeddings.shape[0], -1)))
+    else:
+        values = np.asarray(embeddings)
+        if not np.issubdtype(values.dtype, np.floating):
+            return  # integers cannot be NaN; other dtypes are the caller's error
+        bad = int(np.sum(~np.isfinite(values.reshape(values.shape[0], -1)).all(axis=1)))
+    if bad:
+        raise NonFiniteEmbeddingsError(bad, np.shape(embeddings)[0], name)
+
+
+def _integer_labels(labels, name: str) -> np.ndarray:
+    """``labels`` as a flat NumPy integer array; ``ValueError`` for any other dtype."""
+    values = np.asarray(labels)
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(
+            f"{name} must be integer class ids, got dtype {values.dtype}; map other labels (strings, "
+            "floats, bools) to integers first, e.g. np.unique(labels, return_inverse=True)[1]."
+        )
+    return values.reshape(-1)
 
 
 @functools.partial(jax.jit, static_argnames=("num_references",))
@@ -209,18 +287,33 @@ def retrieval_metrics(
 
     Args:
       query: ``(Q, d)`` float embeddings (normalised inside).
-      query_labels: ``(Q,)`` int.
+      query_labels: ``(Q,)`` integer class ids.
       reference: ``(N, d)`` or None for self-retrieval (query set = reference set, self excluded).
-      reference_labels: ``(N,)`` int, given exactly when ``reference`` is.
+      reference_labels: ``(N,)`` integer class ids, given exactly when ``reference`` is.
       ks: the K of Recall@K, any positive ints.
-      chunk_size: queries per device step; default keeps ``chunk_size × N`` near 64M.
+      chunk_size: queries per device step, a positive integer; None keeps ``chunk_size × N``
+        near 64M.
 
     Returns:
       ``{"recall@K": ..., "precision@1": ..., "r_precision": ..., "map@r": ...}`` as Python floats.
+
+    Raises:
+      NonFiniteEmbeddingsError: a query or reference row holds a NaN or inf (checked before any
+        similarity is computed).
+      ValueError: inconsistent shapes, non-integer labels, a K < 1, a bad ``chunk_size``.
+      TypeError: traced (jitted) arguments.
     """
+    _require_concrete("retrieval_metrics", query, query_labels, reference, reference_labels)
     self_retrieval = reference is None
     if self_retrieval != (reference_labels is None):
         raise ValueError("give reference and reference_labels together, or neither (self-retrieval).")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1
+    ):
+        raise ValueError(
+            f"chunk_size must be a positive integer (queries per device step) or None for the "
+            f"default, got {chunk_size!r}."
+        )
     if self_retrieval:
         reference, reference_labels = query, query_labels
     if jnp.ndim(query) != 2 or jnp.ndim(reference) != 2:
@@ -229,8 +322,8 @@ def retrieval_metrics(
         )
     if query.shape[1] != reference.shape[1]:
         raise ValueError(f"query dim {query.shape[1]} differs from reference dim {reference.shape[1]}.")
-    query_labels_np = np.asarray(query_labels).reshape(-1)
-    reference_labels_np = np.asarray(reference_labels).reshape(-1)
+    query_labels_np = _integer_labels(query_labels, "query_labels")
+    reference_labels_np = _integer_labels(reference_labels, "reference_labels")
     if query_labels_np.shape[0] != query.shape[0] or reference_labels_np.shape[0] != reference.shape[0]:
         raise ValueError(
             f"need one label per embedding: {query.shape[0]} queries with {query_labels_np.shape[0]} labels, "
@@ -249,8 +342,17 @@ def retrieval_metrics(
         chunk_size = max(1, min(num_queries, _CHUNK_ELEMENTS // num_references, 4096))
     chunk_size = int(min(chunk_size, num_queries))
 
-    queries_n = l2_normalize(jnp.asarray(query, jnp.float32))
-    reference_n = queries_n if self_retrieval else l2_normalize(jnp.asarray(reference, jnp.float32))
+    queries_n, bad_queries = _normalize_rows(query)
+    if self_retrieval:
+        reference_n, bad_references = queries_n, 0
+    else:
+        reference_n, bad_references = _normalize_rows(reference)
+    if int(bad_queries):
+        raise NonFiniteEmbeddingsError(
+            int(bad_queries), num_queries, "embedding" if self_retrieval else "query embedding"
+        )
+    if int(bad_references):
+        raise NonFiniteEmbeddingsError(int(bad_references), num_references, "reference embedding")
     width = -(-num_references // _GROUP) * _GROUP
     reference_p = jnp.pad(reference_n, ((0, width - num_references), (0, 0)))
     reference_labels_d = jnp.asarray(np.pad(reference_labels_np, (0, width - num_references)))
@@ -297,15 +399,23 @@ def nmi(embeddings: jax.Array, labels: jax.Array, key: jax.Array, *, num_iters: 
     """Normalised mutual information between the labels and a k-means clustering.
 
     k-means (k-means++ seeding, ``k`` = number of distinct labels) runs on the L2-normalised
-    embeddings; NMI uses the arithmetic-mean normaliser.
+    ``(N, d)`` embeddings; NMI uses the arithmetic-mean normaliser,
+    ``MI(U, V) / ((H(U) + H(V)) / 2)`` (see ``cluster.normalized_mutual_info``).
+
+    Raises:
+      NonFiniteEmbeddingsError: an embedding row holds a NaN or inf (before any clustering).
+      ValueError: shapes that do not match.
+      TypeError: traced (jitted) arguments.
     """
+    _require_concrete("nmi", embeddings, labels)
     labels_np = np.asarray(labels).reshape(-1)
-    if jnp.ndim(embeddings) != 2 or embeddings.shape[0] != labels_np.shape[0]:
+    if jnp.ndim(embeddings) != 2 or jnp.shape(embeddings)[0] != labels_np.shape[0]:
         raise ValueError(
             f"need (N, d) embeddings and N labels, got {jnp.shape(embeddings)} and {labels_np.shape}."
         )
+    normalized, bad = _normalize_rows(embeddings)
+    if int(bad):
+        raise NonFiniteEmbeddingsError(int(bad), labels_np.shape[0], "embedding")
     num_clusters = int(np.unique(labels_np).size)
-    _, assignments = cluster.kmeans(
-        key, l2_normalize(jnp.asarray(embeddings, jnp.float32)), num_clusters, num_iters=num_iters
-    )
+    _, assignments = cluster.kmeans(key, normalized, num_clusters, num_iters=num_iters)
     return cluster.normalized_mutual_info(labels_np, np.asarray(assignments))

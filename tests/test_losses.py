@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from jax.test_util import check_grads
 
+from hdml_jax.errors import ConfigError
 from hdml_jax.losses import (
+    LossHyperparameterError,
     batch_hard_triplet_loss,
     build_hierarchy,
     hierarchical_proxy_loss,
@@ -31,6 +33,7 @@ from hdml_jax.losses import (
     refresh_assignments,
     softmax_cross_entropy,
 )
+from hdml_jax.losses._common import l2_normalize
 from tests import reference_losses as ref
 
 Params = Any  # None, a (C, d) proxy array, or a tuple of per-level proxy arrays
@@ -966,11 +969,11 @@ ERROR_CASES: dict[str, tuple[Callable[[], Any], str]] = {
     ),
     "ce_temperature": (
         lambda: softmax_cross_entropy(_X, _Y, temperature=0.0),
-        r"temperature must be positive",
+        r"temperature \(config field loss.temperature\) must be a finite number > 0",
     ),
     "ce_smoothing": (
         lambda: softmax_cross_entropy(_X, _Y, label_smoothing=1.5),
-        r"label_smoothing must lie in",
+        r"label_smoothing \(config field loss.label_smoothing\) must be a finite number in \[0, 1\]",
     ),
     "from_labels_float": (lambda: hierarchy_from_labels(np.array([0.5, 1.0])), r"1-D integer array"),
     "from_labels_length": (
@@ -1222,3 +1225,137 @@ def test_hierarchical_return_levels_gives_each_unweighted_level():
         x, y, (fine, coarse), (assignment,), level_weights=(1.0, 0), return_levels=True
     )
     assert levels[1] is None  # a Python-zero weight skips its level
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Non-finite inputs, overflow and hyperparameter ranges
+# --------------------------------------------------------------------------------------------
+
+# (case, where the bad value goes): a NaN or an inf embedding row, a NaN proxy.
+NON_FINITE = [
+    (case, where)
+    for case in CASES
+    for where in ("nan_row", "inf_row", "nan_proxy")
+    if where != "nan_proxy" or case.proxies != "none"
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "where"), NON_FINITE, ids=[f"{case.name}-{where}" for case, where in NON_FINITE]
+)
+def test_non_finite_input_gives_nan_never_a_number(case: LossCase, where: str):
+    # One bad unmasked value must poison the loss; the batch-hard triplet loss used to map a NaN
+    # distance to 0 (safe_sqrt) and return a finite value. Jitted (shared compilation).
+    x, labels, params = case.make(np.random.default_rng(91), BATCH, DIM, CLASSES)
+    if where == "nan_row":
+        x[2] = np.nan
+    elif where == "inf_row":
+        x[2, 1] = np.inf
+    else:
+        (params if case.proxies == "single" else params[0])[1, 0] = np.nan
+    value = _value(case, x, labels, params)
+    if where == "inf_row":
+        assert not np.isfinite(value), value
+    else:
+        assert np.isnan(value), value
+
+
+def test_triplet_nan_embedding_is_nan_eagerly_and_zero_distance_stays_safe():
+    x, labels, _ = CASES_BY_NAME["triplet"].make(np.random.default_rng(92), BATCH, DIM, CLASSES)
+    x[5] = np.nan
+    assert np.isnan(float(batch_hard_triplet_loss(x, labels, margin=0.5)))
+    # safe_sqrt still has value and gradient 0 at an exact 0 (duplicate rows), but passes NaN on.
+    from hdml_jax.losses.triplet import safe_sqrt
+
+    value, grad = jax.jit(jax.vmap(jax.value_and_grad(safe_sqrt)))(jnp.array([0.0, 4.0, np.nan]))
+    np.testing.assert_array_equal(np.asarray(value), [0.0, 2.0, np.nan])
+    np.testing.assert_array_equal(np.asarray(grad), [0.0, 0.25, np.nan])
+
+
+def test_l2_normalize_is_overflow_safe_and_unchanged_where_it_did_not_overflow():
+    rng = np.random.default_rng(93)
+    x = rng.normal(size=(7, 5)).astype(np.float32)
+    # Components beyond ~1.8e19 overflowed ‖x‖² and the row came out as 0.
+    x[1] *= np.float32(1e20)
+    x[2] *= np.float32(2.0**126)
+    x[3] = [3e38, -3e38, 1.0, 0.0, 0.0]
+    x[4] *= np.float32(1e-30)  # ‖x‖ < eps: x / eps, as before
+    x[5] = 0.0
+    normalize = jax.jit(l2_normalize)
+    got = np.asarray(normalize(x))
+    x64 = x.astype(np.float64)
+    want = x64 / np.maximum(np.linalg.norm(x64, axis=1, keepdims=True), 1e-12)
+    np.testing.assert_allclose(got, want, rtol=2e-7, atol=1e-30)
+    # Where ‖x‖² does not overflow: the very bits of the plain formula.
+    ordinary = [0, 4, 5, 6]
+    plain = jax.jit(lambda a: a * jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, axis=1, keepdims=True), 1e-24)))
+    np.testing.assert_array_equal(np.asarray(normalize(x[ordinary])), np.asarray(plain(x[ordinary])))
+    # The written-out derivative: (I - x̂x̂ᵀ) dx / ‖x‖, or dx / eps below eps, at every scale
+    # (float32 flushes the ~1e-39 derivatives of the 2^126 row to 0).
+    dx = rng.normal(size=x.shape).astype(np.float32)
+    tangent = np.asarray(jax.jit(lambda a, da: jax.jvp(l2_normalize, (a,), (da,))[1])(x, dx))
+    norm = np.linalg.norm(x64, axis=1, keepdims=True)
+    unit = x64 / np.maximum(norm, 1e-12)
+    radial = np.where(norm >= 1e-12, np.sum(unit * dx, axis=1, keepdims=True), 0.0)
+    np.testing.assert_allclose(tangent, (dx - unit * radial) / np.maximum(norm, 1e-12), rtol=1e-5, atol=1e-37)
+    # NaN or inf anywhere in a row: the whole row is NaN, never a unit vector.
+    bad = np.array([[np.inf, 1.0], [np.nan, 0.0], [-np.inf, np.inf]], np.float32)
+    assert np.isnan(np.asarray(normalize(bad))).all()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.cosine], ids=[c.name for c in CASES if c.cosine])
+def test_cosine_losses_ignore_huge_row_scales(case: LossCase):
+    # Power-of-two scales up to 2^120 ≈ 1.3e36 per row and per proxy: exactly the same directions.
+    rng = np.random.default_rng(94)
+    x, labels, params = case.make(rng, BATCH, DIM, CLASSES)
+
+    def blow_up(a):
+        return a * (2.0 ** rng.choice([0, 64, 100, 120], size=(a.shape[0], 1))).astype(np.float32)
+
+    huge = _value(case, blow_up(x), labels, jax.tree_util.tree_map(blow_up, params))
+    np.testing.assert_allclose(huge, _value(case, x, labels, params), rtol=1e-6)
+
+
+HYPERPARAMETER_ERRORS: dict[str, tuple[Callable[[], Any], str]] = {
+    "pa_alpha_zero": (lambda: proxy_anchor_loss(_X, _Y, _P, alpha=0.0), r"alpha \(config field loss.alpha\)"),
+    "pa_alpha_negative": (lambda: proxy_anchor_loss(_X, _Y, _P, alpha=-32.0), r"alpha .* > 0 .* got -32.0"),
+    "pa_alpha_nan": (lambda: proxy_anchor_loss(_X, _Y, _P, alpha=float("nan")), r"alpha .* finite"),
+    "pa_alpha_string": (lambda: proxy_anchor_loss(_X, _Y, _P, alpha="32"), r"alpha .* got '32'"),
+    "pa_margin_negative": (
+        lambda: proxy_anchor_loss(_X, _Y, _P, margin=-0.1),
+        r"margin \(config field loss.margin\) must be a finite number >= 0",
+    ),
+    "nca_scale_zero": (lambda: proxy_nca_loss(_X, _Y, _P, scale=0.0), r"scale \(config field loss.scale\)"),
+    "nca_scale_negative": (lambda: proxy_nca_loss(_X, _Y, _P, scale=-9.0), r"scale .* > 0"),
+    "triplet_margin_negative": (
+        lambda: batch_hard_triplet_loss(_X, _Y, margin=-0.1),
+        r"margin \(config field loss.triplet_margin\) must be a finite number >= 0",
+    ),
+    "triplet_margin_inf": (lambda: batch_hard_triplet_loss(_X, _Y, margin=np.inf), r"margin .* got inf"),
+    "ce_temperature_negative": (lambda: softmax_cross_entropy(_X, _Y, temperature=-1.0), r"temperature"),
+    "ce_temperature_inf": (lambda: softmax_cross_entropy(_X, _Y, temperature=np.inf), r"temperature"),
+    "ce_smoothing_negative": (
+        lambda: softmax_cross_entropy(_X, _Y, label_smoothing=-0.1),
+        r"label_smoothing",
+    ),
+    "hpl_weight_negative": (
+        lambda: hierarchical_proxy_loss(_X, _Y, (_P, _P1), (_A0,), level_weights=(1.0, -0.1)),
+        r"level_weights\[1\] \(config field loss.level_weights\) must be a finite number >= 0",
+    ),
+    "hpl_weights_all_zero": (
+        lambda: hierarchical_proxy_loss(_X, _Y, (_P, _P1), (_A0,), level_weights=(0.0, 0)),
+        r"level_weights .* are all 0",
+    ),
+    "hpl_base_alpha": (
+        lambda: hierarchical_proxy_loss(_X, _Y, (_P, _P1), (_A0,), alpha=-1.0),
+        r"proxy_anchor_loss alpha",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HYPERPARAMETER_ERRORS), ids=list(HYPERPARAMETER_ERRORS))
+def test_hyperparameters_outside_their_meaning_raise_config_errors(name: str):
+    call, message = HYPERPARAMETER_ERRORS[name]
+    with pytest.raises(LossHyperparameterError, match=message) as info:
+        call()
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, ValueError)

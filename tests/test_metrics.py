@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import pickle
+import types
 
 import jax
 import numpy as np
 import pytest
 
-from hdml_jax import cluster, metrics
+from hdml_jax import cluster, evaluate, metrics
 
 
 def reference_retrieval(query, query_labels, reference=None, reference_labels=None, ks=(1, 2, 4, 8)):
@@ -166,6 +168,21 @@ def test_known_values_on_a_hand_built_case():
         (lambda x, y: metrics.retrieval_metrics(x, y, x[:, :2], y), "dim"),
         (lambda x, y: metrics.retrieval_metrics(x, y, ks=(0,)), "positive"),
         (lambda x, y: metrics.retrieval_metrics(x[0], y), r"\(num, dim\)"),
+        (
+            lambda x, y: metrics.retrieval_metrics(x, y, chunk_size=0),
+            r"chunk_size must be a positive integer",
+        ),
+        (lambda x, y: metrics.retrieval_metrics(x, y, chunk_size=-4), r"chunk_size .* got -4"),
+        (lambda x, y: metrics.retrieval_metrics(x, y, chunk_size=2.5), r"chunk_size .* got 2.5"),
+        (
+            lambda x, y: metrics.retrieval_metrics(x, y.astype(str)),
+            r"query_labels must be integer .* dtype <U",
+        ),
+        (lambda x, y: metrics.retrieval_metrics(x, y.astype(np.float32)), r"must be integer .* float32"),
+        (
+            lambda x, y: metrics.retrieval_metrics(x, y, x, y.astype(object)),
+            r"reference_labels must be integer",
+        ),
     ],
 )
 def test_retrieval_errors(call, message):
@@ -251,3 +268,99 @@ def test_kmeans_errors():
         cluster.kmeans(jax.random.PRNGKey(0), np.zeros((5, 2)), 6)
     with pytest.raises(ValueError, match="num_points, dim"):
         cluster.kmeans(jax.random.PRNGKey(0), np.zeros(5), 2)
+
+
+# ---------------------------------------------------------------------------- non-finite embeddings
+
+
+def test_all_nan_embeddings_raise_instead_of_scoring_one():
+    # NaN similarities compare false with everything: all-NaN embeddings used to score Recall@K = 1.
+    _, y = clustered_data(14, 20, 4, 4, 1.0)
+    with pytest.raises(metrics.NonFiniteEmbeddingsError, match=r"20 of 20 embedding rows .* diverged"):
+        metrics.retrieval_metrics(np.full((20, 4), np.nan, np.float32), y)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["self", "query", "reference"])
+def test_one_non_finite_row_raises_and_says_how_many(bad, where):
+    # Noise embeddings of 10 classes score Recall@1 near 0.1; one NaN row used to lift it to 0.2.
+    clean, y = clustered_data(15, 20, 10, 4, 10.0)
+    x = clean.copy()
+    x[7, 2] = bad
+    if where == "self":
+        call, match = (lambda: metrics.retrieval_metrics(x, y)), r"1 of 20 embedding rows"
+    elif where == "query":
+        call, match = (lambda: metrics.retrieval_metrics(x, y, clean, y)), r"1 of 20 query embedding rows"
+    else:
+        call, match = (lambda: metrics.retrieval_metrics(clean, y, x, y)), r"1 of 20 reference embedding rows"
+    with pytest.raises(metrics.NonFiniteEmbeddingsError, match=match) as info:
+        call()
+    assert (info.value.num_non_finite, info.value.num_rows) == (1, 20)
+    assert isinstance(info.value, ValueError)
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert str(copy) == str(info.value) and copy.num_non_finite == 1
+
+
+def test_nmi_and_kmeans_raise_on_non_finite_input():
+    x, y = clustered_data(16, 20, 4, 4, 1.0)
+    x[3] = np.nan
+    with pytest.raises(metrics.NonFiniteEmbeddingsError, match=r"1 of 20 embedding rows"):
+        metrics.nmi(x, y, jax.random.PRNGKey(0))
+    x[5, 0] = np.inf
+    with pytest.raises(metrics.NonFiniteEmbeddingsError, match=r"2 of 20 k-means point rows"):
+        cluster.kmeans(jax.random.PRNGKey(0), x, 4)
+
+
+def test_kmeans_argument_errors():
+    points = np.zeros((6, 2), np.float32)
+    with pytest.raises(ValueError, match=r"block_size must be an integer >= 1, got 0"):
+        cluster.kmeans(jax.random.PRNGKey(0), points, 2, block_size=0)
+    with pytest.raises(ValueError, match=r"num_iters must be an integer >= 0"):
+        cluster.kmeans(jax.random.PRNGKey(0), points, 2, num_iters=-1)
+    with pytest.raises(ValueError, match=r"tol must be a number >= 0"):
+        cluster.kmeans(jax.random.PRNGKey(0), points, 2, tol=float("nan"))
+
+
+def test_metrics_refuse_traced_arguments():
+    x, y = clustered_data(17, 8, 2, 4, 1.0)
+    with pytest.raises(TypeError, match=r"outside jax.jit"):
+        jax.jit(lambda a: metrics.retrieval_metrics(a, y))(x)
+    with pytest.raises(TypeError, match=r"outside jax.jit"):
+        jax.jit(lambda a: metrics.nmi(a, y, jax.random.PRNGKey(0)))(x)
+
+
+@pytest.mark.parametrize("split", ["test", "query", "gallery"])
+def test_evaluate_embeddings_raises_before_scoring(monkeypatch, split):
+    def never(*args, **kwargs):
+        raise AssertionError("scored non-finite embeddings")
+
+    monkeypatch.setattr(metrics, "retrieval_metrics", never)
+    monkeypatch.setattr(metrics, "nmi", never)
+    x, y = clustered_data(18, 12, 3, 4, 1.0)
+    labels = types.SimpleNamespace(labels=y[:6], coarse_labels=None)
+    dataset = types.SimpleNamespace(
+        recall_ks=(1, 2),
+        query=labels,
+        gallery=labels,
+        test=types.SimpleNamespace(labels=y, coarse_labels=None),
+    )
+    embeddings = {"test": x.copy(), "query": x[:6].copy(), "gallery": x[6:].copy()}
+    embeddings[split][1] = np.nan
+    with pytest.raises(metrics.NonFiniteEmbeddingsError, match=rf"1 of \d+ {split} embedding rows"):
+        evaluate.evaluate_embeddings(
+            dataset,
+            embeddings["test"],
+            query_embeddings=embeddings["query"],
+            gallery_embeddings=embeddings["gallery"],
+            nmi_key=jax.random.PRNGKey(0),
+        )
+
+
+def test_huge_embeddings_score_as_their_directions():
+    # Rows scaled by powers of two up to 2^120: ‖x‖² overflowed past ~1.8e19 and such rows were
+    # normalised to 0. The directions, hence every metric, are exactly those of the unscaled rows.
+    x, y = clustered_data(4, 257, 20, 8, 1.0)  # the shape of test_chunk_size_does_not_change_the_result
+    scales = 2.0 ** np.random.default_rng(19).choice([0, 64, 100, 120], size=(257, 1))
+    huge = metrics.retrieval_metrics(x * scales.astype(np.float32), y, ks=(1, 5))
+    assert_metrics_close(huge, metrics.retrieval_metrics(x, y, ks=(1, 5)))
+    assert_metrics_close(huge, reference_retrieval(x, y, ks=(1, 5)))

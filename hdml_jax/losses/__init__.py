@@ -6,8 +6,14 @@ computes in float32 whatever the input dtype, and returns a float32 scalar::
 
     from hdml_jax.losses import proxy_anchor_loss
     loss, grads = jax.value_and_grad(proxy_anchor_loss, argnums=(0, 2))(x, y, proxies)
+
+A NaN or inf in an unmasked embedding row (or a proxy) makes the loss NaN, never a finite number.
+A concrete hyperparameter outside its meaningful range (``alpha ≤ 0``, ``margin < 0``,
+``scale ≤ 0``, ``temperature ≤ 0``, ...) raises ``LossHyperparameterError``, a
+``hdml_jax.errors.ConfigError`` (and ``ValueError``).
 """
 
+from hdml_jax.losses._common import LossHyperparameterError
 from hdml_jax.losses.classification import softmax_cross_entropy
 from hdml_jax.losses.hierarchical import (
     ProxyHierarchy,
@@ -22,6 +28,7 @@ from hdml_jax.losses.proxy_nca import proxy_nca_loss
 from hdml_jax.losses.triplet import batch_hard_triplet_loss, pairwise_squared_distances
 
 __all__ = [
+    "LossHyperparameterError",
     "ProxyHierarchy",
     "batch_hard_triplet_loss",
     "build_hierarchy",

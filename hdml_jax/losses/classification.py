@@ -34,16 +34,35 @@ def softmax_cross_entropy(
       mask: optional ``(B,)`` bool; False rows count in no mean and get zero gradient.
 
     Returns:
-      A float32 scalar, the mean over unmasked rows (0 when all are masked).
+      A float32 scalar, the mean over unmasked rows (0 when all are masked; NaN when an unmasked
+      row holds a NaN).
+
+    Raises:
+      ValueError: wrong shapes or (concrete) labels outside ``[0, M)``.
+      LossHyperparameterError: a concrete ``temperature ≤ 0`` or ``label_smoothing`` outside
+        ``[0, 1]`` (or a non-finite one).
     """
     if jnp.ndim(logits) != 2:
         raise ValueError(f"logits must have shape (batch, num_classes), got shape {jnp.shape(logits)}.")
     num_classes = logits.shape[1]
     _common.check_labels(labels, logits.shape[0], num_classes, mask=mask)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}.")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}.")
+    _common.check_hyperparameter(
+        temperature,
+        "softmax_cross_entropy temperature",
+        low=0.0,
+        low_inclusive=False,
+        meaning="τ divides the logits; CGD uses 0.5",
+        config_field="loss.temperature",
+    )
+    _common.check_hyperparameter(
+        label_smoothing,
+        "softmax_cross_entropy label_smoothing",
+        low=0.0,
+        low_inclusive=True,
+        high=1.0,
+        meaning="ε is the target probability mass spread over all classes; CGD uses 0.1",
+        config_field="loss.label_smoothing",
+    )
     mask = _common.resolve_mask(mask, logits.shape[0])
 
     z = _common.zero_masked_rows(logits.astype(jnp.float32), mask) / temperature

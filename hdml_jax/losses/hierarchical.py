@@ -67,6 +67,20 @@ def _check_hierarchy(level_proxies, level_assignments, level_weights, embedding_
             f"level_weights has {len(level_weights)} entries but there are {num_levels} proxy "
             "levels; give one weight per level, e.g. (1.0, 0.1)."
         )
+    for level, weight in enumerate(level_weights):
+        _common.check_hyperparameter(
+            weight,
+            f"hierarchical_proxy_loss level_weights[{level}]",
+            low=0.0,
+            low_inclusive=True,
+            meaning="a level's loss is added with this weight; a negative one would maximise it (paper: 1.0, 0.1)",
+            config_field="loss.level_weights",
+        )
+    if level_weights and all(_common.is_concrete(w) and float(w) == 0.0 for w in level_weights):
+        raise _common.LossHyperparameterError(
+            f"hierarchical_proxy_loss level_weights (config field loss.level_weights) are all 0, got "
+            f"{tuple(level_weights)}; give at least one level a positive weight, e.g. (1.0, 0.1)."
+        )
     for level, proxies in enumerate(level_proxies):
         _common.check_proxies(proxies, embedding_dim, name=f"level_proxies[{level}]")
     for level, assignment in enumerate(level_assignments):
@@ -117,7 +131,7 @@ def hierarchical_proxy_loss(
       level_proxies: ``(P^0, P^1, ...)``, ``P^l`` of shape ``(K_l, d)``, ``K_0`` = number of classes.
       level_assignments: ``(a^0, a^1, ...)``, ``a^{l-1}`` int of shape ``(K_{l-1},)`` in ``[0, K_l)``.
       base_loss: the proxy loss applied at every level.
-      level_weights: ``(w_0, w_1, ...)``, one per level.
+      level_weights: ``(w_0, w_1, ...)``, one ``w_l ≥ 0`` per level, not all 0.
       mask: optional ``(B,)`` bool, passed to every level.
       level_proxy_masks: optional, one ``(K_l,)`` bool or None per level, passed to the base
         loss as ``proxy_mask`` (padding proxies, e.g. for sharding along the class axis).
@@ -126,7 +140,13 @@ def hierarchical_proxy_loss(
       **base_kwargs: passed to ``base_loss`` (``margin``, ``alpha``, ``scale`` ...).
 
     Returns:
-      A float32 scalar; with ``return_levels``, ``(total, (L_base level 0, level 1, ...))``.
+      A float32 scalar; with ``return_levels``, ``(total, (L_base level 0, level 1, ...))``. NaN
+      when an unmasked row or a proxy of a computed level holds a NaN or an inf.
+
+    Raises:
+      ValueError: inconsistent levels, shapes or (concrete) labels / assignments.
+      LossHyperparameterError: a concrete level weight that is negative or non-finite, all
+        weights 0, or a bad hyperparameter of the base loss.
     """
     _common.check_embeddings(embeddings)
     _check_hierarchy(level_proxies, level_assignments, level_weights, embeddings.shape[1])

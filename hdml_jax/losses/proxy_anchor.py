@@ -58,24 +58,42 @@ def proxy_anchor_loss(
         fp32 and so is the result.
       labels: ``(B,)`` int in ``[0, C)``.
       proxies: ``(C, d)`` float, one per class (normalised inside).
-      margin: ``δ``.
-      alpha: ``α``, the scale (inverse temperature).
+      margin: ``δ ≥ 0``.
+      alpha: ``α > 0``, the scale (inverse temperature).
       mask: optional ``(B,)`` bool; a False row takes part in no term and gets zero gradient.
       proxy_mask: optional ``(C,)`` bool; a False proxy (padding) is left out of ``P`` and ``P⁺``
         and gets zero gradient, so padded proxies give exactly the loss of the unpadded ones.
 
     Returns:
-      A float32 scalar. 0 when every row is masked.
+      A float32 scalar. 0 when every row is masked; NaN when an unmasked row or a proxy holds a
+      NaN or an inf (never a finite number).
 
     Raises:
       ValueError: wrong ranks, mismatched dims, a mask of the wrong shape, or (when the labels are
         concrete, i.e. outside ``jit``) a label outside ``[0, C)``. Under ``jit`` an out-of-range
         label matches no proxy: its row only acts as a negative.
+      LossHyperparameterError: a concrete ``alpha ≤ 0`` or ``margin < 0`` (or a non-finite one).
     """
     _common.check_embeddings(embeddings)
     _common.check_proxies(proxies, embeddings.shape[1])
     num_classes = proxies.shape[0]
     _common.check_labels(labels, embeddings.shape[0], num_classes, mask=mask)
+    _common.check_hyperparameter(
+        alpha,
+        "proxy_anchor_loss alpha",
+        low=0.0,
+        low_inclusive=False,
+        meaning="α scales the cosines inside exp; α ≤ 0 turns pulling into pushing (the paper uses 32)",
+        config_field="loss.alpha",
+    )
+    _common.check_hyperparameter(
+        margin,
+        "proxy_anchor_loss margin",
+        low=0.0,
+        low_inclusive=True,
+        meaning="δ is the cosine margin, positives are pushed above δ and negatives below -δ (paper: 0.1)",
+        config_field="loss.margin",
+    )
     mask = _common.resolve_mask(mask, embeddings.shape[0])
     proxy_mask = _common.resolve_proxy_mask(proxy_mask, num_classes)
 
@@ -161,7 +179,11 @@ class _ProxyAnchorTerms(NamedTuple):
     def compute(cls, x, proxies, labels, mask, proxy_mask, alpha: float, margin: float) -> _ProxyAnchorTerms:
         batch_size, num_classes = x.shape[0], proxies.shape[0]
         proxy_sq_norm = jnp.einsum("cd,cd->c", proxies, proxies, precision=_common.FULL_PRECISION)
-        proxy_inv_norm = jax.lax.rsqrt(jnp.maximum(proxy_sq_norm, _common.NORM_EPS**2))
+        # If some ‖p_c‖² overflowed, all proxies are scaled by exact powers of two t_c and summed
+        # again (1/‖p_c‖ = t_c / ‖t_c p_c‖); otherwise t_c = 1 and the bits are the usual ones.
+        proxy_scale, proxy_sq_norm = _common.overflow_safe_sq_norm(proxies, 1, proxy_sq_norm[:, None])
+        proxy_scale, proxy_sq_norm = proxy_scale[:, 0], proxy_sq_norm[:, 0]
+        proxy_inv_norm = jax.lax.rsqrt(jnp.maximum(proxy_sq_norm, _common.NORM_EPS**2)) * proxy_scale
         # Scaling the columns of x·pᵀ normalises the proxies without writing a (C, d) copy.
         cos = jnp.matmul(x, proxies.T, precision=_common.FULL_PRECISION) * proxy_inv_norm[None, :]
 
@@ -216,6 +238,7 @@ class _ProxyAnchorTerms(NamedTuple):
         # t_c = Σ_i G_ic cos_ic, a column sum again
         radial = jnp.matmul(ones, grad_cos * self.cos, precision=_common.FULL_PRECISION)
         # Below the normalisation epsilon p̂ = p/ε is linear in p: no radial part to remove.
+        # (``proxy_sq_norm`` is that of t_c p_c, which is ≥ 4 whenever t_c is not 1.)
         radial = jnp.where(self.proxy_sq_norm >= _common.NORM_EPS**2, radial * self.proxy_inv_norm**2, 0.0)
         grad_proxies = (
             jnp.matmul(grad_sim.T, self.x, precision=_common.FULL_PRECISION) - self.proxies * radial[:, None]

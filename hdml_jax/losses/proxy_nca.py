@@ -41,18 +41,20 @@ def proxy_nca_loss(
       embeddings: ``(B, d)`` float (normalised inside; bf16 accepted, math in fp32).
       labels: ``(B,)`` int in ``[0, C)``.
       proxies: ``(C, d)`` float (normalised inside).
-      scale: ``σ``, the softmax scale (inverse temperature).
+      scale: ``σ > 0``, the softmax scale (inverse temperature).
       include_target_in_denominator: softmax form (True) or classic form (False).
       mask: optional ``(B,)`` bool; False rows count in no mean and get zero gradient.
       proxy_mask: optional ``(C,)`` bool; a False proxy (padding) is left out of every
         denominator and gets zero gradient. Labels must name unmasked proxies.
 
     Returns:
-      A float32 scalar, the mean over unmasked rows (0 when all are masked).
+      A float32 scalar, the mean over unmasked rows (0 when all are masked; NaN when an unmasked
+      row or a proxy holds a NaN or an inf).
 
     Raises:
       ValueError: as ``proxy_anchor_loss``; under ``jit`` an out-of-range label is not detected
         and its row's target term is 0.
+      LossHyperparameterError: a concrete ``scale ≤ 0`` (or a non-finite one).
     """
     _common.check_embeddings(embeddings)
     _common.check_proxies(proxies, embeddings.shape[1])
@@ -60,6 +62,14 @@ def proxy_nca_loss(
     _common.check_labels(labels, embeddings.shape[0], num_classes, mask=mask)
     mask = _common.resolve_mask(mask, embeddings.shape[0])
     proxy_mask = _common.resolve_proxy_mask(proxy_mask, num_classes)
+    _common.check_hyperparameter(
+        scale,
+        "proxy_nca_loss scale",
+        low=0.0,
+        low_inclusive=False,
+        meaning="σ is the softmax scale (inverse temperature); σ ≤ 0 rewards distance to the own proxy",
+        config_field="loss.scale",
+    )
     if not include_target_in_denominator and num_classes < 2:
         raise ValueError("the classic Proxy-NCA form needs at least 2 proxies (its denominator is empty).")
 

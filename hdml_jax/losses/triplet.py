@@ -24,9 +24,13 @@ def pairwise_squared_distances(embeddings: jax.Array) -> jax.Array:
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
-    """``sqrt(x)`` for ``x ≥ 0`` with value 0 and gradient 0 (not inf/NaN) at ``x = 0``."""
-    positive = x > 0.0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+    """``sqrt(x)`` for ``x ≥ 0`` with value 0 and gradient 0 (not inf/NaN) at ``x = 0``.
+
+    Only an exact 0 is special-cased: NaN (and a negative x) go through ``sqrt`` and stay NaN, so
+    a NaN embedding cannot turn into a distance of 0.
+    """
+    zero = x == 0.0
+    return jnp.where(zero, 0.0, jnp.sqrt(jnp.where(zero, 1.0, x)))
 
 
 def batch_hard_triplet_loss(
@@ -53,15 +57,28 @@ def batch_hard_triplet_loss(
     Args:
       embeddings: ``(B, d)`` float (bf16 accepted, math in fp32).
       labels: ``(B,)`` int, any values (only equality matters).
-      margin: the triplet margin.
+      margin: the triplet margin, ``≥ 0``.
       squared: use ``d²`` instead of ``d``.
       mask: optional ``(B,)`` bool; a False row is neither anchor, positive nor negative.
 
     Returns:
-      A float32 scalar.
+      A float32 scalar; NaN when an unmasked row holds a NaN or an inf (its distances are NaN
+      and the max / min over them propagate NaN).
+
+    Raises:
+      ValueError: wrong shapes or non-integer labels.
+      LossHyperparameterError: a concrete ``margin < 0`` (or a non-finite one).
     """
     _common.check_embeddings(embeddings)
     _common.check_labels(labels, embeddings.shape[0])
+    _common.check_hyperparameter(
+        margin,
+        "batch_hard_triplet_loss margin",
+        low=0.0,
+        low_inclusive=True,
+        meaning="the hardest negative must be farther than the hardest positive by this much; CGD uses 0.1",
+        config_field="loss.triplet_margin",
+    )
     mask = _common.resolve_mask(mask, embeddings.shape[0])
 
     x = _common.zero_masked_rows(embeddings.astype(jnp.float32), mask)
