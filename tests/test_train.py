@@ -117,6 +117,7 @@ def test_workdir_outputs_and_pictures(dataset, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["method"] == "hpl_pa"
 
 
+@pytest.mark.exhaustive  # covered by test_reliability (1 device) and test_sharding (HPL-PA, 8 devices)
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(dataset, tmp_path):
     """HPL-PA: the hierarchy is built at step 4 and refreshed at 8 and 12, across the interruption."""
     straight = train.train_and_evaluate(tiny_config("hpl_pa"), tmp_path / "straight", dataset=dataset)
