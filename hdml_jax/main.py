@@ -39,12 +39,16 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 FLAGS = flags.FLAGS
 
 
+def _config_files() -> list[Path]:
+    return sorted((ROOT / "configs").glob("*.py"))
+
+
 def usage() -> str:
     """``--help``: the command, the config files, the methods and where every field is documented."""
     from hdml_jax.config import METHODS
 
     configs = []
-    for path in sorted((ROOT / "configs").glob("*.py")):
+    for path in _config_files():
         doc = path.read_text().split('"""')
         first = doc[1].strip().splitlines()[0] if len(doc) > 2 else ""
         configs.append(f"  configs/{path.name:<14} {first}")
@@ -146,7 +150,7 @@ def _check_config_file(argv: list[str]) -> None:
             continue
         path = value.split(":", 1)[0]
         if not Path(path).is_file():
-            available = ", ".join(f"configs/{p.name}" for p in sorted((ROOT / "configs").glob("*.py")))
+            available = ", ".join(f"configs/{p.name}" for p in _config_files())
             exit_with_message(ConfigError(f"config file {path} not found; available: {available}."), "config error")
 
 

@@ -61,9 +61,9 @@ from hdml_jax.workdir import (
     WorkdirLock,
     atomic_write_text,
     first_missing_ancestor,
-    read_log,
     remove_stub,
     storage_errors,
+    truncate_log,
 )
 
 
@@ -304,14 +304,8 @@ def _config_json(config: ml_collections.ConfigDict) -> str:
 
 
 def _validate_resume_log(workdir: Path, step: int, evaluations: list[dict[str, Any]]) -> None:
-    """Drop ``metrics.jsonl`` records past the restored step, and evaluation records the restored
-    checkpoint does not know (written after it by an attempt that died): they are written again."""
-    path = workdir / "metrics.jsonl"
-    known = {e["step"] for e in evaluations}
-    records = read_log(path)
-    kept = [r for r in records if r["step"] <= step and (r.get("kind") != "eval" or r["step"] in known)]
-    if path.exists() and len(kept) != len(path.read_text().splitlines()):
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    """``metrics.jsonl`` as the restored checkpoint knows it (``workdir.truncate_log``)."""
+    truncate_log(workdir / "metrics.jsonl", step, {e["step"] for e in evaluations})
 
 
 # ----------------------------------------------------------------------------- train_and_evaluate
@@ -456,8 +450,14 @@ class _Run:
         step = self.step
         epoch = step / self.steps_per_epoch
         self.reporter.eval(step, epoch, result)
-        self.evaluations = [e for e in self.evaluations if e["step"] != step]
-        self.evaluations.append({"step": step, "epoch": epoch, **result})
+        self.evaluations = _with_evaluation(self.evaluations, step, epoch, result)
+
+
+def _with_evaluation(
+    evaluations: list[dict[str, Any]], step: int, epoch: float, result: dict[str, float]
+) -> list[dict[str, Any]]:
+    """``evaluations`` with ``result`` as the evaluation of ``step`` (replacing an earlier one)."""
+    return [e for e in evaluations if e["step"] != step] + [{"step": step, "epoch": epoch, **result}]
 
 
 def _last_good(manager: ocp.CheckpointManager) -> str:
@@ -588,8 +588,7 @@ def _train_and_finish(run: _Run) -> dict[str, Any]:
         step = run.step
         if run.config.eval_only:
             run.reporter.eval(step, step / run.steps_per_epoch, final)
-            evaluations = [e for e in run.evaluations if e["step"] != step]
-            evaluations.append({"step": step, "epoch": step / run.steps_per_epoch, **final})
+            evaluations = _with_evaluation(run.evaluations, step, step / run.steps_per_epoch, final)
         else:
             run.record_evaluation(final)
             checkpoints.prune(

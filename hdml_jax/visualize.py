@@ -6,7 +6,6 @@ fine for the few thousand points that are plotted), so no extra dependency is ne
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hdml_jax.workdir import read_log
 
 
 def _conditional_probabilities(sq_dist: jax.Array, perplexity: float, iters: int = 64) -> jax.Array:
@@ -238,15 +239,7 @@ def read_metrics(metrics_jsonl: str | Path) -> tuple[list[dict[str, Any]], list[
     ``(kind, step)`` wins. Blank and unreadable lines (a write cut off by a crash) are skipped.
     """
     latest: dict[tuple[str, int], dict[str, Any]] = {}
-    for line in Path(metrics_jsonl).read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or "step" not in record:
-            continue
+    for record in read_log(Path(metrics_jsonl)):
         kind = "eval" if record.get("kind") == "eval" else "train"
         latest.pop((kind, record["step"]), None)
         latest[(kind, record["step"])] = record

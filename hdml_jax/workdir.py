@@ -6,8 +6,9 @@
   impossible). Network file systems without ``flock`` support fall back to no lock, said once.
 * ``atomic_write``: write to a temporary file in the same folder, then ``os.replace``: a reader
   (or a crash) sees the old file or the new one, never half of one.
-* ``truncate_log``: on resume, drop the ``metrics.jsonl`` records past the restored step (and a
-  torn last line after a hard kill), so logs and curves never double back.
+* ``truncate_log``: on resume, drop the ``metrics.jsonl`` records past the restored step, the
+  evaluations the restored checkpoint does not know, and a torn last line after a hard kill, so
+  logs and curves never double back.
 * ``storage_errors``: a full disk (``ENOSPC``, ``EDQUOT``) anywhere inside, however deeply the
   libraries wrap it, becomes one ``StorageFullError``.
 """
@@ -126,14 +127,20 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_log(path: Path, step: int) -> int:
-    """Keep the records up to ``step`` (a resumed run writes the later ones again); returns how many
-    were dropped. The file is replaced atomically."""
+def truncate_log(path: Path, step: int, evaluated_steps: set[int]) -> int:
+    """Keep the records up to ``step``, and of the evaluation records only those at
+    ``evaluated_steps`` (the others were written after the restored checkpoint by an attempt that
+    died; the resumed run writes them again). Returns how many lines were dropped; the file is
+    replaced atomically."""
     path = Path(path)
     if not path.exists():
         return 0
     lines = path.read_text().splitlines()
-    kept = [json.dumps(r) for r in read_log(path) if r["step"] <= step]
+    kept = [
+        json.dumps(r)
+        for r in read_log(path)
+        if r["step"] <= step and (r.get("kind") != "eval" or r["step"] in evaluated_steps)
+    ]
     if len(kept) == len(lines):
         return 0
     atomic_write_text(path, "".join(line + "\n" for line in kept))
