@@ -46,12 +46,13 @@ PROXY_METHODS = ("proxy_anchor", "proxy_nca", "proxy_nca_pp", "hpl_pa", "hpl_nca
 HIERARCHICAL_METHODS = ("hpl_pa", "hpl_nca")
 # Trained with the Proxy-Anchor repository's recipe (its train.py runs Proxy_Anchor and Proxy_NCA).
 PROXY_ANCHOR_FAMILY = ("proxy_anchor", "proxy_nca", "hpl_pa", "hpl_nca")
-DATASET_NAMES = ("synthetic", "cub200", "cars196", "sop", "inshop")
+DATASET_NAMES = ("synthetic", "synthetic_sop", "cub200", "cars196", "sop", "inshop")
 TRANSFORMS = ("proxy_anchor", "proxynca_pp", "cgd", "mlrc", "synthetic")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DTYPES = ("float32", "bfloat16")
 # Higher is better for each; the kept "best" checkpoint and final_metrics.json's "best" use one.
 BEST_METRICS = ("recall@1", "map@r", "r_precision")
+COARSE_PROXIES = ("learned", "centroids")  # HPL: how the coarse proxies are obtained
 
 
 def parse_arg(arg: str | None, keys: tuple[str, ...] = ("method",)) -> dict[str, str]:
@@ -128,6 +129,10 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.loss.hierarchy_build_epoch = -1
     c.loss.hierarchy_refresh_epochs = 5  # 0: never refresh the class → group assignments
     c.loss.coarse_from_labels = False  # use the data set's coarse labels instead of k-means
+    # "learned": coarse proxies are parameters initialised at the k-means centroids; "centroids":
+    # recomputed at every step as the means of their groups' (normalised) fine proxies.
+    c.loss.coarse_proxies = "learned"
+    c.loss.kmeans_normalize = True  # k-means and refreshes on L2-normalised proxies (False: raw)
     c.loss.temperature = 0.5  # CGD classifier τ
     c.loss.label_smoothing = 0.1  # CGD classifier ε
     c.loss.triplet_margin = 0.1  # CGD batch-hard triplet margin
@@ -316,6 +321,8 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "loss.hierarchy_build_epoch": HIERARCHICAL_METHODS,
     "loss.hierarchy_refresh_epochs": HIERARCHICAL_METHODS,
     "loss.coarse_from_labels": HIERARCHICAL_METHODS,
+    "loss.coarse_proxies": HIERARCHICAL_METHODS,
+    "loss.kmeans_normalize": HIERARCHICAL_METHODS,
     "loss.temperature": _CGD,
     "loss.label_smoothing": _CGD,
     "loss.triplet_margin": _CGD,
@@ -372,6 +379,7 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
         one_of(c.model.architecture, ARCHITECTURES, "model.architecture")
         parse_descriptors(c.model.descriptors, c.model.embedding_dim, c.model.combine)
     if c.method in HIERARCHICAL_METHODS:
+        one_of(c.loss.coarse_proxies, COARSE_PROXIES, "loss.coarse_proxies")
         levels = len(tuple(c.loss.num_coarse_groups)) + 1
         if len(tuple(c.loss.level_weights)) != levels:
             raise ConfigError(

@@ -27,10 +27,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from hdml_jax import optim, steps
+from hdml_jax import optim, parallel, steps
 from hdml_jax.config import HIERARCHICAL_METHODS
 from hdml_jax.losses import build_hierarchy, refresh_assignments
-from hdml_jax.models import proxy_levels
 
 StepFunction = Callable[[steps.State, dict[str, jax.Array]], tuple[steps.State, dict[str, jax.Array]]]
 
@@ -134,7 +133,9 @@ class Phases:
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
         proxies = state["params"]["proxies"]
         num_classes = self.model.num_proxies  # the rest of params['proxies'] is padding
-        built = build_hierarchy(key, proxies[:num_classes], self.coarse_sizes)
+        built = build_hierarchy(
+            key, proxies[:num_classes], self.coarse_sizes, normalize=self.config.loss.kmeans_normalize
+        )
         params = dict(state["params"])
         for level, centroids in enumerate(built.coarse_proxies, start=1):
             params[f"coarse_proxies_{level}"] = centroids
@@ -148,8 +149,14 @@ class Phases:
         return self._reset_optimizer({**state, "params": params, "hierarchy": hierarchy}, ("coarse_proxies",))
 
     def refresh_hierarchy(self, state: steps.State) -> steps.State:
-        """Re-assign every class to its nearest coarse proxy (the coarse proxies keep training)."""
-        assignments = refresh_assignments(proxy_levels(state["params"]))
+        """Re-assign every class to its nearest coarse proxy (learned, or the current group means)."""
+        params = state["params"]
+        num_proxies = params["proxies"].shape[0]
+        proxy_mask = parallel.fine_proxy_mask(num_proxies, self.model.num_proxies)
+        levels = steps.hierarchy_levels(self.config, params, state["hierarchy"], proxy_mask)
+        assignments = refresh_assignments(levels, normalize=self.config.loss.kmeans_normalize)
+        if proxy_mask is not None:  # padding proxies stay in group 0 (masked out everywhere)
+            assignments = (jnp.where(proxy_mask, assignments[0], 0), *assignments[1:])
         hierarchy = {**state["hierarchy"], "assignments": assignments}
         return jax.device_put({**state, "hierarchy": hierarchy}, self.state_sharding)
 

@@ -134,7 +134,7 @@ def compute_loss(
         fine_kwargs = kwargs if proxy_mask is None else {**kwargs, "proxy_mask": proxy_mask}
         return base(embeddings, labels, params["proxies"], mask=mask, **fine_kwargs), {}
     weights = tuple(lc.level_weights)
-    levels = proxy_levels(params)
+    levels = hierarchy_levels(config, params, hierarchy, proxy_mask)
     level_weights = (weights[0], *(hierarchy["active"] * w for w in weights[1:]))
     total, level_losses = losses.hierarchical_proxy_loss(
         embeddings,
@@ -152,6 +152,30 @@ def compute_loss(
     if level_losses[0] is not None:  # the fine level is skipped only with a fine weight of 0
         parts["fine"] = level_losses[0]
     return total, parts
+
+
+def hierarchy_levels(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    hierarchy: dict[str, Any],
+    proxy_mask: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:
+    """HPL's proxies of every level ``(P^0, P^1, ...)``: learned, or group means (``loss.coarse_proxies``).
+
+    ``proxy_mask``: False for padding rows of ``params['proxies']`` (they join no group).
+    """
+    levels = proxy_levels(params)
+    if config.loss.coarse_proxies != "centroids":
+        return levels
+    sizes = tuple(level.shape[0] for level in levels[1:])
+    centroids = losses.coarse_centroids(
+        levels[0],
+        hierarchy["assignments"],
+        sizes,
+        normalize=config.loss.kmeans_normalize,
+        proxy_mask=proxy_mask,
+    )
+    return (levels[0], *centroids)
 
 
 # ----------------------------------------------------------------------------- the step

@@ -131,7 +131,7 @@ def _class_to_coarse(split) -> dict[int, int]:
 
 
 def test_registry():
-    assert set(datasets.NAMES) == {"cub200", "cars196", "sop", "inshop", "synthetic"}
+    assert set(datasets.NAMES) == {"cub200", "cars196", "sop", "inshop", "synthetic", "synthetic_sop"}
     assert {n: s.tfds_name for n, s in DATASETS.items()} == {
         "cub200": "caltech_birds2011",
         "cars196": "cars196",
@@ -178,11 +178,17 @@ def test_synthetic_is_dispatched_lazily(monkeypatch):
     calls = []
     fake = types.ModuleType("hdml_jax.data.synthetic")
     fake.load_synthetic = lambda **kwargs: calls.append(kwargs) or "dataset"
+    fake.SOP_SHAPED = "sop-shaped parameters"
     monkeypatch.setitem(sys.modules, "hdml_jax.data.synthetic", fake)
     assert load_dataset("synthetic", data_dir="/x", config={"a": 1}) == "dataset"
-    assert calls == [{"data_dir": "/x", "config": {"a": 1}}]
-    with pytest.raises(ValueError):
-        load_dataset("synthetic", crop_to_bbox=True)
+    assert load_dataset("synthetic_sop") == "dataset"
+    assert calls == [
+        {"data_dir": "/x", "config": {"a": 1}},
+        {"data_dir": None, "config": "sop-shaped parameters"},
+    ]
+    for name in ("synthetic", "synthetic_sop"):
+        with pytest.raises(ValueError):
+            load_dataset(name, crop_to_bbox=True)
 
 
 # ----------------------------------------------------------------------------- CUB, Cars, SOP

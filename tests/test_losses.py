@@ -25,6 +25,7 @@ from hdml_jax.losses import (
     LossHyperparameterError,
     batch_hard_triplet_loss,
     build_hierarchy,
+    coarse_centroids,
     hierarchical_proxy_loss,
     hierarchy_from_labels,
     level_labels,
@@ -824,6 +825,51 @@ def test_build_hierarchy_recovers_clear_clusters():
     a0 = np.asarray(a0)
     # The same partition up to renaming the groups.
     assert np.array_equal(a0[:, None] == a0[None, :], truth[:, None] == truth[None, :])
+
+
+def test_coarse_centroids_are_group_means_with_padding_and_empty_groups():
+    """Per-group loop in float64: means of the (normalised) members; padding joins no group."""
+    rng = np.random.default_rng(7)
+    fine = rng.normal(size=(9, 4)).astype(np.float32) * rng.uniform(0.5, 3.0, size=(9, 1)).astype(np.float32)
+    a0 = np.array([0, 0, 1, 1, 1, 3, 3, 0, 0], np.int32)  # group 2 empty; rows 7, 8 are padding
+    a1 = np.array([0, 1, 1, 0], np.int32)
+    mask = np.arange(9) < 7
+    for normalize in (True, False):
+        got = coarse_centroids(fine, (a0, a1), (4, 2), normalize=normalize, proxy_mask=jnp.asarray(mask))
+        points = fine.astype(np.float64)
+        if normalize:
+            points = points / np.linalg.norm(points, axis=1, keepdims=True)
+        want1 = np.zeros((4, 4))
+        for k in range(4):
+            members = [i for i in range(9) if a0[i] == k and mask[i]]
+            if members:
+                want1[k] = points[members].mean(axis=0)
+        level1 = (
+            want1 / np.maximum(np.linalg.norm(want1, axis=1, keepdims=True), 1e-12) if normalize else want1
+        )
+        nonempty = np.array([np.any((a0 == k) & mask) for k in range(4)])
+        want2 = np.stack([level1[(a1 == k) & nonempty].mean(axis=0) for k in range(2)])
+        np.testing.assert_allclose(np.asarray(got[0]), want1, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got[1]), want2, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(got[0])[2] == 0)  # the empty group
+
+
+def test_hierarchical_loss_with_centroid_coarse_proxies_trains_the_fine_proxies():
+    """The coarse level built from group means passes its gradient on to the fine proxies."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(6, 4))
+    y = np.array([0, 1, 2, 3, 4, 5])
+    fine = rng.normal(size=(6, 4))
+    a0 = np.array([0, 0, 1, 1, 2, 2], np.int32)
+
+    def coarse_only(fine):
+        levels = (fine, *coarse_centroids(fine, (a0,), (3,)))
+        return hierarchical_proxy_loss(
+            x, y, levels, (a0,), base_loss=proxy_anchor_loss, level_weights=(0.0, 1.0)
+        )
+
+    check_grads(coarse_only, (fine,), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
+    assert np.all(np.abs(np.asarray(jax.grad(coarse_only)(jnp.asarray(fine, jnp.float32)))).sum(axis=1) > 0)
 
 
 def test_refresh_assignments_is_nearest_by_cosine_and_by_distance():

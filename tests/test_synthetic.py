@@ -153,6 +153,9 @@ def test_default_data_dir(monkeypatch):
         {"noise": -0.1},
         {"scale_range": (0.3, 0.2)},
         {"texture_contrast": 0.0},
+        {"fine_identity": "random"},
+        {"images_per_class_mean": 2.0},
+        {"images_per_class_mean": 6.5},  # above images_per_class, the maximum
     ],
 )
 def test_invalid_configs(bad):
@@ -178,3 +181,69 @@ def test_default_generation_time():
     assert data["train"]["image"].shape == (3200, 48, 48, 3)
     assert data["test"]["image"].shape == (1920, 48, 48, 3)
     assert elapsed < 60, f"generating the default data set took {elapsed:.1f} s"
+
+
+# ---------------------------------------------------------------------------- SOP-shaped layout
+
+SMALL_SOP = sy.SyntheticConfig(
+    num_families=3,
+    classes_per_family=20,
+    train_classes_per_family=10,
+    images_per_class=12,
+    images_per_class_mean=5.3,
+    image_size=32,
+    fine_identity="continuous",
+)
+
+
+def test_sop_shaped_statistics():
+    """``SOP_SHAPED`` follows SOP's published shape (reference.md §3), scaled down; no rendering."""
+    config = sy.SOP_SHAPED
+    assert (config.num_families, config.image_size) == (12, 32)
+    labels = sy.split_labels(config)
+    train, test = labels["train"], labels["test"]
+    assert not set(train["fine_class"]) & set(test["fine_class"])
+    assert len(set(train["fine_class"]) | set(test["fine_class"])) == 2400
+    for arrays in (train, test):
+        per_class = np.bincount(arrays["label"])
+        assert len(per_class) == 1200
+        assert per_class.min() == 2 and per_class.max() <= 12
+        assert 5.0 <= per_class.mean() <= 5.6  # SOP: 5.26 (train) and 5.35 (test) images per class
+        assert per_class.std() > 1.5 and np.mean(per_class == 2) > 0.02  # a spread, not a constant
+        classes_per_family = np.bincount(
+            arrays["coarse_label"][np.r_[0, np.flatnonzero(np.diff(arrays["label"])) + 1]]
+        )
+        np.testing.assert_array_equal(classes_per_family, np.full(12, 100))  # every family on both sides
+        np.testing.assert_array_equal(
+            arrays["coarse_label"], arrays["fine_class"] // config.classes_per_family
+        )
+    assert sy.recall_ks(config) == (1, 10, 100) and sy.dataset_name(config) == "synthetic_sop"
+    assert (
+        sy.recall_ks(sy.SyntheticConfig()) == (1, 2, 4, 8)
+        and sy.dataset_name(sy.SyntheticConfig()) == "synthetic"
+    )
+
+
+def test_sop_shaped_layout_is_deterministic_and_consistent():
+    data = sy.generate(SMALL_SOP)
+    again = sy.generate(SMALL_SOP)
+    sizes = sy.class_sizes(SMALL_SOP)
+    for split in ("train", "test"):
+        for key, value in data[split].items():
+            assert value.tobytes() == again[split][key].tobytes(), (split, key)
+        counts = np.bincount(data[split]["fine_class"], minlength=SMALL_SOP.num_classes)
+        present = counts > 0
+        np.testing.assert_array_equal(counts[present], sizes.reshape(-1)[present])
+    assert len(data["train"]["image"]) + len(data["test"]["image"]) == sizes.sum()
+    # Class identities: drawn per class, all different, hue anywhere on the circle.
+    identities = [sy.class_identity(SMALL_SOP, f, k) for f in range(3) for k in range(20)]
+    assert len({i.hue for i in identities}) == 60
+    assert all(0.7 <= i.aspect <= 1.0 and 0.0 <= i.proportion <= 1.0 for i in identities)
+    assert {i.texture for i in identities} == {0, 1}
+    assert sy.class_identity(SMALL_SOP, 1, 3) == identities[23]
+
+
+def test_in_memory_sop_shaped_dataset():
+    dataset = sy.synthetic_in_memory(SMALL_SOP)
+    assert dataset.name == "synthetic" and dataset.recall_ks == (1, 10, 100)
+    assert dataset.train.num_classes == 30 and dataset.train.num_coarse_classes == 3

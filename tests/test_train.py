@@ -92,8 +92,12 @@ def test_training_fits_the_training_classes(tmp_path):
     seen = MetricDataset("seen", split, split)
     # Width-4 networks learn this toy faster without BatchNorm statistics (frozen_bn: identity BN).
     settings = {"model.frozen_bn": True}
-    untrained = train.train_and_evaluate(tiny_config("proxy_anchor", num_steps=1, **settings), tmp_path / "a", dataset=seen)
-    trained = train.train_and_evaluate(tiny_config("proxy_anchor", num_epochs=16, **settings), tmp_path / "b", dataset=seen)
+    untrained = train.train_and_evaluate(
+        tiny_config("proxy_anchor", num_steps=1, **settings), tmp_path / "a", dataset=seen
+    )
+    trained = train.train_and_evaluate(
+        tiny_config("proxy_anchor", num_epochs=16, **settings), tmp_path / "b", dataset=seen
+    )
     assert trained["map@r"] > untrained["map@r"] + 0.1, (untrained, trained)
 
 
@@ -101,16 +105,29 @@ def test_mixed_precision_trains_with_float32_parameters(dataset, tmp_path):
     config = tiny_config("hpl_pa", **{"model.dtype": "bfloat16"})
     final = train.train_and_evaluate(config, tmp_path, dataset=dataset)
     assert 0.0 <= final["recall@1"] <= 1.0
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line)["kind"] == "train"]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert np.load(tmp_path / "test_embeddings.npy").dtype == np.float32
 
 
 def test_workdir_outputs_and_pictures(dataset, tmp_path):
-    train.train_and_evaluate(tiny_config("hpl_pa", pictures=True, nmi=True, tsne_max_points=40), tmp_path, dataset=dataset)
-    for name in ("config.json", "metrics.jsonl", "final_metrics.json", "test_embeddings.npy", "test_labels.npy",
-                 "tsne.png", "retrieval.png", "curves.png"):
+    train.train_and_evaluate(
+        tiny_config("hpl_pa", pictures=True, nmi=True, tsne_max_points=40), tmp_path, dataset=dataset
+    )
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "final_metrics.json",
+        "test_embeddings.npy",
+        "test_labels.npy",
+        "tsne.png",
+        "retrieval.png",
+        "curves.png",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     assert list(tmp_path.glob("events.out.tfevents.*"))
     assert "nmi" in json.loads((tmp_path / "final_metrics.json").read_text())
@@ -122,7 +139,9 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(dataset, tmp
     """HPL-PA: the hierarchy is built at step 4 and refreshed at 8 and 12, across the interruption."""
     straight = train.train_and_evaluate(tiny_config("hpl_pa"), tmp_path / "straight", dataset=dataset)
     with pytest.raises(train.TrainingInterruptedError) as stop:
-        train.train_and_evaluate(tiny_config("hpl_pa", stop_after_steps=6), tmp_path / "resumed", dataset=dataset)
+        train.train_and_evaluate(
+            tiny_config("hpl_pa", stop_after_steps=6), tmp_path / "resumed", dataset=dataset
+        )
     assert stop.value.step == 6
     resumed = train.train_and_evaluate(tiny_config("hpl_pa"), tmp_path / "resumed", dataset=dataset)
     np.testing.assert_allclose(
@@ -138,7 +157,9 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     with pytest.raises(train.TrainingInterruptedError):
         train.train_and_evaluate(tiny_config("proxy_anchor", stop_after_steps=4), tmp_path, dataset=dataset)
     with pytest.raises(train.TrainingDivergedError, match="NaN/Inf at step 6"):
-        train.train_and_evaluate(tiny_config("proxy_anchor", **{"optimizer.lr": 1e38}), tmp_path, dataset=dataset)
+        train.train_and_evaluate(
+            tiny_config("proxy_anchor", **{"optimizer.lr": 1e38}), tmp_path, dataset=dataset
+        )
     checkpoints = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert checkpoints == [4]
 
@@ -185,7 +206,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_with_130(tmp_path):
     training: a checkpoint at the next step, one line, no traceback."""
     script = SIGNAL_SCRIPT.format(root=str(ROOT), workdir=str(tmp_path))
     process = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     deadline = time.time() + 240
@@ -196,12 +220,16 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_with_130(tmp_path):
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
-    assert "interrupted" in out and "Traceback" not in err and "SIGINT: stopping at the next safe point" in err
+    assert (
+        "interrupted" in out and "Traceback" not in err and "SIGINT: stopping at the next safe point" in err
+    )
     step = int(out.split()[-1])
     assert (tmp_path / "checkpoints" / str(step)).is_dir()
 
 
-def test_hpl_hierarchy_is_built_when_warmup_ends_refreshed_on_schedule_and_never_twice(dataset, tmp_path, monkeypatch):
+def test_hpl_hierarchy_is_built_when_warmup_ends_refreshed_on_schedule_and_never_twice(
+    dataset, tmp_path, monkeypatch
+):
     """Warm-up 1 epoch (4 steps): k-means at step 4, refresh every epoch (8, 12); a run stopped at
     step 6 and resumed builds nothing again. Right after the build the coarse proxies are the
     k-means centroids of the fine proxies of that moment, and their optimizer state is fresh."""
@@ -224,7 +252,9 @@ def test_hpl_hierarchy_is_built_when_warmup_ends_refreshed_on_schedule_and_never
     monkeypatch.setattr(phases.Phases, "refresh_hierarchy", recording_refresh)
     settings = {"optimizer.warmup_epochs": 1, "model.frozen_bn": True, "loss.hierarchy_build_epoch": -1}
     with pytest.raises(train.TrainingInterruptedError):
-        train.train_and_evaluate(tiny_config("hpl_pa", stop_after_steps=6, **settings), tmp_path, dataset=dataset)
+        train.train_and_evaluate(
+            tiny_config("hpl_pa", stop_after_steps=6, **settings), tmp_path, dataset=dataset
+        )
     train.train_and_evaluate(tiny_config("hpl_pa", **settings), tmp_path, dataset=dataset)
     assert [(kind, step) for kind, step, _, _ in events] == [("build", 4), ("refresh", 8), ("refresh", 12)]
 
@@ -236,7 +266,63 @@ def test_hpl_hierarchy_is_built_when_warmup_ends_refreshed_on_schedule_and_never
     np.testing.assert_array_equal(assignment, nearest)  # every class sits with its nearest centroid
     for group in np.unique(assignment):  # and each centroid is its classes' mean direction
         mean = directions[assignment == group].mean(axis=0)
-        np.testing.assert_allclose(centroids[group] / np.linalg.norm(centroids[group]), mean / np.linalg.norm(mean), atol=1e-5)
+        np.testing.assert_allclose(
+            centroids[group] / np.linalg.norm(centroids[group]), mean / np.linalg.norm(mean), atol=1e-5
+        )
     coarse_state = state["opt_state"].groups.inner_states["coarse_proxies"].inner_state
-    assert all(int(np.asarray(x)) == 0 for x in jax.tree.leaves(coarse_state) if np.ndim(x) == 0)  # step counts
+    assert all(
+        int(np.asarray(x)) == 0 for x in jax.tree.leaves(coarse_state) if np.ndim(x) == 0
+    )  # step counts
     assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(coarse_state))  # zero moments too
+
+
+def test_centroid_coarse_proxies_and_raw_kmeans_reach_the_loss_and_the_refresh():
+    """``loss.coarse_proxies="centroids"``: the step's coarse level is the group means of the fine
+    proxies (padding excluded) and a refresh re-assigns each class to its nearest mean;
+    ``loss.kmeans_normalize=False`` makes that nearest by Euclidean distance. No model compiled."""
+    from types import SimpleNamespace
+
+    from hdml_jax import phases, steps
+    from hdml_jax.losses import coarse_centroids, hierarchical_proxy_loss, proxy_anchor_loss
+
+    rng = np.random.default_rng(3)
+    fine = rng.normal(size=(6, 4)).astype(np.float32)  # 5 classes + 1 padding row
+    params = {"proxies": fine, "coarse_proxies_1": np.zeros((2, 4), np.float32)}  # unused with centroids
+    hierarchy = {"assignments": (np.array([0, 0, 1, 1, 1, 0], np.int32),), "active": np.float32(1.0)}
+    x, y = rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 5, 8)
+    mask = np.ones(8, bool)
+    proxy_mask = np.arange(6) < 5
+    for normalize in (True, False):
+        config = tiny_config(
+            "hpl_pa", **{"loss.coarse_proxies": "centroids", "loss.kmeans_normalize": normalize}
+        )
+        validate(config)
+        loss, _ = steps.compute_loss(config, {"embedding": x}, y, params, hierarchy, mask, num_classes=5)
+        means = coarse_centroids(
+            fine, hierarchy["assignments"], (2,), normalize=normalize, proxy_mask=proxy_mask
+        )
+        want = hierarchical_proxy_loss(
+            x,
+            y,
+            (fine, *means),
+            hierarchy["assignments"],
+            base_loss=proxy_anchor_loss,
+            level_weights=(1.0, 0.1),
+            level_proxy_masks=(proxy_mask, None),
+            margin=0.1,
+            alpha=32.0,
+        )
+        np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+
+        runner = phases.Phases(config, SimpleNamespace(num_proxies=5), params, 4, (2,), None, None, True)
+        refreshed = runner.refresh_hierarchy({"params": params, "hierarchy": hierarchy})
+        means = np.asarray(means[0])
+        if normalize:
+            unit = fine / np.linalg.norm(fine, axis=1, keepdims=True)
+            nearest = np.argmax(unit @ (means / np.linalg.norm(means, axis=1, keepdims=True)).T, axis=1)
+        else:
+            nearest = np.argmin(((fine[:, None] - means[None]) ** 2).sum(-1), axis=1)
+        np.testing.assert_array_equal(np.asarray(refreshed["hierarchy"]["assignments"][0])[:5], nearest[:5])
+        assert int(refreshed["hierarchy"]["assignments"][0][5]) == 0  # padding stays in group 0
+    with pytest.raises(ValueError, match=r"unknown loss\.coarse_proxies 'mean'"):
+        validate(tiny_config("hpl_pa", **{"loss.coarse_proxies": "mean"}))

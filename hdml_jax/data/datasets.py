@@ -7,7 +7,9 @@ cub200      ``caltech_birds2011``       classes 1–100 / 101–200       1, 2, 
 cars196     ``cars196``                 classes 1–98 / 99–196         1, 2, 4, 8
 sop         ``stanford_online_products``  TFDS train / test           1, 10, 100, 1000
 inshop      ``inshop`` (ours)           train / query + gallery       1, 10, 20, 30, 40, 50
-synthetic   generated (synthetic.py)    its own                       its own
+synthetic   generated (synthetic.py)    its own                       1, 2, 4, 8
+synthetic_  generated (``SOP_SHAPED``)  its own (SOP-shaped)          1, 10, 100
+sop
 ==========  ==========================  ============================  ====================
 
 CUB and Cars merge the TFDS ``train`` and ``test`` splits and re-split by class (the first half of
@@ -180,7 +182,7 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
 }
 
-NAMES = (*DATASETS, "synthetic")
+NAMES = (*DATASETS, "synthetic", "synthetic_sop")
 
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
@@ -533,11 +535,13 @@ def load_dataset(
       DatasetNotFoundError: the prepared data is not in ``data_dir``; the message names the
         archives, the ``manual_dir`` and the ``prepare`` command.
     """
-    if name == "synthetic":
-        from hdml_jax.data.synthetic import load_synthetic
+    if name in ("synthetic", "synthetic_sop"):
+        from hdml_jax.data.synthetic import SOP_SHAPED, load_synthetic
 
         if crop_to_bbox or fold is not None:
-            raise ValueError("synthetic: crop_to_bbox and fold are not supported.")
+            raise ValueError(f"{name}: crop_to_bbox and fold are not supported.")
+        if name == "synthetic_sop":
+            synthetic_kwargs = {"config": SOP_SHAPED, **synthetic_kwargs}
         return load_synthetic(data_dir=None if data_dir is None else os.fspath(data_dir), **synthetic_kwargs)
     if name not in DATASETS:
         raise ValueError(f"Unknown data set {name!r}; known: {', '.join(NAMES)}.")

@@ -21,6 +21,14 @@ Hierarchy
   Fine class ``k`` of a family uses cue bits ``_CUE_ORDER[k]``; the order is chosen so that
   fewer than 8 classes per family still vary every cue (with 4, any two differ in two cues).
 
+**SOP-shaped layout** (``fine_identity="continuous"``, ``SOP_SHAPED``): instead of the three binary
+cues, every fine class draws its own identity from ``seed`` — a hue anywhere on the colour
+circle, a texture bit, a continuous proportion ``p ∈ [0, 1]`` (interpolating the family's two
+variants where the shape allows; a threshold at 0.5 where it is discrete, e.g. star points) and
+an aspect ratio — so a family can hold thousands of classes, some of them near-duplicates, as
+SOP's products are. With ``images_per_class_mean`` the number of images varies per class, as in
+SOP (2–12 per product, mean about 5.3): ``2 + Poisson(mean - 2)``, clipped to ``images_per_class``.
+
 Intra-class variation (independent per image): position, scale, rotation (any angle), mirror
 image, hue/saturation/brightness jitter and a lighting gradient on the shape, background colour
 and gradient, background clutter (soft ellipses of random colours behind the shape, thin lines
@@ -44,6 +52,9 @@ Entry points
 * ``SyntheticConfig``: every generator parameter (see its docstring); ``SyntheticConfig()`` is the
   default data set (16 families × 8 classes × 40 images, 48 px: 3200 train images of 80 classes,
   1920 test images of 48 classes; about 4–5 s to render on one core).
+* ``SOP_SHAPED``: the ``synthetic_sop`` data set, Stanford Online Products' shape scaled down about
+  ten times (12 families × 200 classes, 2–12 images per class, mean about 5.3, 32 px; half the
+  classes of every family on each side). See its comment for the statistics it follows.
 * ``generate(config)``: the raw arrays of both splits.
 * ``synthetic_in_memory(config)``: a ``MetricDataset`` over in-memory arrays.
 * ``load_synthetic(data_dir, config)``: the same examples through a TFDS ``array_record`` data
@@ -54,10 +65,11 @@ Entry points
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -91,8 +103,13 @@ _PAIR_STARTS = (0.0, 0.25, 0.5, 0.75)  # first hue of a family's pair: red, char
 _TAG_IMAGES = 0
 _TAG_FAMILY_HUE = 1
 _TAG_SPLIT = 2
+_TAG_CLASS_IDENTITY = 3
+_TAG_CLASS_SIZES = 4
 
 RECALL_KS = (1, 2, 4, 8)
+SOP_RECALL_KS = (1, 10, 100)  # SOP's 1, 10, 100, 1000 without 1000: ~6k test images, ~5 per class
+FINE_IDENTITIES = ("cues", "continuous")
+ASPECT_RANGE = (0.7, 1.0)  # "continuous" classes: width / height of the shape before rotation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +136,12 @@ class SyntheticConfig:
         chartreuse, cyan and violet (1/4 turn apart).
       texture_contrast: how much the hatching of textured classes darkens the fill (0..1).
       seed: seeds everything: images, the hue pair of every family and the train/test split.
+      fine_identity: how fine classes of a family differ: ``"cues"`` (the three binary cues, at
+        most 8 classes per family) or ``"continuous"`` (per-class hue, texture bit, proportion
+        and aspect drawn from ``seed``; any number of classes per family).
+      images_per_class_mean: ``None``: every class has ``images_per_class`` images. A number
+        ``m`` (``2 < m <= images_per_class``): each class draws ``2 + Poisson(m - 2)`` images,
+        clipped to ``images_per_class`` (which is then the maximum), as SOP's 2–12 per product.
     """
 
     num_families: int = 16
@@ -134,13 +157,19 @@ class SyntheticConfig:
     hue_gap: float = 0.06
     texture_contrast: float = 0.35
     seed: int = 0
+    fine_identity: str = "cues"
+    images_per_class_mean: float | None = None
 
     def __post_init__(self):
         if not 1 <= self.num_families <= len(FAMILY_NAMES):
             raise ValueError(f"num_families must be in 1..{len(FAMILY_NAMES)}, got {self.num_families}.")
-        if not 2 <= self.classes_per_family <= MAX_CLASSES_PER_FAMILY:
+        if self.fine_identity not in FINE_IDENTITIES:
+            raise ValueError(f"fine_identity must be one of {FINE_IDENTITIES}, got {self.fine_identity!r}.")
+        most = MAX_CLASSES_PER_FAMILY if self.fine_identity == "cues" else 100_000
+        if not 2 <= self.classes_per_family <= most:
             raise ValueError(
-                f"classes_per_family must be in 2..{MAX_CLASSES_PER_FAMILY}, got {self.classes_per_family}."
+                f"classes_per_family must be in 2..{most} with fine_identity={self.fine_identity!r}, "
+                f"got {self.classes_per_family}."
             )
         if not 1 <= self.train_classes_per_family < self.classes_per_family:
             raise ValueError(
@@ -149,6 +178,11 @@ class SyntheticConfig:
             )
         if self.images_per_class < 2:
             raise ValueError(f"images_per_class must be >= 2, got {self.images_per_class}.")
+        mean = self.images_per_class_mean
+        if mean is not None and not 2 < mean <= self.images_per_class:
+            raise ValueError(
+                f"images_per_class_mean must lie in (2, images_per_class={self.images_per_class}], got {mean}."
+            )
         if self.image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}.")
         if min(self.noise, self.clutter, self.hue_jitter, self.position_jitter) < 0:
@@ -180,6 +214,24 @@ class SyntheticConfig:
         if "scale_range" in values:
             values["scale_range"] = tuple(values["scale_range"])
         return cls(**values)
+
+
+# ``synthetic_sop``: Stanford Online Products' shape (reference.md §3: 22,634 products of 12
+# super-classes; train 11,318 classes / 59,551 images, test 11,316 / 60,502, i.e. 5.26 and 5.35
+# images per class; 2–12 images per product), scaled down about ten times so that a run fits a
+# few minutes on 2 CPU cores: 12 families × 200 classes, half of each family's classes on each
+# side, 2–12 images per class with mean about 5.3 (2 + Poisson(3.3), clipped at 12), 32 px.
+# Families are equally large (SOP's per-super-class sizes are not used: unconfirmed here).
+# Designed from these statistics before any HPL run; not tuned afterwards.
+SOP_SHAPED = SyntheticConfig(
+    num_families=12,
+    classes_per_family=200,
+    train_classes_per_family=100,
+    images_per_class=12,
+    images_per_class_mean=5.3,
+    image_size=32,
+    fine_identity="continuous",
+)
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -228,72 +280,84 @@ def _checker_sign(x):
     return -np.sign(t + 1e-9) * (0.5 - np.abs(np.abs(t) - 0.5))
 
 
-def _family_sdf(family: int, u, v, p: int):
-    """The shape of ``family`` with proportion bit ``p``, as a signed distance in local units."""
+def _mix(a: float, b: float, p: float) -> float:
+    """``a`` at ``p = 0``, ``b`` at ``p = 1`` (both exactly), linear in between."""
+    return a * (1 - p) + b * p
+
+
+def _family_sdf(family: int, u, v, p: float):
+    """The shape of ``family`` with proportion ``p``, as a signed distance in local units.
+
+    ``p`` is the proportion bit (0 or 1) or, for ``"continuous"`` classes, a number in
+    ``[0, 1]``: shapes with a continuous detail (widths, corner radius, aspect, offset)
+    interpolate it, discrete ones (point, bar, cell and lobe counts, two triangle and hexagon
+    variants, the disc's cut) take the variant nearer to ``p``.
+    """
     name = FAMILY_NAMES[family]
+    bit = int(p >= 0.5)
     if name == "disc":  # full disc vs. disc with a flat cut
         d = _circle(u, v, 0.95)
-        return d if p == 0 else np.maximum(d, u - 0.45)
+        return d if bit == 0 else np.maximum(d, u - 0.45)
     if name == "ring":  # thin vs. thick
-        w = (0.11, 0.24)[p]
+        w = _mix(0.11, 0.24, p)
         return np.abs(_circle(u, v, 0.95 - w)) - w
     if name == "square":  # sharp vs. rounded corners
-        r = (0.0, 0.32)[p]
+        r = _mix(0.0, 0.32, p)
         return _box(u, v, 0.78 - r, 0.78 - r) - r
     if name == "triangle":  # equilateral vs. tall isosceles
-        if p == 0:
+        if bit == 0:
             return _convex(u, v + 0.25, [(-0.95, -0.55), (0.95, -0.55), (0.0, 1.1)])
         return _convex(u, v + 0.2, [(-0.6, -0.75), (0.6, -0.75), (0.0, 1.15)])
     if name == "cross":  # thin vs. thick arms
-        w = (0.19, 0.34)[p]
+        w = _mix(0.19, 0.34, p)
         return np.minimum(_box(u, v, 0.95, w), _box(u, v, w, 0.95))
     if name == "star":  # 5 vs. 6 points
-        n = (5, 6)[p]
+        n = (5, 6)[bit]
         return _star(u, v, 1.05, n, 0.42 * n)
     if name == "stripes":  # 3 vs. 4 bars in a square window
-        k = (3, 4)[p]
+        k = (3, 4)[bit]
         period = 1.7 / k
         bars = np.abs(np.mod(u + 0.85, period) - period / 2) - period / 4
         return np.maximum(_box(u, v, 0.85, 0.85), bars)
     if name == "checker":  # 3×3 vs. 4×4 cells
-        k = (3, 4)[p]
+        k = (3, 4)[bit]
         cell = 1.7 / k
         su, sv = _checker_sign((u + 0.85) / cell) * cell, _checker_sign((v + 0.85) / cell) * cell
         cells = -np.sign(su * sv) * np.minimum(np.abs(su), np.abs(sv))
         return np.maximum(_box(u, v, 0.85, 0.85), cells)
     if name == "ellipse":  # aspect 1.7 vs. 2.4
-        a, b = 1.0, (0.6, 0.42)[p]
+        a, b = 1.0, _mix(0.6, 0.42, p)
         return (np.hypot(u / a, v / b) - 1.0) * b
     if name == "l_shape":  # thin vs. thick legs
-        w = (0.3, 0.5)[p]
+        w = _mix(0.3, 0.5, p)
         u, v = u - 0.3, v - 0.3
         vertical = _box(u + 0.8 - w / 2, v, w / 2, 0.8)
         horizontal = _box(u, v + 0.8 - w / 2, 0.8, w / 2)
         return np.minimum(vertical, horizontal)
     if name == "arrow":  # narrow vs. wide head
-        hw = (0.42, 0.68)[p]
+        hw = _mix(0.42, 0.68, p)
         shaft = _box(u + 0.35, v, 0.55, 0.14)
         head = _convex(u, v, [(0.15, -hw), (0.95, 0.0), (0.15, hw)])
         return np.minimum(shaft, head)
     if name == "hexagon":  # regular vs. elongated
-        if p == 0:
+        if bit == 0:
             return _star(u, v, 0.95, 6, 2.0)
         return _star(u / 1.25, v / 0.8, 0.9, 6, 2.0) * 0.8
     if name == "crescent":  # thin vs. thick
-        offset = (0.42, 0.65)[p]
+        offset = _mix(0.42, 0.65, p)
         return np.maximum(_circle(u, v, 0.95), -_circle(u - offset, v, 0.85))
     if name == "frame":  # thin vs. thick border
-        w = (0.16, 0.32)[p]
+        w = _mix(0.16, 0.32, p)
         return np.maximum(_box(u, v, 0.8, 0.8), -_box(u, v, 0.8 - w, 0.8 - w))
     if name == "clover":  # 3 vs. 4 lobes
-        k = (3, 4)[p]
+        k = (3, 4)[bit]
         d = _circle(u, v, 0.3)
         for i in range(k):
             angle = 2 * math.pi * i / k
             d = np.minimum(d, _circle(u - 0.5 * math.cos(angle), v - 0.5 * math.sin(angle), 0.45))
         return d
     if name == "wave":  # 1 vs. 1.5 periods
-        omega = 2 * math.pi * (1.0, 1.5)[p] / 1.8
+        omega = 2 * math.pi * _mix(1.0, 1.5, p) / 1.8
         amp = 0.35
         slope = amp * omega * np.cos(omega * u)
         band = np.abs(v - amp * np.sin(omega * u)) / np.sqrt(1 + slope * slope) - 0.15
@@ -339,8 +403,52 @@ def class_cues(fine: int) -> tuple[int, int, int]:
     return bits & 1, (bits >> 1) & 1, (bits >> 2) & 1
 
 
+class ClassIdentity(NamedTuple):
+    """What every image of a fine class shares (before per-image jitter).
+
+    Attributes:
+      hue: the shape's hue, in turns.
+      texture: 1 for diagonal hatching, 0 for a solid fill.
+      proportion: the family's structural detail, 0/1 or in ``[0, 1]`` (see ``_family_sdf``).
+      aspect: width / height of the shape before rotation (1 for ``"cues"`` classes).
+    """
+
+    hue: float
+    texture: int
+    proportion: float
+    aspect: float
+
+
+def class_identity(config: SyntheticConfig, family: int, fine: int) -> ClassIdentity:
+    """The identity of fine class ``fine`` of ``family`` (from its cue bits or drawn from ``seed``)."""
+    if config.fine_identity == "cues":
+        hue_bit, texture, proportion = class_cues(fine)
+        return ClassIdentity(float(family_hues(config)[family][hue_bit]), texture, proportion, 1.0)
+    rng = _rng(config.seed, _TAG_CLASS_IDENTITY, family, fine)
+    hue, texture, proportion, aspect = rng.random(4)
+    lo, hi = ASPECT_RANGE
+    return ClassIdentity(float(hue), int(texture < 0.5), float(proportion), float(lo + (hi - lo) * aspect))
+
+
+@functools.lru_cache(maxsize=8)
+def _class_sizes(config: SyntheticConfig) -> np.ndarray:
+    shape = (config.num_families, config.classes_per_family)
+    if config.images_per_class_mean is None:
+        sizes = np.full(shape, config.images_per_class, np.int64)
+    else:
+        extra = _rng(config.seed, _TAG_CLASS_SIZES).poisson(config.images_per_class_mean - 2, shape)
+        sizes = np.minimum(2 + extra, config.images_per_class).astype(np.int64)
+    sizes.flags.writeable = False
+    return sizes
+
+
+def class_sizes(config: SyntheticConfig) -> np.ndarray:
+    """``(num_families, classes_per_family)`` int64: the number of images of every fine class."""
+    return _class_sizes(config).copy()
+
+
 def render_class(config: SyntheticConfig, family: int, fine: int) -> np.ndarray:
-    """All ``images_per_class`` images of fine class ``fine`` (``0..classes_per_family-1``) of ``family``.
+    """All images of fine class ``fine`` (``0..classes_per_family-1``) of ``family``.
 
     Args:
       config: the generator parameters.
@@ -348,14 +456,14 @@ def render_class(config: SyntheticConfig, family: int, fine: int) -> np.ndarray:
       fine: fine class within the family.
 
     Returns:
-      ``(images_per_class, image_size, image_size, 3)`` uint8, a pure function of
-      ``(config, family, fine)``.
+      ``(class_sizes(config)[family, fine], image_size, image_size, 3)`` uint8, a pure function
+      of ``(config, family, fine)``.
     """
     if not (0 <= family < config.num_families and 0 <= fine < config.classes_per_family):
         raise ValueError(f"no class ({family}, {fine}) in {config}.")
-    n, size = config.images_per_class, config.image_size
+    n, size = int(_class_sizes(config)[family, fine]), config.image_size
     rng = _rng(config.seed, _TAG_IMAGES, family, fine)
-    hue_bit, texture, proportion = class_cues(fine)
+    identity = class_identity(config, family, fine)
     f32 = np.float32
 
     def uniform(lo, hi, shape=()):
@@ -403,16 +511,19 @@ def render_class(config: SyntheticConfig, family: int, fine: int) -> np.ndarray:
     dx, dy = x - cx[:, None, None], y - cy[:, None, None]
     u = (c * dx + s * dy) / r * mirror[:, None, None]
     v = (-s * dx + c * dy) / r
-    dist = _family_sdf(family, u, v, proportion) * r * pixel
+    stretch = f32(1.0)
+    if identity.aspect != 1.0:  # narrower along u; distances shrink by at most the aspect
+        u, stretch = u / f32(identity.aspect), f32(identity.aspect)
+    dist = _family_sdf(family, u, v, identity.proportion) * r * pixel * stretch
     alpha = np.clip(0.5 - dist, 0.0, 1.0)
 
-    hues = family_hues(config)[family]
-    hue = np.mod(hues[hue_bit] + uniform(-config.hue_jitter, config.hue_jitter), 1.0)
+    # float64 like the family hue table (a weak Python float would round the sum to float32).
+    hue = np.mod(np.float64(identity.hue) + uniform(-config.hue_jitter, config.hue_jitter), 1.0)
     fill = _hsv_to_rgb(hue, uniform(0.6, 0.95), uniform(0.75, 1.0))[:, None, None, :]
     light, angle = uniform(0.0, 0.35)[:, None, None], uniform(0, 2 * math.pi)[:, None, None]
     gradient = (dx * np.cos(angle) + dy * np.sin(angle)) / r  # along the light, in shape radii
     shading = 0.9 * (1.0 + light * gradient)
-    if texture:
+    if identity.texture:
         period = f32(0.36)  # in shape radii: about 4–7 px at 48 px
         phase = uniform(0, 1)[:, None, None]
         wave = np.cos(2 * math.pi * ((u + v) / (period * math.sqrt(2)) + phase))
@@ -467,14 +578,15 @@ def split_labels(config: SyntheticConfig) -> dict[str, dict[str, np.ndarray]]:
       ``(N,)`` int64.
     """
     mask = train_classes(config)
+    sizes = _class_sizes(config)
     result = {}
     for split, wanted in (("train", True), ("test", False)):
         families, fines = np.nonzero(mask == wanted)  # row-major: in global fine-class order
-        per_image = config.images_per_class
-        fine_class = np.repeat(families * config.classes_per_family + fines, per_image).astype(np.int64)
+        per_class = sizes[families, fines]
+        fine_class = np.repeat(families * config.classes_per_family + fines, per_class).astype(np.int64)
         result[split] = {
-            "label": np.repeat(np.arange(len(families)), per_image).astype(np.int64),
-            "coarse_label": np.repeat(families, per_image).astype(np.int64),
+            "label": np.repeat(np.arange(len(families)), per_class).astype(np.int64),
+            "coarse_label": np.repeat(families, per_class).astype(np.int64),
             "fine_class": fine_class,
         }
     return result
@@ -493,7 +605,7 @@ def generate(config: SyntheticConfig | None = None) -> dict[str, dict[str, np.nd
     config = config or SyntheticConfig()
     result = split_labels(config)
     for arrays in result.values():
-        classes = arrays["fine_class"][:: config.images_per_class]
+        classes = np.unique(arrays["fine_class"])  # sorted: the order of the examples
         images = [render_class(config, *divmod(int(g), config.classes_per_family)) for g in classes]
         arrays["image"] = np.concatenate(images) if images else np.zeros((0, *_image_shape(config)), np.uint8)
     return result
@@ -531,19 +643,30 @@ class ArraySource:
         return f"ArraySource({self._name}, {self._len} examples)"
 
 
+def dataset_name(config: SyntheticConfig) -> str:
+    """``"synthetic_sop"`` for ``SOP_SHAPED``, else ``"synthetic"``."""
+    return "synthetic_sop" if config == SOP_SHAPED else "synthetic"
+
+
+def recall_ks(config: SyntheticConfig) -> tuple[int, ...]:
+    """SOP's Ks (1, 10, 100) for variable class sizes (few images per class), else CUB's 1, 2, 4, 8."""
+    return SOP_RECALL_KS if config.images_per_class_mean is not None else RECALL_KS
+
+
 def _metric_dataset(
-    make_source: Callable[[str], Any], labels: dict[str, dict[str, np.ndarray]]
+    config: SyntheticConfig, make_source: Callable[[str], Any], labels: dict[str, dict[str, np.ndarray]]
 ) -> MetricDataset:
+    name = dataset_name(config)
     splits = {
-        name: Split(
-            source=make_source(name),
-            labels=labels[name]["label"],
-            coarse_labels=labels[name]["coarse_label"],
-            name=f"synthetic/{name}",
+        split: Split(
+            source=make_source(split),
+            labels=labels[split]["label"],
+            coarse_labels=labels[split]["coarse_label"],
+            name=f"{name}/{split}",
         )
-        for name in ("train", "test")
+        for split in ("train", "test")
     }
-    return MetricDataset(name="synthetic", train=splits["train"], test=splits["test"], recall_ks=RECALL_KS)
+    return MetricDataset(name=name, train=splits["train"], test=splits["test"], recall_ks=recall_ks(config))
 
 
 def synthetic_in_memory(config: SyntheticConfig | None = None) -> MetricDataset:
@@ -553,7 +676,10 @@ def synthetic_in_memory(config: SyntheticConfig | None = None) -> MetricDataset:
       config: the generator parameters (default ``SyntheticConfig()``).
     """
     data = generate(config)
-    return _metric_dataset(lambda name: ArraySource(data[name], f"synthetic/{name}"), data)
+    name = dataset_name(config or SyntheticConfig())
+    return _metric_dataset(
+        config or SyntheticConfig(), lambda split: ArraySource(data[split], f"{name}/{split}"), data
+    )
 
 
 def default_data_dir() -> str:
@@ -579,28 +705,30 @@ def load_synthetic(data_dir: str | None = None, config: SyntheticConfig | None =
     builder.download_and_prepare()
     sources = builder.as_data_source()
     labels = synthetic_builder.stored_labels(builder, sources)
-    return _metric_dataset(lambda name: sources[name], labels)
+    return _metric_dataset(config, lambda split: sources[split], labels)
 
 
 # ----------------------------------------------------------------------------------------------
 # Preview.
 
 
-def preview_grid(config: SyntheticConfig | None = None, per_class: int = 1, gap: int = 2) -> np.ndarray:
+def preview_grid(
+    config: SyntheticConfig | None = None, per_class: int = 1, gap: int = 2, max_classes: int = 16
+) -> np.ndarray:
     """One row per family, ``per_class`` images of each fine class side by side; uint8 RGB.
 
-    Test classes are marked by a white bar under their images.
+    Only the first ``max_classes`` classes of every family are shown. Test classes are marked
+    by a white bar under their images.
     """
     config = config or SyntheticConfig()
-    size, per_class = config.image_size, min(per_class, config.images_per_class)
+    size, per_class = config.image_size, min(per_class, int(_class_sizes(config).min()))
+    shown = min(config.classes_per_family, max_classes)
     cell = size + gap
-    rows, cols = config.num_families, config.classes_per_family * per_class
-    grid = np.full(
-        (rows * (cell + gap) + gap, cols * cell + gap * config.classes_per_family, 3), 40, np.uint8
-    )
+    rows, cols = config.num_families, shown * per_class
+    grid = np.full((rows * (cell + gap) + gap, cols * cell + gap * shown, 3), 40, np.uint8)
     is_train = train_classes(config)
     for family in range(rows):
-        for fine in range(config.classes_per_family):
+        for fine in range(shown):
             images = render_class(config, family, fine)[:per_class]
             top = gap + family * (cell + gap)
             for j, img in enumerate(images):

@@ -18,6 +18,7 @@ from hdml_jax.losses.classification import softmax_cross_entropy
 from hdml_jax.losses.hierarchical import (
     ProxyHierarchy,
     build_hierarchy,
+    coarse_centroids,
     hierarchical_proxy_loss,
     hierarchy_from_labels,
     level_labels,
@@ -32,6 +33,7 @@ __all__ = [
     "ProxyHierarchy",
     "batch_hard_triplet_loss",
     "build_hierarchy",
+    "coarse_centroids",
     "hierarchical_proxy_loss",
     "hierarchy_from_labels",
     "level_labels",

@@ -7,7 +7,8 @@ fine proxies (``build_hierarchy``), refreshed from time to time (``refresh_assig
 taken from a known taxonomy (``hierarchy_from_labels``, e.g. SOP's ``super_class_id``).
 
 Choices the paper leaves open, and the defaults here:
-  * coarse proxies are learnable parameters initialised at the k-means centroids;
+  * coarse proxies are learnable parameters initialised at the k-means centroids (or, with
+    ``coarse_centroids``, recomputed as the means of their groups at every step);
   * k-means runs on the L2-normalised fine proxies (``normalize=True``);
   * a group is assigned to the coarser proxy of highest cosine similarity on refresh;
   * when to build and how often to refresh is the trainer's business (default there: build after
@@ -217,6 +218,48 @@ def build_hierarchy(
         assignments.append(assignment.astype(jnp.int32))
         previous = centroids
     return ProxyHierarchy(tuple(coarse), tuple(assignments))
+
+
+def coarse_centroids(
+    fine_proxies: jax.Array,
+    assignments: Sequence[jax.Array],
+    num_groups: Sequence[int],
+    *,
+    normalize: bool = True,
+    proxy_mask: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:
+    """Coarse proxies recomputed from the finer level instead of learned: group means.
+
+    ``P^l_k = mean_{j : a^{l-1}_j = k} v_j`` with ``v_j`` the level ``l-1`` proxies
+    (L2-normalised first when ``normalize``, as k-means clusters them). Differentiable: the
+    coarse level's loss trains the fine proxies through the means. A group without members
+    gets the zero vector (it compares equal to every embedding, a constant in the losses).
+
+    Args:
+      fine_proxies: ``(C, d)``, the level-0 proxies (padding rows allowed, see ``proxy_mask``).
+      assignments: ``(a^0, a^1, ...)`` as for ``hierarchical_proxy_loss``.
+      num_groups: ``(K_1, K_2, ...)``, the size of every coarse level.
+      normalize: average directions (True) or raw vectors.
+      proxy_mask: ``(C,)`` bool, False for padding proxies, which join no group.
+
+    Returns:
+      ``(P^1, P^2, ...)``, ``P^l`` of shape ``(K_l, d)`` float32.
+    """
+    if len(assignments) != len(num_groups):
+        raise ValueError(
+            f"{len(num_groups)} coarse levels need {len(num_groups)} assignments, got {len(assignments)}."
+        )
+    previous = jnp.asarray(fine_proxies, jnp.float32)
+    weights = jnp.ones(previous.shape[:1], jnp.float32) if proxy_mask is None else proxy_mask.astype(jnp.float32)
+    levels = []
+    for assignment, groups in zip(assignments, num_groups, strict=True):
+        points = _common.l2_normalize(previous) if normalize else previous
+        sums = jax.ops.segment_sum(points * weights[:, None], assignment, num_segments=int(groups))
+        counts = jax.ops.segment_sum(weights, assignment, num_segments=int(groups))
+        previous = sums / jnp.maximum(counts, 1.0)[:, None]
+        weights = (counts > 0).astype(jnp.float32)  # an empty group is no member one level up
+        levels.append(previous)
+    return tuple(levels)
 
 
 @jax.jit
