@@ -10,8 +10,8 @@ command, which resumes it from its last checkpoint. So the same command can be r
 a Ctrl-C or a failed run: only what is missing is trained. Then one Markdown report and (for
 studies with a numeric axis) one figure per study are written:
 
-    <root>/<study>.md    mean ± std per variant, paired differences against the baseline, missing runs
-    <root>/<study>.png   R@1 and MAP@R against the study's variable (studies w1 and coarse)
+    <root>/<config stem>/<study>.md    mean ± std per variant, paired differences, missing runs
+    <root>/<config stem>/<study>.png   R@1 and MAP@R against the study's variable (w1, coarse)
 
 Local, sequential (one run after the other on this machine; rerun the same command to resume)::
 
@@ -750,13 +750,14 @@ def metric_label(key: str) -> str:
 
 
 def mean_std(values: Sequence[float]) -> str:
-    """Percent, one decimal: ``"41.2 ± 0.3"``; ``"41.2 ± –"`` for one value; ``"–"`` for none."""
+    """Percent, two decimals (small metrics such as MAP@R ≈ 2 need them): ``"41.20 ± 0.31"``;
+    ``"41.20 ± –"`` for one value; ``"–"`` for none."""
     if not values:
         return DASH
     mean = 100 * statistics.fmean(values)
     if len(values) < 2:
-        return f"{mean:.1f} ± {DASH}"
-    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+        return f"{mean:.2f} ± {DASH}"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
 def format_paired(paired: Paired) -> str:
@@ -944,20 +945,22 @@ def report(
     seeds: Sequence[int],
     records: Sequence[Record] | None = None,
 ) -> list[Path]:
-    """Write ``<root>/<study>.md`` for every study and ``<root>/<study>.png`` where it has an x axis;
-    returns the files written."""
+    """Write ``<root>/<config stem>/<study>.md`` for every study and ``<study>.png`` next to it
+    where the study has an x axis (one folder per data set: the same study on two configs does
+    not overwrite itself); returns the files written."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     records = collect(root, studies, seeds) if records is None else records
     written = []
     for study, variants in studies.items():
         mine = [r for r in records if r.study == study]
-        path = root / f"{study}.md"
+        folder = root / Path(variants[0].config).stem if variants else root
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{study}.md"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(study_markdown(study, variants, seeds, mine))
         os.replace(tmp, path)
         written.append(path)
-        figure = root / f"{study}.png"
+        figure = folder / f"{study}.png"
         if plot_study(figure, study, variants, seeds, mine):
             written.append(figure)
     return written
@@ -1000,7 +1003,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpl_ablation.py",
         description="HPL ablation studies: a resumable grid of (variant x seed) trainer runs, then "
-        "<root>/<study>.md and <root>/<study>.png. More: the module docstring.",
+        "<root>/<config stem>/<study>.md and .png. More: the module docstring.",
     )
     parser.add_argument("--root", default=DEFAULT_ROOT, help=f"where the runs go (default {DEFAULT_ROOT})")
     parser.add_argument("--config", default=CONFIG, help=f"the config file of every run (default {CONFIG})")

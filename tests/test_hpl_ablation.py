@@ -233,7 +233,7 @@ def test_run_writes_every_run_then_skips_them(fake, capfd):
     assert "fake trainer: hpl_pa seed 1" in log.read_text()
     record = json.loads((root / "synthetic" / "hpl_pa" / "seed1.run.json").read_text())
     assert record["returncode"] == 0 and record["sets"] == {"num_epochs": "2"}
-    assert (root / "methods.md").exists() and not (root / "methods.png").exists()  # no x axis
+    assert (root / "synthetic" / "methods.md").exists() and not (root / "synthetic" / "methods.png").exists()  # no x axis
 
     assert cli(fake, "--study", "methods", "--seeds", "0-1") == 0
     out = capfd.readouterr().out
@@ -250,7 +250,7 @@ def test_a_failed_run_does_not_stop_the_others_and_is_rerun(fake, capfd, monkeyp
     assert len(fake["calls"]()) == 12
     assert all("/seed1" not in done for done in finished(fake["root"])) and len(finished(fake["root"])) == 8
     assert "error: boom" in (fake["root"] / "synthetic" / "hpl_nca" / "seed1.log").read_text()
-    md = (fake["root"] / "methods.md").read_text()  # reported anyway, the failures as missing
+    md = (fake["root"] / "synthetic" / "methods.md").read_text()  # reported anyway, the failures as missing
     assert "- `hpl_pa` seed 1: failed (exit 1)" in md
 
     monkeypatch.delenv("FAKE_FAIL_SEED")
@@ -277,7 +277,7 @@ def test_child_exit_130_stops_the_runner(fake, capfd, monkeypatch):
     out = capfd.readouterr().out
     assert len(fake["calls"]()) == 5  # seed 0 (4 runs), then the first run of seed 1
     assert "interrupted (exit 130)" in out
-    assert not (fake["root"] / "methods.md").exists()
+    assert not (fake["root"] / "synthetic" / "methods.md").exists()
 
 
 def test_index_count_and_list(fake, capfd):
@@ -299,7 +299,7 @@ def test_index_count_and_list(fake, capfd):
     assert [c["workdir"] for c in calls] == [str(runs[9].workdir)]
     assert finished(fake["root"]) == {"synthetic/hpl_pa__level_weights=1.0_0.05/seed2"}
     assert f"[10/{count}] w1/w1_0.05 seed 2: done" in capfd.readouterr().out
-    assert not list(fake["root"].glob("*.md"))  # array tasks leave the report to --report
+    assert not list(fake["root"].rglob("*.md"))  # array tasks leave the report to --report
     with pytest.raises(SystemExit) as error:
         cli(fake, *args, "--index", str(count))
     assert error.value.code == 2
@@ -360,7 +360,7 @@ def test_report_means_paired_differences_missing_runs_and_figure(tmp_path, capsy
     args = ["--root", str(root), "--config", "configs/synthetic.py", "--study", "w1", "--seeds", "0-3"]
     assert hpl.main([*args, "--report"]) == 0
     assert "w1.md" in capsys.readouterr().out
-    text = (root / "w1.md").read_text()
+    text = (root / "synthetic" / "w1.md").read_text()
     summary, rest = text.split("## Paired differences")
     paired, missing = rest.split("## Missing runs")
     header = next(line for line in summary.splitlines() if line.startswith("| variant"))
@@ -380,7 +380,7 @@ def test_report_means_paired_differences_missing_runs_and_figure(tmp_path, capsy
         assert row[2] == hpl._number(v.x) and row[3] == f"{len(present)}/4"
         for column, key in zip(row[4:], KEYS, strict=True):
             x = values(v, key, present)
-            assert column == f"{x.mean():.1f} ± {x.std(ddof=1):.1f}", (v.name, key)
+            assert column == f"{x.mean():.2f} ± {x.std(ddof=1):.2f}", (v.name, key)
         if v.baseline is None:
             assert v.name not in diffs
             continue
@@ -391,18 +391,18 @@ def test_report_means_paired_differences_missing_runs_and_figure(tmp_path, capsy
             d = values(v, key, present) - values(base, key, present)
             mean, half = d.mean(), T_975[len(present) - 1] * d.std(ddof=1) / math.sqrt(len(present))
             assert column == f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]", (v.name, key)
-    assert rows["w1_0.1"][4] == "53.5 ± 1.3"  # 52, 53, 54, 55
+    assert rows["w1_0.1"][4] == "53.50 ± 1.29"  # 52, 53, 54, 55
     assert diffs["w1_0.1"][3] == "+2.00 [+2.00, +2.00]"  # the same gain for every seed: zero width
     assert diffs["w1_0.05"][2] == "3"  # seed 2 missing: 3 pairs
     assert diffs["w1_0.5"][3] == "+5.50 [-0.93, +11.93]"  # 2, 3, 6, 11 points; t(3) = 3.182
     assert "- `w1_0.05` seed 2: not started" in missing
     assert "w1_0.05` seed" not in summary + paired
 
-    png = (root / "w1.png").read_bytes()
+    png = (root / "synthetic" / "w1.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     from PIL import Image
 
-    with Image.open(root / "w1.png") as image:
+    with Image.open(root / "synthetic" / "w1.png") as image:
         assert image.size[0] > image.size[1] > 100  # two panels side by side
 
 
@@ -413,14 +413,14 @@ def test_report_of_other_data_sets_and_of_nothing(tmp_path):
         hpl.Record("coarse", "groups_3", 0, tmp_path, {"recall@4": 0.7, "coarse_recall@1": 0.9}, {}),
     ]
     assert hpl.metric_columns(records) == ["recall@1", "recall@2", "recall@4", "recall@8"]
-    assert hpl.mean_std([]) == "–" and hpl.mean_std([0.5]) == "50.0 ± –"
+    assert hpl.mean_std([]) == "–" and hpl.mean_std([0.5]) == "50.00 ± –"
     assert hpl.format_paired(hpl.paired_difference([1.5])) == "+1.50 [–]"
     assert hpl.format_paired(hpl.paired_difference([])) == "–"
     root = tmp_path / "empty"
     coarse = {"coarse": hpl.build_studies()["coarse"]}
     written = hpl.report(root, coarse, [0, 1])
-    assert written == [root / "coarse.md"]  # nothing finished: no figure
-    text = (root / "coarse.md").read_text()
+    assert written == [root / "synthetic_sop" / "coarse.md"]  # nothing finished: no figure
+    text = (root / "synthetic_sop" / "coarse.md").read_text()
     assert "finished runs: 0 of 16" in text and "- `groups_384` seed 1: not started" in text
 
 
