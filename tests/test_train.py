@@ -61,7 +61,10 @@ def dataset():
     return tiny_dataset()
 
 
-@pytest.mark.parametrize("method", METHODS)
+# proxy_nca's trainer path is proxy_anchor's with hpl_nca's loss and recipe (both run by default).
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=pytest.mark.exhaustive) if m == "proxy_nca" else m for m in METHODS]
+)
 def test_each_method_trains_and_evaluates(method, dataset, tmp_path):
     final = train.train_and_evaluate(tiny_config(method), tmp_path, dataset=dataset)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -326,3 +329,13 @@ def test_centroid_coarse_proxies_and_raw_kmeans_reach_the_loss_and_the_refresh()
         assert int(refreshed["hierarchy"]["assignments"][0][5]) == 0  # padding stays in group 0
     with pytest.raises(ValueError, match=r"unknown loss\.coarse_proxies 'mean'"):
         validate(tiny_config("hpl_pa", **{"loss.coarse_proxies": "mean"}))
+
+
+def test_synthetic_sop_config_is_valid_for_every_method():
+    module = load_config_module("synthetic_sop")
+    for method in METHODS:
+        config = module.get_config(f"method={method},seed=3")
+        validate(config)
+        assert (config.dataset.name, config.seed, config.dataset.image_size) == ("synthetic_sop", 3, 32)
+        if config.sampler == "pk":  # every class has at least 2 images
+            assert config.samples_per_class == 2
