@@ -453,3 +453,22 @@ def test_sbatch_parses_and_passes_its_arguments(tmp_path):
     assert step.endswith('--root "/shared/a b" --study w1 --seeds 0-4 --set num_epochs=2 --index 7')
     no_job = subprocess.run(["bash", str(SBATCH), *args], env=env, capture_output=True, text=True, timeout=10)
     assert no_job.returncode == 2 and "not inside a SLURM job" in no_job.stderr
+
+
+# ----------------------------------------------------------------------------- hpl_groups.py
+
+
+def test_group_purity_and_skipped_workdirs(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("hpl_groups", ROOT / "benchmarks" / "hpl_groups.py")
+    groups = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(groups)
+    true = np.array([0, 0, 0, 1, 1, 2])
+    assert groups.purity(true, np.array([5, 5, 5, 7, 7, 9])) == 1.0  # the taxonomy, renamed
+    assert groups.purity(true, np.array([0, 0, 1, 1, 1, 1])) == pytest.approx(4 / 6)  # 2 of {0,0} + 2 of {0,1,1,2}
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "config.json").write_text(json.dumps({"method": "proxy_anchor", "dataset": {"name": "synthetic"}}))
+    (tmp_path / "flat.log").write_text("")  # a glob's stray match: ignored
+    assert groups.main([str(flat), str(tmp_path / "flat.log"), str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "method proxy_anchor has no hierarchy" in out and "no config.json" in out and "flat.log" not in out
