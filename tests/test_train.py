@@ -171,7 +171,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     "key, value, message",
     [
         ("method", "triplet", "unknown method 'triplet'; valid: proxy_anchor, proxy_nca"),
-        ("dataset.name", "imagenet", "unknown dataset 'imagenet'; valid: synthetic, cub200"),
+        ("dataset.name", "imagenet", "unknown dataset 'imagenet'; valid: synthetic, synthetic_sop, cub200"),
         ("model.descriptors", "SX", "unknown letters"),
         ("batch_size", 60, "classes_per_batch × samples_per_class"),
     ],
