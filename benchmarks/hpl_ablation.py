@@ -45,7 +45,10 @@ Pairing. A seed fixes the initialisation and the order of the training data, wha
 variant. The report therefore compares a variant with its baseline seed by seed: the differences
 variant − baseline over the seeds finished for both, their mean and a two-sided 95% confidence
 interval from Student's t with n − 1 degrees of freedom. The seed-to-seed spread, which both share,
-drops out; the unpaired ``mean ± std`` columns keep it.
+drops out; the unpaired ``mean ± std`` columns keep it. What pairing cannot remove is chaos: two runs
+whose losses differ only by float rounding drift apart within tens of steps when training from
+scratch, and end as far apart as two seeds (docs/hpl_study.md measures this noise floor; run such
+a control — e.g. w1 = 0 against proxy_anchor — before reading small differences).
 
 The values are those of the last evaluation (the top level of ``final_metrics.json``, no selection on
 the test set), in percent. Runs that are missing (not started, unfinished, failed) are listed as
