@@ -13,29 +13,15 @@ from a paper. The batch is shuffled (as the Proxy-Anchor family's SOP command), 
 images per class most batches hold no second image of a class: proxies carry the signal.
 """
 
-from hdml_jax.config import base_config, parse_arg
+from hdml_jax.config import apply_small_cpu_recipe, base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
     args = parse_arg(arg, keys=("method", "seed"))
     c = base_config("synthetic_sop", args.get("method", "hpl_pa"))
-    c.model.pretrained = "none"  # from scratch: ImageNet features do not fit 32-px shapes
-    c.dataset.image_size = 32
-    c.dataset.transform = "synthetic"
-    c.model.depth = 18
-    c.model.width = 16
-    c.model.last_stride = 1 if c.method == "cgd" else 2
-    c.model.frozen_bn = False
-    c.model.embedding_dim = 48 if c.method == "cgd" else 64
-    c.optimizer.warmup_epochs = 0
-    c.optimizer.lr = 1e-3
+    apply_small_cpu_recipe(c, image_size=32)  # the network and optimizer of configs/synthetic.py
     c.optimizer.decay_epochs = (8,)
-    c.optimizer.decay_every = False
-    c.optimizer.grad_clip_value = 0.0
     c.loss.num_coarse_groups = (12,)  # the number of families; the study varies it
-    c.loss.hierarchy_build_epoch = 1  # no warm-up here: k-means after the first epoch
-    c.loss.hierarchy_refresh_epochs = 2
-    c.batch_size = 64
     if c.sampler == "pk":  # cgd, proxy_nca_pp: 2 images per class (every class has at least 2)
         c.classes_per_batch, c.samples_per_class = 32, 2
     c.num_epochs = 10

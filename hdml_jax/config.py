@@ -250,6 +250,30 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
         c.batch_size = 128  # CGD-port train.py:83
 
 
+def apply_small_cpu_recipe(c: ml_collections.ConfigDict, image_size: int) -> None:
+    """The generated data sets' shared recipe (``configs/synthetic*.py``): a small ResNet-18 (width
+    16) from scratch on ``image_size``-px images, sized for a CPU. Our choices, from no paper.
+
+    Without ImageNet weights BatchNorm must learn its statistics (``frozen_bn=False``) and there
+    is no warm-up, so HPL builds its hierarchy after the first epoch.
+    """
+    c.model.pretrained = "none"  # from scratch: ImageNet features do not fit small rendered shapes
+    c.dataset.image_size = image_size
+    c.dataset.transform = "synthetic"
+    c.model.depth = 18
+    c.model.width = 16
+    c.model.last_stride = 1 if c.method == "cgd" else 2
+    c.model.frozen_bn = False
+    c.model.embedding_dim = 48 if c.method == "cgd" else 64
+    c.optimizer.warmup_epochs = 0
+    c.optimizer.lr = 1e-3
+    c.optimizer.decay_every = False
+    c.optimizer.grad_clip_value = 0.0
+    c.loss.hierarchy_build_epoch = 1  # no warm-up here: k-means after the first epoch
+    c.loss.hierarchy_refresh_epochs = 2
+    c.batch_size = 64
+
+
 def apply_proxy_anchor_command(
     c: ml_collections.ConfigDict,
     *,

@@ -185,15 +185,7 @@ def test_default_generation_time():
 
 # ---------------------------------------------------------------------------- SOP-shaped layout
 
-SMALL_SOP = sy.SyntheticConfig(
-    num_families=3,
-    classes_per_family=20,
-    train_classes_per_family=10,
-    images_per_class=12,
-    images_per_class_mean=5.3,
-    image_size=32,
-    fine_identity="continuous",
-)
+SMALL_SOP = dataclasses.replace(sy.SOP_SHAPED, num_families=3, classes_per_family=20, train_classes_per_family=10)
 
 
 def test_sop_shaped_statistics():
