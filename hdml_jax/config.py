@@ -46,7 +46,7 @@ PROXY_METHODS = ("proxy_anchor", "proxy_nca", "proxy_nca_pp", "hpl_pa", "hpl_nca
 HIERARCHICAL_METHODS = ("hpl_pa", "hpl_nca")
 # Trained with the Proxy-Anchor repository's recipe (its train.py runs Proxy_Anchor and Proxy_NCA).
 PROXY_ANCHOR_FAMILY = ("proxy_anchor", "proxy_nca", "hpl_pa", "hpl_nca")
-DATASET_NAMES = ("synthetic", "synthetic_sop", "cub200", "cars196", "sop", "inshop")
+DATASET_NAMES = ("synthetic", "synthetic_sop", "cub200", "cars196", "sop", "inshop", "custom")
 TRANSFORMS = ("proxy_anchor", "proxynca_pp", "cgd", "mlrc", "synthetic")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DTYPES = ("float32", "bfloat16")
@@ -374,6 +374,18 @@ def unused_overrides(c: ml_collections.ConfigDict, overridden: list[str] | tuple
     return messages
 
 
+def _validate_custom_dataset(d: ml_collections.ConfigDict) -> None:
+    """``configs/custom.py``'s fields: a path to read, sensible Recall@K."""
+    if not d.get("path"):
+        raise ConfigError(
+            "dataset.path is empty: set --config.dataset.path=/path/to/items.csv (an Open Metric "
+            "Learning CSV: label, path, split) or an image folder (<split>/<class>/<image>)."
+        )
+    ks = tuple(d.get("recall_ks", (1,)))
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ConfigError(f"dataset.recall_ks must be positive integers, got {ks}.")
+
+
 def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> None:
     """Check a config before anything is built; one-line ``ConfigError`` listing the valid values.
 
@@ -389,6 +401,8 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
     if unused:
         raise ConfigError("; ".join(unused) + ". Remove the override or pick a method that uses it.")
     one_of(c.dataset.name, DATASET_NAMES, "dataset")
+    if c.dataset.name == "custom":
+        _validate_custom_dataset(c.dataset)
     one_of(c.dataset.transform, TRANSFORMS, "transform")
     one_of(c.optimizer.name, OPTIMIZERS, "optimizer")
     one_of(c.model.dtype, DTYPES, "model.dtype")

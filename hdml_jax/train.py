@@ -101,6 +101,20 @@ def make_mesh() -> jax.sharding.Mesh:
 
 
 def load_data(config: ml_collections.ConfigDict) -> MetricDataset:
+    """The data set a config names; ``custom``: its CSV or folder, checked and prepared once."""
+    if config.dataset.name == "custom":
+        from hdml_jax.data import custom
+
+        return custom.load_custom(
+            config.dataset.path,
+            root=config.dataset.root or None,
+            cache_dir=config.dataset.data_dir,
+            crop_to_bbox=config.dataset.crop_to_bbox,
+            recall_ks=tuple(config.dataset.recall_ks),
+            requirements=custom.Requirements(
+                pairs_in_train=config.method == "cgd", boxes=config.dataset.crop_to_bbox
+            ),
+        )
     from hdml_jax.data import datasets
 
     return datasets.load_dataset(config.dataset.name, data_dir=config.dataset.data_dir)

@@ -283,6 +283,8 @@ CLI_ERRORS = [
     (["--config.batch_size=abc"], "flag --config.batch_size=abc"),
     (["--config", "configs/nope.py"], "config file configs/nope.py not found"),
     (["--config.eval_only=True"], "holds no checkpoint"),
+    (["--config", "configs/custom.py"], "dataset.path is empty: set --config.dataset.path="),
+    (["--config", "configs/custom.py", "--config.dataset.path=/nonexistent/items.csv"], "no such CSV file"),
 ]
 
 

@@ -1,0 +1,814 @@
+"""Your own data set: an Open Metric Learning CSV or a folder of images, checked and prepared once.
+
+**CSV** (Open Metric Learning's format; one row per image, any column order, extra columns
+ignored)::
+
+    label,path,split,is_query,is_gallery,category,x_1,x_2,y_1,y_2
+    shoe_0013,images/shoe 0013/a.jpg,train,,,shoes,,,,
+    bag_0102,images/bag_0102/front.png,validation,True,False,bags,12,230,40,300
+
+=============  ========  ====================================================================
+column         required  meaning
+=============  ========  ====================================================================
+label          yes       the class (any text); a class lives in one split only
+path           yes       image file, relative to ``root`` (default: the CSV's folder) or
+                         absolute; spaces allowed; any format PIL reads; grayscale, palette
+                         and RGBA images become RGB (alpha dropped)
+split          yes       ``train`` or ``validation``
+is_query,      no        validation rows: ``True``/``False`` (also 1/0, yes/no). Disjoint
+is_gallery               query and gallery sets: queries are retrieved from the gallery. Every
+                         row both query and gallery (or no columns): self-retrieval.
+category       no        the coarse class of the row's class (one per class): HPL's coarse
+                         level with ``loss.coarse_from_labels`` and ``coarse_recall@1``
+x_1 x_2        no        a bounding box in pixels (left, right, top, bottom; OML's
+y_1 y_2                  convention), all four or none, per row; empty cells: the whole
+                         image. Used with ``dataset.crop_to_bbox=True``.
+=============  ========  ====================================================================
+
+**Folder**: ``root/<split>/<class>/<image>`` or ``root/<split>/<category>/<class>/<image>``, with
+split folders ``train`` and ``validation`` (``val`` or ``test`` are accepted for the latter) and
+image suffixes ``IMAGE_SUFFIXES``; it becomes the same table as a CSV (self-retrieval).
+
+**Checks** (``check_table`` and the image scan), all reported at once before anything is written:
+missing columns, empty cells, unknown split values, an empty split, a class in both splits, a
+class with two categories, rows that are neither query nor gallery, a mix of query-and-gallery
+rows with query- or gallery-only ones, duplicate paths, malformed or out-of-image boxes,
+evaluation classes with a single image (self-retrieval: no positive to find) or queries whose
+class has no gallery image, training classes with a single image when the loss needs pairs,
+missing files, unreadable or truncated images.
+
+**Prepared form**: every image's file bytes in one ``images.array_record`` (random access, what
+grain reads; no per-image file opens at training time, which matters on network file systems)
+and an ``index.npz`` of labels, splits, flags, boxes and image sizes, in
+``<cache>/custom/<name>-<fingerprint>/``. The fingerprint covers the table's content and every
+image file's size and modification time, so editing the CSV or replacing an image prepares
+again; anything else reuses the prepared copy. Preparation writes into a temporary folder renamed
+into place when complete: an error or Ctrl-C leaves nothing half-written.
+
+Labels: each split's classes are numbered ``0..C-1`` in sorted order of their names (numerically
+when every name is an integer); categories are numbered with the training categories first, so
+the training split's coarse labels are ``0..G-1`` with no gap.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hdml_jax.data.base import MetricDataset, Split, SubsetSource
+from hdml_jax.errors import UserError
+
+REQUIRED_COLUMNS = ("label", "path", "split")
+BBOX_COLUMNS = ("x_1", "x_2", "y_1", "y_2")
+SPLITS = ("train", "validation")
+EVAL_FOLDER_NAMES = ("validation", "val", "test")  # accepted names of the image folder's eval split
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+_TRUE = ("true", "1", "yes", "y", "t")
+_FALSE = ("false", "0", "no", "n", "f")
+_MAX_LISTED = 8  # examples listed per kind of problem
+FORMAT_VERSION = 1  # bump when the prepared form changes
+
+
+class CustomDataError(UserError, ValueError):
+    """A CSV or image folder that cannot be used; the message lists every problem found."""
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTable:
+    """A data set as rows, before any check (what a CSV or an image folder says).
+
+    Attributes:
+      source: the CSV or folder, for messages.
+      root: what relative paths are relative to.
+      paths: ``(N,)`` the image paths as written (relative or absolute).
+      labels: ``(N,)`` class names.
+      splits: ``(N,)`` ``"train"`` / ``"validation"`` (anything else is reported by the checks).
+      rows: ``(N,)`` where each row came from (``"line 7"``, a path), for messages.
+      is_query, is_gallery: ``(N,)`` bool or None (no such column). Unparseable cells are
+        reported in ``problems``.
+      categories: ``(N,)`` coarse class names or None.
+      boxes: ``(N, 4)`` float64 ``x_1, x_2, y_1, y_2`` pixels, NaN where a row has none; or None.
+      problems: what reading found wrong (missing columns, bad cells).
+    """
+
+    source: str
+    root: Path
+    paths: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    rows: np.ndarray
+    is_query: np.ndarray | None = None
+    is_gallery: np.ndarray | None = None
+    categories: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+    problems: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def resolved(self, i: int) -> Path:
+        """The file of row ``i``: its path if absolute, else under ``root``."""
+        path = Path(os.path.expanduser(str(self.paths[i])))
+        return path if path.is_absolute() else self.root / path
+
+
+def _listing(kind: str, items: Sequence[str], total: int | None = None) -> str:
+    """``kind: a, b, c and 12 more``."""
+    total = len(items) if total is None else total
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = f" and {total - _MAX_LISTED} more" if total > _MAX_LISTED else ""
+    return f"{kind}: {shown}{more}"
+
+
+def _parse_bool(value: str) -> bool | None:
+    value = value.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    return None
+
+
+def read_csv(path: str | os.PathLike, root: str | os.PathLike | None = None) -> ImageTable:
+    """The rows of an Open Metric Learning CSV (see the module docstring); nothing is checked
+    beyond what parsing needs (``check_table`` does the rest).
+
+    Raises:
+      CustomDataError: the file is missing or unreadable, or lacks a required column.
+    """
+    path = Path(os.path.expanduser(os.fspath(path)))
+    if not path.is_file():
+        raise CustomDataError(
+            f"{path}: no such CSV file. Set --config.dataset.path to an Open Metric Learning CSV "
+            "(columns label, path, split; see hdml_jax/data/custom.py) or to an image folder."
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CustomDataError(f"{path}: cannot read the CSV ({error}).") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = [name.strip() for name in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise CustomDataError(
+            f"{path}: missing column(s) {', '.join(missing)} (the header is {','.join(header) or 'empty'}). "
+            f"An Open Metric Learning CSV needs {', '.join(REQUIRED_COLUMNS)}; optional: is_query, "
+            f"is_gallery, category, {', '.join(BBOX_COLUMNS)}."
+        )
+    reader.fieldnames = header
+    records = list(reader)
+    problems: list[str] = []
+    present_boxes = [c for c in BBOX_COLUMNS if c in header]
+    if present_boxes and len(present_boxes) != len(BBOX_COLUMNS):
+        absent = [c for c in BBOX_COLUMNS if c not in header]
+        problems.append(f"bounding boxes need all of {', '.join(BBOX_COLUMNS)}; missing {', '.join(absent)}")
+        present_boxes = []
+
+    def column(name: str) -> np.ndarray:
+        return np.array([(r.get(name) or "").strip() for r in records], dtype=object)
+
+    # The header is line 1; a record spanning several lines (quoted newlines) is rare enough.
+    rows = np.array([f"line {reader_line}" for reader_line in range(2, len(records) + 2)], dtype=object)
+    is_flag: dict[str, np.ndarray | None] = {}
+    for name in ("is_query", "is_gallery"):
+        if name not in header:
+            is_flag[name] = None
+            continue
+        values = column(name)
+        parsed = np.zeros(len(values), bool)
+        bad = []
+        for i, value in enumerate(values):
+            flag = _parse_bool(value)
+            if flag is None and records[i].get("split", "").strip() == "validation":
+                bad.append(f"{rows[i]} ({value!r})")
+            parsed[i] = bool(flag)
+        if bad:
+            problems.append(_listing(f"{name} must be True or False on validation rows", bad))
+        is_flag[name] = parsed
+    boxes = None
+    if present_boxes:
+        boxes = np.full((len(records), 4), np.nan)
+        bad = []
+        for i, record in enumerate(records):
+            cells = [(record.get(c) or "").strip() for c in BBOX_COLUMNS]
+            if not any(cells):
+                continue
+            try:
+                boxes[i] = [float(c) for c in cells]
+            except ValueError:
+                bad.append(f"{rows[i]} ({', '.join(cells)})")
+        if bad:
+            problems.append(_listing("bounding boxes must be four numbers or four empty cells", bad))
+    return ImageTable(
+        source=str(path),
+        root=Path(os.path.expanduser(os.fspath(root))) if root else path.parent,
+        paths=column("path"),
+        labels=column("label"),
+        splits=column("split"),
+        rows=rows,
+        is_query=is_flag["is_query"],
+        is_gallery=is_flag["is_gallery"],
+        categories=column("category") if "category" in header else None,
+        boxes=boxes,
+        problems=tuple(problems),
+    )
+
+
+def read_folder(root: str | os.PathLike) -> ImageTable:
+    """The rows of an image folder ``root/<split>/[<category>/]<class>/<image>``.
+
+    Raises:
+      CustomDataError: no such folder, no split folders, or a layout that mixes depths.
+    """
+    root = Path(os.path.expanduser(os.fspath(root)))
+    if not root.is_dir():
+        raise CustomDataError(f"{root}: no such folder (dataset.path: a CSV file or an image folder).")
+    eval_names = [n for n in EVAL_FOLDER_NAMES if (root / n).is_dir()]
+    if not (root / "train").is_dir() or len(eval_names) != 1:
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise CustomDataError(
+            f"{root}: an image folder needs the subfolders train/ and one of "
+            f"{'/, '.join(EVAL_FOLDER_NAMES)}/ (found: {', '.join(found) or 'none'}), each holding "
+            "<class>/<image> or <category>/<class>/<image>."
+        )
+    paths, labels, splits, categories, depths = [], [], [], [], set()
+    for split, folder in (("train", "train"), ("validation", eval_names[0])):
+        for file in sorted((root / folder).rglob("*")):
+            if not file.is_file() or file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            parts = file.relative_to(root / folder).parts
+            depths.add(len(parts))
+            paths.append(file.relative_to(root).as_posix())
+            splits.append(split)
+            labels.append("/".join(parts[:-1]))  # category/class: unique even if class names repeat
+            categories.append(parts[0] if len(parts) == 3 else "")
+    problems = []
+    if depths - {2, 3} or len(depths) > 1:
+        problems.append(
+            f"images at mixed or unexpected depths under {root} (levels below the split folder: "
+            f"{sorted(depths)}); use <split>/<class>/<image> or <split>/<category>/<class>/<image> throughout"
+        )
+    nested = depths == {3}
+    return ImageTable(
+        source=str(root),
+        root=root,
+        paths=np.array(paths, dtype=object),
+        labels=np.array(labels, dtype=object),
+        splits=np.array(splits, dtype=object),
+        rows=np.array(paths, dtype=object),
+        categories=np.array(categories, dtype=object) if nested else None,
+        problems=tuple(problems),
+    )
+
+
+def read_table(path: str | os.PathLike, root: str | os.PathLike | None = None) -> ImageTable:
+    """``read_csv`` for a file, ``read_folder`` for a folder."""
+    path = Path(os.path.expanduser(os.fspath(path)))
+    if path.is_dir():
+        if root:
+            raise CustomDataError(f"dataset.root is for CSV files; {path} is a folder (its own root).")
+        return read_folder(path)
+    return read_csv(path, root)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirements:
+    """What the run needs of the data.
+
+    Attributes:
+      pairs_in_train: every training class needs two images (a pair-based loss: triplet).
+      boxes: ``crop_to_bbox`` is on, so the table must have bounding boxes.
+    """
+
+    pairs_in_train: bool = False
+    boxes: bool = False
+
+
+def _eval_mode(table: ImageTable, validation: np.ndarray) -> tuple[str, list[str]]:
+    """``"self"`` or ``"query_gallery"``, and the problems of the query/gallery flags."""
+    if table.is_query is None and table.is_gallery is None:
+        return "self", []
+    if (table.is_query is None) != (table.is_gallery is None):
+        given = "is_query" if table.is_gallery is None else "is_gallery"
+        other = "is_gallery" if given == "is_query" else "is_query"
+        return "self", [f"the CSV has {given} but no {other} column; give both or neither"]
+    query, gallery = table.is_query[validation], table.is_gallery[validation]
+    rows = table.rows[validation]
+    problems = []
+    neither = ~query & ~gallery
+    if neither.any():
+        problems.append(_listing("validation rows that are neither query nor gallery", list(rows[neither])))
+    both = query & gallery
+    if both.all():
+        return "self", problems
+    if both.any():
+        problems.append(
+            _listing(
+                "rows that are both query and gallery next to query-only or gallery-only rows (either "
+                "every validation row is both, for self-retrieval, or none is)",
+                list(rows[both]),
+            )
+        )
+    return "query_gallery", problems
+
+
+def _class_problems(
+    labels: np.ndarray, splits: np.ndarray, categories: np.ndarray | None, rows: np.ndarray
+) -> list[str]:
+    problems = []
+    split_of: dict[str, set[str]] = defaultdict(set)
+    category_of: dict[str, set[str]] = defaultdict(set)
+    for i, label in enumerate(labels):
+        split_of[label].add(splits[i])
+        if categories is not None:
+            category_of[label].add(categories[i])
+    in_both = sorted(label for label, s in split_of.items() if len(s) > 1)
+    if in_both:
+        problems.append(
+            _listing("classes in both train and validation (the splits must hold disjoint classes)", in_both)
+        )
+    if categories is not None:
+        empty = rows[categories == ""]
+        if len(empty):
+            problems.append(_listing("empty category cells", list(empty)))
+        mixed = sorted(f"{label} ({', '.join(sorted(c))})" for label, c in category_of.items() if len(c) > 1)
+        if mixed:
+            problems.append(_listing("classes with more than one category", mixed))
+    return problems
+
+
+def _singletons(labels: np.ndarray) -> list[str]:
+    names, counts = np.unique(labels.astype(str), return_counts=True)
+    return list(names[counts == 1])
+
+
+def check_table(table: ImageTable, requirements: Requirements = Requirements()) -> list[str]:
+    """Everything wrong with ``table`` that needs no image (the module docstring's list)."""
+    problems = list(table.problems)
+    if len(table) == 0:
+        return [*problems, "no rows"]
+    for name, values in (("label", table.labels), ("path", table.paths), ("split", table.splits)):
+        empty = table.rows[values == ""]
+        if len(empty):
+            problems.append(_listing(f"empty {name} cells", list(empty)))
+    unknown = (table.splits != "") & ~np.isin(table.splits, SPLITS)
+    if unknown.any():
+        shown = [f"{r} ({s!r})" for r, s in zip(table.rows[unknown], table.splits[unknown], strict=True)]
+        problems.append(_listing(f"split must be {' or '.join(SPLITS)}", shown))
+    train, validation = table.splits == "train", table.splits == "validation"
+    for name, mask in (("train", train), ("validation", validation)):
+        if not mask.any():
+            problems.append(f"the {name} split is empty (no row has split={name})")
+    paths, counts = np.unique(table.paths[table.paths != ""].astype(str), return_counts=True)
+    if (counts > 1).any():
+        problems.append(_listing("paths listed more than once", list(paths[counts > 1])))
+    problems += _class_problems(table.labels, table.splits, table.categories, table.rows)
+    mode, flag_problems = _eval_mode(table, validation)
+    problems += flag_problems
+    if validation.any():
+        if mode == "self":
+            single = _singletons(table.labels[validation])
+            if single:
+                problems.append(
+                    _listing(
+                        "validation classes with a single image (self-retrieval needs another image of "
+                        "the class to find; add images or move the class to train)",
+                        single,
+                    )
+                )
+        elif table.is_query is not None and table.is_gallery is not None:
+            query_labels = set(table.labels[validation & table.is_query])
+            gallery_labels = set(table.labels[validation & table.is_gallery])
+            orphan = sorted(query_labels - gallery_labels)
+            if orphan:
+                problems.append(_listing("query classes with no gallery image (never retrievable)", orphan))
+    if requirements.pairs_in_train and train.any():
+        single = _singletons(table.labels[train])
+        if single:
+            problems.append(
+                _listing("training classes with a single image (the triplet loss needs pairs)", single)
+            )
+    if requirements.boxes and table.boxes is None:
+        problems.append(f"dataset.crop_to_bbox=True but the CSV has no {', '.join(BBOX_COLUMNS)} columns")
+    if table.boxes is not None:
+        box = table.boxes
+        given = ~np.isnan(box).any(axis=1)
+        bad = given & (
+            (box[:, 0] < 0) | (box[:, 2] < 0) | (box[:, 1] <= box[:, 0]) | (box[:, 3] <= box[:, 2])
+        )
+        if bad.any():
+            problems.append(
+                _listing("bounding boxes need 0 <= x_1 < x_2 and 0 <= y_1 < y_2", list(table.rows[bad]))
+            )
+    return problems
+
+
+def _raise_if(problems: Sequence[str], source: str) -> None:
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise CustomDataError(
+            f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''}; nothing was prepared "
+            f"or trained:\n{lines}"
+        )
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file as ``uint8 (H, W, 3)`` (grayscale, palette, CMYK, 16-bit and RGBA become RGB).
+
+    Raises:
+      CustomDataError: missing, unreadable or truncated file.
+    """
+    try:
+        return decode_rgb(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise CustomDataError(f"{path}: no such image file.") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise CustomDataError(f"{path}: not a readable image ({error}).") from None
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded image bytes → ``uint8 (H, W, 3)``; decodes every pixel, so a truncated file fails
+    here (``OSError``) rather than half-way through a training step."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
+            pixels = np.asarray(image, np.float64)
+            top = max(float(pixels.max()), 1.0)
+            gray = np.round(pixels * (255.0 / (65535.0 if top <= 65535 else top))).astype(np.uint8)
+            return np.repeat(np.clip(gray, 0, 255)[:, :, None], 3, axis=2)
+        return np.asarray(image.convert("RGB"), np.uint8)
+
+
+def _scan_image(file: Path) -> tuple[bytes | None, tuple[int, int], str | None, str]:
+    """``(bytes, (height, width), problem kind, detail)`` of one image file (kind None: fine)."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        return None, (0, 0), "missing", ""
+    except OSError as error:
+        return None, (0, 0), "unreadable", str(error.strerror or error)
+    try:
+        pixels = decode_rgb(data)
+    except Exception as error:  # PIL raises many types for bad, truncated or foreign files
+        from PIL import UnidentifiedImageError
+
+        if isinstance(error, UnidentifiedImageError):
+            return None, (0, 0), "unreadable or truncated", "not an image format Pillow reads"
+        return None, (0, 0), "unreadable or truncated", str(error) or type(error).__name__
+    return data, pixels.shape[:2], None, ""
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def default_cache_dir() -> Path:
+    """``$HDML_JAX_CACHE/datasets`` (default ``~/.cache/hdml_jax/datasets``)."""
+    return Path(os.environ.get("HDML_JAX_CACHE") or "~/.cache/hdml_jax").expanduser() / "datasets"
+
+
+def fingerprint(table: ImageTable) -> str:
+    """A hash of the table's content and of every image file's size and modification time."""
+    digest = hashlib.sha256(f"hdml_jax custom v{FORMAT_VERSION}\n{table.root.resolve()}\n".encode())
+    columns = [table.paths, table.labels, table.splits]
+    columns += [c for c in (table.is_query, table.is_gallery, table.categories) if c is not None]
+    for values in columns:
+        digest.update(json.dumps([str(v) for v in values]).encode())
+    if table.boxes is not None:
+        digest.update(np.ascontiguousarray(table.boxes).tobytes())
+    for i in range(len(table)):
+        try:
+            stat = table.resolved(i).stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns};".encode())
+        except OSError:
+            digest.update(b"missing;")
+    return digest.hexdigest()[:16]
+
+
+def _progress(done: int, total: int, started: float, what: str) -> None:
+    elapsed = time.perf_counter() - started
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else 0.0
+    end = "\n" if done == total else "\r"
+    print(
+        f"{what}: {done}/{total} images, {rate:.0f} img/s, ETA {eta:.0f} s",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _dense_ids(names: np.ndarray) -> np.ndarray:
+    """Names → ``0..C-1`` in sorted order (numeric when every name is an integer)."""
+    unique = sorted(set(names.tolist()))
+    if all(_is_int(name) for name in unique):
+        unique = sorted(unique, key=int)
+    index = {name: i for i, name in enumerate(unique)}
+    return np.array([index[name] for name in names], np.int64)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _coarse_ids(categories: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Category names → ids, the training split's categories first (dense ``0..G-1`` there)."""
+    train_names = sorted(set(categories[train].tolist()))
+    other = sorted(set(categories[~train].tolist()) - set(train_names))
+    index = {name: i for i, name in enumerate([*train_names, *other])}
+    return np.array([index[c] for c in categories], np.int64)
+
+
+def prepare(
+    table: ImageTable,
+    cache_dir: str | os.PathLike | None = None,
+    requirements: Requirements = Requirements(),
+    num_threads: int | None = None,
+    progress: Callable[[int, int, float, str], None] | None = _progress,
+) -> Path:
+    """Check ``table`` and its images, and write the prepared form (once; see the module docstring).
+
+    Returns the prepared folder. The table's problems and its images' are reported together, in
+    one ``CustomDataError``, and then nothing is kept on disk.
+    """
+    problems = check_table(table, requirements)
+    cache_dir = Path(os.path.expanduser(os.fspath(cache_dir))) if cache_dir else default_cache_dir()
+    name = Path(table.source).stem.replace(" ", "_") or "data"
+    target = cache_dir / "custom" / f"{name}-{fingerprint(table)}"
+    if not problems and (target / "index.npz").is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CustomDataError(
+            f"cannot create {target.parent} to prepare {table.source} into ({error.strerror or error}); "
+            "set --config.dataset.data_dir (or $HDML_JAX_CACHE) to a writable folder."
+        ) from None
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        sizes, image_problems = _write_records(table, tmp / "images.array_record", num_threads, progress)
+        _raise_if(problems + image_problems, table.source)
+        _write_index(table, tmp / "index.npz", sizes)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "index.npz").is_file():  # not another process's complete copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_records(
+    table: ImageTable, path: Path, num_threads: int | None, progress: Callable[..., None] | None
+) -> tuple[np.ndarray, list[str]]:
+    """Scan every image and write its bytes: ``(N, 2)`` heights/widths and the images' problems.
+
+    Rows without a path are skipped (``check_table`` reports them). Once anything is wrong the
+    scan goes on, to list every bad file, but writes nothing more.
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from hdml_jax import interrupts
+
+    sizes = np.zeros((len(table), 2), np.int64)
+    problems: dict[str, list[str]] = defaultdict(list)
+    started = time.perf_counter()
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    threads = num_threads or min(8, os.cpu_count() or 1)
+    chunk = 64 * threads  # bounded memory: only one chunk's file bytes are held at a time
+    try:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            for start in range(0, len(table), chunk):
+                interrupts.stop_point()  # Ctrl-C under the trainer: stop here, keep nothing
+                rows = [i for i in range(start, min(start + chunk, len(table))) if table.paths[i]]
+                for i, (data, size, kind, detail) in zip(
+                    rows, pool.map(_scan_image, [table.resolved(i) for i in rows]), strict=True
+                ):
+                    if kind is not None:
+                        problems[kind].append(
+                            f"{table.paths[i]} ({detail})" if detail else str(table.paths[i])
+                        )
+                    elif not problems:
+                        writer.write(data)
+                    sizes[i] = size
+                if progress is not None:
+                    done = min(start + chunk, len(table))
+                    progress(done, len(table), started, f"checking and preparing {table.source}")
+    finally:
+        writer.close()
+    listed = [
+        _listing(f"missing files (under {table.root})" if kind == "missing" else f"{kind} images", items)
+        for kind, items in problems.items()
+    ]
+    if table.boxes is not None:
+        box = table.boxes
+        outside = ~np.isnan(box).any(axis=1) & ((box[:, 1] > sizes[:, 1]) | (box[:, 3] > sizes[:, 0]))
+        outside &= sizes[:, 0] > 0
+        if outside.any():
+            listed.append(
+                _listing(
+                    "bounding boxes outside their image (x_2 > width or y_2 > height)",
+                    [f"{r} ({p})" for r, p in zip(table.rows[outside], table.paths[outside], strict=True)],
+                )
+            )
+    return sizes, listed
+
+
+def _write_index(table: ImageTable, path: Path, sizes: np.ndarray) -> None:
+    train = table.splits == "train"
+    labels = np.zeros(len(table), np.int64)
+    labels[train] = _dense_ids(table.labels[train])
+    labels[~train] = _dense_ids(table.labels[~train])
+    arrays: dict[str, np.ndarray] = {
+        "paths": table.paths.astype(str),
+        "class_names": table.labels.astype(str),
+        "labels": labels,
+        "train": train,
+        "sizes": sizes,
+    }
+    mode, _ = _eval_mode(table, ~train)
+    if mode == "query_gallery":
+        arrays["is_query"] = table.is_query & ~train
+        arrays["is_gallery"] = table.is_gallery & ~train
+    if table.categories is not None:
+        arrays["coarse_labels"] = _coarse_ids(table.categories, train)
+        arrays["category_names"] = table.categories.astype(str)
+    if table.boxes is not None:
+        # pixels (x_1, x_2, y_1, y_2) → [ymin, xmin, ymax, xmax] in [0, 1]; no box: the whole image
+        height, width = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
+        box = table.boxes
+        normalized = np.stack(
+            [box[:, 2] / height, box[:, 0] / width, box[:, 3] / height, box[:, 1] / width], 1
+        )
+        whole = np.isnan(normalized).any(axis=1)
+        normalized[whole] = [0.0, 0.0, 1.0, 1.0]
+        arrays["bbox"] = normalized.astype(np.float32)
+    arrays["source"] = np.asarray(table.source)
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class PreparedImages:
+    """Random access to a prepared folder's images: ``source[i] -> {"image", ["bbox"]}``.
+
+    Picklable (grain sends sources to worker processes): the reader opens on first use.
+    """
+
+    def __init__(self, folder: Path, bboxes: np.ndarray | None = None):
+        self._path = Path(folder) / "images.array_record"
+        self._bboxes = bboxes
+        self._reader = None
+        self._length = len(np.load(Path(folder) / "index.npz")["labels"])
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self._reader is None:
+            from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+            self._reader = ArrayRecordDataSource([str(self._path)])
+        example: dict[str, Any] = {"image": decode_rgb(self._reader[int(index)])}
+        if self._bboxes is not None:
+            example["bbox"] = self._bboxes[int(index)]
+        return example
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_reader": None}
+
+    def __repr__(self) -> str:
+        return f"PreparedImages({self._path}, {len(self)})"
+
+
+def load_prepared(
+    folder: str | os.PathLike, *, crop_to_bbox: bool = False, recall_ks: Sequence[int] = (1, 2, 4, 8)
+) -> MetricDataset:
+    """The ``MetricDataset`` of a prepared folder (``prepare``'s result)."""
+    from hdml_jax.data.datasets import ToExample
+
+    folder = Path(folder)
+    with np.load(folder / "index.npz", allow_pickle=False) as npz:
+        index = {k: npz[k] for k in npz.files}
+    bboxes = index.get("bbox")
+    if crop_to_bbox and bboxes is None:
+        raise CustomDataError(f"dataset.crop_to_bbox=True but {index['source']} has no bounding boxes.")
+    images = PreparedImages(folder, bboxes)
+    transform = ToExample(crop_to_bbox=crop_to_bbox, keep_bbox=bboxes is not None)
+    coarse = index.get("coarse_labels")
+    name = f"custom:{Path(str(index['source'])).name}"
+
+    def split(rows: np.ndarray, what: str) -> Split:
+        labels = index["labels"][rows]
+        coarse_rows = None if coarse is None else coarse[rows]
+        return Split(
+            source=SubsetSource(images, rows, labels, coarse_rows, transform),
+            labels=labels,
+            coarse_labels=coarse_rows,
+            name=f"{name}/{what}",
+        )
+
+    train_rows = np.flatnonzero(index["train"])
+    test_rows = np.flatnonzero(~index["train"])
+    query = gallery = None
+    if "is_query" in index:
+        # test = query ∪ gallery (for NMI and pictures), queries first as In-Shop's
+        query_rows, gallery_rows = np.flatnonzero(index["is_query"]), np.flatnonzero(index["is_gallery"])
+        test_rows = np.concatenate([query_rows, gallery_rows])
+        query, gallery = split(query_rows, "query"), split(gallery_rows, "gallery")
+    return MetricDataset(
+        name=name,
+        train=split(train_rows, "train"),
+        test=split(test_rows, "validation"),
+        query=query,
+        gallery=gallery,
+        recall_ks=tuple(int(k) for k in recall_ks),
+    )
+
+
+def load_custom(
+    path: str | os.PathLike,
+    *,
+    root: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    crop_to_bbox: bool = False,
+    recall_ks: Sequence[int] = (1, 2, 4, 8),
+    requirements: Requirements | None = None,
+) -> MetricDataset:
+    """Read, check, prepare (once) and load a CSV or image folder (the module docstring).
+
+    Raises:
+      CustomDataError: every problem of the table and its images, in one message.
+    """
+    table = read_table(path, root)
+    requirements = requirements or Requirements(boxes=crop_to_bbox)
+    folder = prepare(table, cache_dir, requirements)
+    return load_prepared(folder, crop_to_bbox=crop_to_bbox, recall_ks=recall_ks)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """``python -m hdml_jax.data.custom PATH [--root DIR] [--cache_dir DIR]``: check and prepare."""
+    import argparse
+
+    from hdml_jax.errors import exit_with_message
+
+    parser = argparse.ArgumentParser(
+        prog="python -m hdml_jax.data.custom",
+        description="Check an Open Metric Learning CSV or an image folder and prepare it for training.",
+    )
+    parser.add_argument("path", help="the CSV file or the image folder")
+    parser.add_argument(
+        "--root", default=None, help="what the CSV's paths are relative to (default: its folder)"
+    )
+    parser.add_argument("--cache_dir", default=None, help=f"where to prepare (default {default_cache_dir()})")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        dataset = load_custom(args.path, root=args.root, cache_dir=args.cache_dir)
+    except UserError as error:
+        exit_with_message(error)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was kept.", file=sys.stderr)
+        return 130
+    summary = {
+        s: (len(getattr(dataset, s)), getattr(dataset, s).num_classes)
+        for s in ("train", "test", "query", "gallery")
+        if getattr(dataset, s) is not None
+    }
+    print(f"{args.path}: ok — " + ", ".join(f"{s} {n} images / {c} classes" for s, (n, c) in summary.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
