@@ -1,4 +1,4 @@
-"""A finished run's files: ``final_metrics.json``, the embeddings and the three pictures."""
+"""A finished run's files: ``final_metrics.json``, the embeddings, the projector and the three pictures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from hdml_jax import checkpoints, interrupts, visualize
+from hdml_jax import checkpoints, interrupts, projector, visualize
 from hdml_jax.data.base import MetricDataset
 from hdml_jax.workdir import atomic_write, atomic_write_text
 
@@ -23,7 +23,7 @@ def write_outputs(
     step: int,
     evaluations: list[dict[str, Any]],
 ) -> None:
-    """final_metrics.json, embeddings, and the three pictures; each file replaced atomically.
+    """final_metrics.json, embeddings, the projector's files and the three pictures; each atomic.
 
     ``final_metrics.json`` holds the last evaluation at the top level (``step``, ``epoch`` and the
     metrics) and, under ``best``, the evaluation with the highest ``config.best_metric`` among
@@ -45,6 +45,12 @@ def write_outputs(
         if name in embeddings:
             save_array(f"{name}_embeddings.npy", embeddings[name])
             save_array(f"{name}_labels.npy", getattr(dataset, name).labels)
+    interrupts.stop_point()
+    test = dataset.test  # TensorBoard's PROJECTOR tab; the sprite of images only with pictures
+    images = (lambda i: test.source[i]["image"]) if config.pictures else None
+    projector.write_projector(
+        workdir, embeddings["test"], test.labels, test.coarse_labels, images, seed=config.seed
+    )
     if config.pictures:
         interrupts.stop_point()
         atomic_write(
