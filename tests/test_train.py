@@ -17,7 +17,7 @@ import pytest
 
 from hdml_jax import train
 from hdml_jax.config import METHODS, validate
-from tests.tiny_data import tiny_dataset
+from tests.tiny_data import shrink, tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,21 +32,7 @@ def load_config_module(name: str):
 def tiny_config(method: str, **overrides):
     """configs/synthetic.py shrunk: ResNet-18 width 4, batch 16, 4 epochs of 4 steps."""
     c = load_config_module("synthetic").get_config(f"method={method}")
-    c.model.width = 4
-    c.model.embedding_dim = 16
-    c.batch_size = 16
-    if c.sampler == "pk":
-        c.classes_per_batch, c.samples_per_class = 4, 4
-    c.num_epochs = 4
-    c.eval_every_epochs = 2
-    c.eval_batch_size = 16
-    c.log_every_steps = 2
-    c.checkpoint_every_steps = 100
-    c.loss.num_coarse_groups = (3,)
-    c.loss.hierarchy_build_epoch = 1
-    c.loss.hierarchy_refresh_epochs = 1
-    c.pictures = False
-    c.nmi = False
+    shrink(c)
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")
@@ -193,7 +179,7 @@ SIGNAL_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
 from tests.test_train import tiny_config
-from tests.tiny_data import tiny_dataset
+from tests.tiny_data import shrink, tiny_dataset
 from hdml_jax import interrupts, train
 config = tiny_config("proxy_anchor", num_epochs=400, log_every_steps=1)
 try:

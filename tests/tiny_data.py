@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_collections
 import numpy as np
 
 from hdml_jax.data.base import MetricDataset, Split
@@ -37,3 +38,23 @@ def tiny_dataset(num_train_classes: int = 8, num_test_classes: int = 6, per_clas
         tiny_split(0, num_train_classes, per_class, name="tiny/train"),
         tiny_split(1, num_test_classes, per_class, name="tiny/test"),
     )
+
+
+def shrink(c: ml_collections.ConfigDict, num_epochs: int = 4, eval_every_epochs: int = 2) -> None:
+    """A config's network and schedule made test-sized: ResNet-18 width 4, 16-d, batch 16, P×K 4×4,
+    3 coarse groups built after epoch 1 and refreshed every epoch, no pictures, no NMI."""
+    c.model.width = 4
+    c.model.embedding_dim = 16
+    c.batch_size = 16
+    if c.sampler == "pk":
+        c.classes_per_batch, c.samples_per_class = 4, 4
+    c.num_epochs = num_epochs
+    c.eval_every_epochs = eval_every_epochs
+    c.eval_batch_size = 16
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 100
+    c.loss.num_coarse_groups = (3,)
+    c.loss.hierarchy_build_epoch = 1
+    c.loss.hierarchy_refresh_epochs = 1
+    c.pictures = False
+    c.nmi = False
