@@ -16,6 +16,11 @@ back to the newest checkpoint that passes, moving the damaged ones to
 
 Retention (``prune``): the last ``keep`` checkpoints plus the best by the configured metric
 among the evaluated ones, the final evaluation included.
+
+A remote workdir (``gs://``; ``hdml_jax.storage``) goes to orbax as an ``epath.Path``. On GCS
+orbax has no atomic rename: it writes into ``<step>/`` directly and marks it complete with a
+``commit_success.txt`` written last, ignoring and cleaning up folders without one; ``steps_in``
+counts a remote checkpoint only with that file.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import logging
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -34,9 +38,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from hdml_jax import storage
 from hdml_jax.errors import UserError
 
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+COMMIT_FILE = "commit_success.txt"  # orbax's mark of a finished checkpoint on object storage
 
 
 class NoIntactCheckpointError(UserError):
@@ -60,19 +66,26 @@ def quiet_orbax() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def manager(directory: Path) -> ocp.CheckpointManager:
+def manager(directory: storage.AnyPath | str) -> ocp.CheckpointManager:
     """Synchronous orbax manager that keeps everything (``prune`` decides) and removes the
-    temporary folders of saves a kill interrupted."""
+    temporary folders of saves a kill interrupted. ``directory`` may be remote (``gs://``)."""
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, cleanup_tmp_directories=True)
     with quiet_orbax():
-        return ocp.CheckpointManager(Path(directory).resolve(), options=options)
+        return ocp.CheckpointManager(storage.resolve(directory), options=options)
 
 
-def steps_in(directory: Path) -> list[int]:
-    """The committed checkpoint steps in ``directory`` (without opening orbax)."""
-    directory = Path(directory)
+def steps_in(directory: storage.AnyPath | str) -> list[int]:
+    """The committed checkpoint steps in ``directory`` (without opening orbax).
+
+    Remote: only folders with orbax's ``commit_success.txt`` (a save cut short has none).
+    """
+    directory = storage.as_path(directory)
     if not directory.is_dir():
         return []
+    if storage.is_remote(directory):
+        return sorted(
+            int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / COMMIT_FILE).exists()
+        )
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
@@ -81,8 +94,13 @@ def discard_partial_saves(manager: ocp.CheckpointManager) -> None:
     back, and mute the complaints of orbax's write tasks that died with it."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "exception was never retrieved"
     if jax.process_index() == 0:
-        for path in Path(manager.directory).glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(path, ignore_errors=True)
+        directory = storage.as_path(manager.directory)
+        for path in directory.glob("*.orbax-checkpoint-tmp*"):
+            if storage.is_remote(path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.rmtree()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- fingerprint
@@ -165,7 +183,7 @@ def _reason(error: BaseException) -> str:
 
 
 def restore_latest_intact(
-    manager: ocp.CheckpointManager, abstract_state: Any, workdir: Path
+    manager: ocp.CheckpointManager, abstract_state: Any, workdir: storage.AnyPath
 ) -> tuple[Any, dict[str, Any], int] | None:
     """The newest checkpoint that restores and passes its fingerprint, or None if there is none.
 
@@ -200,16 +218,22 @@ def restore_latest_intact(
     return None
 
 
-def _set_aside(manager: ocp.CheckpointManager, workdir: Path, bad_steps: list[int]) -> None:
+def _set_aside(manager: ocp.CheckpointManager, workdir: storage.AnyPath, bad_steps: list[int]) -> None:
+    """Move ``bad_steps`` to ``<workdir>/damaged_checkpoints`` (remote: copied, then deleted)."""
     if jax.process_index() == 0:
         target = workdir / "damaged_checkpoints"
-        target.mkdir(exist_ok=True)
+        if not storage.is_remote(target):
+            target.mkdir(exist_ok=True)
         for step in bad_steps:
             destination = target / str(step)
             suffix = 1
             while destination.exists():
                 destination, suffix = target / f"{step}.{suffix}", suffix + 1
-            shutil.move(str(Path(manager.directory) / str(step)), destination)
+            source = storage.as_path(manager.directory) / str(step)
+            if storage.is_remote(source):
+                storage.move_tree(source, destination)
+            else:
+                shutil.move(str(source), destination)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("hdml_jax: damaged checkpoints set aside")
     manager.reload()

@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +46,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hdml_jax import checkpoints, steps
+from hdml_jax import checkpoints, steps, storage
 from hdml_jax.data import transforms
 from hdml_jax.errors import UserError, exit_with_message
 
@@ -148,9 +149,10 @@ def describe_transform(transform: transforms.ImageTransform) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- workdir
 
 
-def resolve_workdir(workdir: str | Path) -> Path:
-    """``workdir`` as an absolute path; ``WorkdirNotFoundError`` if it is not a folder."""
-    path = Path(workdir).expanduser()
+def resolve_workdir(workdir: str | Path) -> storage.AnyPath:
+    """``workdir`` as an absolute path (or a bucket URL, ``hdml_jax.storage``);
+    ``WorkdirNotFoundError`` if it is not a folder."""
+    path = storage.resolve(os.path.expanduser(os.fspath(workdir)))
     if not path.is_dir():
         raise WorkdirNotFoundError(
             f"workdir {workdir} does not exist. Pass --workdir the folder a training run wrote "
@@ -181,7 +183,7 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
 
 def available_steps(workdir: str | Path) -> list[int]:
     """The checkpoint steps on disk, oldest first."""
-    return checkpoints.steps_in(Path(workdir) / "checkpoints")
+    return checkpoints.steps_in(storage.as_path(workdir) / "checkpoints")
 
 
 def best_step(workdir: Path, evaluations: Sequence[dict[str, Any]], metric: str) -> int | None:
@@ -499,7 +501,7 @@ def _restore_data(manager: Any, step: int) -> dict[str, Any]:
 
 def _restore_state(manager: Any, step: int) -> tuple[Any, dict[str, Any]]:
     """The whole state of ``step`` on the host's CPU (shapes from the checkpoint's metadata)."""
-    directory = Path(manager.directory) / str(step)
+    directory = storage.as_path(manager.directory) / str(step)
     try:
         with checkpoints.quiet_orbax():
             with ocp.StandardCheckpointer() as checkpointer:

@@ -20,7 +20,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hdml_jax import interrupts
+from hdml_jax import interrupts, storage
 from hdml_jax.errors import ConfigError, UserError, debug_enabled, exit_with_message
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,10 @@ HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
 # at import, outside any error handling. parse_flags supplies configs/synthetic.py instead.
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :method=...")
 flags.DEFINE_string(
-    "workdir", None, "Where checkpoints, metrics and pictures go (default: runs/<dataset>_<method>)."
+    "workdir",
+    None,
+    "Where checkpoints, metrics and pictures go: a folder or a bucket, gs://BUCKET/RUN "
+    "(default: runs/<dataset>_<method>).",
 )
 flags.DEFINE_string("coordinator_address", None, "Multi-host without auto-detection: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
@@ -67,7 +70,7 @@ def usage() -> str:
             "",
             "flags:",
             "  --workdir DIR              checkpoints, metrics.jsonl, final_metrics.json, pictures",
-            "                             (default: runs/<dataset>_<method>)",
+            "                             (default: runs/<dataset>_<method>); or a bucket, gs://BUCKET/RUN",
             "  --config.FIELD=VALUE       any config field, e.g. --config.optimizer.lr=2e-4,",
             "                             --config.eval_only=True; every field is listed with a comment",
             "                             in hdml_jax/config.py base_config()",
@@ -192,7 +195,7 @@ def main(argv: list[str]) -> int:
     except train.TrainingDivergedError as error:
         exit_with_message(error)
     if jax.process_index() == 0:
-        print(f"done: recall@1 {100 * final['recall@1']:.2f} — results in {Path(workdir).resolve()}")
+        print(f"done: recall@1 {100 * final['recall@1']:.2f} — results in {storage.display(workdir)}")
     return 0
 
 

@@ -9,13 +9,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from hdml_jax import checkpoints, interrupts, projector, visualize
+from hdml_jax import checkpoints, interrupts, projector, storage, visualize
 from hdml_jax.data.base import MetricDataset
 from hdml_jax.workdir import atomic_write, atomic_write_text
 
 
 def write_outputs(
-    workdir: Path,
+    workdir: storage.AnyPath,
     config,
     dataset: MetricDataset,
     final: dict[str, float],
@@ -23,7 +23,8 @@ def write_outputs(
     step: int,
     evaluations: list[dict[str, Any]],
 ) -> None:
-    """final_metrics.json, embeddings, the projector's files and the three pictures; each atomic.
+    """final_metrics.json, embeddings, the projector's files and the three pictures; each atomic
+    (in a remote ``workdir``: written locally, then uploaded whole; ``hdml_jax.storage``).
 
     ``final_metrics.json`` holds the last evaluation at the top level (``step``, ``epoch`` and the
     metrics) and, under ``best``, the evaluation with the highest ``config.best_metric`` among

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hdml_jax import storage
 from hdml_jax.workdir import atomic_write, atomic_write_text
 
 CONFIG_NAME = "projector_config.pbtxt"  # the plugin's PROJECTOR_FILENAME
@@ -177,7 +178,7 @@ def config_pbtxt(
 
 
 def write_projector(
-    logdir: Path,
+    logdir: storage.AnyPath | str,
     embeddings: np.ndarray,
     labels: np.ndarray,
     coarse_labels: np.ndarray | None,
@@ -190,7 +191,7 @@ def write_projector(
     """Write the projector's files for a sample of ``embeddings`` (see the module docstring).
 
     Args:
-      logdir: the run's TensorBoard logdir (the workdir).
+      logdir: the run's TensorBoard logdir (the workdir; local or a bucket).
       embeddings: ``(N, d)``; ``labels`` and ``coarse_labels`` (or None) ``(N,)``.
       images: ``images(i)`` is point i's uint8 image; None writes no sprite (and removes an
         earlier one).
@@ -199,7 +200,7 @@ def write_projector(
     Returns the sampled indices into ``embeddings``, ``(min(N, max_points),)``, sorted.
     Nothing is written when ``N == 0``.
     """
-    logdir = Path(logdir)
+    logdir = storage.as_path(logdir)
     embeddings = np.asarray(embeddings)
     labels = np.asarray(labels)
     if len(labels) != len(embeddings):
@@ -208,7 +209,7 @@ def write_projector(
     if len(chosen) == 0:
         return chosen
     folder = logdir / SUBDIR
-    folder.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(folder)
     atomic_write_text(folder / TENSOR_FILE, embeddings_tsv(embeddings[chosen]))
     coarse = None if coarse_labels is None else np.asarray(coarse_labels)[chosen]
     atomic_write_text(folder / METADATA_FILE, metadata_tsv(labels[chosen], coarse))

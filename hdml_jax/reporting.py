@@ -1,31 +1,47 @@
-"""What a run shows and records: the progress line, ``metrics.jsonl`` and TensorBoard."""
+"""What a run shows and records: the progress line, ``metrics.jsonl`` and TensorBoard.
+
+Both logs grow by appending. In a local workdir they are appended there, line by line and event
+by event. Object storage has no append (and allows about one write per second to an object), so
+for a remote workdir (``hdml_jax.storage``) they grow in a local staging folder instead:
+``metrics.jsonl`` is first downloaded from the workdir (a resumed run continues it), and
+``sync()`` uploads it and this run's TensorBoard event file whole, each in one atomic upload.
+The trainer syncs before every checkpoint is saved, before the final outputs and at the end, so
+the workdir's log always holds every record up to its newest checkpoint; records past it (a run
+killed between checkpoints) are lost with the staging folder, as is the training they describe.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from hdml_jax import evaluate
+from hdml_jax import evaluate, storage
 from hdml_jax.workdir import storage_errors
+
+LOG_NAME = "metrics.jsonl"
+EVENTS_PREFIX = "events.out.tfevents."
 
 
 class Reporter:
     """Progress line on screen; metrics.jsonl and TensorBoard in the workdir (process 0 only).
 
     ``record=False`` (``eval_only``) prints without writing anything. ``purge_step``: on resume,
-    TensorBoard drops the events at and after it that an earlier attempt wrote.
+    TensorBoard drops the events at and after it that an earlier attempt wrote. A remote
+    ``workdir`` gets the logs through a local staging folder and ``sync`` (module docstring).
     """
 
     def __init__(
         self,
-        workdir: Path,
+        workdir: storage.AnyPath,
         total_steps: int,
         batch_size: int,
         *,
@@ -41,12 +57,21 @@ class Reporter:
         self._jsonl = None
         self._last = (time.perf_counter(), None)
         self._smoothed: float | None = None
+        # Remote workdir: the logs grow here and sync() uploads them; local: None.
+        self.staging: Path | None = None
+        self._uploaded: dict[str, tuple[int, int]] = {}
         if self.record:
-            self._jsonl = open(workdir / "metrics.jsonl", "a")
+            logdir = workdir
+            if storage.is_remote(workdir):
+                self.staging = logdir = Path(tempfile.mkdtemp(prefix="hdml_jax-logs-"))
+                remote_log = storage.as_path(workdir) / LOG_NAME
+                if storage.download(remote_log, logdir / LOG_NAME):
+                    self._uploaded[LOG_NAME] = self._signature(logdir / LOG_NAME)
+            self._jsonl = open(logdir / LOG_NAME, "a")
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(workdir), purge_step=purge_step)
+                self._tb = SummaryWriter(str(logdir), purge_step=purge_step)
             except ImportError:
                 print("tensorboardX is not installed: no TensorBoard events are written.", file=sys.stderr)
 
@@ -100,9 +125,44 @@ class Reporter:
                         self._tb.add_scalar(f"{prefix}/{key.replace('@', '_at_')}", value, record["step"])
                 self._tb.flush()
 
+    @staticmethod
+    def _signature(path: Path) -> tuple[int, int]:
+        info = path.stat()
+        return info.st_size, info.st_mtime_ns
+
+    def sync(self) -> None:
+        """Remote workdir: upload the staged ``metrics.jsonl`` and event files that changed since
+        their last upload, each whole (local workdir: nothing to do). Called before each
+        checkpoint, so the workdir's log covers every checkpoint there."""
+        if self.staging is None:
+            return
+        with storage_errors(f"uploading {LOG_NAME}", self.workdir):
+            if self._tb is not None:
+                self._tb.flush()
+            for local in sorted(self.staging.iterdir()):
+                if local.name != LOG_NAME and not local.name.startswith(EVENTS_PREFIX):
+                    continue
+                signature = self._signature(local)
+                if signature[0] and self._uploaded.get(local.name) != signature:  # empty: nothing yet
+                    storage.upload(local, storage.as_path(self.workdir) / local.name)
+                    self._uploaded[local.name] = signature
+
     def close(self) -> None:
+        """Close the logs; a remote workdir gets their last upload and the staging folder goes."""
         with contextlib.suppress(OSError):  # a full disk was reported already
             if self._jsonl is not None:
                 self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+        self._jsonl = self._tb = None
+        if self.staging is not None:
+            try:
+                self.sync()
+            except Exception as error:  # closing runs on every way out: say it, do not mask the cause
+                print(
+                    f"warning: could not upload the logs to {self.workdir} ({error}); the workdir keeps "
+                    "those of the last checkpoint.",
+                    file=sys.stderr,
+                )
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None

@@ -77,7 +77,7 @@ def check_gallery_fits(
 
     ``step``: the ``--step`` asked for (None: the gallery's own).
     """
-    if Path(gallery["workdir"]) != workdir:
+    if str(gallery["workdir"]) != str(workdir):
         raise GalleryError(
             f"{source} was embedded by the run in {gallery['workdir']}, not by {workdir}: similarities "
             "between two networks' embeddings mean nothing. Re-embed the gallery with this run "

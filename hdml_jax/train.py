@@ -22,6 +22,10 @@ Workdir layout::
     test_embeddings.npy  test_labels.npy (and query/gallery for In-Shop)
     tsne.png  retrieval.png  curves.png
     .lock                held by the running process
+
+The workdir may be object storage (``--workdir gs://bucket/run``, ``hdml_jax.storage``): orbax
+writes the checkpoints there itself, every other file is uploaded whole, the logs are mirrored
+from a local staging folder before each checkpoint (``hdml_jax.reporting``), and there is no lock.
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -45,7 +49,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hdml_jax import checkpoints, evaluate, interrupts, optim, parallel, steps
+from hdml_jax import checkpoints, evaluate, interrupts, optim, parallel, steps, storage
 from hdml_jax.config import HIERARCHICAL_METHODS, validate
 from hdml_jax.data import pipeline, sampling, transforms
 from hdml_jax.data.base import MetricDataset, Split
@@ -101,9 +105,21 @@ def make_mesh() -> jax.sharding.Mesh:
 
 
 def load_data(config: ml_collections.ConfigDict) -> MetricDataset:
-    """The data set a config names; ``custom``: its CSV or folder, checked and prepared once."""
+    """The data set a config names; ``custom``: its CSV or folder, checked and prepared once.
+
+    ``dataset.data_dir`` may be a bucket (``gs://...``) for the prepared TFDS data sets, which
+    TFDS reads itself; a custom data set is checked and prepared from local files only.
+    """
     if config.dataset.name == "custom":
         from hdml_jax.data import custom
+
+        for field in ("path", "root", "data_dir"):
+            value = config.dataset[field]
+            if value and storage.is_remote(str(value)):
+                raise ConfigError(
+                    f"dataset.{field}={value}: a custom data set is read and prepared from local "
+                    "files; copy it first (e.g. gsutil -m rsync -r) and pass the local path."
+                )
 
         return custom.load_custom(
             config.dataset.path,
@@ -270,7 +286,7 @@ def _stop_agreed(step: int, every: int) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array([requested]))))
 
 
-def _completed(workdir: Path, num_steps: int) -> dict[str, Any] | None:
+def _completed(workdir: storage.AnyPath, num_steps: int) -> dict[str, Any] | None:
     """``final_metrics.json`` of a run that already reached ``num_steps``, else None."""
     path = workdir / "final_metrics.json"
     if not path.exists():
@@ -282,7 +298,7 @@ def _completed(workdir: Path, num_steps: int) -> dict[str, Any] | None:
     return summary if summary.get("step", -1) >= num_steps else None
 
 
-def _config_changes(path: Path, config: ml_collections.ConfigDict) -> list[str]:
+def _config_changes(path: storage.AnyPath, config: ml_collections.ConfigDict) -> list[str]:
     """``field: old → new`` for the fields where ``config`` differs from the saved ``config.json``."""
     if not path.exists():
         return []
@@ -317,7 +333,7 @@ def _config_json(config: ml_collections.ConfigDict) -> str:
     return saved.to_json_best_effort(indent=2) + "\n"
 
 
-def _validate_resume_log(workdir: Path, step: int, evaluations: list[dict[str, Any]]) -> None:
+def _validate_resume_log(workdir: storage.AnyPath, step: int, evaluations: list[dict[str, Any]]) -> None:
     """``metrics.jsonl`` as the restored checkpoint knows it (``workdir.truncate_log``)."""
     truncate_log(workdir / "metrics.jsonl", step, {e["step"] for e in evaluations})
 
@@ -327,12 +343,13 @@ def _validate_resume_log(workdir: Path, step: int, evaluations: list[dict[str, A
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
-    workdir: str | Path,
+    workdir: str | os.PathLike,
     dataset: MetricDataset | None = None,
     overridden: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train (or, with ``eval_only``, just evaluate) and return the final metrics.
 
+    ``workdir``: a local folder or a bucket (``gs://bucket/run``; ``hdml_jax.storage``).
     ``dataset`` replaces the one named by ``config.dataset.name`` (train on your own data).
     ``overridden``: the dotted fields set on the command line (checked against the method).
 
@@ -342,7 +359,8 @@ def train_and_evaluate(
     ``TrainingDivergedError``. A run that fails before its first step leaves no workdir behind.
     """
     validate(config, overridden)
-    workdir = Path(workdir)
+    workdir = storage.as_path(workdir)
+    storage.check_remote(workdir, "--workdir")
     primary = jax.process_index() == 0
     created = first_missing_ancestor(workdir) if primary else None
     installed = interrupts.install()
@@ -357,7 +375,7 @@ def train_and_evaluate(
         steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
         num_steps = optim.total_steps(config, steps_per_epoch)
         interrupts.stop_point()
-        workdir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(workdir)
         with WorkdirLock(workdir) if primary else contextlib.nullcontext():
             complete = None if config.eval_only else _completed(workdir, num_steps)
             if complete is not None:
@@ -397,7 +415,7 @@ class _Run:
     """What one run works with; ``evaluations`` grows (and is checkpointed) as it goes."""
 
     config: ml_collections.ConfigDict
-    workdir: Path
+    workdir: storage.AnyPath
     dataset: MetricDataset
     model: Any
     state: steps.State
@@ -417,6 +435,9 @@ class _Run:
         return int(jax.device_get(self.state["step"]))
 
     def save(self, evaluate_first: bool = False) -> None:
+        """Checkpoint the state, then prune; the logs are synced first (a remote workdir's log then
+        holds every record up to the checkpoint)."""
+        self.reporter.sync()
         intact = self.manager.latest_step()
         before = f"The last complete checkpoint (step {intact}) is intact. " if intact is not None else ""
         try:
@@ -483,7 +504,7 @@ def _last_good(manager: ocp.CheckpointManager) -> str:
 
 def _prepare(
     config: ml_collections.ConfigDict,
-    workdir: Path,
+    workdir: storage.AnyPath,
     dataset: MetricDataset,
     steps_per_epoch: int,
     num_steps: int,
@@ -510,27 +531,28 @@ def _prepare(
 
     with contextlib.ExitStack() as cleanup:
         manager = checkpoints.manager(workdir / "checkpoints")
-        cleanup.callback(manager.close)  # on an error below; the run owns the manager after
+        cleanup.callback(manager.close)  # on an error below; the run owns manager and reporter after
         run = _restore(config, workdir, dataset, model, state, sharding, manager, batch_sharding, num_steps)
+        cleanup.callback(run.reporter.close)  # (a remote workdir's reporter holds a staging folder)
+        run.steps_per_epoch = steps_per_epoch
+        if not config.eval_only:
+            run.phases = Phases(
+                config,
+                model,
+                params_shape,
+                steps_per_epoch,
+                coarse_sizes,
+                sharding,
+                batch_sharding,
+                hierarchy_active=hierarchy_is_active(run.state),
+            )
         cleanup.pop_all()
-    run.steps_per_epoch = steps_per_epoch
-    if not config.eval_only:
-        run.phases = Phases(
-            config,
-            model,
-            params_shape,
-            steps_per_epoch,
-            coarse_sizes,
-            sharding,
-            batch_sharding,
-            hierarchy_active=hierarchy_is_active(run.state),
-        )
     return run
 
 
 def _restore(
     config: ml_collections.ConfigDict,
-    workdir: Path,
+    workdir: storage.AnyPath,
     dataset: MetricDataset,
     model: Any,
     state: steps.State,
@@ -610,6 +632,7 @@ def _train_and_finish(run: _Run) -> dict[str, Any]:
             )
             evaluations = run.evaluations
         if jax.process_index() == 0:
+            run.reporter.sync()  # curves.png reads the workdir's metrics.jsonl
             write_outputs(run.workdir, run.config, run.dataset, final, embeddings, step, evaluations)
         return final
     except interrupts.StopRequestedError:

@@ -239,7 +239,7 @@ def read_metrics(metrics_jsonl: str | Path) -> tuple[list[dict[str, Any]], list[
     ``(kind, step)`` wins. Blank and unreadable lines (a write cut off by a crash) are skipped.
     """
     latest: dict[tuple[str, int], dict[str, Any]] = {}
-    for record in read_log(Path(metrics_jsonl)):
+    for record in read_log(metrics_jsonl):  # local or remote (a Path() would mangle gs://)
         kind = "eval" if record.get("kind") == "eval" else "train"
         latest.pop((kind, record["step"]), None)
         latest[(kind, record["step"])] = record

@@ -11,12 +11,18 @@
   logs and curves never double back.
 * ``storage_errors``: a full disk (``ENOSPC``, ``EDQUOT``) anywhere inside, however deeply the
   libraries wrap it, becomes one ``StorageFullError``.
+
+A remote workdir (``gs://bucket/run``, see ``hdml_jax.storage``) has none of the file system
+features the first three rely on. There: no lock (``WorkdirLock`` prints one note instead);
+``atomic_write`` writes a local temporary file and uploads it in one piece (an upload is atomic
+for readers); ``truncate_log`` rewrites the whole object; ``remove_stub`` walks the prefix.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -27,6 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from hdml_jax import storage
 from hdml_jax.errors import UserError
 
 LOCK_NAME = ".lock"
@@ -48,13 +55,24 @@ class StorageFullError(UserError, OSError):
 
 
 class WorkdirLock:
-    """``with WorkdirLock(workdir):`` — exclusive use of ``workdir`` by this process."""
+    """``with WorkdirLock(workdir):`` — exclusive use of ``workdir`` by this process.
 
-    def __init__(self, workdir: Path):
-        self.path = Path(workdir) / LOCK_NAME
+    A remote workdir (object storage) cannot be locked: entering prints one note and locks nothing.
+    """
+
+    def __init__(self, workdir: storage.AnyPath | str):
+        self.remote = storage.is_remote(workdir)
+        self.path = storage.as_path(workdir) / LOCK_NAME
         self._file: IO[str] | None = None
 
     def __enter__(self) -> WorkdirLock:
+        if self.remote:
+            print(
+                f"note: {self.path.parent} is in object storage, which has no locks: nothing stops a "
+                "second run on it, so do not start one while this one runs.",
+                file=sys.stderr,
+            )
+            return self
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock
@@ -92,12 +110,17 @@ class WorkdirLock:
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+def atomic_write(path: storage.AnyPath | str, write: Callable[[Path], Any]) -> None:
     """``write(tmp_path)`` then rename onto ``path``; on any error the temporary file is removed.
 
     The temporary name keeps ``path``'s suffix (``np.save`` and matplotlib pick the format by it).
+    A remote ``path``: ``write`` gets a local temporary file, uploaded to ``path`` in one piece.
     """
-    path = Path(path)
+    path = storage.as_path(path)
+    if storage.is_remote(path):
+        with storage_errors(f"writing {path.name}", path.parent):
+            storage.write_via_local(path, write)
+        return
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         with storage_errors(f"writing {path.name}", path.parent):
@@ -108,16 +131,18 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
             tmp.unlink()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: storage.AnyPath | str, text: str) -> None:
+    """``atomic_write`` of ``text``."""
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
+def read_log(path: storage.AnyPath | str) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl``; a torn line (a hard kill mid-write) is skipped."""
-    if not Path(path).exists():
+    path = storage.as_path(path)
+    if not path.exists():
         return []
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -127,12 +152,12 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_log(path: Path, step: int, evaluated_steps: set[int]) -> int:
+def truncate_log(path: storage.AnyPath | str, step: int, evaluated_steps: set[int]) -> int:
     """Keep the records up to ``step``, and of the evaluation records only those at
     ``evaluated_steps`` (the others were written after the restored checkpoint by an attempt that
     died; the resumed run writes them again). Returns how many lines were dropped; the file is
-    replaced atomically."""
-    path = Path(path)
+    replaced atomically (a remote one: rewritten whole)."""
+    path = storage.as_path(path)
     if not path.exists():
         return 0
     lines = path.read_text().splitlines()
@@ -169,7 +194,7 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def storage_errors(what: str, where: Path, intact: str = "") -> Iterator[None]:
+def storage_errors(what: str, where: storage.AnyPath | str, intact: str = "") -> Iterator[None]:
     """Turn a full disk while ``what`` into ``StorageFullError`` (other errors pass unchanged)."""
     try:
         yield
@@ -178,29 +203,51 @@ def storage_errors(what: str, where: Path, intact: str = "") -> Iterator[None]:
     except Exception as error:
         if not is_disk_full(error):
             raise
-        free = shutil.disk_usage(where if Path(where).exists() else Path(where).parent).free
+        free = ""
+        if not storage.is_remote(where):  # remote: the local temporary folder filled up
+            free = shutil.disk_usage(where if Path(where).exists() else Path(where).parent).free
+            free = f" ({free / 2**20:.0f} MiB free)"
         full = StorageFullError(
-            f"no space left on the device while {what} in {where} ({free / 2**20:.0f} MiB free). "
+            f"no space left on the device while {what} in {where}{free}. "
             f"{intact}Free some space and rerun the same command to resume."
         )
         full.errno = errno.ENOSPC
         raise full from error
 
 
-def remove_stub(workdir: Path, created: Path | None) -> None:
+_KEEP = {"metrics.jsonl", "final_metrics.json"}
+
+
+def remove_stub(workdir: storage.AnyPath | str, created: storage.AnyPath | None) -> None:
     """Remove ``created`` (the first folder this run made on the way to ``workdir``) if the run
     wrote nothing worth keeping into it: no checkpoint, no metrics, no results."""
     if created is None or not created.exists():
         return
-    keep = {"metrics.jsonl", "final_metrics.json"}
+    if storage.is_remote(workdir):
+        workdir = storage.as_path(workdir)
+        for path in storage.files_under(workdir):
+            parts = storage.relative_parts(path, workdir)
+            if path.name in _KEEP or any(
+                a == "checkpoints" and b.isdigit() for a, b in itertools.pairwise(parts)
+            ):
+                return
+        with contextlib.suppress(FileNotFoundError):
+            created.rmtree()
+        return
     for path in Path(workdir).rglob("*"):
-        if path.name in keep or (path.parent.name == "checkpoints" and path.name.isdigit()):
+        if path.name in _KEEP or (path.parent.name == "checkpoints" and path.name.isdigit()):
             return
     shutil.rmtree(created, ignore_errors=True)
 
 
-def first_missing_ancestor(path: Path) -> Path | None:
-    """The outermost folder of ``path`` that does not exist yet (``path`` itself, or a parent)."""
+def first_missing_ancestor(path: storage.AnyPath | str) -> storage.AnyPath | None:
+    """The outermost folder of ``path`` that does not exist yet (``path`` itself, or a parent).
+
+    A remote ``path`` is itself or nothing: a bucket's "folders" are only prefixes of its objects.
+    """
+    if storage.is_remote(path):
+        path = storage.as_path(path)
+        return None if path.exists() else path
     path = Path(path).absolute()
     if path.exists():
         return None

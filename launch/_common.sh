@@ -12,6 +12,7 @@
 #   check_whole VAR...   die unless $VAR is a whole number (before it meets bash arithmetic)
 #   check_chars VAR SET  die unless $VAR is non-empty and made of the characters of SET only
 #   check_modules        die unless MODULES holds only plain module names
+#   is_url WORD          WORD starts with a URL scheme (gs://...); abspath PATH leaves those alone
 #
 # Every command a script runs goes through run/run_exec, so a dry run prints exactly what a real
 # run would do, one command per line, prefixed with "+ " like `set -x`.
@@ -231,10 +232,15 @@ parse_args() {
     done
 }
 
+is_url() {
+    # is_url WORD: WORD starts with a URL scheme (gs://bucket/run), which the trainer opens itself.
+    [[ $1 =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]
+}
+
 abspath() {
-    # The absolute form of a local path, without requiring it to exist.
+    # The absolute form of a local path, without requiring it to exist; a URL as it is.
     local path=$1
-    [[ $path == /* ]] || path="$PWD/$path"
+    [[ $path == /* ]] || is_url "$path" || path="$PWD/$path"
     printf '%s' "$path"
 }
 

@@ -21,7 +21,8 @@ Usage: launch/gpu_node.sh [install|run] [flags] [-- extra trainer args]
 
 Flags (environment variable in brackets; flags win):
   --config SPEC         configs/<dataset>.py[:method=...] [CONFIG]                  (required by run)
-  --workdir DIR         checkpoints, metrics, pictures; rerun with the same DIR to resume [WORKDIR]
+  --workdir DIR         checkpoints, metrics, pictures (or gs://BUCKET/RUN, with pip install -e
+                        '.[gcs]'); rerun with the same DIR to resume [WORKDIR]
                                                                                     (required by run)
   --data-dir DIR        the TFDS data dir (python -m hdml_jax.data.prepare ...) [DATA_DIR]
   --extra-args "ARGS"   more trainer flags, split on spaces [EXTRA_ARGS]; or put them after --

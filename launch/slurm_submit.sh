@@ -42,7 +42,8 @@ Resources (environment variable in brackets; flags win):
                         (split on spaces; no quotes, backslashes or "#")
 Run:
   --config SPEC         configs/<dataset>.py[:method=...] [CONFIG]                        (required)
-  --workdir DIR         shared by all nodes; the same path resumes [WORKDIR]              (required)
+  --workdir DIR         shared by all nodes, or gs://BUCKET/RUN (then --script too); the same
+                        path resumes [WORKDIR]                                            (required)
   --data-dir DIR        the TFDS data dir, readable on every node [DATA_DIR]
   --extra-args "ARGS"   more trainer flags, split on spaces [EXTRA_ARGS]; or put them after --
                         (those after -- pass verbatim, one argument each: spaces, quotes, anything)
@@ -114,6 +115,10 @@ if [[ -z $JOB_NAME ]]; then
     [[ $CONFIG != *:method=* ]] || JOB_NAME+="_${CONFIG##*:method=}"
     JOB_NAME="hdml_${JOB_NAME%%,*}"
     JOB_NAME=${JOB_NAME//[^$SBATCH_CHARS]/_} # from --config: made safe rather than refused
+fi
+if [[ -z $SCRIPT ]] && is_url "$WORKDIR"; then
+    die "--workdir $WORKDIR is a bucket, where SLURM can write neither the job script nor its output:" \
+        "pass --script FILE on storage the nodes share (e.g. --script /shared/jobs/run.sbatch)"
 fi
 SCRIPT=$(abspath "${SCRIPT:-$WORKDIR/slurm/hdml_jax.sbatch}")
 # abspath may have added the current directory, which the checks of parse_args did not see.

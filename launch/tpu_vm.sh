@@ -9,7 +9,9 @@
 # values that cannot be quoted there (a number after sleep, an scp path) are checked instead.
 # On a pod slice every command that touches the workers uses --worker=all, because JAX is
 # multi-controller: the same program runs on every host and they meet in jax.distributed.initialize()
-# (auto-detected on TPU VMs by hdml_jax.main). See launch/README.md for the whole story.
+# (auto-detected on TPU VMs by hdml_jax.main). The workdir is best a bucket, --workdir gs://BUCKET/RUN:
+# the trainer writes there itself (etils.epath, orbax), every host sees it, nothing to mount.
+# See launch/README.md for the whole story.
 set -euo pipefail
 
 LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -24,9 +26,10 @@ Usage: launch/tpu_vm.sh COMMAND [flags] [-- extra trainer args]
 Commands (each prints the commands it runs; --dry-run prints them without running anything):
   create   create the TPU VM (gcloud compute tpus tpu-vm create)
   setup    copy this working tree (or clone --repo-url) to every worker, make a venv, pip install
-           -e . "jax[tpu]" (and gcsfuse when a bucket is mounted)
+           -e ".[gcs]" "jax[tpu]" (and gcsfuse when a bucket is mounted)
   data     on every worker: gsutil -m rsync the prepared TFDS dir (and --gcs-weights) to local
-           disk, or mount it read-only with gcsfuse (--data-mode gcsfuse)
+           disk, or mount it read-only with gcsfuse (--data-mode gcsfuse); --data-mode gcs: the
+           trainer reads the bucket itself, nothing to copy
   run      start python -m hdml_jax.main on every worker in the background (nohup, log file);
            a no-op on workers where it is already running
   resume   after a preemption: recreate the VM if it is gone/PREEMPTED, then setup, data, run;
@@ -50,14 +53,17 @@ Flags (environment variable in brackets; flags win):
   --remote-venv DIR       the venv on the workers [REMOTE_VENV] ('~/hdml_venv')
   --gcs-data URL          gs:// URL of a prepared TFDS data dir [GCS_DATA]
   --data-dir DIR          the TFDS data dir on the workers [DATA_DIR] ('~/tensorflow_datasets')
-  --data-mode MODE        rsync (copy to each worker's disk) or gcsfuse (mount) [DATA_MODE] (rsync)
+  --data-mode MODE        rsync (copy to each worker's disk), gcsfuse (mount) or gcs (the trainer
+                          reads --gcs-data directly) [DATA_MODE] (rsync)
   --gcs-weights URL       gs:// URL of converted ImageNet weights, copied to --weights-dir [GCS_WEIGHTS]
   --weights-dir DIR       [WEIGHTS_DIR] ('~/weights'); pass --config.model.pretrained=~/weights/resnet50
   --config SPEC           configs/<dataset>.py[:method=...] [CONFIG]                (required by run)
-  --workdir DIR           the run's workdir as the workers see it [WORKDIR]         (required by run)
+  --workdir DIR|URL       the run's workdir: gs://BUCKET/RUN, written by the trainer directly and
+                          shared by all hosts (best on pod slices and spot VMs), or a path as
+                          the workers see it [WORKDIR]                              (required by run)
   --extra-args "ARGS"     more trainer flags, split on spaces [EXTRA_ARGS]; or put them after --
-  --workdir-bucket URL    gs://bucket[/prefix] mounted with gcsfuse at --workdir-mount on every
-                          worker: a workdir shared by all hosts (required on pod slices) [WORKDIR_BUCKET]
+  --workdir-bucket URL    optional: gs://bucket[/prefix] mounted with gcsfuse at --workdir-mount on
+                          every worker, for a --workdir path under it [WORKDIR_BUCKET]
   --workdir-mount DIR     [WORKDIR_MOUNT] (/mnt/hdml_runs); --workdir must lie under it
   --shared-workdir        --workdir is on storage all hosts share already (NFS, Filestore) [SHARED_WORKDIR=1]
   --sync-to URL           single host, local workdir: restore it from URL before run and mirror it
@@ -75,7 +81,7 @@ Examples:
   NAME=hdml ZONE=us-central2-b launch/tpu_vm.sh setup
   NAME=hdml ZONE=us-central2-b launch/tpu_vm.sh data --gcs-data gs://my-bucket/tensorflow_datasets
   NAME=hdml ZONE=us-central2-b launch/tpu_vm.sh run --config configs/cub.py:method=hpl_pa \
-      --workdir-bucket gs://my-bucket/runs --workdir /mnt/hdml_runs/cub_hpl_pa
+      --workdir gs://my-bucket/runs/cub_hpl_pa
   NAME=hdml ZONE=us-central2-b launch/tpu_vm.sh resume ...same flags as create, setup, data, run...
 EOF
 }
@@ -173,10 +179,11 @@ and_join() {
 }
 
 remote_path() {
-    # A path as the worker's shell sees it: absolute or "~/..." as given, relative to the repository.
+    # A path as the worker's shell sees it: absolute or "~/..." as given, relative to the repository;
+    # a URL (gs://...) as given.
     local path=$1
     # shellcheck disable=SC2088 # a literal "~/" is meant: it expands on the worker
-    if [[ $path == /* || $path == "~" || $path == "~/"* ]]; then
+    if [[ $path == /* || $path == "~" || $path == "~/"* ]] || is_url "$path"; then
         printf '%s' "$path"
     else
         printf '%s/%s' "${REMOTE_DIR%/}" "$path"
@@ -236,7 +243,7 @@ validate_common() {
     [[ $REPO_URL != -* && $REPO_REF != -* ]] || die "--repo-url and --repo-ref must not start with '-'"
     [[ $ACCELERATOR =~ ^v[0-9]+[a-z]*-[0-9]+$ ]] || die "--accelerator $ACCELERATOR does not look like v4-8 or v5litepod-16"
     [[ $CAPACITY =~ ^(|spot|preemptible)$ ]] || die "CAPACITY must be spot, preemptible or empty (got '$CAPACITY')"
-    [[ $DATA_MODE =~ ^(rsync|gcsfuse)$ ]] || die "--data-mode must be rsync or gcsfuse (got '$DATA_MODE')"
+    [[ $DATA_MODE =~ ^(rsync|gcsfuse|gcs)$ ]] || die "--data-mode must be rsync, gcsfuse or gcs (got '$DATA_MODE')"
     RUNTIME_VERSION=${RUNTIME_VERSION:-$(default_runtime_version)}
     [[ -z $WORKDIR_BUCKET ]] || check_gs WORKDIR_BUCKET
     [[ -z $SYNC_URI ]] || check_gs SYNC_URI
@@ -246,10 +253,18 @@ validate_common() {
 validate_run() {
     require CONFIG "pass --config configs/<dataset>.py[:method=...] or set CONFIG"
     require WORKDIR "pass --workdir or set WORKDIR (checkpoints live there; the same path resumes)"
-    if [[ $WORKDIR == gs://* ]]; then
-        die "--workdir $WORKDIR: hdml_jax.train builds paths with pathlib, which turns gs://b/x into the" \
-            "local directory gs:/b/x, so checkpoints would silently stay on the worker's disk. Mount the" \
-            "bucket instead: --workdir-bucket $WORKDIR --workdir $WORKDIR_MOUNT/<run> (see launch/README.md)."
+    if [[ $DATA_MODE == gcs ]]; then
+        require GCS_DATA "--data-mode gcs reads the prepared data from the bucket: pass --gcs-data gs://BUCKET/tensorflow_datasets"
+        check_gs GCS_DATA
+    fi
+    if is_url "$WORKDIR"; then
+        # Written by the trainer itself (etils.epath, orbax): shared by all hosts, kept after a preemption.
+        check_gs WORKDIR
+        [[ -z $WORKDIR_BUCKET ]] ||
+            die "--workdir $WORKDIR is a bucket the trainer writes directly; --workdir-bucket mounts one for a" \
+                "--workdir path under --workdir-mount: use one or the other"
+        [[ -z $SYNC_URI ]] || die "--sync-to mirrors a local workdir; --workdir $WORKDIR is in GCS already"
+        return 0
     fi
     local workdir
     workdir=$(remote_path "$WORKDIR")
@@ -261,14 +276,15 @@ validate_run() {
     fi
     if [[ -n $CAPACITY && -z $WORKDIR_BUCKET && -z $SYNC_URI ]] && ((!SHARED_WORKDIR)); then
         warn "a $CAPACITY VM with a workdir on its own disk: a preemption deletes the checkpoints;" \
-            "resume then starts over. Use --workdir-bucket (or --sync-to on one host)."
+            "resume then starts over. Use --workdir gs://BUCKET/RUN (or --sync-to on one host)."
     fi
     if is_multi_host; then
-        [[ -z $SYNC_URI ]] || die "--sync-to is for one host; a pod slice ($ACCELERATOR) needs --workdir-bucket"
+        [[ -z $SYNC_URI ]] || die "--sync-to is for one host; a pod slice ($ACCELERATOR) needs --workdir gs://BUCKET/RUN"
         if [[ -z $WORKDIR_BUCKET ]] && ((!SHARED_WORKDIR)); then
             die "$ACCELERATOR spans several hosts and orbax writes checkpoints collectively: every host" \
-                "must see the same workdir. Pass --workdir-bucket gs://BUCKET/runs (mounted with gcsfuse" \
-                "at $WORKDIR_MOUNT), or --shared-workdir if $WORKDIR is on NFS/Filestore."
+                "must see the same workdir. Pass --workdir gs://BUCKET/runs/<run> (or mount one with" \
+                "--workdir-bucket gs://BUCKET/runs, gcsfuse at $WORKDIR_MOUNT), or --shared-workdir if" \
+                "$WORKDIR is on NFS/Filestore."
         fi
     fi
 }
@@ -312,7 +328,9 @@ cmd_setup() {
     # image has it, else let uv fetch a standalone interpreter. Skipped when the venv exists.
     local py="python$PYTHON_VERSION"
     steps+=("if [ ! -x $venv/bin/python ]; then if command -v $py >/dev/null 2>&1; then $py -m venv $venv; else python3 -m pip install --user --quiet uv && \"\$HOME\"/.local/bin/uv venv --quiet --seed --python $PYTHON_VERSION $venv; fi; fi")
-    steps+=("$venv/bin/pip install --quiet --upgrade pip" "$venv/bin/pip install --quiet -e $repo $(squote "$JAX_PACKAGE")")
+    # [gcs]: gcsfs, through which etils.epath (the trainer, orbax, TFDS) reaches a gs:// workdir or
+    # data dir; the TPU images have no TensorFlow, epath's other route.
+    steps+=("$venv/bin/pip install --quiet --upgrade pip" "$venv/bin/pip install --quiet -e $repo'[gcs]' $(squote "$JAX_PACKAGE")")
     if uses_gcsfuse; then
         # Not on the TPU images; Google's apt repository (cloud.google.com/storage/docs/gcsfuse-install).
         steps+=("if ! command -v gcsfuse >/dev/null 2>&1; then echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; fi")
@@ -324,7 +342,7 @@ data_steps() {
     # The steps that make the data (and weights) visible on a worker; run by data and, for mounts
     # (which vanish with a reboot or a recreated VM), again by run.
     local only_mounts=$1 steps=()
-    if [[ -n $GCS_DATA ]]; then
+    if [[ -n $GCS_DATA && $DATA_MODE != gcs ]]; then # gcs: the trainer reads the bucket itself
         if [[ $DATA_MODE == gcsfuse ]]; then
             steps+=("$(gcsfuse_mount_step "$GCS_DATA" "$DATA_DIR" "$GCSFUSE_DATA_FLAGS" 0)")
         elif ((!only_mounts)); then
@@ -343,15 +361,22 @@ cmd_data() {
     [[ -n $GCS_DATA || -n $GCS_WEIGHTS ]] || die "GCS_DATA is not set: pass --gcs-data gs://BUCKET/tensorflow_datasets (a dir made by python -m hdml_jax.data.prepare)"
     [[ -z $GCS_DATA ]] || check_gs GCS_DATA
     [[ -z $GCS_WEIGHTS ]] || check_gs GCS_WEIGHTS
-    ssh_workers all "$(data_steps 0)"
+    local steps
+    steps=$(data_steps 0)
+    if [[ -z $steps ]]; then
+        note "--data-mode gcs: the trainer reads $GCS_DATA directly; nothing to copy"
+        return 0
+    fi
+    ssh_workers all "$steps"
 }
 
 trainer_command() {
     # The exact trainer command line, quoted for the worker's shell.
-    local extra=() args
+    local extra=() args data_dir=$DATA_DIR
     read -r -a extra <<<"$EXTRA_ARGS"
+    [[ $DATA_MODE != gcs ]] || data_dir=${GCS_DATA%/}
     args=("$REMOTE_VENV/bin/python" -m hdml_jax.main --config "$CONFIG" --workdir "$(remote_path "$WORKDIR")"
-        "--config.dataset.data_dir=$DATA_DIR")
+        "--config.dataset.data_dir=$data_dir")
     join_quoted rquote "${args[@]}" "${extra[@]}" "${EXTRA[@]}"
 }
 
@@ -364,7 +389,11 @@ cmd_run() {
     local mounts
     mounts=$(data_steps 1)
     [[ -z $mounts ]] || steps+=("$mounts")
-    steps+=("mkdir -p $log $workdir")
+    if is_url "$WORKDIR"; then
+        steps+=("mkdir -p $log") # a bucket needs no folder
+    else
+        steps+=("mkdir -p $log $workdir")
+    fi
     # Idempotent: a worker whose trainer still runs is left alone (resume may call run on a live VM).
     # The trainer is started with nohup and all of stdin/stdout/stderr redirected, so it outlives
     # this ssh session; $! is the python process itself, so `stop` can SIGTERM it.
@@ -436,7 +465,10 @@ cmd_fetch() {
         die "--workdir $WORKDIR is not under --workdir-mount $WORKDIR_MOUNT, where $WORKDIR_BUCKET is mounted"
     fi
     run mkdir -p "$to"
-    if [[ -n $WORKDIR_BUCKET ]]; then
+    if is_url "$WORKDIR"; then
+        # The trainer wrote the workdir to GCS: read it there, no VM needed (it may be gone).
+        run gsutil -m rsync -r "${exclude[@]}" "${WORKDIR%/}" "$to"
+    elif [[ -n $WORKDIR_BUCKET ]]; then
         # The workdir is in GCS already: read it there, no VM needed (it may be gone).
         local url="${WORKDIR_BUCKET%/}/${workdir#"${WORKDIR_MOUNT%/}/"}"
         run gsutil -m rsync -r "${exclude[@]}" "$url" "$to"

@@ -273,12 +273,40 @@ def test_tpu_pod_slice_needs_a_shared_workdir(sandbox):
     ok(launch(sandbox, TPU, "run", *pod, "--workdir", "/nfs/run", "--shared-workdir", env=TPU_BASE))
 
 
-def test_tpu_rejects_a_gs_workdir(sandbox):
-    fails(
-        launch(sandbox, TPU, "run", *RUN_FLAGS[:2], "--workdir", "gs://example-bucket/run", env=TPU_BASE),
-        "pathlib",
-        "--workdir-bucket",
-    )
+def test_tpu_gs_workdir_goes_to_the_trainer_as_is_and_needs_no_mount(sandbox):
+    bucket = "gs://example-bucket/runs/cub"
+    flags = [*RUN_FLAGS, "--workdir", bucket]  # the later --workdir wins
+    run = launch(sandbox, TPU, "run", *flags, "--accelerator", "v4-32", "--spot", env=TPU_BASE)
+    ((worker, remote),) = remote_commands(ok(run))  # a pod slice on spot capacity: fine, no warning
+    assert worker == "all" and f"--workdir {bucket} " in remote and "warning" not in run.stderr
+    assert "gcsfuse" not in remote and "mkdir -p \"$HOME\"/hdml_logs &&" in remote  # no folder for the bucket
+    ((_, setup),) = remote_commands(ok(launch(sandbox, TPU, "setup", *flags, env=TPU_BASE)))
+    assert "pip install --quiet -e \"$HOME\"/hdml_jax'[gcs]' \"jax[tpu]\"" in setup and "gcsfuse" not in setup
+    fetch = commands(ok(launch(sandbox, TPU, "fetch", *flags, env=TPU_BASE)))
+    assert ["gsutil", "-m", "rsync", "-r", "-x", "^checkpoints/.*", bucket, "results/hdml-test"] in fetch
+    fails(launch(sandbox, TPU, "run", *flags, "--workdir-bucket", "gs://b/runs", env=TPU_BASE), "one or the other")
+    fails(launch(sandbox, TPU, "run", *flags, "--sync-to", "gs://b/sync", env=TPU_BASE), "in GCS already")
+    fails(launch(sandbox, TPU, "run", *RUN_FLAGS, "--workdir", "s3://b/run", env=TPU_BASE), "gs:// URL")
+
+
+def test_tpu_data_mode_gcs_reads_the_bucket_directly(sandbox):
+    ((_, remote),) = remote_commands(ok(launch(sandbox, TPU, "run", *RUN_FLAGS, "--data-mode", "gcs", env=TPU_BASE)))
+    assert "--config.dataset.data_dir=gs://example-bucket/tfds" in remote and "rsync" not in remote
+    data = launch(sandbox, TPU, "data", *RUN_FLAGS, "--data-mode", "gcs", env=TPU_BASE)
+    assert not remote_commands(ok(data)) and "nothing to copy" in data.stderr
+    fails(launch(sandbox, TPU, "run", *RUN_FLAGS[:4], "--data-mode", "gcs", env=TPU_BASE), "--gcs-data")
+
+
+def test_gpu_and_slurm_pass_a_gs_workdir_through(sandbox, tmp_path):
+    bucket = "gs://example-bucket/runs/x"
+    trainer = commands(ok(launch(sandbox, GPU, "--config", "c.py", "--workdir", bucket)))[-1]
+    assert trainer[trainer.index("--workdir") + 1] == bucket
+    fails(launch(sandbox, SUBMIT, "--config", "c.py", "--workdir", bucket), "--script")
+    out = ok(launch(sandbox, SUBMIT, "--config", "c.py", "--workdir", bucket, "--script", str(tmp_path / "j.sbatch")))
+    path = tmp_path / "job.sbatch"
+    path.write_text(generated_script(out))
+    srun = next(argv for argv in commands(ok(launch(sandbox, path, env=SLURM_ENV))) if argv[0] == "srun")
+    assert srun[srun.index("--workdir") + 1] == bucket
 
 
 def test_tpu_remote_paths_expand_on_the_worker(sandbox):

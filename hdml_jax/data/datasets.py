@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from hdml_jax import storage
 from hdml_jax.data.base import MetricDataset, Split, SubsetSource, remap_labels
 from hdml_jax.errors import UserError
 
@@ -280,9 +281,15 @@ def _prepared_builder(name: str, data_dir: str | os.PathLike | None):
 # ----------------------------------------------------------------------------- labels
 
 
+def _data_folder(builder) -> storage.AnyPath:
+    """The builder's version folder: a local ``Path``, or an ``epath.Path`` for a bucket
+    (``data_dir=gs://...``; ``Path()`` would turn it into the local ``gs:/...``)."""
+    return storage.as_path(builder.data_path)
+
+
 def _shard_fingerprint(builder) -> str:
-    files = sorted(p for p in Path(os.fspath(builder.data_path)).iterdir() if ".array_record" in p.name)
-    return json.dumps([[p.name, p.stat().st_size] for p in files])
+    files = sorted(p for p in _data_folder(builder).iterdir() if ".array_record" in p.name)
+    return json.dumps([[p.name, storage.size(p)] for p in files])
 
 
 def _read_features_raw(builder, split: str, keys: tuple[str, ...]) -> dict[str, list[Any]]:
@@ -348,15 +355,17 @@ def read_label_features(
     """Label features of a split, from the cache next to the prepared files or read (and cached).
 
     The cache is keyed by split and features and checked against the shard files' names and sizes.
-    An unwritable ``data_dir`` only disables caching.
+    An unwritable ``data_dir`` only disables caching. In a bucket the cache is read and written
+    whole (one download, one upload).
     """
-    path = Path(os.fspath(builder.data_path)) / LABELS_CACHE
+    path = _data_folder(builder) / LABELS_CACHE
     fingerprint = _shard_fingerprint(builder)
     prefix = f"{split}::"
     stored: dict[str, np.ndarray] = {}
     if cache and path.exists():
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            source = io.BytesIO(path.read_bytes()) if storage.is_remote(path) else path
+            with np.load(source, allow_pickle=False) as npz:
                 stored = {k: npz[k] for k in npz.files}
         except (OSError, ValueError) as error:
             log.warning("Ignoring unreadable label cache %s: %s", path, error)
@@ -368,6 +377,12 @@ def read_label_features(
     if cache:
         stored.update({prefix + k: v for k, v in values.items()})
         stored["fingerprint"] = np.asarray(fingerprint)
+        if storage.is_remote(path):
+            try:
+                storage.write_via_local(path, lambda local: np.savez(local, **stored))
+            except Exception as error:  # a read-only bucket, missing permission: no cache
+                log.info("Not caching labels in %s: %s", path, error)
+            return values
         tmp = path.with_name(f".{LABELS_CACHE}.{os.getpid()}.tmp.npz")
         try:
             np.savez(tmp, **stored)
