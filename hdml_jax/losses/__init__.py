@@ -7,6 +7,11 @@ computes in float32 whatever the input dtype, and returns a float32 scalar::
     from hdml_jax.losses import proxy_anchor_loss
     loss, grads = jax.value_and_grad(proxy_anchor_loss, argnums=(0, 2))(x, y, proxies)
 
+The pair-based losses of pytorch-metric-learning (``contrastive_loss``, ``triplet_margin_loss``,
+``multi_similarity_loss``, ``margin_loss``, ``ntxent_loss``, ``lifted_structure_loss``,
+``circle_loss``) keep its keyword names, defaults and reducers; its miners are pure functions
+returning masks that the losses take as keywords: ``loss(x, y, **batch_hard_miner(x, y))``.
+
 A NaN or inf in an unmasked embedding row (or a proxy) makes the loss NaN, never a finite number.
 A concrete hyperparameter outside its meaningful range (``alpha ≤ 0``, ``margin < 0``,
 ``scale ≤ 0``, ``temperature ≤ 0``, ...) raises ``LossHyperparameterError``, a
@@ -24,22 +29,52 @@ from hdml_jax.losses.hierarchical import (
     level_labels,
     refresh_assignments,
 )
+from hdml_jax.losses.miners import (
+    batch_hard_miner,
+    multi_similarity_miner,
+    semi_hard_miner,
+    triplet_margin_miner,
+    triplets_from_pairs,
+)
+from hdml_jax.losses.pair import (
+    circle_loss,
+    contrastive_loss,
+    generalized_lifted_structure_loss,
+    lifted_structure_loss,
+    multi_similarity_loss,
+    ntxent_loss,
+)
 from hdml_jax.losses.proxy_anchor import proxy_anchor_loss
 from hdml_jax.losses.proxy_nca import proxy_nca_loss
 from hdml_jax.losses.triplet import batch_hard_triplet_loss, pairwise_squared_distances
+from hdml_jax.losses.triplet_margin import init_margin_beta, margin_loss, triplet_margin_loss
 
 __all__ = [
     "LossHyperparameterError",
     "ProxyHierarchy",
+    "batch_hard_miner",
     "batch_hard_triplet_loss",
     "build_hierarchy",
+    "circle_loss",
     "coarse_centroids",
+    "contrastive_loss",
+    "generalized_lifted_structure_loss",
     "hierarchical_proxy_loss",
     "hierarchy_from_labels",
+    "init_margin_beta",
     "level_labels",
+    "lifted_structure_loss",
+    "margin_loss",
+    "multi_similarity_loss",
+    "multi_similarity_miner",
+    "ntxent_loss",
     "pairwise_squared_distances",
     "proxy_anchor_loss",
     "proxy_nca_loss",
     "refresh_assignments",
+    "semi_hard_miner",
     "softmax_cross_entropy",
+    "triplet_margin_loss",
+    "triplet_margin_miner",
+    "triplets_from_pairs",
 ]

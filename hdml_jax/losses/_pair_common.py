@@ -1,0 +1,253 @@
+"""Shared pieces of the pair / triplet losses and miners (``pair.py``, ``triplet_margin.py``, ``miners.py``).
+
+They reproduce pytorch-metric-learning 2.x (PML) conventions with fixed shapes:
+
+* Distances: ``"euclidean"`` is PML's ``LpDistance(p=2)`` (embeddings L2-normalised first unless
+  ``normalize_embeddings=False``), ``"cosine"`` its ``CosineSimilarity`` and ``"dot"`` its
+  ``DotProductSimilarity`` (normalised by default too, i.e. the cosine). Euclidean distances are
+  "non-inverted" (small = close), the two similarities "inverted" (large = close), and PML's
+  ``distance.margin(x, y)`` is ``x - y`` or ``y - x`` accordingly (``margin`` below).
+* Mined tuples: PML passes index lists (``(a, p, n)`` triplets or ``(a1, p, a2, n)`` pairs); here
+  they are boolean masks, ``pos_mask`` / ``neg_mask`` ``(B, B)`` or ``triplet_mask`` ``(B, B, B)``.
+  A pair loss given triplets sees PML's ``convert_to_pairs`` lists ``(a, p, a, n)``, in which a pair
+  appears once per triplet that holds it: ``PairWeights`` keeps those multiplicities (the
+  pair-based losses weight by them, the matrix-based ones only test ``> 0``). A triplet loss given
+  pairs sees PML's ``convert_to_triplets``: every ``(a, p, n)`` with ``(a, p)`` positive and
+  ``(a, n)`` negative.
+* Exact duplicates are at Euclidean distance exactly 0, as with ``torch.cdist``'s direct path (PML
+  on ≤ 25 rows); above 25 rows ``cdist`` switches to a matrix-product expansion whose rounding
+  can leave ~5e-4 there, which an ``AvgNonZeroReducer`` then counts as a positive term.
+* Reducers: ``avg_non_zero`` (``AvgNonZeroReducer``) and ``weighted_mean`` (``MeanReducer``) over
+  such weighted lists; both are exactly 0 for an empty list.
+
+All similarity / distance products run at ``_common.FULL_PRECISION``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hdml_jax.losses import _common
+from hdml_jax.losses._common import LossHyperparameterError
+from hdml_jax.losses.triplet import safe_sqrt
+
+DISTANCES = ("euclidean", "cosine", "dot")
+
+# log of float32's smallest normal number: PML's NTXentLoss adds ``finfo.tiny`` inside its log.
+LOG_TINY_F32 = math.log(float(jnp.finfo(jnp.float32).tiny))
+
+
+def check_distance(distance, normalize_embeddings, owner: str, allowed: tuple[str, ...] = DISTANCES) -> None:
+    if distance not in allowed:
+        raise ValueError(
+            f"{owner} distance must be one of {', '.join(repr(d) for d in allowed)}, got {distance!r} "
+            "(PML LpDistance → 'euclidean', CosineSimilarity → 'cosine', DotProductSimilarity → 'dot')."
+        )
+    if not isinstance(normalize_embeddings, (bool, np.bool_)):
+        raise ValueError(f"{owner} normalize_embeddings must be a bool, got {normalize_embeddings!r}.")
+    if distance == "cosine" and not normalize_embeddings:
+        raise ValueError(
+            f"{owner}: the cosine similarity always normalises (as PML's CosineSimilarity); "
+            "use distance='dot' with normalize_embeddings=False for raw dot products."
+        )
+
+
+def check_finite(
+    value, name: str, meaning: str, *, low: float = -math.inf, low_inclusive: bool = True
+) -> None:
+    """``LossHyperparameterError`` unless a concrete ``value`` is finite (and above ``low``)."""
+    if math.isinf(low):
+        if not _common.is_concrete(value):
+            return
+        try:
+            number = math.nan if isinstance(value, (str, bytes)) else float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise LossHyperparameterError(f"{name} must be a finite number ({meaning}), got {value!r}.")
+        return
+    _common.check_hyperparameter(value, name, low=low, low_inclusive=low_inclusive, meaning=meaning)
+
+
+def distance_matrix(x: jax.Array, distance: str, normalize_embeddings: bool) -> tuple[jax.Array, bool]:
+    """``(mat, inverted)``: the ``(B, B)`` float32 distance / similarity matrix of the rows of ``x``.
+
+    ``inverted`` is True for similarities. The Euclidean distance has value and gradient 0 at 0
+    (duplicate rows, the diagonal).
+    """
+    if distance == "cosine" or normalize_embeddings:
+        x = _common.l2_normalize(x)
+    gram = jnp.matmul(x, x.T, precision=_common.FULL_PRECISION)
+    if distance != "euclidean":
+        return gram, True
+    # ‖x_i‖² + ‖x_j‖² - 2 x_i·x_j with the norms read off the Gram diagonal: for two identical rows
+    # the three terms are the same products, so their distance is exactly 0 (as torch.cdist's),
+    # not a rounding residue whose square root (~3e-4) would count as a positive term.
+    sq_norm = jnp.diagonal(gram)
+    sq_dist = jnp.maximum(sq_norm[:, None] + sq_norm[None, :] - 2.0 * gram, 0.0)
+    sq_dist = jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, sq_dist)
+    return safe_sqrt(sq_dist), False
+
+
+def margin(x, y, inverted: bool):
+    """PML's ``distance.margin(x, y)``: ``x - y`` for a distance, ``y - x`` for a similarity."""
+    return y - x if inverted else x - y
+
+
+def as_distance(mat: jax.Array, inverted: bool) -> jax.Array:
+    """``mat`` for a distance, ``-mat`` for a similarity: larger always means farther."""
+    return -mat if inverted else mat
+
+
+def nan_unless_finite(x: jax.Array) -> jax.Array:
+    """0.0, or NaN when ``x`` (the masked embeddings) holds a NaN or an inf; carries no gradient.
+
+    Added to every result so that a bad unmasked row gives NaN even where a reducer would skip
+    the NaN terms (``NaN > 0`` is False in ``AvgNonZeroReducer``, which PML then silently drops).
+    """
+    return jnp.where(jnp.all(jnp.isfinite(x)), 0.0, jnp.nan).astype(jnp.float32)
+
+
+def prepare(embeddings, labels, mask) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Validate; ``(x float32 with masked rows zeroed, labels, mask (B,) bool)``."""
+    _common.check_embeddings(embeddings)
+    batch = embeddings.shape[0]
+    _common.check_labels(labels, batch)
+    mask = _common.resolve_mask(mask, batch)
+    x = _common.zero_masked_rows(jnp.asarray(embeddings).astype(jnp.float32), mask)
+    return x, jnp.asarray(labels), mask
+
+
+def _check_mined(value, name: str, shape: tuple[int, ...]) -> jax.Array:
+    if jnp.shape(value) != shape:
+        raise ValueError(f"{name} must have shape {shape} (batch size {shape[0]}), got {jnp.shape(value)}.")
+    dtype = jnp.result_type(value)
+    if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
+        raise ValueError(f"{name} must be boolean (as a miner returns it), got dtype {dtype}.")
+    return jnp.asarray(value).astype(bool)
+
+
+def _label_pairs(labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """PML's ``get_all_pairs_indices`` as masks: same label (not self) / different label."""
+    batch = labels.shape[0]
+    valid = mask[:, None] & mask[None, :]
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~jnp.eye(batch, dtype=bool) & valid
+    neg = ~same & valid
+    return pos, neg
+
+
+class Mined(NamedTuple):
+    """Which tuples a loss sees: either explicit triplets or positive / negative pair masks."""
+
+    pos: jax.Array | None  # (B, B) bool
+    neg: jax.Array | None  # (B, B) bool
+    triplets: jax.Array | None  # (B, B, B) bool
+
+
+def resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner: str) -> Mined:
+    """The tuples of a loss call, restricted to unmasked rows.
+
+    No mined argument: all label pairs (PML's default). ``pos_mask`` and ``neg_mask`` (both): those
+    pairs. ``triplet_mask``: those triplets. Mixing the two kinds is an error.
+    """
+    batch = labels.shape[0]
+    if triplet_mask is not None:
+        if pos_mask is not None or neg_mask is not None:
+            raise ValueError(
+                f"{owner}: pass either triplet_mask or pos_mask/neg_mask (one miner's output), not both."
+            )
+        t = _check_mined(triplet_mask, "triplet_mask", (batch, batch, batch))
+        t = t & mask[:, None, None] & mask[None, :, None] & mask[None, None, :]
+        return Mined(None, None, t)
+    if (pos_mask is None) != (neg_mask is None):
+        raise ValueError(
+            f"{owner}: pos_mask and neg_mask come together (PML's (a1, p, a2, n) tuple); "
+            "pass both or neither."
+        )
+    if pos_mask is None:
+        pos, neg = _label_pairs(labels, mask)
+        return Mined(pos, neg, None)
+    valid = mask[:, None] & mask[None, :]
+    pos = _check_mined(pos_mask, "pos_mask", (batch, batch)) & valid
+    neg = _check_mined(neg_mask, "neg_mask", (batch, batch)) & valid
+    return Mined(pos, neg, None)
+
+
+class PairWeights(NamedTuple):
+    """PML's ``convert_to_pairs`` lists as counts: how often each ``(a, p)`` / ``(a, n)`` is listed."""
+
+    pos: jax.Array  # (B, B) float32
+    neg: jax.Array  # (B, B) float32
+
+    @property
+    def num_pos(self) -> jax.Array:
+        return jnp.sum(self.pos)
+
+    @property
+    def num_neg(self) -> jax.Array:
+        return jnp.sum(self.neg)
+
+    def generic_pair_loss_skips(self) -> jax.Array:
+        """PML's ``GenericPairLoss.compute_loss`` returns 0 when every index list has ≤ 1 entry."""
+        return (self.num_pos <= 1.0) & (self.num_neg <= 1.0)
+
+
+def pair_weights(mined: Mined) -> PairWeights:
+    if mined.triplets is not None:
+        t = mined.triplets
+        # Counted in int32 (exact), then float32 (exact up to 2^24 triplets per pair: B ≤ 16M).
+        pos = jnp.sum(t, axis=2, dtype=jnp.int32).astype(jnp.float32)
+        neg = jnp.sum(t, axis=1, dtype=jnp.int32).astype(jnp.float32)
+        return PairWeights(pos, neg)
+    return PairWeights(mined.pos.astype(jnp.float32), mined.neg.astype(jnp.float32))
+
+
+def avg_non_zero(losses: jax.Array, weights: jax.Array) -> jax.Array:
+    """PML ``AvgNonZeroReducer``: the mean of the listed terms that are ``> 0``; 0 if there is none.
+
+    ``weights`` are how many times each term is listed (0: not listed).
+    """
+    counted = (weights > 0) & (losses > 0)
+    total = jnp.sum(jnp.where(counted, losses * weights, 0.0))
+    count = jnp.sum(jnp.where(counted, weights, 0.0))
+    return total / jnp.maximum(count, 1.0)
+
+
+def weighted_mean(losses: jax.Array, weights: jax.Array) -> jax.Array:
+    """PML ``MeanReducer`` over a list in which each term appears ``weights`` times; 0 if empty."""
+    listed = weights > 0
+    total = jnp.sum(jnp.where(listed, losses * weights, 0.0))
+    return total / jnp.maximum(jnp.sum(jnp.where(listed, weights, 0.0)), 1.0)
+
+
+def masked_logsumexp(logits: jax.Array, keep: jax.Array, axis: int, weights: jax.Array | None = None):
+    """``(log Σ_keep w·exp(logits), any(keep))`` along ``axis``; 0 (not -inf) where nothing is kept.
+
+    PML's ``lmu.logsumexp(x, keep_mask, add_one=False)``. Max-shifted, so stable for any
+    magnitude; masked entries get exactly zero gradient and may hold anything.
+    """
+    z = jnp.where(keep, logits, -jnp.inf)
+    shift = jax.lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True, initial=-jnp.inf))
+    shift = jnp.where(jnp.isneginf(shift), 0.0, shift)
+    terms = jnp.exp(z - shift)
+    if weights is not None:
+        terms = terms * jnp.where(keep, weights, 0.0)
+    total = jnp.sum(terms, axis=axis)
+    nonempty = jnp.any(keep, axis=axis)
+    lse = jnp.log(jnp.where(nonempty, total, 1.0)) + jnp.squeeze(shift, axis=axis)
+    return jnp.where(nonempty, lse, 0.0), nonempty
+
+
+def row_offsets(dist: jax.Array, rows: jax.Array) -> jax.Array:
+    """A per-row constant (no gradient) near the row's values: subtracted before long sums so
+    that ``Σ c·(t - μ) - Σ (v - μ)`` does not cancel catastrophically. ``(B, 1)``."""
+    count = jnp.sum(rows, axis=1, keepdims=True)
+    total = jnp.sum(jnp.where(rows, dist, 0.0), axis=1, keepdims=True)
+    offset = jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+    return jax.lax.stop_gradient(offset)
