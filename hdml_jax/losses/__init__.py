@@ -11,6 +11,9 @@ The pair-based losses of pytorch-metric-learning (``contrastive_loss``, ``triple
 ``multi_similarity_loss``, ``margin_loss``, ``ntxent_loss``, ``lifted_structure_loss``,
 ``circle_loss``) keep its keyword names, defaults and reducers; its miners are pure functions
 returning masks that the losses take as keywords: ``loss(x, y, **batch_hard_miner(x, y))``.
+Its classification losses (``normalized_softmax_loss``, ``cosface_loss``, ``arcface_loss``,
+``soft_triple_loss``) take their weights as a ``(C, d)`` proxy matrix (PML's ``W.T``), so
+``proxy_mask`` padding and the trainer's proxy machinery apply.
 
 A NaN or inf in an unmasked embedding row (or a proxy) makes the loss NaN, never a finite number.
 A concrete hyperparameter outside its meaningful range (``alpha ≤ 0``, ``margin < 0``,
@@ -36,6 +39,7 @@ from hdml_jax.losses.miners import (
     triplet_margin_miner,
     triplets_from_pairs,
 )
+from hdml_jax.losses.normalized_softmax import arcface_loss, cosface_loss, normalized_softmax_loss
 from hdml_jax.losses.pair import (
     circle_loss,
     contrastive_loss,
@@ -46,18 +50,21 @@ from hdml_jax.losses.pair import (
 )
 from hdml_jax.losses.proxy_anchor import proxy_anchor_loss
 from hdml_jax.losses.proxy_nca import proxy_nca_loss
+from hdml_jax.losses.soft_triple import soft_triple_loss
 from hdml_jax.losses.triplet import batch_hard_triplet_loss, pairwise_squared_distances
 from hdml_jax.losses.triplet_margin import init_margin_beta, margin_loss, triplet_margin_loss
 
 __all__ = [
     "LossHyperparameterError",
     "ProxyHierarchy",
+    "arcface_loss",
     "batch_hard_miner",
     "batch_hard_triplet_loss",
     "build_hierarchy",
     "circle_loss",
     "coarse_centroids",
     "contrastive_loss",
+    "cosface_loss",
     "generalized_lifted_structure_loss",
     "hierarchical_proxy_loss",
     "hierarchy_from_labels",
@@ -67,12 +74,14 @@ __all__ = [
     "margin_loss",
     "multi_similarity_loss",
     "multi_similarity_miner",
+    "normalized_softmax_loss",
     "ntxent_loss",
     "pairwise_squared_distances",
     "proxy_anchor_loss",
     "proxy_nca_loss",
     "refresh_assignments",
     "semi_hard_miner",
+    "soft_triple_loss",
     "softmax_cross_entropy",
     "triplet_margin_loss",
     "triplet_margin_miner",
