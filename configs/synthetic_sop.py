@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
     apply_small_cpu_recipe(c, image_size=32)  # the network and optimizer of configs/synthetic.py
     c.optimizer.decay_epochs = (8,)
     c.loss.num_coarse_groups = (12,)  # the number of families; the study varies it
-    if c.sampler == "pk":  # cgd, proxy_nca_pp: 2 images per class (every class has at least 2)
+    if c.sampler == "pk":  # cgd, proxy_nca_pp, pair losses: 2 images per class (every class has at least 2)
         c.classes_per_batch, c.samples_per_class = 32, 2
     c.num_epochs = 10
     c.eval_every_epochs = 5

@@ -24,13 +24,21 @@ hpl_nca        the same around Proxy-NCA (σ = 32).
 cgd            ResNet without stage-4 downsampling; CGD head (descriptors, 1536-d);
                CE (τ = 0.5, ε = 0.1) on the first descriptor + batch-hard triplet
                (m = 0.1); Adam 1e-4; P×K batches (32 × 4).
+baselines      pytorch-metric-learning's pair and classification losses (contrastive,
+               triplet_margin, multi_similarity, margin, ntxent, lifted_structure,
+               circle, normalized_softmax, cosface, arcface, soft_triple, and HPL around
+               the first three classification ones): MLRC's best loss hyper-parameters
+               on the Proxy-Anchor recipe (``hdml_jax.baselines``).
 =============  =====================================================================
 """
 
 from __future__ import annotations
 
+import inspect
+
 import ml_collections
 
+from hdml_jax import baselines
 from hdml_jax.errors import ConfigError
 from hdml_jax.models.heads import (
     ARCHITECTURES,
@@ -41,11 +49,29 @@ from hdml_jax.models.heads import (
 )
 from hdml_jax.models.pooling import POOLINGS
 
-METHODS = ("proxy_anchor", "proxy_nca", "proxy_nca_pp", "hpl_pa", "hpl_nca", "cgd")
-PROXY_METHODS = ("proxy_anchor", "proxy_nca", "proxy_nca_pp", "hpl_pa", "hpl_nca")
-HIERARCHICAL_METHODS = ("hpl_pa", "hpl_nca")
-# Trained with the Proxy-Anchor repository's recipe (its train.py runs Proxy_Anchor and Proxy_NCA).
-PROXY_ANCHOR_FAMILY = ("proxy_anchor", "proxy_nca", "hpl_pa", "hpl_nca")
+METHODS = (
+    "proxy_anchor",
+    "proxy_nca",
+    "proxy_nca_pp",
+    "hpl_pa",
+    "hpl_nca",
+    "cgd",
+    *baselines.BASELINE_METHODS,
+)
+# Methods with class vectors at params['proxies'] (the classification losses' weights are too).
+PROXY_METHODS = (
+    "proxy_anchor",
+    "proxy_nca",
+    "proxy_nca_pp",
+    "hpl_pa",
+    "hpl_nca",
+    *baselines.CLASSIFICATION_METHODS,
+    *baselines.HPL_CLASSIFICATION_METHODS,
+)
+HIERARCHICAL_METHODS = ("hpl_pa", "hpl_nca", *baselines.HPL_CLASSIFICATION_METHODS)
+# Trained with the Proxy-Anchor repository's recipe (its train.py runs Proxy_Anchor and Proxy_NCA);
+# the baselines share it so that every method is compared under one protocol.
+PROXY_ANCHOR_FAMILY = ("proxy_anchor", "proxy_nca", "hpl_pa", "hpl_nca", *baselines.BASELINE_METHODS)
 DATASET_NAMES = ("synthetic", "synthetic_sop", "cub200", "cars196", "sop", "inshop", "custom")
 TRANSFORMS = ("proxy_anchor", "proxynca_pp", "cgd", "mlrc", "synthetic")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -137,6 +163,12 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.loss.label_smoothing = 0.1  # CGD classifier ε
     c.loss.triplet_margin = 0.1  # CGD batch-hard triplet margin
     c.loss.classification_weight = 1.0
+    # The baselines (hdml_jax.baselines): the loss's keywords under PML's names, a miner for the
+    # pair losses and its keywords, and a cross-batch memory of xbm_size embeddings (0: none).
+    c.loss.kwargs = ml_collections.ConfigDict()
+    c.loss.miner = "none"
+    c.loss.miner_kwargs = ml_collections.ConfigDict()
+    c.loss.xbm_size = 0
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"
@@ -145,6 +177,12 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.proxy_lr_multiplier = 100.0
     c.optimizer.proxy_eps = ml_collections.FieldReference(None, field_type=float)  # ProxyNCA++: 1.0
+    # An absolute rate for the proxies (the baselines' class weights), instead of the multiplier.
+    c.optimizer.proxy_lr = ml_collections.FieldReference(None, field_type=float)
+    # The loss's own parameters (the margin loss's β): absolute rate (None: lr) and weight decay
+    # (None: weight_decay).
+    c.optimizer.loss_params_lr = ml_collections.FieldReference(None, field_type=float)
+    c.optimizer.loss_params_weight_decay = ml_collections.FieldReference(None, field_type=float)
     c.optimizer.head_lr_multiplier = 1.0
     c.optimizer.backbone_lr_multiplier = 1.0
     c.optimizer.warmup_epochs = 1  # backbone frozen: only head and proxies train (hdml_jax.optim)
@@ -248,6 +286,9 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
         c.classes_per_batch = 32
         c.samples_per_class = 4
         c.batch_size = 128  # CGD-port train.py:83
+    if method in baselines.BASELINE_METHODS:
+        baselines.apply_baseline_recipe(c, method)
+        baselines.use_pk_batches(c)
 
 
 def apply_small_cpu_recipe(c: ml_collections.ConfigDict, image_size: int) -> None:
@@ -272,6 +313,7 @@ def apply_small_cpu_recipe(c: ml_collections.ConfigDict, image_size: int) -> Non
     c.loss.hierarchy_build_epoch = 1  # no warm-up here: k-means after the first epoch
     c.loss.hierarchy_refresh_epochs = 2
     c.batch_size = 64
+    baselines.use_pk_batches(c)
 
 
 def apply_proxy_anchor_command(
@@ -302,6 +344,7 @@ def apply_proxy_anchor_command(
     c.optimizer.decay_factor = lr_decay_gamma
     c.num_epochs = epochs
     c.sampler = "shuffle"
+    baselines.use_pk_batches(c)  # the pair losses: P×K batches of the same size
 
 
 def apply_proxynca_pp_config(
@@ -354,6 +397,13 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "optimizer.proxy_lr_multiplier": PROXY_METHODS,
     "optimizer.proxy_eps": PROXY_METHODS,
     "optimizer.clip_proxies": PROXY_METHODS,
+    "optimizer.proxy_lr": PROXY_METHODS,
+    "loss.kwargs": baselines.BASELINE_METHODS,
+    "loss.miner": baselines.PAIR_METHODS,
+    "loss.miner_kwargs": baselines.PAIR_METHODS,
+    "loss.xbm_size": baselines.PAIR_METHODS,
+    "optimizer.loss_params_lr": ("margin",),
+    "optimizer.loss_params_weight_decay": ("margin",),
 }
 _PK_FIELDS = ("classes_per_batch", "samples_per_class")
 
@@ -362,7 +412,8 @@ def unused_overrides(c: ml_collections.ConfigDict, overridden: list[str] | tuple
     """Messages for the overridden fields (dotted names) that ``c``'s method or sampler never reads."""
     messages = []
     for name in overridden:
-        users = METHOD_FIELDS.get(name)
+        group = name.rsplit(".", 1)[0]
+        users = METHOD_FIELDS.get(group if group in ("loss.kwargs", "loss.miner_kwargs") else name)
         if users is not None and c.method not in users:
             messages.append(f"{name} has no effect with method {c.method} (used by: {', '.join(users)})")
         if name in _PK_FIELDS and c.sampler != "pk":
@@ -386,15 +437,54 @@ def _validate_custom_dataset(d: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"dataset.recall_ks must be positive integers, got {ks}.")
 
 
+def _check_keywords(given, function, what: str, fixed: tuple[str, ...]) -> None:
+    """``given``'s names must be keyword parameters of ``function`` (other than ``fixed``)."""
+    positional = ("embeddings", "labels", "weights")  # the arrays the trainer passes
+    accepted = [name for name in inspect.signature(function).parameters if name not in (*positional, *fixed)]
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"{what} has no keyword {', '.join(map(repr, unknown))}; it takes: {', '.join(accepted)}."
+        )
+
+
+def _validate_baseline(c: ml_collections.ConfigDict) -> None:
+    """The baselines' loss / miner keywords and the cross-batch memory size."""
+    from hdml_jax import losses  # here, not at the top: the configs stay importable without JAX
+
+    fixed = ("mask", "proxy_mask", "pos_mask", "neg_mask", "triplet_mask", "num_classes")
+    loss_name = baselines.LOSS_FUNCTIONS[c.method]
+    _check_keywords(c.loss.kwargs.to_dict(), getattr(losses, loss_name), f"loss.kwargs ({loss_name})", fixed)
+    if c.method in baselines.PAIR_METHODS:
+        one_of(c.loss.miner, baselines.MINERS, "loss.miner")
+        if c.loss.miner != "none":
+            miner = baselines.MINER_FUNCTIONS[c.loss.miner]
+            _check_keywords(
+                c.loss.miner_kwargs.to_dict(), getattr(losses, miner), f"loss.miner_kwargs ({miner})", fixed
+            )
+        elif c.loss.miner_kwargs.to_dict():
+            raise ConfigError("loss.miner_kwargs is set but loss.miner is 'none'; pick a miner or drop them.")
+        xbm = int(c.loss.xbm_size)
+        if xbm < 0 or (xbm and xbm < c.batch_size):
+            raise ConfigError(
+                f"loss.xbm_size must be 0 (no cross-batch memory) or at least batch_size {c.batch_size}, got {xbm}."
+            )
+    for name in ("proxy_lr", "loss_params_lr"):
+        value = c.optimizer.get(name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"optimizer.{name} must be positive (or None), got {value}.")
+
+
+def one_of(value, valid, what):
+    if value not in valid:
+        raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}.")
+
+
 def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> None:
     """Check a config before anything is built; one-line ``ConfigError`` listing the valid values.
 
     ``overridden``: the dotted names set on the command line; one the method ignores is an error.
     """
-
-    def one_of(value, valid, what):
-        if value not in valid:
-            raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}.")
 
     one_of(c.method, METHODS, "method")
     unused = unused_overrides(c, overridden)
@@ -424,6 +514,8 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
                 f"loss.level_weights has {len(tuple(c.loss.level_weights))} entries for {levels} proxy levels "
                 f"(1 fine + {levels - 1} coarse from loss.num_coarse_groups); give one weight per level."
             )
+    if c.method in baselines.BASELINE_METHODS:
+        _validate_baseline(c)
     if c.sampler == "pk" and c.batch_size != c.classes_per_batch * c.samples_per_class:
         raise ConfigError(
             f"batch_size {c.batch_size} must equal classes_per_batch × samples_per_class = "

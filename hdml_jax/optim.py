@@ -8,6 +8,7 @@ Every parameter carries a group label (``parameter_groups``):
 ``head``            the embedding layer(s), CGD's descriptor projections and classifier
 ``proxies``         the fine proxies (one per class)
 ``coarse_proxies``  HPL's coarse proxies (``coarse_proxies_1``, ...)
+``loss_params``     a loss's own parameters other than class vectors (``margin_beta``)
 ==================  ========================================================================
 
 A **phase** is the set of groups that are frozen for a while (``frozen_groups``): during
@@ -44,7 +45,8 @@ import optax
 from hdml_jax.config import HIERARCHICAL_METHODS
 from hdml_jax.models import batchnorm_mask
 
-GROUPS = ("backbone", "backbone_bn", "head", "proxies", "coarse_proxies")
+GROUPS = ("backbone", "backbone_bn", "head", "proxies", "coarse_proxies", "loss_params")
+LOSS_PARAMS = ("margin_beta",)  # top-level params that belong to the loss
 PROXY_GROUPS = ("proxies", "coarse_proxies")
 
 
@@ -65,6 +67,8 @@ def parameter_groups(params: Any) -> Any:
             return "proxies"
         if top.startswith("coarse_proxies"):
             return "coarse_proxies"
+        if top in LOSS_PARAMS:
+            return "loss_params"
         if top == "backbone":
             return "backbone_bn" if bn else "backbone"
         return "head"
@@ -141,14 +145,14 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
 # ----------------------------------------------------------------------------- the optimizer
 
 
-def _direction(config: ml_collections.ConfigDict, eps: float) -> optax.GradientTransformation:
+def _direction(config: ml_collections.ConfigDict, setting: GroupSetting) -> optax.GradientTransformation:
     """A group's update direction before ``−lr · multiplier`` (PyTorch formulas, module docstring)."""
-    o = config.optimizer
-    if o.name == "adamw":
-        return optax.chain(optax.scale_by_adam(eps=eps), optax.add_decayed_weights(o.weight_decay))
-    if o.name == "adam":
-        return optax.chain(optax.add_decayed_weights(o.weight_decay), optax.scale_by_adam(eps=eps))
-    return optax.chain(optax.add_decayed_weights(o.weight_decay), optax.trace(decay=0.9, nesterov=True))
+    name, eps, decay = config.optimizer.name, setting.eps, setting.weight_decay
+    if name == "adamw":
+        return optax.chain(optax.scale_by_adam(eps=eps), optax.add_decayed_weights(decay))
+    if name == "adam":
+        return optax.chain(optax.add_decayed_weights(decay), optax.scale_by_adam(eps=eps))
+    return optax.chain(optax.add_decayed_weights(decay), optax.trace(decay=0.9, nesterov=True))
 
 
 def _frozen(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -161,16 +165,31 @@ def _frozen(inner: optax.GradientTransformation) -> optax.GradientTransformation
     return optax.GradientTransformation(inner.init, update)
 
 
-def group_settings(config: ml_collections.ConfigDict) -> dict[str, tuple[float, float]]:
-    """``{group: (learning-rate multiplier, Adam ε)}``."""
+class GroupSetting(NamedTuple):
+    lr_multiplier: float  # of the scheduled base rate
+    eps: float  # Adam's ε
+    weight_decay: float
+
+
+def group_settings(config: ml_collections.ConfigDict) -> dict[str, GroupSetting]:
+    """Every group's ``GroupSetting``.
+
+    ``optimizer.proxy_lr`` / ``loss_params_lr`` (absolute rates, the baselines' MLRC values) become
+    multipliers of ``lr``, so they follow the schedule's decays like every other group.
+    """
     o = config.optimizer
     proxy_eps = o.proxy_eps if o.proxy_eps is not None else o.eps
+    proxy_multiplier = o.proxy_lr / o.lr if o.get("proxy_lr") is not None else o.proxy_lr_multiplier
+    loss_multiplier = o.loss_params_lr / o.lr if o.get("loss_params_lr") is not None else 1.0
+    loss_decay = o.get("loss_params_weight_decay")
+    decay = o.weight_decay
     return {
-        "backbone": (o.backbone_lr_multiplier, o.eps),
-        "backbone_bn": (o.backbone_lr_multiplier, o.eps),
-        "head": (o.head_lr_multiplier, o.eps),
-        "proxies": (o.proxy_lr_multiplier, proxy_eps),
-        "coarse_proxies": (o.proxy_lr_multiplier, proxy_eps),
+        "backbone": GroupSetting(o.backbone_lr_multiplier, o.eps, decay),
+        "backbone_bn": GroupSetting(o.backbone_lr_multiplier, o.eps, decay),
+        "head": GroupSetting(o.head_lr_multiplier, o.eps, decay),
+        "proxies": GroupSetting(proxy_multiplier, proxy_eps, decay),
+        "coarse_proxies": GroupSetting(proxy_multiplier, proxy_eps, decay),
+        "loss_params": GroupSetting(loss_multiplier, o.eps, decay if loss_decay is None else loss_decay),
     }
 
 
@@ -196,8 +215,8 @@ def make_optimizer(
     schedule = learning_rate_schedule(config, steps_per_epoch)
     directions = optax.multi_transform(
         {
-            group: _frozen(_direction(config, eps)) if group in frozen else _direction(config, eps)
-            for group, (_, eps) in settings.items()
+            group: _frozen(_direction(config, setting)) if group in frozen else _direction(config, setting)
+            for group, setting in settings.items()
         },
         labels,
     )
@@ -216,7 +235,7 @@ def make_optimizer(
         direction, groups = directions.update(grads, state.groups, params)
         lr = schedule(state.count)
         updates = jax.tree.map(
-            lambda d, label: (-lr * settings[label][0] * d).astype(d.dtype), direction, labels
+            lambda d, label: (-lr * settings[label].lr_multiplier * d).astype(d.dtype), direction, labels
         )
         return updates, OptimizerState(state.count + 1, groups)
 

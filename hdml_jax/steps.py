@@ -20,6 +20,7 @@ State (a plain dict pytree, checkpointed as is)::
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from hdml_jax import losses, parallel
+from hdml_jax import baselines, losses, parallel
 from hdml_jax.config import HIERARCHICAL_METHODS, PROXY_METHODS
 from hdml_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from hdml_jax.models import CGDHead, EmbeddingHead, EmbeddingModel, ResNet, proxy_levels
@@ -46,9 +47,17 @@ def build_model(
     """The ``EmbeddingModel`` a config describes (proxies only for proxy methods).
 
     With ``config.shard_proxies`` the fine proxies are padded so that they split evenly over
-    ``num_devices`` (see ``hdml_jax.parallel``).
+    ``num_devices`` (see ``hdml_jax.parallel``); SoftTriple's ``K`` rows per class are padded by
+    whole classes.
     """
     proxy_method = config.method in PROXY_METHODS
+    rows_per_class = baselines.centers_per_class(config)
+    num_proxies = num_classes * rows_per_class if proxy_method else 0
+    padding = 0
+    if proxy_method and config.shard_proxies:
+        padding = parallel.proxy_padding(
+            num_proxies, num_devices * rows_per_class // math.gcd(num_devices, rows_per_class)
+        )
     m = config.model
     backbone = ResNet(
         m.depth,
@@ -74,12 +83,13 @@ def build_model(
     return EmbeddingModel(
         backbone,
         head,
-        num_proxies=num_classes if proxy_method else 0,
-        proxy_padding=parallel.proxy_padding(num_classes, num_devices)
-        if proxy_method and config.shard_proxies
-        else 0,
+        num_proxies=num_proxies,
+        proxy_padding=padding,
         coarse_groups=coarse_groups if config.method in HIERARCHICAL_METHODS else (),
         proxy_init=m.proxy_init,
+        loss_params=(("margin_beta", num_classes, float(config.loss.kwargs.beta)),)
+        if config.method == "margin"
+        else (),
     )
 
 
@@ -107,6 +117,15 @@ def compute_loss(
     """
     method, lc = config.method, config.loss
     embeddings = outputs["embedding"]
+    if method in baselines.PAIR_METHODS:
+        return pair_loss(config, embeddings, labels, params, mask), {}
+    if method in baselines.CLASSIFICATION_METHODS:
+        fine = getattr(losses, baselines.LOSS_FUNCTIONS[method])
+        num_rows = params["proxies"].shape[0]
+        real_rows = num_rows if num_classes is None else num_classes
+        proxy_mask = parallel.fine_proxy_mask(num_rows, real_rows)
+        extra = {} if proxy_mask is None else {"proxy_mask": proxy_mask}
+        return fine(embeddings, labels, params["proxies"], mask=mask, **lc.kwargs.to_dict(), **extra), {}
     if method == "cgd":
         ranking = losses.batch_hard_triplet_loss(embeddings, labels, margin=lc.triplet_margin, mask=mask)
         if "branch_embeddings" in outputs and config.model.architecture == "A":
@@ -126,6 +145,8 @@ def compute_loss(
 
     if method in ("proxy_anchor", "hpl_pa"):
         base, kwargs = losses.proxy_anchor_loss, {"margin": lc.margin, "alpha": lc.alpha}
+    elif method in baselines.HPL_CLASSIFICATION_METHODS:
+        base, kwargs = getattr(losses, baselines.LOSS_FUNCTIONS[method]), lc.kwargs.to_dict()
     else:
         base, kwargs = losses.proxy_nca_loss, {"scale": lc.scale}
     num_proxies = params["proxies"].shape[0]
@@ -152,6 +173,28 @@ def compute_loss(
     if level_losses[0] is not None:  # the fine level is skipped only with a fine weight of 0
         parts["fine"] = level_losses[0]
     return total, parts
+
+
+def pair_loss(
+    config: ml_collections.ConfigDict,
+    embeddings: jax.Array,
+    labels: jax.Array,
+    params: Any,
+    mask: jax.Array,
+) -> jax.Array:
+    """A pair-based baseline's loss (``hdml_jax.baselines``), mined if ``loss.miner`` says so."""
+    lc = config.loss
+    loss_fn = getattr(losses, baselines.LOSS_FUNCTIONS[config.method])
+    kwargs = lc.kwargs.to_dict()
+    if lc.miner != "none":
+        miner = getattr(losses, baselines.MINER_FUNCTIONS[lc.miner])
+        kwargs.update(
+            miner(jax.lax.stop_gradient(embeddings), labels, mask=mask, **lc.miner_kwargs.to_dict())
+        )
+    if config.method == "margin":
+        kwargs.pop("beta")  # the initial value; the learned β is a parameter
+        return loss_fn(embeddings, labels, params["margin_beta"], mask=mask, **kwargs)
+    return loss_fn(embeddings, labels, mask=mask, **kwargs)
 
 
 def hierarchy_levels(

@@ -14,7 +14,9 @@ from tests.test_train import load_config_module
 
 
 def test_parameter_groups_label_every_parameter():
-    model = EmbeddingModel(ResNet(18, width=4), EmbeddingHead(8), num_proxies=5, coarse_groups=(2,))
+    model = EmbeddingModel(
+        ResNet(18, width=4), EmbeddingHead(8), num_proxies=5, coarse_groups=(2,), loss_params=(("margin_beta", 5, 1.0),)
+    )
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))["params"]
     labels = optim.parameter_groups(params)
     assert labels["backbone"]["conv1"]["kernel"] == "backbone"
@@ -22,6 +24,7 @@ def test_parameter_groups_label_every_parameter():
     assert labels["backbone"]["layer2_0"]["downsample_bn"]["scale"] == "backbone_bn"
     assert labels["head"]["embedding"] == {"kernel": "head", "bias": "head"}
     assert (labels["proxies"], labels["coarse_proxies_1"]) == ("proxies", "coarse_proxies")
+    assert labels["margin_beta"] == "loss_params"
     assert set(jax.tree.leaves(labels)) == set(optim.GROUPS)
 
 
@@ -46,14 +49,14 @@ def test_learning_rate_of_every_group_equals_the_official_schedulers(config_name
     multipliers = optim.group_settings(config)
     groups = [torch.nn.Parameter(torch.zeros(1)) for _ in multipliers]
     opt = torch.optim.SGD(
-        [{"params": [p], "lr": o.lr * m} for p, (m, _) in zip(groups, multipliers.values(), strict=True)],
+        [{"params": [p], "lr": o.lr * m} for p, (m, *_) in zip(groups, multipliers.values(), strict=True)],
         lr=o.lr,
     )
     scheduler = torch_scheduler(opt)
     schedule = optim.learning_rate_schedule(config, steps_per_epoch)
     for epoch in range(config.num_epochs):
         for step in (epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch - 1):  # first and last step
-            ours = [float(schedule(step)) * m for m, _ in multipliers.values()]
+            ours = [float(schedule(step)) * m for m, *_ in multipliers.values()]
             np.testing.assert_allclose(
                 ours, [g["lr"] for g in opt.param_groups], rtol=1e-6, err_msg=f"epoch {epoch}"
             )

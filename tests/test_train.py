@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from hdml_jax import train
-from hdml_jax.config import METHODS, validate
+from hdml_jax.config import HIERARCHICAL_METHODS, METHODS, validate
 from tests.tiny_data import shrink, tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,9 +47,16 @@ def dataset():
     return tiny_dataset()
 
 
-# proxy_nca's trainer path is proxy_anchor's with hpl_nca's loss and recipe (both run by default).
+# The default run trains one method per trainer path; the rest repeat a path with another loss
+# (every loss is checked on its own, and ``test_baselines`` checks what the step computes):
+# proxy_nca and proxy_anchor are hpl_nca's and hpl_pa's without coarse levels (proxy_anchor also
+# trains through the CLI in test_inference), ``margin`` stands for the pair losses (P×K batches,
+# a learned loss parameter), ``soft_triple`` for the classification ones (K rows per class).
+DEFAULT_RUNS = ("hpl_pa", "hpl_nca", "proxy_nca_pp", "cgd", "margin", "soft_triple")
+
+
 @pytest.mark.parametrize(
-    "method", [pytest.param(m, marks=pytest.mark.exhaustive) if m == "proxy_nca" else m for m in METHODS]
+    "method", [m if m in DEFAULT_RUNS else pytest.param(m, marks=pytest.mark.exhaustive) for m in METHODS]
 )
 def test_each_method_trains_and_evaluates(method, dataset, tmp_path):
     final = train.train_and_evaluate(tiny_config(method), tmp_path, dataset=dataset)
@@ -66,7 +73,7 @@ def test_each_method_trains_and_evaluates(method, dataset, tmp_path):
     assert [r["step"] for r in records if r["kind"] == "eval"] == [8, 16]
     assert json.loads((tmp_path / "final_metrics.json").read_text())["step"] == 16
     assert np.load(tmp_path / "test_embeddings.npy").shape == (48, 16)
-    if method in ("hpl_pa", "hpl_nca"):
+    if method in HIERARCHICAL_METHODS:
         assert all("fine" in r for r in train_records)
     if method == "cgd":
         assert all("triplet" in r and "classification" in r for r in train_records)

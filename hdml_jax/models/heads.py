@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -173,6 +174,11 @@ PROXY_INITS = {
     "normal_over_8": lambda key, shape, dtype=jnp.float32: jax.random.normal(key, shape, dtype) / 8.0,
     # pytorch-metric-learning's ProxyNCALoss (>= 0.9.90): torch.nn.init.normal_, N(0, 1).
     "normal": lambda key, shape, dtype=jnp.float32: jax.random.normal(key, shape, dtype),
+    # pytorch-metric-learning's SoftTripleLoss: kaiming_uniform_(a=√5) on its (d, C·K) matrix,
+    # i.e. U(±1/√(C·K)) (gain √(1/3) × √(3 / fan_in), fan_in = C·K); ours is its transpose.
+    "kaiming_uniform_sqrt5": lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -1.0 / math.sqrt(shape[0]), 1.0 / math.sqrt(shape[0])
+    ),
 }
 
 
@@ -192,6 +198,8 @@ class EmbeddingModel(nn.Module):
         them out (``hdml_jax.parallel``).
       coarse_groups: sizes of the coarse proxy levels (HPL), e.g. ``(16,)``.
       proxy_init: key of ``PROXY_INITS``.
+      loss_params: a loss's own parameters, ``(name, size, initial value)`` each: a ``(size,)``
+        array (a scalar for size 0) at ``params[name]``, e.g. the margin loss's β per class.
     """
 
     backbone: nn.Module
@@ -200,6 +208,7 @@ class EmbeddingModel(nn.Module):
     proxy_padding: int = 0
     coarse_groups: Sequence[int] = ()
     proxy_init: str = "kaiming_fan_out"
+    loss_params: Sequence[tuple[str, int, float]] = ()
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -213,6 +222,9 @@ class EmbeddingModel(nn.Module):
             self.param("proxies", init, (self.num_proxies + self.proxy_padding, dim))
             for level, groups in enumerate(self.coarse_groups, start=1):
                 self.param(f"coarse_proxies_{level}", init, (groups, dim))
+        for name, size, value in self.loss_params:
+            shape = (size,) if size else ()
+            self.param(name, lambda _, shape=shape, value=value: jnp.full(shape, value, jnp.float32))
         return outputs
 
 
