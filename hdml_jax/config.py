@@ -469,6 +469,12 @@ def _validate_baseline(c: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 f"loss.xbm_size must be 0 (no cross-batch memory) or at least batch_size {c.batch_size}, got {xbm}."
             )
+        if xbm and (c.method == "lifted_structure" or c.loss.kwargs.get("swap", False)):
+            what = "lifted_structure" if c.method == "lifted_structure" else "triplet_margin with swap=True"
+            raise ConfigError(
+                f"loss.xbm_size: {what} has no cross-batch form (its terms pair two batch rows "
+                "with each other); pick another pair loss or set loss.xbm_size=0."
+            )
     for name in ("proxy_lr", "loss_params_lr"):
         value = c.optimizer.get(name)
         if value is not None and not value > 0:

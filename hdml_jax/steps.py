@@ -15,6 +15,8 @@ State (a plain dict pytree, checkpointed as is)::
     opt_state    hdml_jax.optim.OptimizerState (global count + per-group optax state)
     hierarchy    {'assignments': (a^0, ...), 'active': float32 scalar} (HPL; empty otherwise)
     rng          PRNG key data (uint32)
+    xbm          losses.CrossBatchMemory (pair losses with loss.xbm_size > 0 only): the ring
+                 buffer of past embeddings, replicated, checkpointed with the rest (exact resume)
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ def compute_loss(
     method, lc = config.method, config.loss
     embeddings = outputs["embedding"]
     if method in baselines.PAIR_METHODS:
-        return pair_loss(config, embeddings, labels, params, mask), {}
+        return pair_loss(config, embeddings, labels, params, mask)[0], {}
     if method in baselines.CLASSIFICATION_METHODS:
         fine = getattr(losses, baselines.LOSS_FUNCTIONS[method])
         num_rows = params["proxies"].shape[0]
@@ -181,20 +183,37 @@ def pair_loss(
     labels: jax.Array,
     params: Any,
     mask: jax.Array,
-) -> jax.Array:
-    """A pair-based baseline's loss (``hdml_jax.baselines``), mined if ``loss.miner`` says so."""
+    memory: losses.CrossBatchMemory | None = None,
+) -> tuple[jax.Array, losses.CrossBatchMemory | None]:
+    """A pair-based baseline's loss (``hdml_jax.baselines``) and the cross-batch memory after it.
+
+    Mined if ``loss.miner`` says so. With a ``memory`` (``loss.xbm_size > 0``) the batch is
+    written into it first and every anchor of the batch is paired with the memory's rows (PML's
+    ``CrossBatchMemory``; ``losses.xbm_loss``); without, pairs are within the batch.
+    """
     lc = config.loss
     loss_fn = getattr(losses, baselines.LOSS_FUNCTIONS[config.method])
     kwargs = lc.kwargs.to_dict()
-    if lc.miner != "none":
-        miner = getattr(losses, baselines.MINER_FUNCTIONS[lc.miner])
-        kwargs.update(
-            miner(jax.lax.stop_gradient(embeddings), labels, mask=mask, **lc.miner_kwargs.to_dict())
-        )
     if config.method == "margin":
         kwargs.pop("beta")  # the initial value; the learned β is a parameter
-        return loss_fn(embeddings, labels, params["margin_beta"], mask=mask, **kwargs)
-    return loss_fn(embeddings, labels, mask=mask, **kwargs)
+        loss_fn = functools.partial(loss_fn, beta=params["margin_beta"])
+    miner = None
+    if lc.miner != "none":
+        miner_fn = getattr(losses, baselines.MINER_FUNCTIONS[lc.miner])
+        miner = functools.partial(miner_fn, **lc.miner_kwargs.to_dict())
+    if memory is not None:
+        return losses.xbm_loss(
+            functools.partial(loss_fn, **kwargs),
+            embeddings,
+            labels,
+            memory,
+            mask=mask,
+            miner=miner,
+            miner_pairs_are_triplets=lc.miner == "batch_hard",
+        )
+    if miner is not None:
+        kwargs.update(miner(jax.lax.stop_gradient(embeddings), labels, mask=mask))
+    return loss_fn(embeddings, labels, mask=mask, **kwargs), None
 
 
 def hierarchy_levels(
@@ -232,8 +251,8 @@ def loss_and_grads(
     model: EmbeddingModel,
     config: ml_collections.ConfigDict,
     backbone_frozen: bool = False,
-) -> tuple[tuple[jax.Array, dict[str, jax.Array], Any], Any]:
-    """``((loss, loss parts, new batch_stats), grads)`` of one global batch.
+) -> tuple[tuple[jax.Array, dict[str, jax.Array], Any, Any], Any]:
+    """``((loss, loss parts, new batch_stats, new cross-batch memory or None), grads)`` of one batch.
 
     ``batch``: ``{'image' uint8 (B,H,W,3), 'label' (B,), 'mask'? (B,)}``. With
     ``backbone_frozen`` the backbone's features pass through ``stop_gradient`` (its gradient is
@@ -248,13 +267,17 @@ def loss_and_grads(
             params = {**params, "backbone": jax.lax.stop_gradient(params["backbone"])}
         variables = {"params": params, "batch_stats": state["batch_stats"]}
         outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        new_batch_stats = updates.get("batch_stats", state["batch_stats"])
+        if "xbm" in state:  # a pair loss against the cross-batch memory
+            loss, memory = pair_loss(config, outputs["embedding"], labels, params, mask, state["xbm"])
+            return loss, ({}, new_batch_stats, memory)
         loss, parts = compute_loss(
             config, outputs, labels, params, state["hierarchy"], mask, num_classes=model.num_proxies
         )
-        return loss, (parts, updates.get("batch_stats", state["batch_stats"]))
+        return loss, (parts, new_batch_stats, None)
 
-    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return (loss, parts, batch_stats), grads
+    (loss, (parts, batch_stats, memory)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return (loss, parts, batch_stats, memory), grads
 
 
 def train_step(
@@ -272,7 +295,7 @@ def train_step(
     move. ``backbone_frozen`` (static, the warm-up) also keeps the backbone's gradient from being
     computed at all.
     """
-    (loss, parts, batch_stats), grads = loss_and_grads(
+    (loss, parts, batch_stats, memory), grads = loss_and_grads(
         state["params"], state, batch, model=model, config=config, backbone_frozen=backbone_frozen
     )
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -288,6 +311,8 @@ def train_step(
         "batch_stats": batch_stats,
         "opt_state": opt_state,
     }
+    if memory is not None:
+        new_state["xbm"] = memory
     metrics = {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads), **parts}
     return new_state, metrics
 

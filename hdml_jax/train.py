@@ -54,7 +54,7 @@ from hdml_jax.config import HIERARCHICAL_METHODS, validate
 from hdml_jax.data import pipeline, sampling, transforms
 from hdml_jax.data.base import MetricDataset, Split
 from hdml_jax.errors import ConfigError, UserError
-from hdml_jax.losses import hierarchy_from_labels
+from hdml_jax.losses import hierarchy_from_labels, xbm_init
 from hdml_jax.models import load_pretrained
 from hdml_jax.models.weights import resolve_pretrained
 from hdml_jax.outputs import write_outputs
@@ -200,7 +200,7 @@ def init_state(
                 ),
                 "active": jnp.ones((), jnp.float32),
             }
-    return {
+    state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "batch_stats": batch_stats,
@@ -208,6 +208,9 @@ def init_state(
         "hierarchy": hierarchy,
         "rng": jax.random.key_data(rng),
     }
+    if config.loss.get("xbm_size", 0):  # a pair loss's cross-batch memory, part of the state
+        state["xbm"] = xbm_init(int(config.loss.xbm_size), int(config.model.embedding_dim))
+    return state
 
 
 def _checked_replace(current: Any, loaded: Any, what: str) -> Any:

@@ -56,9 +56,9 @@ def one_step(method: str, devices, shard_proxies: bool, pad_proxies: bool) -> di
     fn = jax.jit(
         functools.partial(steps.loss_and_grads, model=model, config=config),
         in_shardings=(state_sharding["params"], state_sharding, sharded),
-        out_shardings=((None, None, None), state_sharding["params"]),
+        out_shardings=((None, None, None, None), state_sharding["params"]),
     )
-    (loss, _, batch_stats), grads = fn(state["params"], state, batch)
+    (loss, _, batch_stats, _), grads = fn(state["params"], state, batch)
     result = {"values": jax.device_get((loss, grads, batch_stats))}
     if shard_proxies:
         num_proxies = state["params"]["proxies"].shape[0]

@@ -8,6 +8,10 @@ PML's reducer. Nothing here is a vectorised copy of the library code, which work
 
 A ``mask`` removes rows: a tuple that touches a masked row is dropped, and the per-row reductions
 run over the unmasked rows only.
+
+References (PML's ``ref_emb`` / ``ref_labels``): with ``ref`` / ``ref_labels`` (and ``ref_mask``)
+the anchors are rows of ``x`` and the positives / negatives rows of ``ref``; index lists hold an
+anchor index first and reference indices after it, and no pair is dropped as a self comparison.
 """
 
 from __future__ import annotations
@@ -26,13 +30,18 @@ TINY_F32 = float(np.finfo(np.float32).tiny)  # PML's c_f.small_val(float32)
 
 
 class Metric:
-    """PML's LpDistance / CosineSimilarity / DotProductSimilarity between rows of ``x``."""
+    """PML's LpDistance / CosineSimilarity / DotProductSimilarity between rows of ``x`` (and of
+    ``ref`` when given: ``d(i, j)`` is then between ``x[i]`` and ``ref[j]``)."""
 
-    def __init__(self, x, distance: str = "euclidean", normalize: bool = True):
-        x = np.asarray(x, dtype=np.float64)
-        if distance == "cosine" or normalize:
-            x = np.array([row / max(math.sqrt(float(np.dot(row, row))), NORM_EPS) for row in x])
-        self.x = x
+    def __init__(self, x, distance: str = "euclidean", normalize: bool = True, ref=None):
+        def prepared(rows):
+            rows = np.asarray(rows, dtype=np.float64)
+            if distance == "cosine" or normalize:
+                rows = np.array([row / max(math.sqrt(float(np.dot(row, row))), NORM_EPS) for row in rows])
+            return rows
+
+        self.x = prepared(x)
+        self.ref = self.x if ref is None else prepared(ref)
         self.distance = distance
         self.inverted = distance != "euclidean"
         self._cache: dict[tuple[int, int], float] = {}
@@ -40,7 +49,7 @@ class Metric:
     def __call__(self, i: int, j: int) -> float:
         key = (i, j)
         if key not in self._cache:
-            a, b = self.x[i], self.x[j]
+            a, b = self.x[i], self.ref[j]
             if self.distance == "euclidean":
                 self._cache[key] = math.sqrt(float(np.sum((a - b) ** 2)))
             else:
@@ -86,30 +95,39 @@ def _rows(labels, mask) -> list[int]:
     return [i for i in range(len(labels)) if mask is None or bool(mask[i])]
 
 
-def all_pairs(labels, mask=None) -> tuple[list[int], list[int], list[int], list[int]]:
-    """get_all_pairs_indices: positive pairs (same label, not self) and negative pairs."""
-    rows = _rows(labels, mask)
+def _other(labels, mask, ref_labels, ref_mask):
+    """(labels, mask) of the rows that the pairs end in: the references, or the batch itself."""
+    return (labels, mask) if ref_labels is None else (ref_labels, ref_mask)
+
+
+def all_pairs(
+    labels, mask=None, ref_labels=None, ref_mask=None
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """get_all_pairs_indices: positive pairs (same label, not self) and negative pairs; with
+    references every (anchor, reference) pair, self comparisons included."""
+    other_labels, other_mask = _other(labels, mask, ref_labels, ref_mask)
     a1, p, a2, n = [], [], [], []
-    for i in rows:
-        for j in rows:
-            if labels[i] == labels[j] and i != j:
+    for i in _rows(labels, mask):
+        for j in _rows(other_labels, other_mask):
+            if labels[i] == other_labels[j] and (ref_labels is not None or i != j):
                 a1.append(i)
                 p.append(j)
-            elif labels[i] != labels[j]:
+            elif labels[i] != other_labels[j]:
                 a2.append(i)
                 n.append(j)
     return a1, p, a2, n
 
 
-def all_triplets(labels, mask=None) -> tuple[list[int], list[int], list[int]]:
-    rows = _rows(labels, mask)
+def all_triplets(labels, mask=None, ref_labels=None, ref_mask=None) -> tuple[list[int], list[int], list[int]]:
+    other_labels, other_mask = _other(labels, mask, ref_labels, ref_mask)
+    others = _rows(other_labels, other_mask)
     a, p, n = [], [], []
-    for i in rows:
-        for j in rows:
-            if j == i or labels[j] != labels[i]:
+    for i in _rows(labels, mask):
+        for j in others:
+            if (ref_labels is None and j == i) or other_labels[j] != labels[i]:
                 continue
-            for k in rows:
-                if labels[k] != labels[i]:
+            for k in others:
+                if other_labels[k] != labels[i]:
                     a.append(i)
                     p.append(j)
                     n.append(k)
@@ -120,29 +138,35 @@ def _keep(mask, *idx) -> bool:
     return mask is None or all(bool(mask[i]) for i in idx)
 
 
-def to_pairs(indices, labels, mask=None):
+def _keep_tuple(mask, other_mask, anchor, *others) -> bool:
+    return _keep(mask, anchor) and _keep(other_mask, *others)
+
+
+def to_pairs(indices, labels, mask=None, ref_labels=None, ref_mask=None):
     """convert_to_pairs: None → all pairs; (a, p, n) → (a, p, a, n); pairs unchanged."""
     if indices is None:
-        return all_pairs(labels, mask)
+        return all_pairs(labels, mask, ref_labels, ref_mask)
+    other_mask = _other(labels, mask, ref_labels, ref_mask)[1]
     if len(indices) == 3:
         a, p, n = (list(v) for v in indices)
-        keep = [k for k in range(len(a)) if _keep(mask, a[k], p[k], n[k])]
+        keep = [k for k in range(len(a)) if _keep_tuple(mask, other_mask, a[k], p[k], n[k])]
         return [a[k] for k in keep], [p[k] for k in keep], [a[k] for k in keep], [n[k] for k in keep]
     a1, p, a2, n = (list(v) for v in indices)
-    pos = [k for k in range(len(a1)) if _keep(mask, a1[k], p[k])]
-    neg = [k for k in range(len(a2)) if _keep(mask, a2[k], n[k])]
+    pos = [k for k in range(len(a1)) if _keep_tuple(mask, other_mask, a1[k], p[k])]
+    neg = [k for k in range(len(a2)) if _keep_tuple(mask, other_mask, a2[k], n[k])]
     return [a1[k] for k in pos], [p[k] for k in pos], [a2[k] for k in neg], [n[k] for k in neg]
 
 
-def to_triplets(indices, labels, mask=None):
+def to_triplets(indices, labels, mask=None, ref_labels=None, ref_mask=None):
     """convert_to_triplets: None → all triplets; pairs → every (a, p, n) sharing the anchor."""
     if indices is None:
-        return all_triplets(labels, mask)
+        return all_triplets(labels, mask, ref_labels, ref_mask)
     if len(indices) == 3:
+        other_mask = _other(labels, mask, ref_labels, ref_mask)[1]
         a, p, n = (list(v) for v in indices)
-        keep = [k for k in range(len(a)) if _keep(mask, a[k], p[k], n[k])]
+        keep = [k for k in range(len(a)) if _keep_tuple(mask, other_mask, a[k], p[k], n[k])]
         return [a[k] for k in keep], [p[k] for k in keep], [n[k] for k in keep]
-    a1, p, a2, n = to_pairs(indices, labels, mask)
+    a1, p, a2, n = to_pairs(indices, labels, mask, ref_labels, ref_mask)
     ta, tp, tn = [], [], []
     for i in range(len(a1)):
         for j in range(len(a2)):
@@ -185,9 +209,12 @@ def contrastive_ref(
     normalize=True,
     mask=None,
     indices=None,
+    ref=None,
+    ref_labels=None,
+    ref_mask=None,
 ) -> float:
-    d = Metric(x, distance, normalize)
-    pairs = to_pairs(indices, labels, mask)
+    d = Metric(x, distance, normalize, ref)
+    pairs = to_pairs(indices, labels, mask, ref_labels, ref_mask)
     if _generic_pair_loss_skips(pairs):
         return 0.0
     a1, p, a2, n = pairs
@@ -207,12 +234,16 @@ def triplet_margin_ref(
     normalize=True,
     mask=None,
     indices=None,
+    ref=None,
+    ref_labels=None,
+    ref_mask=None,
 ) -> float:
-    d = Metric(x, distance, normalize)
+    d = Metric(x, distance, normalize, ref)
     terms = []
-    for a, p, n in zip(*to_triplets(indices, labels, mask), strict=True):
+    for a, p, n in zip(*to_triplets(indices, labels, mask, ref_labels, ref_mask), strict=True):
         ap, an = d(a, p), d(a, n)
         if swap:
+            assert ref is None, "swap needs d(p, n) between two batch rows"
             pn = d(p, n)
             an = max(an, pn) if d.inverted else min(an, pn)
         violation = d.margin(ap, an) + margin
@@ -232,11 +263,14 @@ def margin_ref(
     normalize=True,
     mask=None,
     indices=None,
+    ref=None,
+    ref_labels=None,
+    ref_mask=None,
 ) -> float:
-    d = Metric(x, distance, normalize)
+    d = Metric(x, distance, normalize, ref)
     beta = np.atleast_1d(np.asarray(beta, dtype=np.float64))
     per_class = len(beta) > 1
-    triplets = list(zip(*to_triplets(indices, labels, mask), strict=True))
+    triplets = list(zip(*to_triplets(indices, labels, mask, ref_labels, ref_mask), strict=True))
     if not triplets:
         return 0.0
     total, divisor, reg = 0.0, 0, 0.0
@@ -257,10 +291,22 @@ def margin_ref(
 
 
 def multi_similarity_ref(
-    x, labels, *, alpha=2.0, beta=50.0, base=0.5, distance="cosine", normalize=True, mask=None, indices=None
+    x,
+    labels,
+    *,
+    alpha=2.0,
+    beta=50.0,
+    base=0.5,
+    distance="cosine",
+    normalize=True,
+    mask=None,
+    indices=None,
+    ref=None,
+    ref_labels=None,
+    ref_mask=None,
 ) -> float:
-    d = Metric(x, distance, normalize)
-    pairs = to_pairs(indices, labels, mask)
+    d = Metric(x, distance, normalize, ref)
+    pairs = to_pairs(indices, labels, mask, ref_labels, ref_mask)
     if _generic_pair_loss_skips(pairs):
         return 0.0
     pos, neg = _pos_neg_sets(pairs)
@@ -273,10 +319,20 @@ def multi_similarity_ref(
 
 
 def ntxent_ref(
-    x, labels, *, temperature=0.07, distance="cosine", normalize=True, mask=None, indices=None
+    x,
+    labels,
+    *,
+    temperature=0.07,
+    distance="cosine",
+    normalize=True,
+    mask=None,
+    indices=None,
+    ref=None,
+    ref_labels=None,
+    ref_mask=None,
 ) -> float:
-    d = Metric(x, distance, normalize)
-    pairs = to_pairs(indices, labels, mask)
+    d = Metric(x, distance, normalize, ref)
+    pairs = to_pairs(indices, labels, mask, ref_labels, ref_mask)
     if _generic_pair_loss_skips(pairs):
         return 0.0
     a1, p, a2, n = pairs
@@ -333,9 +389,12 @@ def generalized_lifted_structure_ref(
     normalize=True,
     mask=None,
     indices=None,
+    ref=None,
+    ref_labels=None,
+    ref_mask=None,
 ) -> float:
-    d = Metric(x, distance, normalize)
-    pairs = to_pairs(indices, labels, mask)
+    d = Metric(x, distance, normalize, ref)
+    pairs = to_pairs(indices, labels, mask, ref_labels, ref_mask)
     if _generic_pair_loss_skips(pairs):
         return 0.0
     pos, neg = _pos_neg_sets(pairs)
@@ -347,12 +406,24 @@ def generalized_lifted_structure_ref(
     return mean(per_row)
 
 
-def circle_ref(x, labels, *, m=0.4, gamma=80.0, mask=None, indices=None, detach_x=None) -> float:
+def circle_ref(
+    x,
+    labels,
+    *,
+    m=0.4,
+    gamma=80.0,
+    mask=None,
+    indices=None,
+    ref=None,
+    ref_labels=None,
+    ref_mask=None,
+    detach_x=None,
+) -> float:
     """``detach_x``: the embeddings at which the detached weights relu(O_p - s), relu(s - O_n) are
     evaluated (default ``x``); finite differences with it fixed give PML's detached gradient."""
-    d = Metric(x, "cosine")
-    fixed = Metric(x if detach_x is None else detach_x, "cosine")
-    pairs = to_pairs(indices, labels, mask)
+    d = Metric(x, "cosine", True, ref)
+    fixed = Metric(x if detach_x is None else detach_x, "cosine", True, ref)
+    pairs = to_pairs(indices, labels, mask, ref_labels, ref_mask)
     if _generic_pair_loss_skips(pairs):
         return 0.0
     pos, neg = _pos_neg_sets(pairs)

@@ -79,6 +79,10 @@ def test_mistakes_are_one_line_config_errors():
     c.loss.xbm_size = 10
     with pytest.raises(ConfigError, match=r"xbm_size must be 0 .* at least batch_size 120"):
         validate(c)
+    c = baseline_config("cub", "lifted_structure")
+    c.loss.xbm_size = 1024
+    with pytest.raises(ConfigError, match="lifted_structure has no cross-batch form"):
+        validate(c)
     c = baseline_config("cub", "multi_similarity")
     c.loss.miner = "none"
     with pytest.raises(ConfigError, match=r"miner_kwargs is set but loss\.miner is 'none'"):
@@ -170,3 +174,21 @@ def test_soft_triple_pads_whole_classes_when_its_centers_are_sharded():
     )
     direct = losses.soft_triple_loss(x, y, weights[:50], mask=mask, **kwargs)
     np.testing.assert_allclose(float(padded), float(direct), rtol=1e-6)
+
+
+def test_the_train_step_pairs_the_batch_with_the_cross_batch_memory():
+    """With ``loss.xbm_size`` the step's loss is ``xbm_loss`` of the method's loss, miner included."""
+    import functools
+
+    c = baseline_config("synthetic", "multi_similarity")
+    x, y, mask, _ = _inputs()
+    memory = losses.xbm_init(24, x.shape[1])
+    memory, _ = losses.xbm_enqueue(memory, -x, (y + 1) % 6)  # an earlier batch
+    loss, after = steps.pair_loss(c, x, y, {}, mask, memory)
+    miner = functools.partial(losses.multi_similarity_miner, **c.loss.miner_kwargs.to_dict())
+    expected, expected_memory = losses.xbm_loss(
+        functools.partial(losses.multi_similarity_loss, **c.loss.kwargs.to_dict()), x, y, memory, mask=mask, miner=miner
+    )
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+    assert int(after.position) == int(expected_memory.position) == 23  # 12 rows, then 11 (one masked)
+    assert float(loss) != float(steps.pair_loss(c, x, y, {}, mask)[0])  # the memory takes part

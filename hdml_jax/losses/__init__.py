@@ -11,6 +11,9 @@ The pair-based losses of pytorch-metric-learning (``contrastive_loss``, ``triple
 ``multi_similarity_loss``, ``margin_loss``, ``ntxent_loss``, ``lifted_structure_loss``,
 ``circle_loss``) keep its keyword names, defaults and reducers; its miners are pure functions
 returning masks that the losses take as keywords: ``loss(x, y, **batch_hard_miner(x, y))``.
+All but ``lifted_structure_loss`` take reference rows (PML's ``ref_emb``), and ``xbm_loss`` runs
+them against a cross-batch memory (``xbm_init``, ``xbm_enqueue``; PML's ``CrossBatchMemory``),
+a pytree kept in the train state.
 Its classification losses (``normalized_softmax_loss``, ``cosface_loss``, ``arcface_loss``,
 ``soft_triple_loss``) take their weights as a ``(C, d)`` proxy matrix (PML's ``W.T``), so
 ``proxy_mask`` padding and the trainer's proxy machinery apply.
@@ -53,8 +56,10 @@ from hdml_jax.losses.proxy_nca import proxy_nca_loss
 from hdml_jax.losses.soft_triple import soft_triple_loss
 from hdml_jax.losses.triplet import batch_hard_triplet_loss, pairwise_squared_distances
 from hdml_jax.losses.triplet_margin import init_margin_beta, margin_loss, triplet_margin_loss
+from hdml_jax.losses.xbm import CrossBatchMemory, xbm_enqueue, xbm_init, xbm_loss
 
 __all__ = [
+    "CrossBatchMemory",
     "LossHyperparameterError",
     "ProxyHierarchy",
     "arcface_loss",
@@ -86,4 +91,7 @@ __all__ = [
     "triplet_margin_loss",
     "triplet_margin_miner",
     "triplets_from_pairs",
+    "xbm_enqueue",
+    "xbm_init",
+    "xbm_loss",
 ]

@@ -7,6 +7,11 @@ They reproduce pytorch-metric-learning 2.x (PML) conventions with fixed shapes:
   ``DotProductSimilarity`` (normalised by default too, i.e. the cosine). Euclidean distances are
   "non-inverted" (small = close), the two similarities "inverted" (large = close), and PML's
   ``distance.margin(x, y)`` is ``x - y`` or ``y - x`` accordingly (``margin`` below).
+* Reference rows (PML's ``ref_emb`` / ``ref_labels``, what ``CrossBatchMemory`` passes): with
+  ``Refs`` every anchor is a row of the embeddings ``(B, d)`` and every positive / negative a row
+  of the references ``(M, d)``; the matrices become ``(B, M)`` (``(B, M, M)`` for triplets) and,
+  as in PML, a pair ``(i, j)`` with the same label is positive even for ``i == j`` (the
+  references are another set; the memory's own self comparisons are removed by ``xbm.py``).
 * Mined tuples: PML passes index lists (``(a, p, n)`` triplets or ``(a1, p, a2, n)`` pairs); here
   they are boolean masks, ``pos_mask`` / ``neg_mask`` ``(B, B)`` or ``triplet_mask`` ``(B, B, B)``.
   A pair loss given triplets sees PML's ``convert_to_pairs`` lists ``(a, p, a, n)``, in which a pair
@@ -16,7 +21,8 @@ They reproduce pytorch-metric-learning 2.x (PML) conventions with fixed shapes:
   ``(a, n)`` negative.
 * Exact duplicates are at Euclidean distance exactly 0, as with ``torch.cdist``'s direct path (PML
   on ≤ 25 rows); above 25 rows ``cdist`` switches to a matrix-product expansion whose rounding
-  can leave ~5e-4 there, which an ``AvgNonZeroReducer`` then counts as a positive term.
+  can leave ~5e-4 there, which an ``AvgNonZeroReducer`` then counts as a positive term. Between
+  the embeddings and reference rows such a residue can remain here too (``_cross_distance_matrix``).
 * Reducers: ``avg_non_zero`` (``AvgNonZeroReducer``) and ``weighted_mean`` (``MeanReducer``) over
   such weighted lists; both are exactly 0 for an empty list.
 
@@ -74,12 +80,17 @@ def check_finite(
     _common.check_hyperparameter(value, name, low=low, low_inclusive=low_inclusive, meaning=meaning)
 
 
-def distance_matrix(x: jax.Array, distance: str, normalize_embeddings: bool) -> tuple[jax.Array, bool]:
-    """``(mat, inverted)``: the ``(B, B)`` float32 distance / similarity matrix of the rows of ``x``.
+def distance_matrix(
+    x: jax.Array, distance: str, normalize_embeddings: bool, ref: jax.Array | None = None
+) -> tuple[jax.Array, bool]:
+    """``(mat, inverted)``: the float32 distance / similarity matrix of the rows of ``x`` against
+    themselves ``(B, B)``, or against the rows of ``ref`` ``(B, M)``.
 
     ``inverted`` is True for similarities. The Euclidean distance has value and gradient 0 at 0
     (duplicate rows, the diagonal).
     """
+    if ref is not None:
+        return _cross_distance_matrix(x, ref, distance, normalize_embeddings)
     if distance == "cosine" or normalize_embeddings:
         x = _common.l2_normalize(x)
     gram = jnp.matmul(x, x.T, precision=_common.FULL_PRECISION)
@@ -94,6 +105,31 @@ def distance_matrix(x: jax.Array, distance: str, normalize_embeddings: bool) -> 
     return safe_sqrt(sq_dist), False
 
 
+def _cross_distance_matrix(
+    x: jax.Array, ref: jax.Array, distance: str, normalize_embeddings: bool
+) -> tuple[jax.Array, bool]:
+    """``distance_matrix`` of ``x (B, d)`` against ``ref (M, d)``: ``(B, M)``."""
+    if distance == "cosine" or normalize_embeddings:
+        x, ref = _common.l2_normalize(x), _common.l2_normalize(ref)
+    cross = jnp.matmul(x, ref.T, precision=_common.FULL_PRECISION)
+    if distance != "euclidean":
+        return cross, True
+    # ‖x_i‖² + ‖r_j‖² - 2 x_i·r_j, clamped at 0. Unlike the (B, B) case there is no Gram diagonal
+    # to read the norms off: they are row sums, rounded differently from the matmul's dot
+    # products, so a row of x that also is a row of ref (in XBM: an anchor and its own memory
+    # slot) is often at a rounding residue (1e-7..1e-6 squared, 3e-4..1e-3 after the square root)
+    # rather than at exactly 0 -- as with torch.cdist's matrix-product path, which PML takes above
+    # 25 rows. Exact zeros would need the norms and the dot products from one summation order (a
+    # Gram matrix of the stacked rows: (B + M)² instead of B·M products), not worth it here. The
+    # clamp keeps the square root real where the residue is negative; safe_sqrt gives value and
+    # gradient 0 where it is exactly 0. XBM removes the anchor-own-slot pairs (xbm.py), so the
+    # residue matters only for genuine duplicates, as in PML.
+    sq_x = jnp.sum(x * x, axis=1)
+    sq_ref = jnp.sum(ref * ref, axis=1)
+    sq_dist = jnp.maximum(sq_x[:, None] + sq_ref[None, :] - 2.0 * cross, 0.0)
+    return safe_sqrt(sq_dist), False
+
+
 def margin(x, y, inverted: bool):
     """PML's ``distance.margin(x, y)``: ``x - y`` for a distance, ``y - x`` for a similarity."""
     return y - x if inverted else x - y
@@ -104,13 +140,17 @@ def as_distance(mat: jax.Array, inverted: bool) -> jax.Array:
     return -mat if inverted else mat
 
 
-def nan_unless_finite(x: jax.Array) -> jax.Array:
-    """0.0, or NaN when ``x`` (the masked embeddings) holds a NaN or an inf; carries no gradient.
+def nan_unless_finite(x: jax.Array, refs: Refs | None = None) -> jax.Array:
+    """0.0, or NaN when ``x`` (the masked embeddings) or the masked reference rows hold a NaN or
+    an inf; carries no gradient.
 
     Added to every result so that a bad unmasked row gives NaN even where a reducer would skip
     the NaN terms (``NaN > 0`` is False in ``AvgNonZeroReducer``, which PML then silently drops).
     """
-    return jnp.where(jnp.all(jnp.isfinite(x)), 0.0, jnp.nan).astype(jnp.float32)
+    finite = jnp.all(jnp.isfinite(x))
+    if refs is not None:
+        finite = finite & jnp.all(jnp.isfinite(refs.x))
+    return jnp.where(finite, 0.0, jnp.nan).astype(jnp.float32)
 
 
 def prepare(embeddings, labels, mask) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -123,17 +163,75 @@ def prepare(embeddings, labels, mask) -> tuple[jax.Array, jax.Array, jax.Array]:
     return x, jnp.asarray(labels), mask
 
 
+class Refs(NamedTuple):
+    """Reference rows (PML's ``ref_emb`` / ``ref_labels``): the positives / negatives of every anchor."""
+
+    x: jax.Array  # (M, d) float32, rows outside ``mask`` zeroed
+    labels: jax.Array  # (M,) int
+    mask: jax.Array  # (M,) bool: the rows that take part
+
+
+def prepare_refs(ref_embeddings, ref_labels, ref_mask, dim: int, owner: str) -> Refs | None:
+    """Validate the reference keywords of a loss / miner; ``None`` without references.
+
+    ``ref_embeddings (M, d)`` needs ``ref_labels (M,)``; ``ref_mask (M,)`` bool is optional (all
+    rows). ``d`` must be the embeddings' dimension. Masked rows are zeroed like masked anchors.
+    """
+    if ref_embeddings is None:
+        if ref_labels is not None or ref_mask is not None:
+            raise ValueError(f"{owner}: ref_labels / ref_mask were given without ref_embeddings.")
+        return None
+    if ref_labels is None:
+        raise ValueError(f"{owner}: ref_embeddings need ref_labels (one label per reference row).")
+    _common.check_embeddings(ref_embeddings, name="ref_embeddings")
+    size = jnp.shape(ref_embeddings)[0]
+    if jnp.shape(ref_embeddings)[1] != dim:
+        raise ValueError(
+            f"{owner}: ref_embeddings have dimension {jnp.shape(ref_embeddings)[1]} but embeddings "
+            f"have dimension {dim}; both must live in the same space."
+        )
+    _common.check_labels(ref_labels, size, name="ref_labels")
+    if ref_mask is None:
+        mask = jnp.ones((size,), dtype=bool)
+    elif jnp.shape(ref_mask) != (size,):
+        raise ValueError(
+            f"{owner}: ref_mask must have shape ({size},) (one flag per reference row), "
+            f"got {jnp.shape(ref_mask)}."
+        )
+    else:
+        mask = jnp.asarray(ref_mask).astype(bool)
+    r = _common.zero_masked_rows(jnp.asarray(ref_embeddings).astype(jnp.float32), mask)
+    return Refs(r, jnp.asarray(ref_labels), mask)
+
+
+def refs_unsupported(refs: Refs | None, owner: str, why: str) -> None:
+    if refs is not None:
+        raise ValueError(f"{owner} does not take ref_embeddings {why}.")
+
+
 def _check_mined(value, name: str, shape: tuple[int, ...]) -> jax.Array:
     if jnp.shape(value) != shape:
-        raise ValueError(f"{name} must have shape {shape} (batch size {shape[0]}), got {jnp.shape(value)}.")
+        sizes = (
+            f"batch size {shape[0]}" if len(set(shape)) == 1 else f"batch size {shape[0]}, {shape[1]} refs"
+        )
+        raise ValueError(f"{name} must have shape {shape} ({sizes}), got {jnp.shape(value)}.")
     dtype = jnp.result_type(value)
     if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
         raise ValueError(f"{name} must be boolean (as a miner returns it), got dtype {dtype}.")
     return jnp.asarray(value).astype(bool)
 
 
-def _label_pairs(labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """PML's ``get_all_pairs_indices`` as masks: same label (not self) / different label."""
+def _label_pairs(labels: jax.Array, mask: jax.Array, refs: Refs | None = None) -> tuple[jax.Array, jax.Array]:
+    """PML's ``get_all_pairs_indices`` as masks: same label (not self) / different label.
+
+    With references ``(B, M)``: same / different label between anchor ``i`` and reference ``j``;
+    ``i == j`` is not excluded (PML's ``get_matches_and_diffs`` clears the diagonal only when the
+    references are the embeddings themselves).
+    """
+    if refs is not None:
+        valid = mask[:, None] & refs.mask[None, :]
+        same = labels[:, None] == refs.labels[None, :]
+        return same & valid, ~same & valid
     batch = labels.shape[0]
     valid = mask[:, None] & mask[None, :]
     same = labels[:, None] == labels[None, :]
@@ -142,28 +240,40 @@ def _label_pairs(labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Arr
     return pos, neg
 
 
+def pair_validity(mask: jax.Array, refs: Refs | None = None) -> jax.Array:
+    """``(B, B)`` or ``(B, M)`` bool: both ends of the pair take part."""
+    other = mask if refs is None else refs.mask
+    return mask[:, None] & other[None, :]
+
+
 class Mined(NamedTuple):
     """Which tuples a loss sees: either explicit triplets or positive / negative pair masks."""
 
-    pos: jax.Array | None  # (B, B) bool
-    neg: jax.Array | None  # (B, B) bool
-    triplets: jax.Array | None  # (B, B, B) bool
+    pos: jax.Array | None  # (B, B) bool, (B, M) with references
+    neg: jax.Array | None  # (B, B) bool, (B, M) with references
+    triplets: jax.Array | None  # (B, B, B) bool, (B, M, M) with references
 
 
-def resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner: str) -> Mined:
+def resolve_mined(
+    labels, mask, pos_mask, neg_mask, triplet_mask, owner: str, refs: Refs | None = None
+) -> Mined:
     """The tuples of a loss call, restricted to unmasked rows.
 
     No mined argument: all label pairs (PML's default). ``pos_mask`` and ``neg_mask`` (both): those
-    pairs. ``triplet_mask``: those triplets. Mixing the two kinds is an error.
+    pairs. ``triplet_mask``: those triplets. Mixing the two kinds is an error. With references,
+    the anchors index the batch and the positives / negatives the references: pairs ``(B, M)``,
+    triplets ``(B, M, M)``.
     """
     batch = labels.shape[0]
+    other = batch if refs is None else refs.labels.shape[0]
+    other_mask = mask if refs is None else refs.mask
     if triplet_mask is not None:
         if pos_mask is not None or neg_mask is not None:
             raise ValueError(
                 f"{owner}: pass either triplet_mask or pos_mask/neg_mask (one miner's output), not both."
             )
-        t = _check_mined(triplet_mask, "triplet_mask", (batch, batch, batch))
-        t = t & mask[:, None, None] & mask[None, :, None] & mask[None, None, :]
+        t = _check_mined(triplet_mask, "triplet_mask", (batch, other, other))
+        t = t & mask[:, None, None] & other_mask[None, :, None] & other_mask[None, None, :]
         return Mined(None, None, t)
     if (pos_mask is None) != (neg_mask is None):
         raise ValueError(
@@ -171,19 +281,19 @@ def resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner: str) ->
             "pass both or neither."
         )
     if pos_mask is None:
-        pos, neg = _label_pairs(labels, mask)
+        pos, neg = _label_pairs(labels, mask, refs)
         return Mined(pos, neg, None)
-    valid = mask[:, None] & mask[None, :]
-    pos = _check_mined(pos_mask, "pos_mask", (batch, batch)) & valid
-    neg = _check_mined(neg_mask, "neg_mask", (batch, batch)) & valid
+    valid = mask[:, None] & other_mask[None, :]
+    pos = _check_mined(pos_mask, "pos_mask", (batch, other)) & valid
+    neg = _check_mined(neg_mask, "neg_mask", (batch, other)) & valid
     return Mined(pos, neg, None)
 
 
 class PairWeights(NamedTuple):
     """PML's ``convert_to_pairs`` lists as counts: how often each ``(a, p)`` / ``(a, n)`` is listed."""
 
-    pos: jax.Array  # (B, B) float32
-    neg: jax.Array  # (B, B) float32
+    pos: jax.Array  # (B, B) float32, (B, M) with references
+    neg: jax.Array  # (B, B) float32, (B, M) with references
 
     @property
     def num_pos(self) -> jax.Array:
@@ -251,3 +361,8 @@ def row_offsets(dist: jax.Array, rows: jax.Array) -> jax.Array:
     total = jnp.sum(jnp.where(rows, dist, 0.0), axis=1, keepdims=True)
     offset = jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
     return jax.lax.stop_gradient(offset)
+
+
+def ref_rows(refs: Refs | None) -> jax.Array | None:
+    """The reference rows for ``distance_matrix`` (None without references)."""
+    return None if refs is None else refs.x

@@ -11,6 +11,11 @@ PML's index lists become masks over the batch: pairs ``(a1, p, a2, n)`` →
 ``vmap``; they are booleans (no gradient flows through mining, as under PML's ``torch.no_grad``).
 A False ``mask`` row is in no mined tuple.
 
+With references (``ref_embeddings (M, d)``, ``ref_labels (M,)``, optional ``ref_mask (M,)``: PML's
+``miner(x, y, ref_emb, ref_labels)``) the anchors are the batch rows and the positives / negatives
+the reference rows, nothing excluded as a self comparison (as in PML): pair masks ``(B, M)``,
+triplet masks ``(B, M, M)``. This is how ``hdml_jax.losses.xbm.xbm_loss`` calls a miner.
+
 ``batch_hard_miner`` returns PML's triplets ``(a, hardest p, hardest n)`` as the pair masks
 ``pos_mask`` (one-hot: the hardest positive of each kept anchor) and ``neg_mask`` (its hardest
 negative). With exactly one positive and one negative per anchor this is the same tuple set for
@@ -33,11 +38,12 @@ from hdml_jax.losses import _pair_common as pc
 TRIPLET_TYPES = ("all", "hard", "semihard", "easy")
 
 
-def _prepare(embeddings, labels, mask, distance, normalize_embeddings, owner):
+def _prepare(embeddings, labels, mask, distance, normalize_embeddings, owner, refs=(None, None, None)):
     pc.check_distance(distance, normalize_embeddings, owner)
     x, labels, mask = pc.prepare(embeddings, labels, mask)
-    pos, neg = pc.resolve_mined(labels, mask, None, None, None, owner)[:2]
-    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings)
+    refs = pc.prepare_refs(*refs, x.shape[1], owner)
+    pos, neg = pc.resolve_mined(labels, mask, None, None, None, owner, refs)[:2]
+    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings, pc.ref_rows(refs))
     return jax.lax.stop_gradient(mat), inverted, pos, neg
 
 
@@ -49,7 +55,8 @@ def _in_range(mat: jax.Array, allowed) -> jax.Array:
 
 
 def triplets_from_pairs(pos_mask: jax.Array, neg_mask: jax.Array) -> jax.Array:
-    """``(B, B, B)`` bool: ``pos_mask[a, p] & neg_mask[a, n]``, PML's ``convert_to_triplets`` of pairs."""
+    """``(B, B, B)`` bool (``(B, M, M)`` with references): ``pos_mask[a, p] & neg_mask[a, n]``, PML's
+    ``convert_to_triplets`` of pairs."""
     pos_mask, neg_mask = jnp.asarray(pos_mask, bool), jnp.asarray(neg_mask, bool)
     return pos_mask[:, :, None] & neg_mask[:, None, :]
 
@@ -63,6 +70,9 @@ def batch_hard_miner(
     allowed_pos_range: tuple[float, float] | None = None,
     allowed_neg_range: tuple[float, float] | None = None,
     mask: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_mask: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     r"""PML's ``BatchHardMiner``: per anchor, its hardest positive and hardest negative.
 
@@ -85,17 +95,24 @@ def batch_hard_miner(
     for name, allowed in (("allowed_pos_range", allowed_pos_range), ("allowed_neg_range", allowed_neg_range)):
         if allowed is not None and len(allowed) != 2:
             raise ValueError(f"{owner} {name} must be None or a (low, high) pair, got {allowed!r}.")
-    mat, inverted, pos, neg = _prepare(embeddings, labels, mask, distance, normalize_embeddings, owner)
+    mat, inverted, pos, neg = _prepare(
+        embeddings,
+        labels,
+        mask,
+        distance,
+        normalize_embeddings,
+        owner,
+        (ref_embeddings, ref_labels, ref_mask),
+    )
     pos = pos & _in_range(mat, allowed_pos_range)
     neg = neg & _in_range(mat, allowed_neg_range)
     u = pc.as_distance(mat, inverted)
-    batch = mat.shape[0]
-    if batch == 0:  # argmax of an empty row is undefined; there is no anchor anyway
+    if mat.shape[1] == 0:  # argmax of an empty row is undefined; there is no pair anyway
         return {"pos_mask": pos, "neg_mask": neg}
     hardest_pos = jnp.argmax(jnp.where(pos, u, -jnp.inf), axis=1)
     hardest_neg = jnp.argmin(jnp.where(neg, u, jnp.inf), axis=1)
     keep = jnp.any(pos, axis=1) & jnp.any(neg, axis=1)
-    columns = jnp.arange(batch)[None, :]
+    columns = jnp.arange(mat.shape[1])[None, :]
     return {
         "pos_mask": keep[:, None] & (columns == hardest_pos[:, None]),
         "neg_mask": keep[:, None] & (columns == hardest_neg[:, None]),
@@ -111,6 +128,9 @@ def triplet_margin_miner(
     distance: str = "euclidean",
     normalize_embeddings: bool = True,
     mask: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_mask: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     r"""PML's ``TripletMarginMiner``: the valid triplets selected by their margin.
 
@@ -131,7 +151,15 @@ def triplet_margin_miner(
             f"{owner} type_of_triplets must be one of {TRIPLET_TYPES}, got {type_of_triplets!r}."
         )
     pc.check_finite(margin, f"{owner} margin", "the margin that selects the triplets")
-    mat, inverted, pos, neg = _prepare(embeddings, labels, mask, distance, normalize_embeddings, owner)
+    mat, inverted, pos, neg = _prepare(
+        embeddings,
+        labels,
+        mask,
+        distance,
+        normalize_embeddings,
+        owner,
+        (ref_embeddings, ref_labels, ref_mask),
+    )
     u = pc.as_distance(mat, inverted)
     triplet_margin = u[:, None, :] - u[:, :, None]  # [a, p, n] = u_an - u_ap
     if type_of_triplets == "easy":
@@ -153,6 +181,9 @@ def semi_hard_miner(
     distance: str = "euclidean",
     normalize_embeddings: bool = True,
     mask: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_mask: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """PML's ``TripletMarginMiner(margin, type_of_triplets="semihard")``: ``0 < d_an - d_ap ≤ margin``.
 
@@ -166,6 +197,9 @@ def semi_hard_miner(
         distance=distance,
         normalize_embeddings=normalize_embeddings,
         mask=mask,
+        ref_embeddings=ref_embeddings,
+        ref_labels=ref_labels,
+        ref_mask=ref_mask,
     )
 
 
@@ -177,6 +211,9 @@ def multi_similarity_miner(
     distance: str = "cosine",
     normalize_embeddings: bool = True,
     mask: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_mask: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     r"""PML's ``MultiSimilarityMiner`` (the pair mining of Wang et al. 2019), ``ε = epsilon``.
 
@@ -193,7 +230,15 @@ def multi_similarity_miner(
     """
     owner = "multi_similarity_miner"
     pc.check_finite(epsilon, f"{owner} epsilon", "the slack of the pair selection")
-    mat, inverted, pos, neg = _prepare(embeddings, labels, mask, distance, normalize_embeddings, owner)
+    mat, inverted, pos, neg = _prepare(
+        embeddings,
+        labels,
+        mask,
+        distance,
+        normalize_embeddings,
+        owner,
+        (ref_embeddings, ref_labels, ref_mask),
+    )
     neg_max = jnp.max(jnp.where(neg, mat, -jnp.inf), axis=1, keepdims=True, initial=-jnp.inf)
     neg_min = jnp.min(jnp.where(neg, mat, jnp.inf), axis=1, keepdims=True, initial=jnp.inf)
     pos_max = jnp.max(jnp.where(pos, mat, -jnp.inf), axis=1, keepdims=True, initial=-jnp.inf)

@@ -24,11 +24,22 @@ returns 0 when every index list has at most one entry, e.g. for exactly one mine
 Deliberate differences from PML, for all of them: a NaN / inf unmasked row gives NaN (PML's
 ``AvgNonZeroReducer`` silently drops NaN terms); hyperparameters out of range raise
 ``LossHyperparameterError``; a pair in both ``pos_mask`` and ``neg_mask`` is used as given (PML's
-matrix-based losses assert that none is); PML's ``ref_emb`` / ``ref_labels`` and reducer /
-distance objects are not taken (distances by name, each loss's default reducer only).
+matrix-based losses assert that none is); PML's reducer / distance objects are not taken
+(distances by name, each loss's default reducer only).
 
-Cost: everything is ``O(B²)`` (one ``(B, B)`` Gram matrix and masked row reductions) except that a
-``triplet_mask`` is first reduced to pair counts (two passes over ``B³`` booleans).
+References (PML's ``ref_emb`` / ``ref_labels``, what its ``CrossBatchMemory`` passes; see
+``hdml_jax.losses.xbm``): ``ref_embeddings (M, d)``, ``ref_labels (M,)`` and optionally
+``ref_mask (M,)`` bool make every anchor a row of ``embeddings`` and every positive / negative a
+row of the references. The distance matrix is then ``(B, M)``, the label pairs
+``labels[:, None] == ref_labels[None, :]`` with nothing excluded as a self comparison (as in PML),
+mined masks ``(B, M)`` / ``(B, M, M)``; per-anchor means run over the ``B`` unmasked anchors.
+``loss(x, y, ref_embeddings=r, ref_labels=s)`` equals ``PMLLoss()(x, y, ref_emb=r, ref_labels=s)``.
+The gradient reaches both the embeddings and the references. ``lifted_structure_loss`` refuses
+references (see there).
+
+Cost: everything is ``O(B²)`` (one ``(B, B)`` Gram matrix and masked row reductions; ``O(B·M)``
+with references) except that a ``triplet_mask`` is first reduced to pair counts (two passes over
+``B³`` / ``B·M²`` booleans).
 """
 
 from __future__ import annotations
@@ -52,6 +63,9 @@ def contrastive_loss(
     pos_mask: jax.Array | None = None,
     neg_mask: jax.Array | None = None,
     triplet_mask: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Contrastive loss (Hadsell et al., 2006), PML's ``ContrastiveLoss``.
 
@@ -75,9 +89,14 @@ def contrastive_loss(
       mask: optional ``(B,)`` bool; a False row is in no pair.
       pos_mask, neg_mask: optional mined pairs ``(B, B)`` bool (a miner's output).
       triplet_mask: optional mined triplets ``(B, B, B)`` bool; pairs listed with multiplicity.
+      ref_embeddings, ref_labels, ref_mask: optional references ``(M, d)``, ``(M,)`` int and
+        ``(M,)`` bool (PML's ``ref_emb`` / ``ref_labels``; see the module docstring): the pairs
+        are ``(anchor row, reference row)`` (``a = p`` included), mined masks ``(B, M)`` /
+        ``(B, M, M)``; a False ``ref_mask`` row is in no pair.
 
     Returns:
-      A float32 scalar: 0 with no pair; NaN when an unmasked row holds a NaN or an inf.
+      A float32 scalar: 0 with no pair; NaN when an unmasked row (embedding or reference) holds a
+      NaN or an inf.
 
     Raises:
       ValueError: wrong shapes / dtypes, an unknown distance, mined masks of the wrong shape.
@@ -88,14 +107,15 @@ def contrastive_loss(
     pc.check_finite(pos_margin, f"{owner} pos_margin", "the distance below which positives stop pulling")
     pc.check_finite(neg_margin, f"{owner} neg_margin", "the distance beyond which negatives stop pushing")
     x, labels, mask = pc.prepare(embeddings, labels, mask)
-    weights = pc.pair_weights(pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner))
-    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings)
+    refs = pc.prepare_refs(ref_embeddings, ref_labels, ref_mask, x.shape[1], owner)
+    weights = pc.pair_weights(pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner, refs))
+    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings, pc.ref_rows(refs))
 
     pos_loss = jax.nn.relu(pc.margin(mat, pos_margin, inverted))
     neg_loss = jax.nn.relu(pc.margin(neg_margin, mat, inverted))
     loss = pc.avg_non_zero(pos_loss, weights.pos) + pc.avg_non_zero(neg_loss, weights.neg)
     loss = jnp.where(weights.generic_pair_loss_skips(), 0.0, loss)
-    return loss + pc.nan_unless_finite(x)
+    return loss + pc.nan_unless_finite(x, refs)
 
 
 def multi_similarity_loss(
@@ -111,6 +131,9 @@ def multi_similarity_loss(
     pos_mask: jax.Array | None = None,
     neg_mask: jax.Array | None = None,
     triplet_mask: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Multi-Similarity loss (Wang et al., CVPR 2019), PML's ``MultiSimilarityLoss``.
 
@@ -126,8 +149,8 @@ def multi_similarity_loss(
     (``exp(α (d_ap - λ))``, ``exp(β (λ - d_an))``).
 
     Args:
-      embeddings, labels, mask, pos_mask, neg_mask, triplet_mask: as ``contrastive_loss`` (a
-        pair listed at least once counts once).
+      embeddings, labels, mask, pos_mask, neg_mask, triplet_mask, ref_embeddings, ref_labels,
+        ref_mask: as ``contrastive_loss`` (a pair listed at least once counts once).
       alpha: ``α > 0`` (PML 2). beta: ``β > 0`` (PML 50). base: ``λ``, finite (PML 0.5).
       distance, normalize_embeddings: as ``contrastive_loss``; default ``"cosine"``.
 
@@ -143,15 +166,16 @@ def multi_similarity_loss(
     pc.check_finite(beta, f"{owner} beta", "the scale of the negative terms", low=0.0, low_inclusive=False)
     pc.check_finite(base, f"{owner} base", "the similarity that positives and negatives are pushed past")
     x, labels, mask = pc.prepare(embeddings, labels, mask)
-    weights = pc.pair_weights(pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner))
-    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings)
+    refs = pc.prepare_refs(ref_embeddings, ref_labels, ref_mask, x.shape[1], owner)
+    weights = pc.pair_weights(pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner, refs))
+    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings, pc.ref_rows(refs))
 
     pos_term = _common.masked_logsumexp_plus_one(alpha * pc.margin(mat, base, inverted), weights.pos > 0, 1)
     neg_term = _common.masked_logsumexp_plus_one(beta * pc.margin(base, mat, inverted), weights.neg > 0, 1)
     per_row = pos_term / alpha + neg_term / beta
     loss = pc.weighted_mean(per_row, mask.astype(jnp.float32))
     loss = jnp.where(weights.generic_pair_loss_skips(), 0.0, loss)
-    return loss + pc.nan_unless_finite(x)
+    return loss + pc.nan_unless_finite(x, refs)
 
 
 def ntxent_loss(
@@ -165,6 +189,9 @@ def ntxent_loss(
     pos_mask: jax.Array | None = None,
     neg_mask: jax.Array | None = None,
     triplet_mask: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Supervised NT-Xent / InfoNCE (the N-pair form over every positive), PML's ``NTXentLoss``.
 
@@ -182,8 +209,8 @@ def ntxent_loss(
     ``NPairsLoss`` (one pair per class, dot products) is a different function.
 
     Args:
-      embeddings, labels, mask, pos_mask, neg_mask, triplet_mask, distance, normalize_embeddings:
-        as ``contrastive_loss``; default ``"cosine"``.
+      embeddings, labels, mask, pos_mask, neg_mask, triplet_mask, distance, normalize_embeddings,
+        ref_embeddings, ref_labels, ref_mask: as ``contrastive_loss``; default ``"cosine"``.
       temperature: ``τ > 0`` (PML 0.07).
 
     Returns:
@@ -198,8 +225,9 @@ def ntxent_loss(
         temperature, f"{owner} temperature", "the softmax temperature", low=0.0, low_inclusive=False
     )
     x, labels, mask = pc.prepare(embeddings, labels, mask)
-    weights = pc.pair_weights(pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner))
-    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings)
+    refs = pc.prepare_refs(ref_embeddings, ref_labels, ref_mask, x.shape[1], owner)
+    weights = pc.pair_weights(pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner, refs))
+    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings, pc.ref_rows(refs))
 
     logits = -pc.as_distance(mat, inverted) / temperature
     neg_lse, has_neg = pc.masked_logsumexp(logits, weights.neg > 0, axis=1, weights=weights.neg)  # (B,)
@@ -209,7 +237,7 @@ def ntxent_loss(
     per_pair = -jnp.logaddexp(-per_pair, pc.LOG_TINY_F32)
     loss = pc.weighted_mean(per_pair, weights.pos)
     empty = (weights.num_pos == 0) | (weights.num_neg == 0) | weights.generic_pair_loss_skips()
-    return jnp.where(empty, 0.0, loss) + pc.nan_unless_finite(x)
+    return jnp.where(empty, 0.0, loss) + pc.nan_unless_finite(x, refs)
 
 
 def lifted_structure_loss(
@@ -224,6 +252,9 @@ def lifted_structure_loss(
     pos_mask: jax.Array | None = None,
     neg_mask: jax.Array | None = None,
     triplet_mask: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Lifted structured loss of Song et al. (CVPR 2016), PML's ``LiftedStructureLoss``.
 
@@ -243,6 +274,8 @@ def lifted_structure_loss(
       embeddings, labels, mask, pos_mask, neg_mask, triplet_mask, distance, normalize_embeddings:
         as ``contrastive_loss``; default ``"euclidean"`` (normalised).
       neg_margin: ``m⁻`` (PML 1), finite. pos_margin: ``m⁺`` (PML 0), finite.
+      ref_embeddings, ref_labels, ref_mask: not supported (a ``ValueError``): ``N_p`` needs the
+        positive to be an anchor too.
 
     Returns:
       A float32 scalar; NaN for a NaN / inf unmasked row.
@@ -252,8 +285,17 @@ def lifted_structure_loss(
     pc.check_finite(neg_margin, f"{owner} neg_margin", "the margin of the negatives")
     pc.check_finite(pos_margin, f"{owner} pos_margin", "the margin of the positives")
     x, labels, mask = pc.prepare(embeddings, labels, mask)
-    weights = pc.pair_weights(pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner))
-    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings)
+    refs = pc.prepare_refs(ref_embeddings, ref_labels, ref_mask, x.shape[1], owner)
+    pc.refs_unsupported(
+        refs,
+        owner,
+        "(nor a cross-batch memory): J_ap sums the negatives of the anchor a and of the positive p, "
+        "but with references p is a reference row, which has no negatives; PML's "
+        "LiftedStructureLoss then takes those of the batch row whose index equals p's reference "
+        "index, which means nothing. Use generalized_lifted_structure_loss (per anchor) instead",
+    )
+    weights = pc.pair_weights(pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner, refs))
+    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings, pc.ref_rows(refs))
 
     neg_lse, has_neg = pc.masked_logsumexp(
         pc.margin(neg_margin, mat, inverted), weights.neg > 0, axis=1, weights=weights.neg
@@ -266,7 +308,7 @@ def lifted_structure_loss(
     per_pair = jnp.square(jax.nn.relu(joint + pc.margin(mat, pos_margin, inverted))) / 2.0
     loss = pc.weighted_mean(per_pair, weights.pos)
     empty = (weights.num_pos == 0) | (weights.num_neg == 0) | weights.generic_pair_loss_skips()
-    return jnp.where(empty, 0.0, loss) + pc.nan_unless_finite(x)
+    return jnp.where(empty, 0.0, loss) + pc.nan_unless_finite(x, refs)
 
 
 def generalized_lifted_structure_loss(
@@ -281,6 +323,9 @@ def generalized_lifted_structure_loss(
     pos_mask: jax.Array | None = None,
     neg_mask: jax.Array | None = None,
     triplet_mask: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Generalized lifted structure loss (Hermans et al. 2017, p. 4), PML's ``GeneralizedLiftedStructureLoss``.
 
@@ -292,7 +337,8 @@ def generalized_lifted_structure_loss(
     An empty sum's log counts as 0 (PML's ``lmu.logsumexp``); the mean runs over all ``B``
     unmasked rows (``MeanReducer``). For a similarity the margins flip as in PML.
 
-    Args: as ``lifted_structure_loss`` (a mined pair listed at least once counts once).
+    Args: as ``lifted_structure_loss`` (a mined pair listed at least once counts once), and
+    ``ref_embeddings``, ``ref_labels``, ``ref_mask`` as ``contrastive_loss``.
 
     Returns:
       A float32 scalar; NaN for a NaN / inf unmasked row.
@@ -302,14 +348,15 @@ def generalized_lifted_structure_loss(
     pc.check_finite(neg_margin, f"{owner} neg_margin", "the margin of the negatives")
     pc.check_finite(pos_margin, f"{owner} pos_margin", "the margin of the positives")
     x, labels, mask = pc.prepare(embeddings, labels, mask)
-    weights = pc.pair_weights(pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner))
-    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings)
+    refs = pc.prepare_refs(ref_embeddings, ref_labels, ref_mask, x.shape[1], owner)
+    weights = pc.pair_weights(pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner, refs))
+    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings, pc.ref_rows(refs))
 
     pos_lse, _ = pc.masked_logsumexp(pc.margin(mat, pos_margin, inverted), weights.pos > 0, axis=1)
     neg_lse, _ = pc.masked_logsumexp(pc.margin(neg_margin, mat, inverted), weights.neg > 0, axis=1)
     loss = pc.weighted_mean(jax.nn.relu(pos_lse + neg_lse), mask.astype(jnp.float32))
     loss = jnp.where(weights.generic_pair_loss_skips(), 0.0, loss)
-    return loss + pc.nan_unless_finite(x)
+    return loss + pc.nan_unless_finite(x, refs)
 
 
 def circle_loss(
@@ -323,6 +370,9 @@ def circle_loss(
     pos_mask: jax.Array | None = None,
     neg_mask: jax.Array | None = None,
     triplet_mask: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Circle loss (Sun et al., CVPR 2020) with pair labels, PML's ``CircleLoss``.
 
@@ -338,8 +388,8 @@ def circle_loss(
     (PML asserts ``CosineSimilarity``).
 
     Args:
-      embeddings, labels, mask, pos_mask, neg_mask, triplet_mask: as ``contrastive_loss`` (a
-        pair listed at least once counts once).
+      embeddings, labels, mask, pos_mask, neg_mask, triplet_mask, ref_embeddings, ref_labels,
+        ref_mask: as ``contrastive_loss`` (a pair listed at least once counts once).
       m: the relaxation margin (PML 0.4), finite. gamma: the scale ``γ > 0`` (PML 80).
       distance: only ``"cosine"``.
 
@@ -351,8 +401,9 @@ def circle_loss(
     pc.check_finite(m, f"{owner} m", "the relaxation margin")
     pc.check_finite(gamma, f"{owner} gamma", "the scale of the similarities", low=0.0, low_inclusive=False)
     x, labels, mask = pc.prepare(embeddings, labels, mask)
-    weights = pc.pair_weights(pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner))
-    sim, _ = pc.distance_matrix(x, "cosine", True)
+    refs = pc.prepare_refs(ref_embeddings, ref_labels, ref_mask, x.shape[1], owner)
+    weights = pc.pair_weights(pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner, refs))
+    sim, _ = pc.distance_matrix(x, "cosine", True, pc.ref_rows(refs))
 
     fixed = jax.lax.stop_gradient(sim)
     pos_logits = -gamma * jax.nn.relu(1.0 + m - fixed) * (sim - (1.0 - m))
@@ -362,4 +413,4 @@ def circle_loss(
     per_row = jnp.where(has_pos & has_neg, jax.nn.softplus(pos_lse + neg_lse), 0.0)
     loss = pc.avg_non_zero(per_row, jnp.ones_like(per_row))
     loss = jnp.where(weights.generic_pair_loss_skips(), 0.0, loss)
-    return loss + pc.nan_unless_finite(x)
+    return loss + pc.nan_unless_finite(x, refs)

@@ -6,7 +6,10 @@ exactly 0 with no triplet, NaN for a NaN / inf unmasked row). Without mined tupl
 valid triplet ``(a, p, n)`` (``y_a = y_p``, ``a ≠ p``, ``y_n ≠ y_a``: PML's
 ``triplets_per_anchor="all"``); ``pos_mask`` / ``neg_mask`` restrict them to
 ``pos[a, p] & neg[a, n]`` (PML's ``convert_to_triplets`` of an ``(a1, p, a2, n)`` tuple) and
-``triplet_mask`` ``(B, B, B)`` names them explicitly.
+``triplet_mask`` ``(B, B, B)`` names them explicitly. With references (``ref_embeddings``,
+``ref_labels``, ``ref_mask``: PML's ``ref_emb`` / ``ref_labels``, see ``hdml_jax.losses.pair``)
+the anchors are batch rows and the positives / negatives reference rows: ``(B, M)`` pair counts,
+``(B, M, M)`` triplet masks.
 
 How they avoid ``(B, B, B)`` float tensors. Both losses are sums of hinge terms. The margin loss
 separates into pair terms weighted by how many triplets hold each pair (``O(B²)``). For the
@@ -94,6 +97,9 @@ def triplet_margin_loss(
     pos_mask: jax.Array | None = None,
     neg_mask: jax.Array | None = None,
     triplet_mask: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Triplet margin loss over all (or the mined) triplets, PML's ``TripletMarginLoss``.
 
@@ -120,6 +126,10 @@ def triplet_margin_loss(
       mask: optional ``(B,)`` bool; a False row is in no triplet.
       pos_mask, neg_mask: optional mined pairs ``(B, B)`` bool: the triplets ``pos[a,p] & neg[a,n]``.
       triplet_mask: optional mined triplets ``(B, B, B)`` bool.
+      ref_embeddings, ref_labels, ref_mask: optional references ``(M, d)``, ``(M,)``, ``(M,)`` bool
+        (PML's ``ref_emb`` / ``ref_labels``): the triplets are ``(anchor row a, reference p,
+        reference n)`` with ``y_a = y'_p`` (``p = a`` not excluded) and ``y'_n ≠ y_a``; mined masks
+        ``(B, M)`` / ``(B, M, M)``. Not with ``swap=True`` (a ``ValueError``).
 
     Returns:
       A float32 scalar; 0 with no triplet (or none violating the margin); NaN for a NaN / inf
@@ -134,8 +144,17 @@ def triplet_margin_loss(
     _check_triplets_per_anchor(triplets_per_anchor, owner)
     pc.check_finite(margin, f"{owner} margin", "the gap a negative must keep beyond the positive", low=0.0)
     x, labels, mask = pc.prepare(embeddings, labels, mask)
-    mined = pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner)
-    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings)
+    refs = pc.prepare_refs(ref_embeddings, ref_labels, ref_mask, x.shape[1], owner)
+    if swap:
+        pc.refs_unsupported(
+            refs,
+            owner,
+            "with swap=True: the swap needs d_pn between two reference rows, which the (B, M) "
+            "matrix does not hold (PML reads mat[p, n] with p a reference index used as a batch "
+            "index)",
+        )
+    mined = pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner, refs)
+    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings, pc.ref_rows(refs))
     u = pc.as_distance(mat, inverted)  # larger = farther, for both kinds
 
     if swap or smooth_loss:
@@ -148,7 +167,7 @@ def triplet_margin_loss(
         violation = (u[:, :, None] - an) + margin
         per_triplet = jax.nn.softplus(violation) if smooth_loss else jax.nn.relu(violation)
         loss = pc.avg_non_zero(per_triplet, triplets.astype(jnp.float32))
-        return loss + pc.nan_unless_finite(x)
+        return loss + pc.nan_unless_finite(x, refs)
 
     if mined.triplets is not None:
         c_ap, c_an = _hinge_counts_explicit(u, mined.triplets, margin)
@@ -158,10 +177,10 @@ def triplet_margin_loss(
     c_an = jax.lax.stop_gradient(c_an.astype(jnp.float32))
     # Σ over violated triplets of (u_ap - μ_a + margin) - (u_an - μ_a): μ_a (a per-anchor constant)
     # cancels exactly and keeps the two large sums from cancelling each other in float32.
-    offset = pc.row_offsets(u, mask[:, None] & mask[None, :])
+    offset = pc.row_offsets(u, pc.pair_validity(mask, refs))
     total = jnp.sum(c_ap * (u - offset + margin)) - jnp.sum(c_an * (u - offset))
     loss = total / jnp.maximum(jnp.sum(c_ap), 1.0)
-    return loss + pc.nan_unless_finite(x)
+    return loss + pc.nan_unless_finite(x, refs)
 
 
 def init_margin_beta(beta: float = 1.2, num_classes: int | None = None) -> jax.Array:
@@ -189,6 +208,9 @@ def margin_loss(
     pos_mask: jax.Array | None = None,
     neg_mask: jax.Array | None = None,
     triplet_mask: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Margin loss (Wu et al., ICCV 2017, "Sampling matters"), PML's ``MarginLoss``.
 
@@ -219,8 +241,8 @@ def margin_loss(
       learn_beta: see above. num_classes: PML's: with a scalar ``beta``, one β per class
         (``(num_classes,)`` broadcast, so the regulariser is the per-class one); with a ``(C,)``
         beta it must equal ``C``.
-      distance, normalize_embeddings, mask, pos_mask, neg_mask, triplet_mask: as
-        ``triplet_margin_loss``.
+      distance, normalize_embeddings, mask, pos_mask, neg_mask, triplet_mask, ref_embeddings,
+        ref_labels, ref_mask: as ``triplet_margin_loss``.
 
     Returns:
       A float32 scalar; NaN for a NaN / inf unmasked row.
@@ -246,13 +268,14 @@ def margin_loss(
             raise ValueError(f"{owner}: beta has {beta.shape[0]} entries but num_classes = {num_classes}.")
     per_class = beta.ndim == 1 and beta.shape[0] > 1
     x, labels, mask = pc.prepare(embeddings, labels, mask)
+    refs = pc.prepare_refs(ref_embeddings, ref_labels, ref_mask, x.shape[1], owner)
     if per_class:
         _common.check_labels(labels, x.shape[0], beta.shape[0], mask=mask)
     beta = beta.astype(jnp.float32)
     if not learn_beta:
         beta = jax.lax.stop_gradient(beta)
-    mined = pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner)
-    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings)
+    mined = pc.resolve_mined(labels, mask, pos_mask, neg_mask, triplet_mask, owner, refs)
+    mat, inverted = pc.distance_matrix(x, distance, normalize_embeddings, pc.ref_rows(refs))
 
     # How many triplets hold each (a, p), each (a, n), and each anchor a.
     if mined.triplets is not None:
@@ -279,4 +302,4 @@ def margin_loss(
             loss = loss + jnp.where(divisor > 0, reg, 0.0)
         else:
             loss = loss + jnp.where(num_triplets > 0, nu * beta_a, 0.0)
-    return loss + pc.nan_unless_finite(x)
+    return loss + pc.nan_unless_finite(x, refs)
