@@ -30,19 +30,27 @@ def run_check(*args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def assert_same_step(worst: dict) -> None:
+def assert_same_step(worst: dict, grads_tolerance: float = 1e-4) -> None:
     assert worst["grad_norm"] > 0  # a real gradient was compared
     # fp32 reductions in a different order: agreement to float32 rounding.
     assert worst["loss"] < 1e-5, worst
-    assert worst["grads"] < 1e-4, worst
+    assert worst["grads"] < grads_tolerance, worst
     assert worst["batch_stats"] < 1e-5, worst
+
+
+# CGD's batch-hard triplet picks each anchor's farthest positive and nearest negative. At random
+# initialisation the tiny network maps an anchor's classmates to nearly equal distances, so
+# float32 rounding in another reduction order can pick another of the near-tied pairs: the loss
+# still agrees to ~1e-7, the (sub)gradient of the first backbone layers by ~1% (measured with jax
+# 0.10: 1.6e-3 of the whole gradient's norm, independent of the margin; 1e-4 with GeM alone).
+GRADS_TOLERANCE = {"cgd": 3e-2}
 
 
 # The default run covers each head (embedding, CGD) and the hierarchy (hpl_pa, sharded below);
 # the other combinations run with -m exhaustive.
 @pytest.mark.parametrize("method", ["proxy_anchor", pytest.param("hpl_pa", marks=pytest.mark.exhaustive), "cgd"])
 def test_eight_devices_match_one(method):
-    assert_same_step(run_check(method))
+    assert_same_step(run_check(method), GRADS_TOLERANCE.get(method, 1e-4))
 
 
 @pytest.mark.parametrize(
