@@ -16,6 +16,13 @@ Recipes (sources as in ``configs/cub.py``):
 * ``proxy_nca_pp``: NCA++ config/cars.json (identical to cub.json).
 * ``cgd``: the paper gives no Cars schedule; the CGD-port's (20 epochs, ×0.1 at 12 and 16,
   train.py:84, 117) and its Cars descriptors SG (README.md:100-105).
+
+* Baselines (``contrastive``, ``triplet_margin``, ``multi_similarity``, ``margin``, ``ntxent``,
+  ``lifted_structure``, ``circle``, ``normalized_softmax``, ``cosface``, ``arcface``, ``soft_triple``,
+  ``hpl_normalized_softmax``/``hpl_cosface``/``hpl_arcface``): this config's Proxy-Anchor-family recipe
+  with MLRC's best loss hyper-parameters for Cars: KevinMusgrave/powerful-benchmarker,
+  metric-learning branch, docs/papers/mlrc.md l.35-50 (values and per-row lines in
+  ``hdml_jax.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
 """
 
 from hdml_jax.config import apply_proxy_anchor_command, base_config, parse_arg

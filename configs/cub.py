@@ -20,6 +20,13 @@ Proxy-Anchor-CVPR2020, NCA++ = proxynca_pp, CGD-port = leftthomas/CGD):
 * ``proxy_nca_pp``: NCA++ config/cub.json as is (the method's recipe).
 * ``cgd``: the CGD paper's CUB schedule, 1,500 iterations with ×0.1 at 400 and 800 (reference.md
   §2); descriptors MG, the CGD-port's CUB row (README.md:132-137).
+
+* Baselines (``contrastive``, ``triplet_margin``, ``multi_similarity``, ``margin``, ``ntxent``,
+  ``lifted_structure``, ``circle``, ``normalized_softmax``, ``cosface``, ``arcface``, ``soft_triple``,
+  ``hpl_normalized_softmax``/``hpl_cosface``/``hpl_arcface``): this config's Proxy-Anchor-family recipe
+  with MLRC's best loss hyper-parameters for CUB: KevinMusgrave/powerful-benchmarker,
+  metric-learning branch, docs/papers/mlrc.md l.35-50 (values and per-row lines in
+  ``hdml_jax.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
 """
 
 from hdml_jax.config import apply_proxy_anchor_command, base_config, parse_arg

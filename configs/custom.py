@@ -19,6 +19,13 @@ Proxy-Anchor family uses the official ResNet-50 CUB command (PA README.md:64-75,
 ``configs/cub.py``) from torchvision's ImageNet weights, except 40 epochs with the learning rate
 halved every 10 and 1 warm-up epoch (our choices; tune ``num_epochs``, ``optimizer.lr``,
 ``batch_size`` to your data). The other methods keep their own recipes (``hdml_jax.config``).
+
+* Baselines (``contrastive``, ``triplet_margin``, ``multi_similarity``, ``margin``, ``ntxent``,
+  ``lifted_structure``, ``circle``, ``normalized_softmax``, ``cosface``, ``arcface``, ``soft_triple``,
+  ``hpl_normalized_softmax``/``hpl_cosface``/``hpl_arcface``): this config's Proxy-Anchor-family recipe
+  with MLRC's best loss hyper-parameters for CUB (borrowed): KevinMusgrave/powerful-benchmarker,
+  metric-learning branch, docs/papers/mlrc.md l.35-50 (values and per-row lines in
+  ``hdml_jax.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
 """
 
 from hdml_jax.config import apply_proxy_anchor_command, base_config, parse_arg

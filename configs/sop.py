@@ -17,6 +17,13 @@ Recipes (sources as in ``configs/cub.py``):
   80 epochs (+5 warm-up) (sop.json:22-25, 43, 46).
 * ``cgd``: the CGD-port's schedule (20 epochs, ×0.1 at 12 and 16) and SOP descriptors SG
   (README.md:164-169); the paper gives no SOP schedule.
+
+* Baselines (``contrastive``, ``triplet_margin``, ``multi_similarity``, ``margin``, ``ntxent``,
+  ``lifted_structure``, ``circle``, ``normalized_softmax``, ``cosface``, ``arcface``, ``soft_triple``,
+  ``hpl_normalized_softmax``/``hpl_cosface``/``hpl_arcface``): this config's Proxy-Anchor-family recipe
+  with MLRC's best loss hyper-parameters for SOP: KevinMusgrave/powerful-benchmarker,
+  metric-learning branch, docs/papers/mlrc.md l.35-50 (values and per-row lines in
+  ``hdml_jax.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
 """
 
 from hdml_jax.config import apply_proxy_anchor_command, apply_proxynca_pp_config, base_config, parse_arg

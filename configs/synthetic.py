@@ -9,6 +9,13 @@ run, data generation and compilation included, takes about 2 minutes on 2 CPU co
 weights BatchNorm must learn its statistics (``frozen_bn=False``) and there is no warm-up.
 Every number below is our own choice for this data set (none comes from a paper): small enough
 for a CPU, large enough that the methods separate from an untrained network.
+
+* Baselines (``contrastive``, ``triplet_margin``, ``multi_similarity``, ``margin``, ``ntxent``,
+  ``lifted_structure``, ``circle``, ``normalized_softmax``, ``cosface``, ``arcface``, ``soft_triple``,
+  ``hpl_normalized_softmax``/``hpl_cosface``/``hpl_arcface``): this config's Proxy-Anchor-family recipe
+  with MLRC's best loss hyper-parameters for CUB (borrowed: MLRC has no numbers for generated data): KevinMusgrave/powerful-benchmarker,
+  metric-learning branch, docs/papers/mlrc.md l.35-50 (values and per-row lines in
+  ``hdml_jax.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
 """
 
 from hdml_jax.config import apply_small_cpu_recipe, base_config, parse_arg

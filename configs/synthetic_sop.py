@@ -11,6 +11,13 @@ Recall@1/10/100 and MAP@R as for SOP. The network is the one of ``configs/synthe
 Every number below is our own choice for a CPU budget of a few minutes per run; none comes
 from a paper. The batch is shuffled (as the Proxy-Anchor family's SOP command), so with about 5
 images per class most batches hold no second image of a class: proxies carry the signal.
+
+* Baselines (``contrastive``, ``triplet_margin``, ``multi_similarity``, ``margin``, ``ntxent``,
+  ``lifted_structure``, ``circle``, ``normalized_softmax``, ``cosface``, ``arcface``, ``soft_triple``,
+  ``hpl_normalized_softmax``/``hpl_cosface``/``hpl_arcface``): this config's Proxy-Anchor-family recipe
+  with MLRC's best loss hyper-parameters for SOP (borrowed): KevinMusgrave/powerful-benchmarker,
+  metric-learning branch, docs/papers/mlrc.md l.35-50 (values and per-row lines in
+  ``hdml_jax.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
 """
 
 from hdml_jax.config import apply_small_cpu_recipe, base_config, parse_arg
