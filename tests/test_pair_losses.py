@@ -27,8 +27,11 @@ import numpy as np
 import pytest
 
 from hdml_jax.errors import ConfigError
+from hdml_jax.losses import _pair_common as pc
 from hdml_jax.losses._common import LossHyperparameterError
+from hdml_jax.losses._pair_common import WindowedTriplets
 from hdml_jax.losses.miners import (
+    TRIPLET_TYPES,
     batch_hard_miner,
     multi_similarity_miner,
     semi_hard_miner,
@@ -209,14 +212,15 @@ def _value_and_grad(case: Case, x, labels, mask=None, mined=None, beta=None):
     if mask is None:
         mask = np.ones(np.shape(labels)[0], dtype=bool)
     beta = case.beta_array() if beta is None else np.asarray(beta, np.float32)
-    mined = {k: np.asarray(v) for k, v in (mined or {}).items()}
+    mined = jax.tree_util.tree_map(np.asarray, dict(mined or {}))
     group = _kind(mined)
     args = (jnp.asarray(x), jnp.asarray(labels), jnp.asarray(mask))
     if case.name not in GROUPS[group] or args[0].dtype != jnp.float32 or np.shape(labels)[0] != B:
         return _case_program(case.name)(args[0], args[1], jnp.asarray(beta), args[2], mined)
     betas = {name: CASES_BY_NAME[name].beta_array() for name in GROUPS[group]}
     betas[case.name] = beta
-    key = (group, *(np.asarray(v).tobytes() for v in (x, labels, mask, *betas.values(), *mined.values())))
+    leaves, structure = jax.tree_util.tree_flatten(mined)  # a WindowedTriplets or a dense mask
+    key = (group, str(structure), *(np.asarray(v).tobytes() for v in (x, labels, mask, *betas.values(), *leaves)))
     if key not in _RESULTS:
         _RESULTS.clear()  # one batch at a time is enough to share
         _RESULTS[key] = _group_program(group)(*args, betas, mined)
@@ -259,12 +263,19 @@ def _mine(name: str, x, labels, mask=None):
     full = np.ones(B, bool) if mask is None else mask
     mined = _all_miners(jnp.asarray(x), jnp.asarray(labels), jnp.asarray(full))[MINER_KEYS[name]]
     indices = MINERS[name][1](x, labels, mask=mask)
-    return {k: np.asarray(v) for k, v in mined.items()}, indices
+    return jax.tree_util.tree_map(np.asarray, mined), indices
 
 
-def _triplet_set(mined: dict[str, np.ndarray]) -> set[tuple[int, int, int]]:
-    t = mined["triplet_mask"] if "triplet_mask" in mined else np.asarray(triplets_from_pairs(**mined))
-    return {tuple(int(i) for i in idx) for idx in zip(*np.nonzero(t), strict=True)}
+def _dense_triplets(mined: dict[str, Any]) -> np.ndarray:
+    """The (B, B, B) bool mask of a miner's output (dense, windowed or pairs)."""
+    if "triplet_mask" not in mined:
+        return np.asarray(triplets_from_pairs(**mined))
+    t = mined["triplet_mask"]
+    return np.asarray(t.dense() if isinstance(t, WindowedTriplets) else t)
+
+
+def _triplet_set(mined: dict[str, Any]) -> set[tuple[int, int, int]]:
+    return {tuple(int(i) for i in idx) for idx in zip(*np.nonzero(_dense_triplets(mined)), strict=True)}
 
 
 def _pair_sets(mined: dict[str, np.ndarray]) -> tuple[set, set]:
@@ -447,9 +458,32 @@ TRIPLET_MINERS = [
 ]
 
 
+def _dense_triplet_margin_miner(x, labels, mask, margin, type_of_triplets, distance):
+    """The dense (B, B, B) mask exactly as triplet_margin_miner computed it before it returned
+    WindowedTriplets (its code then, verbatim but for the names)."""
+    xp, labels, mask = pc.prepare(x, labels, mask)
+    pos, neg = pc.resolve_mined(labels, mask, None, None, None, "test")[:2]
+    mat, inverted = pc.distance_matrix(xp, distance, True)
+    u = pc.as_distance(jax.lax.stop_gradient(mat), inverted)
+    triplet_margin = u[:, None, :] - u[:, :, None]
+    if type_of_triplets == "easy":
+        selected = triplet_margin > margin
+    else:
+        selected = triplet_margin <= margin
+        if type_of_triplets == "hard":
+            selected = selected & (triplet_margin <= 0)
+        elif type_of_triplets == "semihard":
+            selected = selected & (triplet_margin > 0)
+    return pos[:, :, None] & neg[:, None, :] & selected
+
+
 @_jit
 def _all_miners(x, labels, mask):
     return {
+        **{
+            f"dense_{t}_{d}": _dense_triplet_margin_miner(x, labels, mask, m, t, d)
+            for t, d, m in TRIPLET_MINERS
+        },
         "bh_euclidean": batch_hard_miner(x, labels, mask=mask),
         "bh_cosine": batch_hard_miner(x, labels, distance="cosine", mask=mask),
         "bh_ranges": batch_hard_miner(x, labels, mask=mask, **BH_RANGES),
@@ -494,8 +528,13 @@ def test_triplet_margin_miner_matches_reference(mined_variants):
         want = ref.triplet_margin_miner_ref(x, labels, margin=m, type_of_triplets=t, distance=d, mask=mask)
         assert len(want[0]) > 0, (t, d)
         assert _triplet_set(got[f"tmm_{t}_{d}"]) == set(zip(*want, strict=True)), (t, d)
+        # WindowedTriplets.dense() is bit for bit the dense mask the miner used to return.
+        assert isinstance(got[f"tmm_{t}_{d}"]["triplet_mask"], WindowedTriplets)
+        assert np.array_equal(_dense_triplets(got[f"tmm_{t}_{d}"]), got[f"dense_{t}_{d}"]), (t, d)
     # semi_hard_miner is TripletMarginMiner(type_of_triplets="semihard") with its defaults.
-    assert np.array_equal(got["semihard"]["triplet_mask"], got["tmm_semihard_euclidean"]["triplet_mask"])
+    semihard, tmm = got["semihard"]["triplet_mask"], got["tmm_semihard_euclidean"]["triplet_mask"]
+    for a, b in zip(jax.tree_util.tree_leaves(semihard), jax.tree_util.tree_leaves(tmm), strict=True):
+        assert np.array_equal(a, b)
 
 
 def test_multi_similarity_miner_matches_reference(mined_variants):
@@ -509,6 +548,94 @@ def test_multi_similarity_miner_matches_reference(mined_variants):
         assert _pair_sets(got[f"ms_{distance}"]) == want
         a1_all, _, a2_all, _ = ref.all_pairs(labels, mask)
         assert len(want[0]) + len(want[1]) < len(a1_all) + len(a2_all)  # it did select
+
+
+# --------------------------------------------------------------------------------------------
+# 4b. The triplet miners' WindowedTriplets against their dense form, for every loss kind
+# --------------------------------------------------------------------------------------------
+
+# (loss, kwargs) given both forms. "triplet" has the miner's distance (the O(B² log B) path);
+# "triplet_cosine" another one (hinge and window then disagree: the run-time fallback); margin
+# counts the triplets per pair; contrastive (AvgNonZero) and multi-similarity (weighted
+# logsumexp) take PML's convert_to_pairs multiplicities. The miner and the losses use raw dot
+# products, so that integer rows put μ exactly on the bounds (0, the miner's margin 1 and the
+# loss's hinge at 3).
+WINDOW_MARGIN, HINGE = 1.0, 3.0
+WINDOW_LOSSES = {
+    "triplet": (triplet_margin_loss, {"margin": HINGE}),
+    "triplet_cosine": (
+        triplet_margin_loss,
+        {"margin": 0.5, "distance": "cosine", "normalize_embeddings": True},
+    ),
+    "margin": (margin_loss, {"beta": 0.5}),
+    "contrastive": (contrastive_loss, {}),
+    "multi_similarity": (multi_similarity_loss, {}),
+}
+# Which losses run with which window: the triplet margin loss (the window narrowed by its hinge)
+# with every one, the others (pair counts, exact for every type below) with some.
+WINDOW_CASES = (
+    *(("triplet", t) for t in TRIPLET_TYPES),
+    ("triplet_cosine", "semihard"),
+    ("margin", "easy"),
+    ("contrastive", "hard"),
+    ("multi_similarity", "all"),
+)
+
+
+@_jit
+def _windowed_and_dense(x, labels, mask):
+    """Per triplet type: the miner's WindowedTriplets' pair counts (with and without the hinge
+    ``μ < HINGE``) and its dense()'s; the WINDOW_CASES' values and gradients for both forms."""
+    kwargs = {"distance": "dot", "normalize_embeddings": False}
+    out, mined = {}, {}
+    for t in TRIPLET_TYPES:
+        windowed = triplet_margin_miner(
+            x, labels, margin=WINDOW_MARGIN, type_of_triplets=t, mask=mask, **kwargs
+        )["triplet_mask"]
+        dense = windowed.dense()
+        mined[t] = {"windowed": windowed, "dense": dense}
+        mu = windowed.dist[:, None, :] - windowed.dist[:, :, None]
+        hinged = dense & (mu < HINGE)
+        out[t, "counts"] = (windowed.counts(), windowed.counts(below=HINGE))
+        out[t, "dense_counts"] = tuple((jnp.sum(d, axis=2), jnp.sum(d, axis=1)) for d in (dense, hinged))
+        out[t, "num"] = jnp.sum(hinged)
+    for name, t in WINDOW_CASES:
+        loss, extra = WINDOW_LOSSES[name]
+        for form, triplets in mined[t].items():
+            out[t, form, name] = jax.value_and_grad(
+                lambda a, f=loss, m=triplets, kw={**kwargs, **extra}: f(
+                    a, labels, mask=mask, triplet_mask=m, **kw
+                )
+            )(x)
+    return out
+
+
+@pytest.mark.parametrize("data", ["normal", "ties"])
+def test_windowed_triplets_equal_their_dense_form(data: str):
+    x, labels = _batch(41)
+    if data == "ties":  # rows in {-1, 0, 1}: integer dot products, μ exactly on the bounds, often
+        x = np.random.default_rng(42).integers(-1, 2, size=(B, D)).astype(np.float32)
+    mask = _mask(43)
+    out = jax.tree_util.tree_map(np.asarray, _windowed_and_dense(x, labels, mask))
+    for t in TRIPLET_TYPES:
+        # The counts per (a, p) and per (a, n) are exact, on the bounds too.
+        for got, want in zip(out[t, "counts"], out[t, "dense_counts"], strict=True):
+            np.testing.assert_array_equal(got[0], want[0], err_msg=t)
+            np.testing.assert_array_equal(got[1], want[1], err_msg=t)
+        assert out[t, "num"] > 0, t  # some mined triplet violates the margin: nonzero losses
+    for name, t in WINDOW_CASES:
+        (value, grad), (want_value, want_grad) = out[t, "windowed", name], out[t, "dense", name]
+        assert value != 0.0 and np.isfinite(value), (t, name)
+        np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-7, err_msg=f"{t}, {name}")
+        np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6, err_msg=f"{t}, {name}")
+    if data == "ties":  # the bounds were hit: valid triplets with μ exactly 0, 1 and 3
+        rows = np.where(mask[:, None], x, 0.0)
+        dist = -(rows @ rows.T)
+        mu = dist[:, None, :] - dist[:, :, None]
+        same = labels[:, None] == labels[None, :]
+        valid = (same & ~np.eye(B, dtype=bool))[:, :, None] & ~same[:, None, :]
+        valid &= mask[:, None, None] & mask[None, :, None] & mask[None, None, :]
+        assert all(np.any(valid & (mu == bound)) for bound in (0.0, WINDOW_MARGIN, HINGE))
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,16 +684,29 @@ def test_no_negative_or_no_positive_pair_matches_reference(case: Case, labels_ki
         np.testing.assert_allclose(float(value), want, rtol=1e-4)
 
 
-# The (loss, kind of mined output) pairs that the default run compiles anyway.
-MINED_KINDS = sorted({(n, "triplets" if m == "semihard" else "pairs") for n, m in MINED})
+# The (loss, kind of mined output) pairs that the default run compiles anyway: the semi-hard
+# miner's WindowedTriplets, dense triplet masks (test_single_mined_triplet_follows_pml), pairs.
+MINED_KINDS = sorted(
+    {(n, kind) for n, m in MINED for kind in (("windowed", "triplets") if m == "semihard" else ("pairs",))}
+)
 
 
 @pytest.mark.parametrize(("name", "kind"), MINED_KINDS, ids=[f"{n}-{k}" for n, k in MINED_KINDS])
 def test_empty_mined_tuples_are_exactly_zero(name: str, kind: str):
     case = CASES_BY_NAME[name]
     x, labels = _batch(53)
+    empty = np.zeros((B, B), bool)
     if kind == "pairs":
-        mined = {"pos_mask": np.zeros((B, B), bool), "neg_mask": np.zeros((B, B), bool)}
+        mined = {"pos_mask": empty, "neg_mask": empty}
+    elif kind == "windowed":
+        # Pairs but no window, and a window but no pairs.
+        zero = np.float32(0.0)
+        mined = _all_miners(jnp.asarray(x), jnp.asarray(labels), jnp.ones(B, bool))["semihard"]
+        mined = {"triplet_mask": mined["triplet_mask"]._replace(lo=zero, hi=zero)}
+        value, grads = _value_and_grad(case, x, labels, None, mined)
+        assert float(value) == 0.0
+        _assert_zero_tree(grads)
+        mined = {"triplet_mask": WindowedTriplets(np.zeros((B, B), np.float32), empty, empty, zero, zero)}
     else:
         mined = {"triplet_mask": np.zeros((B, B, B), bool)}
     value, grads = _value_and_grad(case, x, labels, None, mined)
@@ -668,7 +808,7 @@ def test_jit_equals_eager(name: str):
     case = CASES_BY_NAME[name]
     x, labels = _batch(61)
     mask = _mask(62)
-    mined = {k: jnp.asarray(v) for k, v in _mine("semihard", x, labels, mask)[0].items()}
+    mined = jax.tree_util.tree_map(jnp.asarray, _mine("semihard", x, labels, mask)[0])
     eager = case(x, labels, None, mask, mined)
     np.testing.assert_allclose(float(eager), _value(case, x, labels, mask, mined), rtol=1e-6)
     # mask=None: every row counts.
@@ -688,7 +828,7 @@ def test_vmap_over_batches_equals_loop():
                 triplet_margin_loss(a, b, margin=0.2, **batch_hard_miner(a, b)),
                 contrastive_loss(a, b, **semihard),
             )
-            return losses, semihard["triplet_mask"]
+            return losses, semihard["triplet_mask"].dense()
 
         return jax.vmap(one)(x_, y_)
 
@@ -762,6 +902,7 @@ def test_margin_loss_beta_forms():
 
 _X, _Y = _batch(71)
 _PAIRS = {"pos_mask": np.zeros((B, B), bool), "neg_mask": np.zeros((B, B), bool)}
+_PAIRS_5 = (np.zeros((5, 5), np.float32), np.zeros((5, 5), bool))
 
 ERRORS: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
     "distance": (lambda: contrastive_loss(_X, _Y, distance="l1"), ValueError, r"distance must be one of"),
@@ -792,6 +933,18 @@ ERRORS: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
         lambda: margin_loss(_X, _Y, triplet_mask=np.zeros((B, B), bool)),
         ValueError,
         r"triplet_mask must have shape \(12, 12, 12\)",
+    ),
+    "windowed_shape": (
+        lambda: margin_loss(_X, _Y, triplet_mask=WindowedTriplets(*_PAIRS_5, _PAIRS_5[0], None, None)),
+        ValueError,
+        r"WindowedTriplets\) must have dist / pos / neg of shape \(12, 12\)",
+    ),
+    "windowed_batched_bounds": (
+        lambda: triplet_margin_loss(
+            _X, _Y, triplet_mask=WindowedTriplets(np.zeros((B, B), np.float32), *_PAIRS.values(), np.zeros(3), None)
+        ),
+        ValueError,
+        r"lo must be a scalar",
     ),
     "float_mask": (
         lambda: circle_loss(_X, _Y, pos_mask=np.zeros((B, B)), neg_mask=np.zeros((B, B))),

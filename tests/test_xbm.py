@@ -24,6 +24,7 @@ import pytest
 
 from hdml_jax.losses import (
     CrossBatchMemory,
+    WindowedTriplets,
     batch_hard_miner,
     circle_loss,
     contrastive_loss,
@@ -35,6 +36,7 @@ from hdml_jax.losses import (
     ntxent_loss,
     semi_hard_miner,
     triplet_margin_loss,
+    triplet_margin_miner,
     xbm_enqueue,
     xbm_init,
     xbm_loss,
@@ -202,7 +204,9 @@ def _ref_data(seed: int, masked: bool):
 def _indices(mined: dict[str, np.ndarray]):
     """A mask dict as PML index lists."""
     if "triplet_mask" in mined:
-        return tuple(list(v) for v in np.nonzero(np.asarray(mined["triplet_mask"])))
+        t = mined["triplet_mask"]
+        t = t.dense() if isinstance(t, WindowedTriplets) else t
+        return tuple(list(v) for v in np.nonzero(np.asarray(t)))
     a1, p = np.nonzero(np.asarray(mined["pos_mask"]))
     a2, n = np.nonzero(np.asarray(mined["neg_mask"]))
     return list(a1), list(p), list(a2), list(n)
@@ -499,3 +503,94 @@ def test_xbm_with_nothing_to_pair_is_exactly_zero():
     for name in ("triplet", "multi_similarity+ms_miner", "contrastive+batch_hard"):
         assert float(losses[name]) == 0.0, name
     assert all(np.isfinite(float(v)) for v in losses.values())
+
+
+# --------------------------------------------------------------------------------------------
+# 5. The triplet miners' WindowedTriplets against references and in xbm_loss: as their dense form
+# --------------------------------------------------------------------------------------------
+
+# name: (loss, loss kwargs, type_of_triplets of triplet_margin_miner, PML loss class). The
+# triplet margin loss counts the window narrowed by its hinge, the margin loss the window's
+# triplets per pair (as the pair losses' weights, which test_pair_losses covers for every type).
+WINDOWED_XBM = {
+    "triplet+semihard": (triplet_margin_loss, {"margin": 0.2}, "semihard", "TripletMarginLoss"),
+    "margin+easy": (margin_loss, {}, "easy", "MarginLoss"),
+}
+FIRST_XBM = next(iter(WINDOWED_XBM))
+
+
+def _dense_triplet_miner(miner):
+    """The miner, its WindowedTriplets replaced by their dense (B, M, M) mask."""
+
+    def mine(*args, **kwargs):
+        return {"triplet_mask": miner(*args, **kwargs)["triplet_mask"].dense()}
+
+    return mine
+
+
+@_jit
+def _windowed_xbm_steps(x, y, masked, memories):
+    """Per case and form of the mined triplets: xbm_loss's (value, grad_x) on all rows (and, for
+    the first case, with the rows ``masked`` left out); the memories after the step on all rows."""
+    out, new = {}, {}
+    for name, (loss, kwargs, kind, _) in WINDOWED_XBM.items():
+        miner = functools.partial(triplet_margin_miner, type_of_triplets=kind)
+        for form, mine in (("windowed", miner), ("dense", _dense_triplet_miner(miner))):
+            for rows, mask in (("all", None), ("masked", ~masked))[: 2 if name == FIRST_XBM else 1]:
+
+                def step(x_, mask=mask, loss=loss, kwargs=kwargs, mine=mine, memory=memories[name]):
+                    return xbm_loss(loss, x_, y, memory, mask=mask, miner=mine, **kwargs)
+
+                (value, memory), grad = jax.value_and_grad(step, has_aux=True)(x)
+                out[name, form, rows] = (value, grad)
+                if rows == "all":
+                    new[name] = memory
+    return out, new
+
+
+def test_windowed_triplets_in_xbm_equal_their_dense_form_and_pml():
+    """xbm_loss with a triplet miner: WindowedTriplets (self comparisons removed from its positive
+    pairs) and their dense form (removed from the mask) agree, and match PML's CrossBatchMemory
+    with its TripletMarginMiner, over batches that wrap the memory."""
+    masked = np.zeros(B, bool)
+    masked[[1, 4]] = True
+    memories = {name: xbm_init(M, D) for name in WINDOWED_XBM}
+    pml = _pml_windowed_xbm()  # {} without PML (then only windowed against dense)
+    for step, (x, y) in enumerate(_batches(30)):
+        out, memories = _windowed_xbm_steps(x, y, masked, memories)
+        out = jax.tree_util.tree_map(np.asarray, out)
+        for name in WINDOWED_XBM:
+            for rows in ("all", "masked") if name == FIRST_XBM else ("all",):
+                (value, grad), (want, want_grad) = out[name, "windowed", rows], out[name, "dense", rows]
+                msg = f"{name}, {rows} rows, batch {step}"
+                np.testing.assert_allclose(value, want, rtol=1e-6, atol=1e-8, err_msg=msg)
+                np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7, err_msg=msg)
+                assert np.all(grad[masked] == 0.0) if rows == "masked" else np.any(grad != 0.0), msg
+            if name in pml:
+                want = pml[name](*_torch_batch(x, y)).item()
+                assert want > 0.0, name
+                np.testing.assert_allclose(out[name, "windowed", "all"][0], want, rtol=1e-5, err_msg=name)
+    assert all(xbm.has_been_filled for xbm in pml.values())  # the memory wrapped
+
+
+def _torch_batch(x, y):
+    import torch
+
+    return torch.tensor(x, dtype=torch.float64), torch.tensor(y).long()
+
+
+def _pml_windowed_xbm() -> dict:
+    try:
+        import torch  # noqa: F401
+        from pytorch_metric_learning import losses, miners
+    except ImportError:
+        return {}
+    return {
+        name: losses.CrossBatchMemory(
+            getattr(losses, pml_class)(**kwargs),
+            D,
+            memory_size=M,
+            miner=miners.TripletMarginMiner(type_of_triplets=kind),
+        )
+        for name, (_, kwargs, kind, pml_class) in WINDOWED_XBM.items()
+    }

@@ -10,7 +10,9 @@ computes in float32 whatever the input dtype, and returns a float32 scalar::
 The pair-based losses of pytorch-metric-learning (``contrastive_loss``, ``triplet_margin_loss``,
 ``multi_similarity_loss``, ``margin_loss``, ``ntxent_loss``, ``lifted_structure_loss``,
 ``circle_loss``) keep its keyword names, defaults and reducers; its miners are pure functions
-returning masks that the losses take as keywords: ``loss(x, y, **batch_hard_miner(x, y))``.
+returning masks that the losses take as keywords: ``loss(x, y, **batch_hard_miner(x, y))``
+(the triplet miners' ``triplet_mask`` is a ``WindowedTriplets``: ``O(B²)`` numbers for the
+``(B, B, B)`` triplet set, which ``.dense()`` builds).
 All but ``lifted_structure_loss`` take reference rows (PML's ``ref_emb``), and ``xbm_loss`` runs
 them against a cross-batch memory (``xbm_init``, ``xbm_enqueue``; PML's ``CrossBatchMemory``),
 a pytree kept in the train state.
@@ -25,6 +27,7 @@ A concrete hyperparameter outside its meaningful range (``alpha ≤ 0``, ``margi
 """
 
 from hdml_jax.losses._common import LossHyperparameterError
+from hdml_jax.losses._pair_common import WindowedTriplets
 from hdml_jax.losses.classification import softmax_cross_entropy
 from hdml_jax.losses.hierarchical import (
     ProxyHierarchy,
@@ -62,6 +65,7 @@ __all__ = [
     "CrossBatchMemory",
     "LossHyperparameterError",
     "ProxyHierarchy",
+    "WindowedTriplets",
     "arcface_loss",
     "batch_hard_miner",
     "batch_hard_triplet_loss",

@@ -13,12 +13,15 @@ They reproduce pytorch-metric-learning 2.x (PML) conventions with fixed shapes:
   as in PML, a pair ``(i, j)`` with the same label is positive even for ``i == j`` (the
   references are another set; the memory's own self comparisons are removed by ``xbm.py``).
 * Mined tuples: PML passes index lists (``(a, p, n)`` triplets or ``(a1, p, a2, n)`` pairs); here
-  they are boolean masks, ``pos_mask`` / ``neg_mask`` ``(B, B)`` or ``triplet_mask`` ``(B, B, B)``.
+  they are boolean masks, ``pos_mask`` / ``neg_mask`` ``(B, B)``, or ``triplet_mask``: a dense
+  ``(B, B, B)`` bool mask or ``WindowedTriplets``, the structured form the triplet miners return
+  (``pos[a, p] & neg[a, n] & (lo < μ_apn ≤ hi)``, ``O(B²)`` numbers; ``.dense()`` gives the mask).
   A pair loss given triplets sees PML's ``convert_to_pairs`` lists ``(a, p, a, n)``, in which a pair
   appears once per triplet that holds it: ``PairWeights`` keeps those multiplicities (the
-  pair-based losses weight by them, the matrix-based ones only test ``> 0``). A triplet loss given
-  pairs sees PML's ``convert_to_triplets``: every ``(a, p, n)`` with ``(a, p)`` positive and
-  ``(a, n)`` negative.
+  pair-based losses weight by them, the matrix-based ones only test ``> 0``), counted in one pass
+  over a dense mask or by sorted rows and binary searches (``O(B² log B)``) for
+  ``WindowedTriplets``. A triplet loss given pairs sees PML's ``convert_to_triplets``: every
+  ``(a, p, n)`` with ``(a, p)`` positive and ``(a, n)`` negative.
 * Exact duplicates are at Euclidean distance exactly 0, as with ``torch.cdist``'s direct path (PML
   on ≤ 25 rows); above 25 rows ``cdist`` switches to a matrix-product expansion whose rounding
   can leave ~5e-4 there, which an ``AvgNonZeroReducer`` then counts as a positive term. Between
@@ -246,12 +249,135 @@ def pair_validity(mask: jax.Array, refs: Refs | None = None) -> jax.Array:
     return mask[:, None] & other[None, :]
 
 
+def sort_rows(values: jax.Array) -> jax.Array:
+    """Each row of a float32 ``(B, M)`` array sorted ascending, for counting only (no gradient).
+
+    Sorted as int32 keys: a float's bits, with the non-sign bits flipped for negative numbers, order
+    like the floats (±inf included; -0 just below +0). XLA's CPU sort of a single integer operand is
+    several times faster than its float sort, whose comparator orders NaNs too. The values come back
+    bit for bit.
+    """
+    bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(values).astype(jnp.float32), jnp.int32)
+    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    keys = jax.lax.sort(keys, dimension=1, is_stable=False)
+    return jax.lax.bitcast_convert_type(keys ^ ((keys >> 31) & 0x7FFFFFFF), jnp.float32)
+
+
+def searchsorted_rows(sorted_rows: jax.Array, queries: jax.Array, side: str) -> jax.Array:
+    """``searchsorted`` of each row of ``queries`` in the same row of ``sorted_rows``."""
+    return jax.vmap(lambda row, q: jnp.searchsorted(row, q, side=side, method="scan"))(sorted_rows, queries)
+
+
+def prefix_lengths(sorted_rows: jax.Array, queries: jax.Array, holds) -> jax.Array:
+    """For every ``queries[a, j]``: the number of leading entries ``v`` of ``sorted_rows[a]`` with
+    ``holds(v, queries[a, j])`` (int32, ``(B, Q)``).
+
+    ``holds`` must be monotone along a row (true on a prefix, false after it), e.g. any comparison
+    of the rounded ``v - q`` with a bound. A binary search that evaluates ``holds`` itself (so it
+    rounds exactly as a dense evaluation would): ``⌈log₂(M + 1)⌉`` vectorised steps, each a flat
+    gather and a compare.
+    """
+    rows, length = sorted_rows.shape
+    flat = jnp.reshape(sorted_rows, (-1,))
+    base = (jnp.arange(rows, dtype=jnp.int32) * length)[:, None]
+    found = jnp.zeros(queries.shape, jnp.int32)
+    step = 1 << max(int(length).bit_length() - 1, 0) if length else 0
+    while step:  # found + step ≤ length and the entry found + step - 1 holds: advance
+        candidate = found + step
+        value = flat[base + jnp.minimum(candidate, length) - 1]
+        found = jnp.where((candidate <= length) & holds(value, queries), candidate, found)
+        step >>= 1
+    return found
+
+
+class WindowedTriplets(NamedTuple):
+    r"""Mined triplets in structured form: ``pos[a, p] & neg[a, n] & (lo < μ_apn ≤ hi)``.
+
+    ``μ_apn = dist[a, n] - dist[a, p]`` in float32 (``d_an - d_ap`` for a distance, ``s_ap - s_an``
+    for a similarity, with ``dist = -s``), as ``triplet_margin_miner`` computes it. Every triplet
+    set that miner produces has this form (``"all"``: ``μ ≤ margin``; ``"hard"``:
+    ``μ ≤ min(margin, 0)``; ``"semihard"``: ``0 < μ ≤ margin``; ``"easy"``: ``μ > margin``), and
+    it holds ``O(B·M)`` numbers instead of the ``B·M²`` booleans of the dense mask: the losses count
+    the triplets per pair by sorting rows and binary searches (``O(B·M log M)``), never building a
+    ``(B, M, M)`` array. ``dense()`` gives that array when it is wanted.
+
+    A pytree (``None`` bounds are empty subtrees, so a miner's output goes through ``jit`` /
+    ``vmap``; the bounds become arrays there, with a leading axis out of a ``vmap``: take one
+    element's fields before ``dense()``). Every loss taking ``triplet_mask`` accepts this or a
+    dense boolean array. It is a tuple, not an array: ``np.asarray`` / ``jnp.any`` of it do not
+    give the mask, ``dense()`` does.
+    """
+
+    dist: jax.Array  # (B, M) float32: the miner's distances (larger = farther), no gradient
+    pos: jax.Array  # (B, M) bool: the positive pairs (a, p)
+    neg: jax.Array  # (B, M) bool: the negative pairs (a, n)
+    lo: jax.Array | None  # float32 scalar, the open lower bound of μ; None: unbounded
+    hi: jax.Array | None  # float32 scalar, the closed upper bound of μ; None: unbounded
+
+    def dense(self) -> jax.Array:
+        """The ``(B, M, M)`` bool mask ``[a, p, n]`` of these triplets (what ``triplet_margin_miner``
+        returned before it returned this form: the same bits)."""
+        dist = jnp.asarray(self.dist)
+        mu = dist[:, None, :] - dist[:, :, None]  # [a, p, n] = dist_an - dist_ap
+        selected = jnp.asarray(self.pos, bool)[:, :, None] & jnp.asarray(self.neg, bool)[:, None, :]
+        if self.lo is not None:
+            selected = selected & (mu > self.lo)
+        if self.hi is not None:
+            selected = selected & (mu <= self.hi)
+        return selected
+
+    def counts(self, below=None) -> tuple[jax.Array, jax.Array]:
+        """``(c_ap, c_an)`` int32 ``(B, M)``: for each positive pair ``(a, p)`` the number of its
+        triplets ``(a, p, n)`` (0 elsewhere), and for each negative pair ``(a, n)`` the number of its
+        triplets ``(a, p, n)``. ``below`` (optional): count only the triplets with ``μ < below`` too.
+
+        Exactly the sums of ``dense()`` (``& (μ < below)``) over ``n`` / over ``p``: each anchor's
+        negative (positive) distances are sorted once, and the window, a prefix of the sorted row
+        for each bound, is found by binary search on the rounded ``μ`` itself. ``O(B·M log M)``.
+        """
+        dist = jax.lax.stop_gradient(jnp.asarray(self.dist, jnp.float32))
+        pos, neg = jnp.asarray(self.pos, bool), jnp.asarray(self.neg, bool)
+        lo, hi = self.lo, self.hi
+        num_pos = jnp.sum(pos, axis=1, keepdims=True, dtype=jnp.int32)
+        num_neg = jnp.sum(neg, axis=1, keepdims=True, dtype=jnp.int32)
+        if lo is None and hi is None and below is None:
+            return pos.astype(jnp.int32) * num_neg, neg.astype(jnp.int32) * num_pos
+
+        def top(mu):  # μ ≤ hi and μ < below
+            ok = jnp.ones(mu.shape, bool)
+            if hi is not None:
+                ok = ok & (mu <= hi)
+            if below is not None:
+                ok = ok & (mu < below)
+            return ok
+
+        # Per (a, p), over the negatives sorted by dist_an: μ = dist_an - dist_ap rises along the row
+        # (rounding is monotone), so {μ ≤ hi, μ < below} and {μ ≤ lo} are prefixes. The +inf
+        # padding (non-negatives) sits after the negatives; min(·, num_neg) keeps it out.
+        neg_sorted = sort_rows(jnp.where(neg, dist, jnp.inf))
+        c_ap = jnp.broadcast_to(num_neg, dist.shape)
+        if hi is not None or below is not None:
+            c_ap = jnp.minimum(prefix_lengths(neg_sorted, dist, lambda v, q: top(v - q)), num_neg)
+        if lo is not None:
+            c_ap = c_ap - jnp.minimum(prefix_lengths(neg_sorted, dist, lambda v, q: v - q <= lo), c_ap)
+        # Per (a, n), over the positives sorted by dist_ap: μ = dist_an - dist_ap falls along the row,
+        # so {μ > lo} and {not top} are prefixes (the +inf padding gives μ = -inf: in neither).
+        pos_sorted = sort_rows(jnp.where(pos, dist, jnp.inf))
+        c_an = jnp.broadcast_to(num_pos, dist.shape)
+        if lo is not None:
+            c_an = jnp.minimum(prefix_lengths(pos_sorted, dist, lambda v, q: q - v > lo), num_pos)
+        if hi is not None or below is not None:
+            c_an = c_an - jnp.minimum(prefix_lengths(pos_sorted, dist, lambda v, q: ~top(q - v)), c_an)
+        return jnp.where(pos, c_ap, 0).astype(jnp.int32), jnp.where(neg, c_an, 0).astype(jnp.int32)
+
+
 class Mined(NamedTuple):
     """Which tuples a loss sees: either explicit triplets or positive / negative pair masks."""
 
     pos: jax.Array | None  # (B, B) bool, (B, M) with references
     neg: jax.Array | None  # (B, B) bool, (B, M) with references
-    triplets: jax.Array | None  # (B, B, B) bool, (B, M, M) with references
+    # (B, B, B) bool ((B, M, M) with references) or WindowedTriplets
+    triplets: jax.Array | WindowedTriplets | None
 
 
 def resolve_mined(
@@ -260,18 +386,37 @@ def resolve_mined(
     """The tuples of a loss call, restricted to unmasked rows.
 
     No mined argument: all label pairs (PML's default). ``pos_mask`` and ``neg_mask`` (both): those
-    pairs. ``triplet_mask``: those triplets. Mixing the two kinds is an error. With references,
-    the anchors index the batch and the positives / negatives the references: pairs ``(B, M)``,
-    triplets ``(B, M, M)``.
+    pairs. ``triplet_mask``: those triplets, a dense boolean mask or ``WindowedTriplets`` (whose
+    pairs are restricted, which restricts its triplets alike). Mixing the two kinds is an error.
+    With references, the anchors index the batch and the positives / negatives the references:
+    pairs ``(B, M)``, triplets ``(B, M, M)``.
     """
     batch = labels.shape[0]
     other = batch if refs is None else refs.labels.shape[0]
     other_mask = mask if refs is None else refs.mask
+    valid = mask[:, None] & other_mask[None, :]
     if triplet_mask is not None:
         if pos_mask is not None or neg_mask is not None:
             raise ValueError(
                 f"{owner}: pass either triplet_mask or pos_mask/neg_mask (one miner's output), not both."
             )
+        if isinstance(triplet_mask, WindowedTriplets):
+            t = triplet_mask
+            if jnp.shape(t.dist) != (batch, other):
+                raise ValueError(
+                    f"triplet_mask (WindowedTriplets) must have dist / pos / neg of shape "
+                    f"{(batch, other)}, got {jnp.shape(t.dist)}."
+                )
+            for name, bound in (("lo", t.lo), ("hi", t.hi)):
+                if bound is not None and jnp.shape(bound) != ():
+                    raise ValueError(
+                        f"triplet_mask (WindowedTriplets) {name} must be a scalar (call dense() per "
+                        f"batch after a vmap), got shape {jnp.shape(bound)}."
+                    )
+            pos = _check_mined(t.pos, "triplet_mask.pos", (batch, other)) & valid
+            neg = _check_mined(t.neg, "triplet_mask.neg", (batch, other)) & valid
+            dist = jax.lax.stop_gradient(jnp.asarray(t.dist, jnp.float32))
+            return Mined(None, None, WindowedTriplets(dist, pos, neg, t.lo, t.hi))
         t = _check_mined(triplet_mask, "triplet_mask", (batch, other, other))
         t = t & mask[:, None, None] & other_mask[None, :, None] & other_mask[None, None, :]
         return Mined(None, None, t)
@@ -283,7 +428,6 @@ def resolve_mined(
     if pos_mask is None:
         pos, neg = _label_pairs(labels, mask, refs)
         return Mined(pos, neg, None)
-    valid = mask[:, None] & other_mask[None, :]
     pos = _check_mined(pos_mask, "pos_mask", (batch, other)) & valid
     neg = _check_mined(neg_mask, "neg_mask", (batch, other)) & valid
     return Mined(pos, neg, None)
@@ -308,13 +452,22 @@ class PairWeights(NamedTuple):
         return (self.num_pos <= 1.0) & (self.num_neg <= 1.0)
 
 
+def triplet_pair_counts(triplets: jax.Array | WindowedTriplets) -> tuple[jax.Array, jax.Array]:
+    """How many triplets hold each ``(a, p)`` and each ``(a, n)``: float32 ``(B, M)`` each.
+
+    Counted in int32 (exact), then float32 (exact up to 2^24 triplets per pair: M ≤ 16M).
+    """
+    if isinstance(triplets, WindowedTriplets):
+        c_ap, c_an = triplets.counts()
+    else:
+        c_ap = jnp.sum(triplets, axis=2, dtype=jnp.int32)
+        c_an = jnp.sum(triplets, axis=1, dtype=jnp.int32)
+    return c_ap.astype(jnp.float32), c_an.astype(jnp.float32)
+
+
 def pair_weights(mined: Mined) -> PairWeights:
     if mined.triplets is not None:
-        t = mined.triplets
-        # Counted in int32 (exact), then float32 (exact up to 2^24 triplets per pair: B ≤ 16M).
-        pos = jnp.sum(t, axis=2, dtype=jnp.int32).astype(jnp.float32)
-        neg = jnp.sum(t, axis=1, dtype=jnp.int32).astype(jnp.float32)
-        return PairWeights(pos, neg)
+        return PairWeights(*triplet_pair_counts(mined.triplets))
     return PairWeights(mined.pos.astype(jnp.float32), mined.neg.astype(jnp.float32))
 
 

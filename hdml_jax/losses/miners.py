@@ -1,20 +1,36 @@
 """Tuple miners with pytorch-metric-learning's semantics, as pure fixed-shape JAX functions.
 
-Each miner returns a dict of boolean masks that the losses of ``hdml_jax.losses.pair`` and
-``hdml_jax.losses.triplet_margin`` take as keyword arguments, so that::
+Each miner returns a dict of boolean masks (triplets: their structured form, below) that the losses
+of ``hdml_jax.losses.pair`` and ``hdml_jax.losses.triplet_margin`` take as keyword arguments, so
+that::
 
     loss(x, y, **miner(x, y))        ==    PMLLoss()(x, y, indices_tuple=PMLMiner()(x, y))
 
 PML's index lists become masks over the batch: pairs ``(a1, p, a2, n)`` →
 ``{"pos_mask": (B, B), "neg_mask": (B, B)}``, triplets ``(a, p, n)`` →
-``{"triplet_mask": (B, B, B)}``. The masks have fixed shapes, so a miner runs inside ``jit`` and
-``vmap``; they are booleans (no gradient flows through mining, as under PML's ``torch.no_grad``).
-A False ``mask`` row is in no mined tuple.
+``{"triplet_mask": WindowedTriplets}``. The masks have fixed shapes, so a miner runs inside
+``jit`` and ``vmap``; they are booleans (no gradient flows through mining, as under PML's
+``torch.no_grad``). A False ``mask`` row is in no mined tuple.
+
+Triplets in structured form. Every triplet ``triplet_margin_miner`` (and ``semi_hard_miner``)
+selects is ``pos[a, p] & neg[a, n] & (lo < μ_apn ≤ hi)`` with ``μ_apn = d_an - d_ap``
+(``s_ap - s_an`` for a similarity) and a window ``(lo, hi]`` per type, either end possibly
+unbounded. So the miner returns ``WindowedTriplets(dist, pos, neg, lo, hi)``
+(``hdml_jax.losses.WindowedTriplets``, a pytree): its ``(B, B)`` distance matrix (``d``, or ``-s``),
+pair masks and float32 bounds, ``O(B²)`` numbers, never the ``(B, B, B)`` boolean array. Every
+loss that takes ``triplet_mask`` takes it (or a dense boolean mask, e.g. one of your own) and
+counts the triplets per pair by sorting each anchor's distances and binary searches on ``μ``
+itself, ``O(B² log B)``: exactly the counts of the dense mask, on the window's bounds too
+(``triplet_margin_loss`` intersects the window with its hinge this way when the triplets were
+mined on its own distance matrix, see there). ``triplet_mask.dense()`` is that ``(B, B, B)`` mask,
+bit for bit the array this miner used to return; ``triplets_from_pairs`` builds one from pair
+masks.
 
 With references (``ref_embeddings (M, d)``, ``ref_labels (M,)``, optional ``ref_mask (M,)``: PML's
 ``miner(x, y, ref_emb, ref_labels)``) the anchors are the batch rows and the positives / negatives
 the reference rows, nothing excluded as a self comparison (as in PML): pair masks ``(B, M)``,
-triplet masks ``(B, M, M)``. This is how ``hdml_jax.losses.xbm.xbm_loss`` calls a miner.
+triplets ``WindowedTriplets`` of ``(B, M)`` arrays (``dense()``: ``(B, M, M)``). This is how
+``hdml_jax.losses.xbm.xbm_loss`` calls a miner.
 
 ``batch_hard_miner`` returns PML's triplets ``(a, hardest p, hardest n)`` as the pair masks
 ``pos_mask`` (one-hot: the hardest positive of each kept anchor) and ``neg_mask`` (its hardest
@@ -131,7 +147,7 @@ def triplet_margin_miner(
     ref_embeddings: jax.Array | None = None,
     ref_labels: jax.Array | None = None,
     ref_mask: jax.Array | None = None,
-) -> dict[str, jax.Array]:
+) -> dict[str, pc.WindowedTriplets]:
     r"""PML's ``TripletMarginMiner``: the valid triplets selected by their margin.
 
     With ``μ_apn = d_an - d_ap`` (``s_ap - s_an`` for a similarity), over all triplets with
@@ -143,7 +159,12 @@ def triplet_margin_miner(
     * ``"easy"``: ``μ > margin``.
 
     Returns:
-      ``{"triplet_mask": (B, B, B) bool}``, ``[a, p, n]``.
+      ``{"triplet_mask": WindowedTriplets}``: the triplets ``pos[a, p] & neg[a, n] & (lo < μ_apn ≤
+      hi)`` with the window of the type (``"all"``: ``hi = margin``; ``"hard"``: ``hi =
+      min(margin, 0)``; ``"semihard"``: ``lo = 0``, ``hi = margin``; ``"easy"``: ``lo = margin``;
+      the missing bound unbounded), ``O(B²)`` numbers. Every loss taking ``triplet_mask`` takes it;
+      its ``dense()`` is the ``(B, B, B)`` bool mask ``[a, p, n]`` of the same triplets (the
+      comparisons above on the float32 ``μ``, bit for bit).
     """
     owner = "triplet_margin_miner"
     if type_of_triplets not in TRIPLET_TYPES:
@@ -160,17 +181,16 @@ def triplet_margin_miner(
         owner,
         (ref_embeddings, ref_labels, ref_mask),
     )
-    u = pc.as_distance(mat, inverted)
-    triplet_margin = u[:, None, :] - u[:, :, None]  # [a, p, n] = u_an - u_ap
-    if type_of_triplets == "easy":
-        selected = triplet_margin > margin
-    else:
-        selected = triplet_margin <= margin
-        if type_of_triplets == "hard":
-            selected = selected & (triplet_margin <= 0)
-        elif type_of_triplets == "semihard":
-            selected = selected & (triplet_margin > 0)
-    return {"triplet_mask": pos[:, :, None] & neg[:, None, :] & selected}
+    dist = pc.as_distance(mat, inverted)
+    bound = jnp.asarray(margin, jnp.float32)
+    # The window lo < μ ≤ hi of each type (None: unbounded), on μ = dist_an - dist_ap in float32.
+    lo, hi = {
+        "all": (None, bound),
+        "hard": (None, jnp.minimum(bound, 0.0)),  # μ ≤ margin and μ ≤ 0
+        "semihard": (jnp.zeros((), jnp.float32), bound),
+        "easy": (bound, None),
+    }[type_of_triplets]
+    return {"triplet_mask": pc.WindowedTriplets(dist, pos, neg, lo, hi)}
 
 
 def semi_hard_miner(
@@ -184,10 +204,11 @@ def semi_hard_miner(
     ref_embeddings: jax.Array | None = None,
     ref_labels: jax.Array | None = None,
     ref_mask: jax.Array | None = None,
-) -> dict[str, jax.Array]:
+) -> dict[str, pc.WindowedTriplets]:
     """PML's ``TripletMarginMiner(margin, type_of_triplets="semihard")``: ``0 < d_an - d_ap ≤ margin``.
 
-    Returns ``{"triplet_mask": (B, B, B) bool}``; see ``triplet_margin_miner``.
+    Returns ``{"triplet_mask": WindowedTriplets}`` (``.dense()``: ``(B, B, B)`` bool); see
+    ``triplet_margin_miner``.
     """
     return triplet_margin_miner(
         embeddings,

@@ -13,9 +13,10 @@ float32 scalar, jit / grad / vmap-safe, fixed shapes, bf16 accepted (the math is
 (never NaN) when there is nothing to average, NaN when an unmasked row holds a NaN or an inf.
 
 Mined tuples (see ``_pair_common``): ``pos_mask`` / ``neg_mask`` ``(B, B)`` bool, or
-``triplet_mask`` ``(B, B, B)`` bool which is turned into pairs as PML's ``convert_to_pairs`` does
-(a pair listed once per triplet that holds it; the pair-based losses weight by that count, the
-matrix-based ones only test whether the pair is listed).
+``triplet_mask`` (``(B, B, B)`` bool, or the triplet miners' ``WindowedTriplets``) which is turned
+into pairs as PML's ``convert_to_pairs`` does (a pair listed once per triplet that holds it; the
+pair-based losses weight by that count, the matrix-based ones only test whether the pair is
+listed).
 
 Reproduced on purpose although it surprises: PML's ``GenericPairLoss`` (the base of all six)
 returns 0 when every index list has at most one entry, e.g. for exactly one mined triplet
@@ -38,8 +39,9 @@ The gradient reaches both the embeddings and the references. ``lifted_structure_
 references (see there).
 
 Cost: everything is ``O(B²)`` (one ``(B, B)`` Gram matrix and masked row reductions; ``O(B·M)``
-with references) except that a ``triplet_mask`` is first reduced to pair counts (two passes over
-``B³`` / ``B·M²`` booleans).
+with references) except that a ``triplet_mask`` is first reduced to pair counts: ``O(B² log B)``
+for ``WindowedTriplets`` (sorted rows, binary searches), two passes over ``B³`` / ``B·M²``
+booleans for a dense mask.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def contrastive_loss(
       normalize_embeddings: L2-normalise first (PML's default True).
       mask: optional ``(B,)`` bool; a False row is in no pair.
       pos_mask, neg_mask: optional mined pairs ``(B, B)`` bool (a miner's output).
-      triplet_mask: optional mined triplets ``(B, B, B)`` bool; pairs listed with multiplicity.
+      triplet_mask: optional mined triplets, ``(B, B, B)`` bool or ``WindowedTriplets``; pairs
+        listed with multiplicity.
       ref_embeddings, ref_labels, ref_mask: optional references ``(M, d)``, ``(M,)`` int and
         ``(M,)`` bool (PML's ``ref_emb`` / ``ref_labels``; see the module docstring): the pairs
         are ``(anchor row, reference row)`` (``a = p`` included), mined masks ``(B, M)`` /

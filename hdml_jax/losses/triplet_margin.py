@@ -6,7 +6,8 @@ exactly 0 with no triplet, NaN for a NaN / inf unmasked row). Without mined tupl
 valid triplet ``(a, p, n)`` (``y_a = y_p``, ``a ≠ p``, ``y_n ≠ y_a``: PML's
 ``triplets_per_anchor="all"``); ``pos_mask`` / ``neg_mask`` restrict them to
 ``pos[a, p] & neg[a, n]`` (PML's ``convert_to_triplets`` of an ``(a1, p, a2, n)`` tuple) and
-``triplet_mask`` ``(B, B, B)`` names them explicitly. With references (``ref_embeddings``,
+``triplet_mask`` names them explicitly: a ``(B, B, B)`` bool mask or the triplet miners'
+``WindowedTriplets``. With references (``ref_embeddings``,
 ``ref_labels``, ``ref_mask``: PML's ``ref_emb`` / ``ref_labels``, see ``hdml_jax.losses.pair``)
 the anchors are batch rows and the positives / negatives reference rows: ``(B, M)`` pair counts,
 ``(B, M, M)`` triplet masks.
@@ -17,8 +18,13 @@ triplet margin loss, a term ``relu(d_ap - d_an + margin)`` is non-zero iff
 ``d_an < d_ap + margin``; sorting each anchor's negative distances turns the number of such
 negatives per ``(a, p)``, and per ``(a, n)`` the number of such positives, into binary searches.
 With those counts ``c`` (constant almost everywhere, so they carry no gradient) the sum is the
-linear ``Σ c_ap (d_ap + margin) - Σ c_an d_an``: ``O(B² log B)`` forward and backward. Only
-explicit triplet masks (and ``swap`` / ``smooth_loss``) need one pass over ``B³`` booleans (or
+linear ``Σ c_ap (d_ap + margin) - Σ c_an d_an``: ``O(B² log B)`` forward and backward. Mined
+``WindowedTriplets`` (``lo < μ_apn ≤ hi``, ``μ = d_an - d_ap``) are counted the same way: the
+violated ones are the window narrowed to ``μ < margin``, a range of each anchor's sorted negative
+(positive) distances found by binary search on the rounded ``μ`` (the dense counts exactly),
+``O(B² log B)`` too, as long as they were mined on the loss's own distance matrix (the usual
+``loss(x, y, **miner(x, y))``; checked at run time, else counted anchor by anchor, ``O(B³)``).
+Only dense triplet masks (and ``swap`` / ``smooth_loss``) need a pass over ``B³`` booleans (or
 floats).
 """
 
@@ -40,21 +46,8 @@ def _check_triplets_per_anchor(triplets_per_anchor, owner: str) -> None:
         )
 
 
-def _sort_rows(values: jax.Array) -> jax.Array:
-    """Each row of a float32 ``(B, B)`` array sorted ascending, for counting only (no gradient).
-
-    Sorted as int32 keys: a float's bits, with the non-sign bits flipped for negative numbers, order
-    like the floats (±inf included; -0 just below +0). XLA's CPU sort of a single integer operand is
-    several times faster than its float sort, whose comparator orders NaNs too.
-    """
-    bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(values).astype(jnp.float32), jnp.int32)
-    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    keys = jax.lax.sort(keys, dimension=1, is_stable=False)
-    return jax.lax.bitcast_convert_type(keys ^ ((keys >> 31) & 0x7FFFFFFF), jnp.float32)
-
-
-def _searchsorted_rows(sorted_rows: jax.Array, queries: jax.Array, side: str) -> jax.Array:
-    return jax.vmap(lambda row, q: jnp.searchsorted(row, q, side=side, method="scan"))(sorted_rows, queries)
+_sort_rows = pc.sort_rows
+_searchsorted_rows = pc.searchsorted_rows
 
 
 def _hinge_counts_from_pairs(
@@ -81,6 +74,39 @@ def _hinge_counts_explicit(u: jax.Array, triplets: jax.Array, margin) -> tuple[j
     """The same counts for explicit triplets: one pass over ``B³`` booleans."""
     violated = triplets & ((u[:, :, None] - u[:, None, :]) + margin > 0)
     return jnp.sum(violated, axis=2, dtype=jnp.int32), jnp.sum(violated, axis=1, dtype=jnp.int32)
+
+
+def _hinge_counts_windowed(
+    u: jax.Array, triplets: pc.WindowedTriplets, margin
+) -> tuple[jax.Array, jax.Array]:
+    """The same counts for ``WindowedTriplets``, without a ``B³`` array when they were mined on
+    this very distance matrix.
+
+    The hinge ``(u_ap - u_an) + margin > 0`` holds iff ``μ < margin`` for the float32
+    ``μ = u_an - u_ap`` (the rounded difference changes sign with the exact one, and
+    ``fl(u_ap - u_an) = -μ``). Where the miner's distances equal ``u`` on the mined pairs (the usual
+    ``loss(x, y, **miner(x, y))``: the same computation) the violated triplets are the window
+    narrowed to ``μ < margin``, counted by ``WindowedTriplets.counts`` in ``O(B·M log M)``.
+    Otherwise (mined on other embeddings or with another distance; checked at run time) the hinge
+    and the window order the negatives differently, and the triplets are counted anchor by anchor
+    as explicit masks (``O(B·M²)`` work, ``O(M²)`` memory at a time; about as slow as a dense
+    ``triplet_mask``). Under ``vmap`` the check is per batch element, so the ``cond`` becomes a
+    select that runs both.
+    """
+    u = jax.lax.stop_gradient(u)
+    same = jnp.all(jnp.where(triplets.pos | triplets.neg, triplets.dist == u, True))
+    fast = triplets.counts(below=margin)  # outside the cond: XLA optimises it with the rest
+
+    def per_anchor(rows):
+        u_a, dist_a, pos_a, neg_a = (row[None] for row in rows)
+        dense = pc.WindowedTriplets(dist_a, pos_a, neg_a, triplets.lo, triplets.hi).dense()
+        c_ap, c_an = _hinge_counts_explicit(u_a, dense, margin)
+        return c_ap[0], c_an[0]
+
+    def fallback():  # one anchor at a time: a cond branch's buffers are allocated even unused
+        return jax.lax.map(per_anchor, (u, triplets.dist, triplets.pos, triplets.neg))
+
+    return jax.lax.cond(same, lambda: fast, fallback)
 
 
 def triplet_margin_loss(
@@ -119,13 +145,16 @@ def triplet_margin_loss(
       embeddings: ``(B, d)`` float (bf16 accepted, math in fp32).
       labels: ``(B,)`` int (only equality matters).
       margin: ``≥ 0`` (PML 0.05).
-      swap, smooth_loss: as PML (both False by default; either one costs a pass over ``B³`` floats).
+      swap, smooth_loss: as PML (both False by default; either one costs a pass over ``B³`` floats,
+        and builds the dense mask of ``WindowedTriplets``).
       triplets_per_anchor: ``"all"`` only (PML's integer setting samples random triplets: use a
         miner instead); a ``ValueError`` otherwise.
       distance: ``"euclidean"`` (default), ``"cosine"`` or ``"dot"``; normalize_embeddings: as PML.
       mask: optional ``(B,)`` bool; a False row is in no triplet.
       pos_mask, neg_mask: optional mined pairs ``(B, B)`` bool: the triplets ``pos[a,p] & neg[a,n]``.
-      triplet_mask: optional mined triplets ``(B, B, B)`` bool.
+      triplet_mask: optional mined triplets: ``(B, B, B)`` bool or ``WindowedTriplets`` (what
+        ``triplet_margin_miner`` / ``semi_hard_miner`` return; ``O(B² log B)``, see the module
+        docstring).
       ref_embeddings, ref_labels, ref_mask: optional references ``(M, d)``, ``(M,)``, ``(M,)`` bool
         (PML's ``ref_emb`` / ``ref_labels``): the triplets are ``(anchor row a, reference p,
         reference n)`` with ``y_a = y'_p`` (``p = a`` not excluded) and ``y'_n ≠ y_a``; mined masks
@@ -159,7 +188,9 @@ def triplet_margin_loss(
 
     if swap or smooth_loss:
         triplets = mined.triplets
-        if triplets is None:
+        if isinstance(triplets, pc.WindowedTriplets):
+            triplets = triplets.dense()
+        elif triplets is None:
             triplets = mined.pos[:, :, None] & mined.neg[:, None, :]
         an = u[:, None, :]
         if swap:
@@ -169,7 +200,9 @@ def triplet_margin_loss(
         loss = pc.avg_non_zero(per_triplet, triplets.astype(jnp.float32))
         return loss + pc.nan_unless_finite(x, refs)
 
-    if mined.triplets is not None:
+    if isinstance(mined.triplets, pc.WindowedTriplets):
+        c_ap, c_an = _hinge_counts_windowed(u, mined.triplets, margin)
+    elif mined.triplets is not None:
         c_ap, c_an = _hinge_counts_explicit(u, mined.triplets, margin)
     else:
         c_ap, c_an = _hinge_counts_from_pairs(u, mined.pos, mined.neg, margin)
@@ -279,8 +312,7 @@ def margin_loss(
 
     # How many triplets hold each (a, p), each (a, n), and each anchor a.
     if mined.triplets is not None:
-        w_pos = jnp.sum(mined.triplets, axis=2, dtype=jnp.int32).astype(jnp.float32)
-        w_neg = jnp.sum(mined.triplets, axis=1, dtype=jnp.int32).astype(jnp.float32)
+        w_pos, w_neg = pc.triplet_pair_counts(mined.triplets)
     else:
         pos, neg = mined.pos.astype(jnp.float32), mined.neg.astype(jnp.float32)
         w_pos = pos * jnp.sum(neg, axis=1, keepdims=True)

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from hdml_jax.losses import _common
+from hdml_jax.losses._pair_common import WindowedTriplets
 
 # The keyword arguments that ``xbm_loss`` itself passes to the loss.
 _OWN_KWARGS = ("ref_embeddings", "ref_labels", "ref_mask", "pos_mask", "neg_mask", "triplet_mask")
@@ -227,7 +228,8 @@ def xbm_loss(
       mask: optional ``(B,)`` bool: False rows (padding) are neither written nor anchors.
       enqueue_mask: optional ``(B,)`` bool, see above (None: every row is written and an anchor).
       miner: optional ``miner(x, y, *, mask, ref_embeddings, ref_labels, ref_mask) -> dict`` of
-        ``pos_mask``/``neg_mask`` ``(B, M)`` or ``triplet_mask`` ``(B, M, M)``: the miners of
+        ``pos_mask``/``neg_mask`` ``(B, M)`` or ``triplet_mask`` (``(B, M, M)`` bool or
+        ``WindowedTriplets``, whose positive pairs ``(i, s_i)`` are then removed): the miners of
         ``hdml_jax.losses.miners`` (with ``functools.partial`` for their options).
       miner_pairs_are_triplets: the miner's ``pos_mask`` / ``neg_mask`` stand for the triplets
         ``pos[a, p] & neg[a, n]`` (``batch_hard_miner``'s pair form of PML's ``BatchHardMiner``
@@ -286,7 +288,13 @@ def xbm_loss(
     else:
         mined = dict(miner(embeddings, labels, mask=anchors, **refs))
         if set(mined) == {"triplet_mask"}:
-            mined["triplet_mask"] = jnp.asarray(mined["triplet_mask"]).astype(bool) & ~own[:, :, None]
+            triplets = mined["triplet_mask"]
+            if isinstance(triplets, WindowedTriplets):
+                # (i, s_i, n) for every n: exactly the triplets whose positive pair is (i, s_i).
+                triplets = triplets._replace(pos=jnp.asarray(triplets.pos).astype(bool) & ~own)
+            else:
+                triplets = jnp.asarray(triplets).astype(bool) & ~own[:, :, None]
+            mined["triplet_mask"] = triplets
         elif set(mined) == {"pos_mask", "neg_mask"}:
             pos = jnp.asarray(mined["pos_mask"]).astype(bool) & ~own
             neg = jnp.asarray(mined["neg_mask"]).astype(bool)
