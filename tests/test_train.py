@@ -83,6 +83,13 @@ def test_each_method_trains_and_evaluates(method, dataset, tmp_path):
     if method == "margin":
         saved = sorted((tmp_path / "checkpoints").glob("*/state/_METADATA"))
         assert saved and all("xbm" in path.read_text() for path in saved)
+    if method in ("margin", "soft_triple"):  # loss parameters the embedder must leave out
+        from hdml_jax import inference
+
+        embedder = inference.load_embedder(tmp_path, step=16)
+        images = np.stack([embedder.preprocess(dataset.test.source[i]["image"]) for i in range(4)])
+        trainer = np.load(tmp_path / "test_embeddings.npy")
+        np.testing.assert_allclose(embedder.embed(images), trainer[:4], atol=1e-5, rtol=0)
 
 
 def test_training_fits_the_training_classes(tmp_path):
