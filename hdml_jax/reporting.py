@@ -60,6 +60,8 @@ class Reporter:
         # Remote workdir: the logs grow here and sync() uploads them; local: None.
         self.staging: Path | None = None
         self._uploaded: dict[str, tuple[int, int]] = {}
+        self._reopen_events: Any = None  # after a remote sync: makes the next events file
+        self._events_files = 1
         if self.record:
             logdir = workdir
             if storage.is_remote(workdir):
@@ -118,6 +120,8 @@ class Reporter:
         with storage_errors("writing metrics.jsonl", self.workdir):
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
+            if self._tb is None and self._reopen_events is not None:
+                self._tb, self._reopen_events = self._reopen_events(), None
             if self._tb is not None:
                 for key, value in record.items():
                     if key not in ("kind", "step") and isinstance(value, (int, float)):
@@ -138,7 +142,16 @@ class Reporter:
             return
         with storage_errors(f"uploading {LOG_NAME}", self.workdir):
             if self._tb is not None:
-                self._tb.flush()
+                # tensorboardX writes its events from a queue in a thread of its own, and its
+                # flush() does not wait for that queue; close() does. So the events file is closed
+                # here, whole, and the next event starts a new one (TensorBoard reads every file of
+                # a run in order; a suffix keeps names apart, as they carry only the second).
+                writer_type = type(self._tb)
+                self._tb.close()
+                self._tb = None
+                self._events_files += 1
+                suffix = f".{self._events_files}"
+                self._reopen_events = lambda: writer_type(str(self.staging), filename_suffix=suffix)
             for local in sorted(self.staging.iterdir()):
                 if local.name != LOG_NAME and not local.name.startswith(EVENTS_PREFIX):
                     continue

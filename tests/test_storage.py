@@ -14,6 +14,7 @@ import errno
 import io
 import json
 import os
+import struct
 import tempfile
 import types
 from pathlib import Path
@@ -41,6 +42,18 @@ def store(monkeypatch, tmp_path):
     monkeypatch.chdir(cwd)
     yield fake_remote.install(monkeypatch, tmp_path / "gcs")
     assert not list(cwd.iterdir()), "something wrote a local gs:/ folder"
+
+
+def read_events(path: Path) -> list:
+    """The ``Event`` records of a TensorBoard events file (TFRecord framing: length, its CRC, data, CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, records, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        records.append(Event.FromString(data[offset + 12 : offset + 12 + length]))
+        offset += 12 + length + 4
+    return records
 
 
 def objects(store: fake_remote.ObjectStore, prefix: str = RUN) -> list[str]:
@@ -120,6 +133,9 @@ def test_the_logs_grow_locally_and_go_up_whole_at_each_sync(store):
     assert [r["step"] for r in workdir.read_log(remote)] == [2, 4, 4]
     events = [name for name in objects(store) if name.startswith("events.out.tfevents.")]
     assert len(events) == 1 and store.uploads[str(remote)] == 1
+    # What was logged before the sync is in the uploaded file (tensorboardX's queue was drained).
+    uploaded = read_events(store.local(f"{RUN}/{events[0]}"))
+    assert {(4, "train/loss"), (4, "eval/recall_at_1")} <= {(e.step, v.tag) for e in uploaded for v in e.summary.value}
     reporter.sync()  # unchanged: no new upload
     assert sum(store.uploads.values()) == 2
     reporter.train(6, 1.5, {"loss": 1.0})
@@ -230,7 +246,11 @@ def test_a_run_on_a_gs_workdir_writes_everything_there_and_leaves_nothing_behind
     for name in ("config.json", "test_embeddings.npy", "test_labels.npy", "projector_config.pbtxt",
                  "projector/test_embeddings.tsv", "projector/metadata.tsv"):
         assert name in names, name
-    assert sum(n.startswith("events.out.tfevents.") for n in names) == attempts
+    # Every logged scalar is in the uploaded events files (one per sync: a closed file is whole).
+    events = sorted(n for n in names if n.startswith("events.out.tfevents."))
+    steps = {(event.step, value.tag) for n in events for event in read_events(store.local(f"{RUN}/{n}"))
+             for value in event.summary.value}
+    assert {(2, "train/loss"), (6, "train/loss"), (8, "train/loss"), (8, "eval/recall_at_1")} <= steps
     assert ".lock" not in names and {6, 8} <= set(checkpoints.steps_in(f"{RUN}/checkpoints"))
     assert set(Path(tempfile.gettempdir()).glob("hdml_jax-*")) == staged  # staging folders removed
     assert os.listdir(".") == []
