@@ -121,13 +121,6 @@ def compute_loss(
     embeddings = outputs["embedding"]
     if method in baselines.PAIR_METHODS:
         return pair_loss(config, embeddings, labels, params, mask)[0], {}
-    if method in baselines.CLASSIFICATION_METHODS:
-        fine = getattr(losses, baselines.LOSS_FUNCTIONS[method])
-        num_rows = params["proxies"].shape[0]
-        real_rows = num_rows if num_classes is None else num_classes
-        proxy_mask = parallel.fine_proxy_mask(num_rows, real_rows)
-        extra = {} if proxy_mask is None else {"proxy_mask": proxy_mask}
-        return fine(embeddings, labels, params["proxies"], mask=mask, **lc.kwargs.to_dict(), **extra), {}
     if method == "cgd":
         ranking = losses.batch_hard_triplet_loss(embeddings, labels, margin=lc.triplet_margin, mask=mask)
         if "branch_embeddings" in outputs and config.model.architecture == "A":
@@ -147,7 +140,7 @@ def compute_loss(
 
     if method in ("proxy_anchor", "hpl_pa"):
         base, kwargs = losses.proxy_anchor_loss, {"margin": lc.margin, "alpha": lc.alpha}
-    elif method in baselines.HPL_CLASSIFICATION_METHODS:
+    elif method in baselines.LOSS_FUNCTIONS:  # the classification baselines and HPL around them
         base, kwargs = getattr(losses, baselines.LOSS_FUNCTIONS[method]), lc.kwargs.to_dict()
     else:
         base, kwargs = losses.proxy_nca_loss, {"scale": lc.scale}

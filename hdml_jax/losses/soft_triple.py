@@ -220,8 +220,8 @@ def _soft_triple_direct_jvp(spec, primals, tangents):
 class _SoftTripleTerms(NamedTuple):
     """What the value and the gradients share.
 
-    ``sims`` is ``x̂·w`` (B, C·K) before the inverse norms; ``center_shift`` / ``center_sum`` the
-    max-shift and the sum of the softmax over each class's centers (B, C); ``relaxed`` is ``S``.
+    ``center_sum`` is the sum of the (shifted) softmax terms over each class's centers (B, C); ``relaxed`` is ``S``; ``cos`` / ``exps`` the center cosines and their
+    shifted exponentials (B, C, K).
     """
 
     value: jax.Array
@@ -229,9 +229,7 @@ class _SoftTripleTerms(NamedTuple):
     w: jax.Array
     inv_norm: jax.Array
     has_radial: jax.Array
-    sims: jax.Array
     center_mask: jax.Array
-    center_shift: jax.Array
     center_sum: jax.Array
     relaxed: jax.Array
     logits: jax.Array
@@ -245,19 +243,18 @@ class _SoftTripleTerms(NamedTuple):
     exps: jax.Array
 
     @staticmethod
-    def center_exp(sims, inv_norm, center_mask, center_shift, spec: _SoftTripleSpec):
+    def center_exp(sims, inv_norm, center_mask, spec: _SoftTripleSpec):
         """``(cos, exp(cos/γ - shift))`` as (B, C, K); 0 for masked centers."""
         shape = (sims.shape[0], sims.shape[1] // spec.centers, spec.centers)  # (B, C, K)
         cos = (sims * inv_norm[None, :]).reshape(shape)
         scaled = jnp.where(center_mask.reshape(1, *shape[1:]), cos * (1.0 / spec.gamma), -jnp.inf)
-        if center_shift is None:
-            fixed = spec.center_shift()
-            if fixed is not None:
-                center_shift = jnp.full(shape[:2], fixed, cos.dtype)
-            else:
-                center_shift = jnp.max(scaled, axis=2)
-                center_shift = jnp.where(jnp.isneginf(center_shift), 0.0, center_shift)
-        return cos, jnp.exp(scaled - center_shift[:, :, None]), center_shift
+        fixed = spec.center_shift()
+        if fixed is not None:
+            center_shift = jnp.full(shape[:2], fixed, cos.dtype)
+        else:
+            center_shift = jnp.max(scaled, axis=2)
+            center_shift = jnp.where(jnp.isneginf(center_shift), 0.0, center_shift)
+        return cos, jnp.exp(scaled - center_shift[:, :, None])
 
     @classmethod
     def compute(cls, x, w, labels, mask, row_weight, center_mask, spec: _SoftTripleSpec) -> _SoftTripleTerms:
@@ -266,7 +263,7 @@ class _SoftTripleTerms(NamedTuple):
             w = _zero_padding(w, center_mask)
         inv_norm, has_radial = _inverse_norms(w)
         sims = jnp.matmul(x, w.T, precision=_common.FULL_PRECISION)  # (B, C·K)
-        cos, exps, center_shift = cls.center_exp(sims, inv_norm, center_mask, None, spec)
+        cos, exps = cls.center_exp(sims, inv_norm, center_mask, spec)
         center_sum = jnp.sum(exps, axis=2)  # (B, C), ≥ 1 for a class with centers
         class_mask = jnp.any(center_mask.reshape(num_classes, spec.centers), axis=1)
         safe_sum = jnp.where(center_sum > 0, center_sum, 1.0)
@@ -281,7 +278,7 @@ class _SoftTripleTerms(NamedTuple):
         coef = jnp.where(mask, row_weight, 0.0)
         value = jnp.sum(jnp.where(mask, (lse - target) * coef, 0.0))
         return cls(
-            value, x, w, inv_norm, has_radial, sims, center_mask, center_shift, safe_sum, relaxed,
+            value, x, w, inv_norm, has_radial, center_mask, safe_sum, relaxed,
             logits, is_target, lse, coef, cos, exps,
         )  # fmt: skip
 
@@ -296,7 +293,7 @@ class _SoftTripleTerms(NamedTuple):
             1.0 + (cos - self.relaxed[:, :, None]) * (1.0 / spec.gamma)
         )
         grad_cos = jnp.where(self.coef[:, None, None] > 0, grad_cos, 0.0)  # masked rows: exact zeros
-        grad_sims = grad_cos.reshape(self.sims.shape) * self.inv_norm[None, :]
+        grad_sims = grad_cos.reshape(grad_cos.shape[0], -1) * self.inv_norm[None, :]  # (B, C·K)
         grad_x = jnp.matmul(grad_sims, self.w, precision=_common.FULL_PRECISION)
         grad_raw = jnp.matmul(grad_sims.T, self.x, precision=_common.FULL_PRECISION)
         row_mask = self.center_mask if spec.padded else None
