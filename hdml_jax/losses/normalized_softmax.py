@@ -319,6 +319,12 @@ def _project_weight_gradient(w, inv_norm, has_radial, grad_raw, row_mask=None):
     epsilon ``ŵ = w/ε`` is linear in ``w``: nothing to remove. Rows outside ``row_mask`` get 0.
     """
     radial = inv_norm * jnp.einsum("cd,cd->c", w, grad_raw, precision=_common.FULL_PRECISION)
+    return _remove_radial(w, inv_norm, has_radial, grad_raw, radial, row_mask)
+
+
+def _remove_radial(w, inv_norm, has_radial, grad_raw, radial, row_mask=None):
+    """``g_c - ŵ_c radial_c`` given ``radial_c = r_c (ŵ_c·g_c)`` however it was computed (0 where
+    the row is below the normalisation epsilon; rows outside ``row_mask`` get 0)."""
     radial = jnp.where(has_radial, radial, 0.0)
     grad = grad_raw - (w * inv_norm[:, None]) * radial[:, None]
     if row_mask is not None:

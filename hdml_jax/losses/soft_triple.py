@@ -30,7 +30,7 @@ from hdml_jax.losses.normalized_softmax import (
     _inverse_norms,
     _or_float32,
     _prepare,
-    _project_weight_gradient,
+    _remove_radial,
     _row_logsumexp,
     _targets,
     _zero_padding,
@@ -159,6 +159,20 @@ def _resolve_center_mask(proxy_mask, num_classes: int, centers: int) -> jax.Arra
     )
 
 
+# Up to this many centers per class, a sum over them is written as a sum of K strided slices:
+# XLA:CPU turns that into one vectorised loop, where a reduction over a minor axis of 10 runs
+# ~2× slower (at SOP's size the forward pass's two such sums took 90 ms of 240).
+_UNROLLED_CENTER_SUM = 32
+
+
+def _sum_over_centers(a: jax.Array) -> jax.Array:
+    """``Σ_k a[..., k]`` over the last (centers) axis."""
+    centers = a.shape[-1]
+    if centers > _UNROLLED_CENTER_SUM:
+        return jnp.sum(a, axis=-1)
+    return functools.reduce(operator.add, (a[..., k] for k in range(centers)))
+
+
 class _SoftTripleSpec(NamedTuple):
     centers: int  # K
     la: float
@@ -220,8 +234,7 @@ def _soft_triple_direct_jvp(spec, primals, tangents):
 class _SoftTripleTerms(NamedTuple):
     """What the value and the gradients share.
 
-    ``center_sum`` is the sum of the (shifted) softmax terms over each class's centers (B, C); ``relaxed`` is ``S``; ``cos`` / ``exps`` the center cosines and their
-    shifted exponentials (B, C, K).
+    ``center_sum`` is the sum of the (shifted) softmax terms over each class's centers (B, C); ``relaxed`` is ``S``.
     """
 
     value: jax.Array
@@ -236,17 +249,23 @@ class _SoftTripleTerms(NamedTuple):
     is_target: jax.Array
     lse: jax.Array
     coef: jax.Array
-    # Kept from the forward pass for the backward one, (B, C, K) each: recomputing the 29M
-    # exponentials at SOP's size instead costs ~8% of the whole call (one more (B, C·K) array
-    # stays alive instead).
-    cos: jax.Array
+    # Kept from the forward pass for the backward one: the raw products ``x̂·w`` (B, C·K) (the
+    # cosines are ``sims · inv_norm``, recomputed inside each fused loop rather than written
+    # out) and the exponentials (B, C, K) (recomputing the 29M of them at SOP's size instead
+    # costs ~8% of the whole call).
+    sims: jax.Array
     exps: jax.Array
 
     @staticmethod
-    def center_exp(sims, inv_norm, center_mask, spec: _SoftTripleSpec):
+    def cosines(sims, inv_norm, centers: int) -> jax.Array:
+        """``cos_ick = (x̂·w_ck) / ‖w_ck‖`` as (B, C, K), from the raw products (B, C·K)."""
+        return (sims * inv_norm[None, :]).reshape(sims.shape[0], sims.shape[1] // centers, centers)
+
+    @classmethod
+    def center_exp(cls, sims, inv_norm, center_mask, spec: _SoftTripleSpec):
         """``(cos, exp(cos/γ - shift))`` as (B, C, K); 0 for masked centers."""
-        shape = (sims.shape[0], sims.shape[1] // spec.centers, spec.centers)  # (B, C, K)
-        cos = (sims * inv_norm[None, :]).reshape(shape)
+        cos = cls.cosines(sims, inv_norm, spec.centers)
+        shape = cos.shape
         scaled = jnp.where(center_mask.reshape(1, *shape[1:]), cos * (1.0 / spec.gamma), -jnp.inf)
         fixed = spec.center_shift()
         if fixed is not None:
@@ -264,10 +283,10 @@ class _SoftTripleTerms(NamedTuple):
         inv_norm, has_radial = _inverse_norms(w)
         sims = jnp.matmul(x, w.T, precision=_common.FULL_PRECISION)  # (B, C·K)
         cos, exps = cls.center_exp(sims, inv_norm, center_mask, spec)
-        center_sum = jnp.sum(exps, axis=2)  # (B, C), ≥ 1 for a class with centers
+        center_sum = _sum_over_centers(exps)  # (B, C), ≥ 1 for a class with centers
         class_mask = jnp.any(center_mask.reshape(num_classes, spec.centers), axis=1)
         safe_sum = jnp.where(center_sum > 0, center_sum, 1.0)
-        relaxed = jnp.sum(exps * cos, axis=2) / safe_sum  # S (B, C)
+        relaxed = _sum_over_centers(exps * cos) / safe_sum  # S (B, C)
 
         index, valid = _targets(labels, num_classes, class_mask)
         is_target = (index[:, None] == jnp.arange(num_classes)[None, :]) & valid[:, None]
@@ -279,22 +298,33 @@ class _SoftTripleTerms(NamedTuple):
         value = jnp.sum(jnp.where(mask, (lse - target) * coef, 0.0))
         return cls(
             value, x, w, inv_norm, has_radial, center_mask, safe_sum, relaxed,
-            logits, is_target, lse, coef, cos, exps,
+            logits, is_target, lse, coef, sims, exps,
         )  # fmt: skip
 
     def gradients(self, spec: _SoftTripleSpec) -> tuple[jax.Array, jax.Array]:
-        """``(∂L/∂x̂, ∂L/∂w)``: ``∂L/∂S_ic = λ coef_i (p_ic - [c = y_i])``, then through ``q``."""
+        """``(∂L/∂x̂, ∂L/∂w)``: ``∂L/∂S_ic = λ coef_i (p_ic - [c = y_i])``, then through ``q``.
+
+        The weight gradient's radial part ``r_j (ŵ_j·g_j)`` is taken as the column sum
+        ``r_j Σ_i G_ij cos_ij`` over (B, C·K) (``G = ∂L/∂cos``), half the size of the (C·K, d) row
+        products ``_project_weight_gradient`` would read (``d = 512 > B``) and next to the
+        loop that writes ``G``.
+        """
         p = jnp.exp(self.logits - self.lse[:, None])
         grad_relaxed = jnp.where(self.is_target, p - 1.0, p) * (spec.la * self.coef)[:, None]  # (B, C)
-        cos, exps = self.cos, self.exps
-        q = exps / self.center_sum[:, :, None]
+        cos = self.cosines(self.sims, self.inv_norm, spec.centers)
+        q = self.exps / self.center_sum[:, :, None]
         # ∂S/∂cos_k = q_k (1 + (cos_k - S)/γ)
         grad_cos = (grad_relaxed[:, :, None] * q) * (
             1.0 + (cos - self.relaxed[:, :, None]) * (1.0 / spec.gamma)
         )
         grad_cos = jnp.where(self.coef[:, None, None] > 0, grad_cos, 0.0)  # masked rows: exact zeros
-        grad_sims = grad_cos.reshape(grad_cos.shape[0], -1) * self.inv_norm[None, :]  # (B, C·K)
+        grad_cos = grad_cos.reshape(grad_cos.shape[0], -1)  # (B, C·K)
+        grad_sims = grad_cos * self.inv_norm[None, :]
         grad_x = jnp.matmul(grad_sims, self.w, precision=_common.FULL_PRECISION)
         grad_raw = jnp.matmul(grad_sims.T, self.x, precision=_common.FULL_PRECISION)
+        ones = jnp.ones((grad_cos.shape[0],), grad_cos.dtype)  # a column sum XLA:CPU runs as a matvec
+        radial = self.inv_norm * jnp.matmul(
+            ones, grad_sims * self.sims, precision=_common.FULL_PRECISION
+        )
         row_mask = self.center_mask if spec.padded else None
-        return grad_x, _project_weight_gradient(self.w, self.inv_norm, self.has_radial, grad_raw, row_mask)
+        return grad_x, _remove_radial(self.w, self.inv_norm, self.has_radial, grad_raw, radial, row_mask)
