@@ -14,9 +14,9 @@ Proxy-Anchor-CVPR2020, NCA++ = proxynca_pp, CGD-port = leftthomas/CGD):
   lr-decay-step 5, γ 0.5 (train.py:72-74 default), 60 epochs (train.py:43-46 default), shuffled
   batches (train.py:141-150). Published: R@1/2/4/8 69.9/79.6/86.6/91.4 (README.md:80), the
   best epoch on the test split — ``final_metrics.json`` ``best``.
-  TODO(BN-Inception): the official BN-Inception command (README.md:49-60: batch 180, warm 1,
-  lr-decay-step 10; published 69.1/78.9/86.1/91.2, README.md:79) needs a BN-Inception backbone,
-  which hdml_jax does not have yet.
+  ``configs/cub.py:method=proxy_anchor,backbone=bn_inception``: the official BN-Inception
+  command instead (README.md:49-60: batch 180, warm 1, lr-decay-step 10; Cadene's ImageNet
+  weights), published 69.1/78.9/86.1/91.2 (README.md:79).
 * ``proxy_nca_pp``: NCA++ config/cub.json as is (the method's recipe).
 * ``cgd``: the CGD paper's CUB schedule, 1,500 iterations with ×0.1 at 400 and 800 (reference.md
   §2); descriptors MG, the CGD-port's CUB row (README.md:132-137).
@@ -29,14 +29,19 @@ Proxy-Anchor-CVPR2020, NCA++ = proxynca_pp, CGD-port = leftthomas/CGD):
   ``hdml_jax.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
 """
 
-from hdml_jax.config import apply_proxy_anchor_command, base_config, parse_arg
+from hdml_jax.config import apply_proxy_anchor_command, base_config, parse_arg, use_backbone
 
 
 def get_config(arg: str | None = None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, keys=("method", "backbone"))
     c = base_config("cub200", args.pop("method", "hpl_pa"))
-    # PA README.md:64-75 (ResNet-50)
-    apply_proxy_anchor_command(c, batch_size=120, lr=1e-4, warm=5, bn_freeze=True, lr_decay_step=5)
+    if args.get("backbone") == "bn_inception":
+        # PA README.md:49-60 (BN-Inception)
+        apply_proxy_anchor_command(c, batch_size=180, lr=1e-4, warm=1, bn_freeze=True, lr_decay_step=10)
+    else:
+        # PA README.md:64-75 (ResNet-50)
+        apply_proxy_anchor_command(c, batch_size=120, lr=1e-4, warm=5, bn_freeze=True, lr_decay_step=5)
+    use_backbone(c, args.get("backbone", "resnet"))
     if c.method == "cgd":
         c.model.descriptors = "MG"
         c.num_steps = 1500

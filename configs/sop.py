@@ -12,7 +12,9 @@ Recipes (sources as in ``configs/cub.py``):
   batch 180, lr 6e-4, warm 1, bn-freeze 0, lr-decay-step 20, γ 0.25, 60 epochs (default),
   shuffled batches. Applied here to ResNet-50, for which there is no official command.
   Published (BN-Inception): R@1/10/100/1000 79.2/90.7/96.2/98.6 (README.md:139).
-  TODO(BN-Inception): run that command on a BN-Inception backbone once hdml_jax has one.
+  The default network stays ResNet-50 (as for every other data set);
+  ``configs/sop.py:method=proxy_anchor,backbone=bn_inception`` runs that command on its own
+  network, BN-Inception with Cadene's ImageNet weights.
 * ``proxy_nca_pp``: NCA++ config/sop.json: lr 4e-3×6, proxies 4e1×6, batch 192 = 64 classes × 3,
   80 epochs (+5 warm-up) (sop.json:22-25, 43, 46).
 * ``cgd``: the CGD-port's schedule (20 epochs, ×0.1 at 12 and 16) and SOP descriptors SG
@@ -26,11 +28,17 @@ Recipes (sources as in ``configs/cub.py``):
   ``hdml_jax.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
 """
 
-from hdml_jax.config import apply_proxy_anchor_command, apply_proxynca_pp_config, base_config, parse_arg
+from hdml_jax.config import (
+    apply_proxy_anchor_command,
+    apply_proxynca_pp_config,
+    base_config,
+    parse_arg,
+    use_backbone,
+)
 
 
 def get_config(arg: str | None = None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, keys=("method", "backbone"))
     c = base_config("sop", args.pop("method", "hpl_pa"))
     # PA README.md:123-135 (BN-Inception: no ResNet-50 command exists)
     apply_proxy_anchor_command(
@@ -43,6 +51,7 @@ def get_config(arg: str | None = None):
     if c.method == "cgd":
         c.model.descriptors = "SG"
     # HPL's number of coarse groups: a guess (no official code; the paper's ablation varies it).
+    use_backbone(c, args.get("backbone", "resnet"))  # the command's own network: backbone=bn_inception
     c.loss.num_coarse_groups = (1000,)
     c.nmi = False  # k-means into 11,316 clusters of 60k points is slow on CPU; enable on accelerators
     return c

@@ -48,6 +48,7 @@ from hdml_jax.models.heads import (
     parse_descriptors,
 )
 from hdml_jax.models.pooling import POOLINGS
+from hdml_jax.models.preprocessing import BACKBONES
 
 METHODS = (
     "proxy_anchor",
@@ -74,7 +75,7 @@ HIERARCHICAL_METHODS = ("hpl_pa", "hpl_nca", *baselines.HPL_CLASSIFICATION_METHO
 PROXY_ANCHOR_FAMILY = ("proxy_anchor", "proxy_nca", "hpl_pa", "hpl_nca", *baselines.BASELINE_METHODS)
 DATASET_NAMES = ("synthetic", "synthetic_sop", "cub200", "cars196", "sop", "inshop", "custom")
 TRANSFORMS = ("proxy_anchor", "proxynca_pp", "cgd", "mlrc", "synthetic")
-OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 DTYPES = ("float32", "bfloat16")
 # Higher is better for each; the kept "best" checkpoint and final_metrics.json's "best" use one.
 BEST_METRICS = ("recall@1", "map@r", "r_precision")
@@ -124,13 +125,18 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.dataset.num_workers = 0
 
     c.model = ml_collections.ConfigDict()
+    c.model.backbone = "resnet"  # or "bn_inception" (then depth/width/last_stride do not apply)
     c.model.depth = 50
     c.model.width = 64
     c.model.last_stride = 2
     c.model.frozen_bn = True
+    # With frozen_bn and no warm-up: do BatchNorm's scale/bias still train? False: Proxy-Anchor's
+    # bn_freeze (requires_grad=False); True: PML's freeze_trunk_batchnorm (eval mode only: MLRC).
+    c.model.frozen_bn_trains_affine = False
     c.model.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision (params stay fp32)
-    # ImageNet weights: "torchvision" (downloaded once into $HDML_JAX_CACHE, converted, reused), a
-    # directory written by `python -m hdml_jax.models.convert`, or "none" (train from scratch).
+    # ImageNet weights: "torchvision" (ResNet) or "bninception" (BN-Inception, Cadene's), each
+    # downloaded once into $HDML_JAX_CACHE, converted and reused; a directory written by
+    # `python -m hdml_jax.models.convert`; or "none" (train from scratch).
     c.model.pretrained = "torchvision"
     c.model.embedding_dim = 512
     c.model.pooling = "gap_gmp"
@@ -175,6 +181,7 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.optimizer.lr = 1e-4
     c.optimizer.weight_decay = 1e-4
     c.optimizer.eps = 1e-8
+    c.optimizer.momentum = 0.9  # rmsprop's momentum (sgd: Nesterov 0.9, fixed)
     c.optimizer.proxy_lr_multiplier = 100.0
     c.optimizer.proxy_eps = ml_collections.FieldReference(None, field_type=float)  # ProxyNCA++: 1.0
     # An absolute rate for the proxies (the baselines' class weights), instead of the multiplier.
@@ -202,15 +209,29 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.samples_per_class = 4  # K (sampler="pk")
     c.num_epochs = 40
     c.num_steps = 0  # > 0 overrides num_epochs
+    # > 0: an "epoch" (for num_epochs, schedules, evaluation, patience) is this many steps (MLRC:
+    # 100 iterations); 0: one pass over the training set.
+    c.steps_per_epoch = 0
     c.stop_after_steps = 0  # > 0: save and stop after this many steps of this run (time-limited jobs)
 
     c.eval_every_epochs = 1  # the official scripts evaluate after every epoch
+    c.eval_at_start = False  # also evaluate the untrained model at step 0 (MLRC does)
+    # > 0: stop training once the best evaluation (best_metric) is more than this many epochs
+    # older than the latest one (MLRC's patience); 0: train for num_epochs.
+    c.early_stopping_patience_epochs = 0
     c.eval_batch_size = 256
     c.log_every_steps = 20
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 2  # the last N checkpoints; the best by best_metric is kept too
     c.best_metric = "recall@1"  # which evaluation is "best" (final_metrics.json's best, kept checkpoint)
     c.nmi = True
+    # The MLRC protocol (hdml_jax.mlrc; configs/mlrc/*.py set it up): 4-fold cross-validation
+    # on the first half of the classes, test on the second. fold -1: every fold in turn, then
+    # the test; F: only fold F (one job per fold, then python -m hdml_jax.mlrc_report).
+    c.mlrc = ml_collections.ConfigDict()
+    c.mlrc.enabled = False
+    c.mlrc.num_folds = 4
+    c.mlrc.fold = -1
     c.pictures = True
     c.tsne_max_points = 2000
 
@@ -347,6 +368,22 @@ def apply_proxy_anchor_command(
     baselines.use_pk_batches(c)  # the pair losses: P×K batches of the same size
 
 
+def use_backbone(c: ml_collections.ConfigDict, backbone: str) -> None:
+    """A data-set config's ``backbone=`` option: ``resnet`` (ResNet-50, torchvision's weights) or
+    ``bn_inception`` (BN-Inception, Cadene's weights, what Proxy-Anchor's BN-Inception commands
+    train). CGD and ProxyNCA++ are defined on ResNet-50 only."""
+    one_of(backbone, BACKBONES, "backbone (after the config file's colon)")
+    if backbone == "resnet":
+        return
+    if c.method in ("cgd", "proxy_nca_pp"):
+        raise ConfigError(
+            f"backbone=bn_inception: {c.method}'s recipe is defined on ResNet-50 (its last stride, "
+            "its pooling); use it with the Proxy-Anchor family or a baseline."
+        )
+    c.model.backbone = "bn_inception"
+    c.model.pretrained = "bninception"
+
+
 def apply_proxynca_pp_config(
     c: ml_collections.ConfigDict,
     *,
@@ -406,6 +443,7 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "optimizer.loss_params_weight_decay": ("margin",),
 }
 _PK_FIELDS = ("classes_per_batch", "samples_per_class")
+_RESNET_FIELDS = ("model.depth", "model.width", "model.last_stride")
 
 
 def unused_overrides(c: ml_collections.ConfigDict, overridden: list[str] | tuple[str, ...]) -> list[str]:
@@ -418,11 +456,25 @@ def unused_overrides(c: ml_collections.ConfigDict, overridden: list[str] | tuple
             messages.append(f"{name} has no effect with method {c.method} (used by: {', '.join(users)})")
         if name in _PK_FIELDS and c.sampler != "pk":
             messages.append(f"{name} has no effect with sampler={c.sampler!r} (used by sampler='pk')")
+        if name in _RESNET_FIELDS and c.model.backbone != "resnet":
+            messages.append(f"{name} has no effect with model.backbone={c.model.backbone!r} (ResNet only)")
         if name == "model.gem_p" and c.method != "cgd" and c.model.pooling != "gem":
             messages.append(
                 f"model.gem_p has no effect with model.pooling={c.model.pooling!r} (used by cgd and 'gem')"
             )
     return messages
+
+
+def _validate_backbone_weights(m: ml_collections.ConfigDict) -> None:
+    """The named ImageNet weights exist for one backbone each (a directory is checked when loaded)."""
+    pretrained = str(m.pretrained or "").strip().lower()
+    owner = {"torchvision": "resnet", "bninception": "bn_inception"}.get(pretrained)
+    if owner is not None and owner != m.backbone:
+        other = "bninception" if m.backbone == "bn_inception" else "torchvision"
+        raise ConfigError(
+            f"model.pretrained={pretrained!r} holds {owner} weights, but model.backbone={m.backbone!r}: "
+            f"set model.pretrained={other!r} (or a converted directory, or 'none')."
+        )
 
 
 def _validate_custom_dataset(d: ml_collections.ConfigDict) -> None:
@@ -502,6 +554,8 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
     one_of(c.dataset.transform, TRANSFORMS, "transform")
     one_of(c.optimizer.name, OPTIMIZERS, "optimizer")
     one_of(c.model.dtype, DTYPES, "model.dtype")
+    one_of(c.model.backbone, BACKBONES, "model.backbone")
+    _validate_backbone_weights(c.model)
     one_of(c.model.depth, (18, 34, 50, 101), "model.depth")
     one_of(c.model.last_stride, (1, 2), "model.last_stride")
     one_of(c.sampler, ("pk", "shuffle"), "sampler")
@@ -541,5 +595,27 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
     if c.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr must be positive, got {c.optimizer.lr}.")
     one_of(c.best_metric, BEST_METRICS, "best_metric")
+    if c.mlrc.enabled:
+        from hdml_jax.mlrc import NOT_IN_PROTOCOL
+
+        if c.method in NOT_IN_PROTOCOL:
+            raise ConfigError(
+                f"method {c.method!r} is not part of the MLRC comparison (its recipe replaces the "
+                f"network and head); MLRC configs take the other methods: {', '.join(m for m in METHODS if m not in NOT_IN_PROTOCOL)}."
+            )
+        if c.mlrc.num_folds < 2 or not -1 <= c.mlrc.fold < c.mlrc.num_folds:
+            raise ConfigError(
+                f"mlrc.num_folds must be >= 2 and mlrc.fold in [-1, {c.mlrc.num_folds}) (-1: all folds), "
+                f"got num_folds {c.mlrc.num_folds}, fold {c.mlrc.fold}."
+            )
+    if c.steps_per_epoch < 0 or c.early_stopping_patience_epochs < 0:
+        raise ConfigError(
+            f"steps_per_epoch ({c.steps_per_epoch}) and early_stopping_patience_epochs "
+            f"({c.early_stopping_patience_epochs}) must be >= 0 (0: off)."
+        )
+    if c.early_stopping_patience_epochs and not c.eval_every_epochs:
+        raise ConfigError(
+            "early_stopping_patience_epochs needs evaluations during training: set eval_every_epochs > 0."
+        )
     if c.eval_every_epochs < 0:
         raise ConfigError(f"eval_every_epochs must be >= 0 (0: only at the end), got {c.eval_every_epochs}.")

@@ -5,10 +5,13 @@ Writes (each file atomically)::
 
     DIR/model.jax_export   the serialized ``jax.export.Exported``: uint8 (B, S, S, 3) RGB images in,
                            float32 (B, d) L2-normalised embeddings out; the weights are constants
-                           inside, ImageNet normalisation happens inside (as in training)
+                           inside, and so is the backbone's normalisation (as in training:
+                           ImageNet mean/std on RGB for ResNet; BGR, 0-255, mean only for
+                           BN-Inception)
     DIR/metadata.json      S, d, the batch size (or "symbolic"), the platforms, the host-side
                            preprocessing recipe (the run's eval transform, in words and numbers),
-                           mean/std, step, source workdir, checkpoint id, JAX version
+                           the normalisation (backbone, channel order, range, mean/std), step,
+                           source workdir, checkpoint id, JAX version
 
 Running it needs JAX only (no hdml_jax, no Flax)::
 
@@ -73,8 +76,9 @@ def metadata(
     """What a user of ``model.jax_export`` needs to know (``metadata.json``)."""
     import jax
 
-    from hdml_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from hdml_jax.models import preprocessing
 
+    backbone = preprocessing.backbone_of(embedder.model.backbone)
     size, dim = embedder.image_size, embedder.embedding_dim
     result = {
         "format": "jax.export serialized Exported (jax.export.deserialize(bytearray(bytes)).call(images))",
@@ -93,11 +97,8 @@ def metadata(
         "embedding_dim": dim,
         "platforms": list(platforms),
         "preprocessing": describe_transform(embedder.transform),
-        "normalization": {
-            "where": "inside the exported function: (x - mean) / std on 0-255 values, per RGB channel",
-            "mean": [round(float(v), 6) for v in IMAGENET_MEAN],
-            "std": [round(float(v), 6) for v in IMAGENET_STD],
-        },
+        # The backbone's input convention (hdml_jax.models.preprocessing), applied inside.
+        "normalization": {"backbone": backbone, **preprocessing.convention(backbone).describe()},
         "step": embedder.step,
         "workdir": str(embedder.workdir),
         "checkpoint_id": embedder.checkpoint_id,

@@ -336,6 +336,16 @@ class Embedder:
     def num_devices(self) -> int:
         return len(self._batch_sharding.mesh.devices.flat)
 
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """How ``embed_global`` expects its batches: split over the local devices."""
+        return self._batch_sharding
+
+    def embed_global(self, images: jax.Array) -> jax.Array:
+        """A batch already on the devices (``batch_sharding``, preprocessed uint8) → embeddings
+        on the devices; what ``hdml_jax.evaluate.embed_batches`` drives."""
+        return self._embed(self.variables, images)
+
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """``uint8 (H, W, 3)`` (or grey/RGBA) → ``uint8 (S, S, 3)`` with the run's eval transform."""
         return self.transform(image)

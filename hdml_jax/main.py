@@ -184,6 +184,16 @@ def main(argv: list[str]) -> int:
     overridden = tuple(config_flags.get_override_values(FLAGS["config"]))
     workdir = FLAGS.workdir or config.workdir or f"runs/{config.dataset.name}_{config.method}"
     try:
+        if config.mlrc.enabled:
+            from hdml_jax import mlrc
+
+            results = mlrc.run(config, workdir, overridden=overridden)
+            if results is not None and jax.process_index() == 0:
+                print(
+                    f"done: MLRC concatenated MAP@R {results['concatenated']['map@r']:.2f} — results in "
+                    f"{storage.display(storage.as_path(workdir) / mlrc.RESULTS_FILE)}"
+                )
+            return 0
         final = train.train_and_evaluate(config, workdir, overridden=overridden)
     except train.TrainingInterruptedError as stop:
         print(f"\n{stop}", file=sys.stderr)

@@ -27,6 +27,8 @@ parameter, ``η = lr(step) · multiplier``::
     adamw:  p ← p − η (m̂ / (√v̂ + ε) + λ p)            torch.optim.AdamW (decoupled decay)
     adam:   g ← g + λ p;  p ← p − η m̂ / (√v̂ + ε)       torch.optim.Adam (L2 in the gradient)
     sgd:    g ← g + λ p;  b ← 0.9 b + g;  p ← p − η (g + 0.9 b)    SGD, momentum 0.9, Nesterov
+    rmsprop: g ← g + λ p;  v ← α v + (1−α) g²;  b ← μ b + g / (√v + ε);  p ← p − η b
+                                                      torch.optim.RMSprop (α 0.99, μ = momentum)
 
 Gradient clipping is element-wise (``torch.nn.utils.clip_grad_value_``) before any of this; the
 proxies are clipped only where the official code clips them (``optimizer.clip_proxies``).
@@ -93,14 +95,16 @@ def frozen_groups(
     * ``model.frozen_bn`` (``bn_freeze``) and no warm-up at all: ``backbone_bn`` for the whole run.
       The official model freezes BatchNorm's weight/bias at construction, and only the warm-up's
       end (``epoch == warm``, inside ``if args.warm > 0``) sets ``requires_grad=True`` on them
-      again; with a warm-up they train from its end on, like every other parameter.
+      again; with a warm-up they train from its end on, like every other parameter. Not with
+      ``model.frozen_bn_trains_affine`` (PML's ``freeze_trunk_batchnorm``, MLRC's runs: BatchNorm
+      in eval mode, its weight/bias trained by the trunk's optimizer).
     * HPL: ``coarse_proxies`` until the hierarchy is built (they do not exist before).
     """
     frozen = set()
     warm = warmup_steps(config, steps_per_epoch)
     if step < warm:
         frozen |= {"backbone", "backbone_bn"}
-    elif config.model.frozen_bn and warm == 0:
+    elif config.model.frozen_bn and warm == 0 and not config.model.get("frozen_bn_trains_affine", False):
         frozen.add("backbone_bn")
     if config.method in HIERARCHICAL_METHODS and not hierarchy_active:
         frozen.add("coarse_proxies")
@@ -108,6 +112,14 @@ def frozen_groups(
 
 
 # ----------------------------------------------------------------------------- schedule
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+    """Steps of one "epoch": ``config.steps_per_epoch`` when set (MLRC's 100 iterations), else one
+    pass over the training set (at least 1)."""
+    if getattr(config, "steps_per_epoch", 0) > 0:
+        return int(config.steps_per_epoch)
+    return max(1, num_train_examples // config.batch_size)
 
 
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -152,7 +164,19 @@ def _direction(config: ml_collections.ConfigDict, setting: GroupSetting) -> opta
         return optax.chain(optax.scale_by_adam(eps=eps), optax.add_decayed_weights(decay))
     if name == "adam":
         return optax.chain(optax.add_decayed_weights(decay), optax.scale_by_adam(eps=eps))
+    if name == "rmsprop":
+        # torch.optim.RMSprop: the square average starts at 0 with no bias correction, ε is added
+        # outside the square root, and the momentum buffer accumulates the scaled gradient.
+        return optax.chain(
+            optax.add_decayed_weights(decay),
+            optax.scale_by_rms(decay=RMSPROP_ALPHA, eps=eps, initial_scale=0.0, eps_in_sqrt=False),
+            optax.trace(decay=config.optimizer.momentum, nesterov=False),
+        )
     return optax.chain(optax.add_decayed_weights(decay), optax.trace(decay=0.9, nesterov=True))
+
+
+# torch.optim.RMSprop's default smoothing constant α (MLRC's runs leave it at the default).
+RMSPROP_ALPHA = 0.99
 
 
 def _frozen(inner: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from hdml_jax import checkpoints, interrupts, projector, storage, visualize
+from hdml_jax import checkpoints, interrupts, optim, projector, storage, visualize
 from hdml_jax.data.base import MetricDataset
 from hdml_jax.workdir import atomic_write, atomic_write_text
 
@@ -22,6 +22,7 @@ def write_outputs(
     embeddings,
     step: int,
     evaluations: list[dict[str, Any]],
+    stopped_early: bool = False,
 ) -> None:
     """final_metrics.json, embeddings, the projector's files and the three pictures; each atomic
     (in a remote ``workdir``: written locally, then uploaded whole; ``hdml_jax.storage``).
@@ -31,9 +32,10 @@ def write_outputs(
     ``evaluations`` (the run's, the last included; ``best_by`` names the metric). The official
     Proxy-Anchor and CGD scripts evaluate on the test split after every epoch and report that
     best epoch; the last one is the number free of selection on the test set. It is written
-    last: its presence marks the run complete.
+    last: its presence marks the run complete (``stopped_early``: complete before ``num_steps``,
+    by ``early_stopping_patience_epochs``).
     """
-    steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
+    steps_per_epoch = optim.steps_per_epoch(config, len(dataset.train))
     last = {"step": step, "epoch": step / steps_per_epoch, **final}
     best = checkpoints.best_evaluation(evaluations, config.best_metric) or last
 
@@ -73,6 +75,8 @@ def write_outputs(
             workdir / "curves.png", lambda tmp: visualize.plot_curves(tmp, workdir / "metrics.jsonl")
         )
     summary = {**last, "best": best, "best_by": config.best_metric}
+    if stopped_early:
+        summary["stopped_early"] = True
     atomic_write_text(workdir / "final_metrics.json", json.dumps(summary, indent=2) + "\n")
 
 

@@ -34,8 +34,15 @@ import optax
 
 from hdml_jax import baselines, losses, parallel
 from hdml_jax.config import HIERARCHICAL_METHODS, PROXY_METHODS
-from hdml_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from hdml_jax.models import CGDHead, EmbeddingHead, EmbeddingModel, ResNet, proxy_levels
+from hdml_jax.models import (
+    BNInception,
+    CGDHead,
+    EmbeddingHead,
+    EmbeddingModel,
+    ResNet,
+    preprocessing,
+    proxy_levels,
+)
 
 State = dict[str, Any]
 
@@ -47,6 +54,9 @@ def build_model(
     num_devices: int = 1,
 ) -> EmbeddingModel:
     """The ``EmbeddingModel`` a config describes (proxies only for proxy methods).
+
+    ``model.backbone``: ``resnet`` (``model.depth``, ``width``, ``last_stride`` apply) or
+    ``bn_inception``; a config without the field (a run from before it existed) means ``resnet``.
 
     With ``config.shard_proxies`` the fine proxies are padded so that they split evenly over
     ``num_devices`` (see ``hdml_jax.parallel``); SoftTriple's ``K`` rows per class are padded by
@@ -61,13 +71,21 @@ def build_model(
             num_proxies, num_devices * rows_per_class // math.gcd(num_devices, rows_per_class)
         )
     m = config.model
-    backbone = ResNet(
-        m.depth,
-        last_stride=m.last_stride,
-        frozen_bn=m.frozen_bn,
-        width=m.width,
-        dtype=jnp.dtype(m.dtype),
-    )
+    backbone_name = m.get("backbone", "resnet")
+    if backbone_name == "bn_inception":
+        backbone = BNInception(frozen_bn=m.frozen_bn, dtype=jnp.dtype(m.dtype))
+    elif backbone_name == "resnet":
+        backbone = ResNet(
+            m.depth,
+            last_stride=m.last_stride,
+            frozen_bn=m.frozen_bn,
+            width=m.width,
+            dtype=jnp.dtype(m.dtype),
+        )
+    else:
+        raise ValueError(
+            f"unknown model.backbone {backbone_name!r}; valid: {', '.join(preprocessing.BACKBONES)}."
+        )
     if config.method == "cgd":
         head = CGDHead(
             m.descriptors,
@@ -95,9 +113,11 @@ def build_model(
     )
 
 
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 NHWC → float32 with ImageNet mean/std (done on device: uint8 is 4× less to transfer)."""
-    return (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
+def normalize_images(images: jax.Array, backbone: str = "resnet") -> jax.Array:
+    """uint8 NHWC RGB → float32 in the backbone's input convention (done on device: uint8 is 4×
+    less to transfer). ``resnet``: ImageNet mean/std on [0, 1] RGB; ``bn_inception``: BGR, 0–255,
+    mean subtracted (``hdml_jax.models.preprocessing.PREPROCESSING``)."""
+    return preprocessing.normalize(images, backbone)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -251,7 +271,7 @@ def loss_and_grads(
     ``backbone_frozen`` the backbone's features pass through ``stop_gradient`` (its gradient is
     not even computed).
     """
-    images = normalize_images(batch["image"])
+    images = normalize_images(batch["image"], preprocessing.backbone_of(model.backbone))
     labels = batch["label"].astype(jnp.int32)
     mask = batch.get("mask", jnp.ones(labels.shape, bool))
 
@@ -331,8 +351,9 @@ def compile_train_step(
 
 
 def embed_step(variables: Any, images: jax.Array, *, model: EmbeddingModel) -> jax.Array:
-    """Eval-mode embeddings of a uint8 batch (float32, L2-normalised by the head)."""
-    return model.apply(variables, normalize_images(images), train=False)["embedding"].astype(jnp.float32)
+    """Eval-mode embeddings of a uint8 RGB batch (float32, L2-normalised by the head)."""
+    images = normalize_images(images, preprocessing.backbone_of(model.backbone))
+    return model.apply(variables, images, train=False)["embedding"].astype(jnp.float32)
 
 
 def unfreeze(tree: Any) -> Any:

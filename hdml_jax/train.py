@@ -179,7 +179,12 @@ def init_state(
     )
     params = steps.unfreeze(variables["params"])
     batch_stats = steps.unfreeze(variables.get("batch_stats", {}))
-    weights = resolve_pretrained(config.model.pretrained, config.model.depth, width=config.model.width)
+    weights = resolve_pretrained(
+        config.model.pretrained,
+        config.model.depth,
+        width=config.model.width,
+        backbone=config.model.get("backbone", "resnet"),
+    )
     if weights is not None:
         pretrained = load_pretrained(weights)
         params["backbone"] = _checked_replace(params["backbone"], pretrained["params"], "params")
@@ -298,7 +303,7 @@ def _completed(workdir: storage.AnyPath, num_steps: int) -> dict[str, Any] | Non
         summary = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return summary if summary.get("step", -1) >= num_steps else None
+    return summary if summary.get("step", -1) >= num_steps or summary.get("stopped_early") else None
 
 
 def _config_changes(path: storage.AnyPath, config: ml_collections.ConfigDict) -> list[str]:
@@ -310,7 +315,7 @@ def _config_changes(path: storage.AnyPath, config: ml_collections.ConfigDict) ->
     except (OSError, json.JSONDecodeError):
         return []
     new = _flatten(json.loads(_config_json(config)))
-    ignored = {"eval_only", "stop_after_steps", "workdir"}
+    ignored = {"eval_only", "stop_after_steps", "workdir", "mlrc.fold"}  # fold: which job trains it
     return [
         f"{key}: {old.get(key)!r} → {new.get(key)!r}"
         for key in sorted(set(old) | set(new))
@@ -375,7 +380,7 @@ def train_and_evaluate(
                 "(the same command without --config.eval_only) or point --workdir at a trained run."
             )
         dataset = load_data(config) if dataset is None else dataset
-        steps_per_epoch = max(1, len(dataset.train) // config.batch_size)
+        steps_per_epoch = optim.steps_per_epoch(config, len(dataset.train))
         num_steps = optim.total_steps(config, steps_per_epoch)
         interrupts.stop_point()
         storage.makedirs(workdir)
@@ -432,6 +437,9 @@ class _Run:
     evaluations: list[dict[str, Any]]
     evaluate_first: bool
     phases: Phases | None = None
+    # (step, metrics, embeddings) of an evaluation the final one can reuse (early stopping
+    # evaluates the state it stops with).
+    stopping_evaluation: tuple[int, dict[str, float], dict[str, np.ndarray]] | None = None
 
     @property
     def step(self) -> int:
@@ -496,6 +504,20 @@ def _with_evaluation(
 ) -> list[dict[str, Any]]:
     """``evaluations`` with ``result`` as the evaluation of ``step`` (replacing an earlier one)."""
     return [e for e in evaluations if e["step"] != step] + [{"step": step, "epoch": epoch, **result}]
+
+
+def patience_exhausted(evaluations: list[dict[str, Any]], metric: str, patience_epochs: float) -> bool:
+    """Whether the latest evaluation comes more than ``patience_epochs`` epochs after the best one.
+
+    PML's ``HookContainer.patience_remaining`` (MLRC's runs): ``epoch - best_epoch > patience``,
+    where the best is the first evaluation with the highest ``metric`` (strict ``>``). Off when
+    ``patience_epochs <= 0`` or nothing was evaluated yet.
+    """
+    best = checkpoints.best_evaluation(evaluations, metric)
+    if patience_epochs <= 0 or best is None:
+        return False
+    latest = max(evaluations, key=lambda e: e["step"])
+    return latest["epoch"] - best["epoch"] > patience_epochs + 1e-9
 
 
 def _last_good(manager: ocp.CheckpointManager) -> str:
@@ -623,20 +645,28 @@ def _train_and_finish(run: _Run) -> dict[str, Any]:
     try:
         if not run.config.eval_only:
             _train_loop(run)
-        final, embeddings = run.evaluate()
+        reused = run.stopping_evaluation is not None and run.stopping_evaluation[0] == run.step
+        if reused:  # already evaluated, logged and recorded when training stopped
+            _, final, embeddings = run.stopping_evaluation
+        else:
+            final, embeddings = run.evaluate()
         step = run.step
         if run.config.eval_only:
             run.reporter.eval(step, step / run.steps_per_epoch, final)
             evaluations = _with_evaluation(run.evaluations, step, step / run.steps_per_epoch, final)
         else:
-            run.record_evaluation(final)
+            if not reused:
+                run.record_evaluation(final)
             checkpoints.prune(
                 run.manager, run.evaluations, run.config.keep_checkpoints, run.config.best_metric
             )
             evaluations = run.evaluations
         if jax.process_index() == 0:
             run.reporter.sync()  # curves.png reads the workdir's metrics.jsonl
-            write_outputs(run.workdir, run.config, run.dataset, final, embeddings, step, evaluations)
+            stopped_early = step < run.num_steps and not run.config.eval_only
+            write_outputs(
+                run.workdir, run.config, run.dataset, final, embeddings, step, evaluations, stopped_early
+            )
         return final
     except interrupts.StopRequestedError:
         signum = interrupts.received()
@@ -677,6 +707,29 @@ def _train_loop(run: _Run) -> None:
             raise stop(_signal_name(interrupts.received())) from None
         run.record_evaluation(result)
         run.evaluate_first = False
+    if config.eval_at_start and step == 0 and num_steps > 0 and not run.evaluations:
+        try:
+            result, _ = run.evaluate()
+        except interrupts.StopRequestedError:
+            raise stop(_signal_name(interrupts.received())) from None
+        run.record_evaluation(result)
+        run.save()  # the untrained model may stay the best: keep its checkpoint
+        saved = 0
+    patience = config.early_stopping_patience_epochs
+
+    def out_of_patience() -> bool:
+        if not patience_exhausted(run.evaluations, config.best_metric, patience):
+            return False
+        best = checkpoints.best_evaluation(run.evaluations, config.best_metric)
+        print(
+            f"early stop at step {run.step}: no better {config.best_metric} in more than {patience} "
+            f"epochs since the best (step {best['step']}, {100 * best[config.best_metric]:.2f})",
+            file=sys.stderr,
+        )
+        return True
+
+    if out_of_patience():  # resumed after the stop: nothing left to train
+        return
     while step < num_steps:
         state = phases.begin_step(run.state, step)
         step_fn = phases.step_function(step)
@@ -707,7 +760,7 @@ def _train_loop(run: _Run) -> None:
                 reporter.train(step, step / steps_per_epoch, values)
         if eval_now and not stop_now:
             try:
-                result, _ = run.evaluate()
+                result, embeddings = run.evaluate()
             except (
                 interrupts.StopRequestedError
             ):  # save now; the evaluation of this step runs first on resume
@@ -718,6 +771,9 @@ def _train_loop(run: _Run) -> None:
             run.save(evaluate_first=eval_now and stop_now)
             saved = step
             reporter.restart_clock(step)
+        if eval_now and not stop_now and out_of_patience():
+            run.stopping_evaluation = (step, result, embeddings)
+            return
         if stop_now:
             raise stop(
                 _signal_name(interrupts.received())

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hdml_jax.data import datasets, inshop, prepare
+from hdml_jax.data import datasets, folds, inshop, prepare
 from hdml_jax.data.datasets import (
     DATASETS,
     BadManualFilesError,
@@ -310,24 +310,22 @@ def test_label_reading_paths_agree(sop_dir):
         np.testing.assert_array_equal(np.asarray(fast[key]), np.asarray(slow[key]))
 
 
-def test_folds(cars_dir):
-    classes = np.array([3, 3, 5, 8, 9, 9, 12, 40])
-    folds = [datasets.fold_classes(classes, 3, k, seed=1) for k in range(3)]
-    assert sorted(np.concatenate(folds).tolist()) == [3, 5, 8, 9, 12, 40]
-    assert [len(f) for f in folds] == [2, 2, 2]
-    assert any(
-        not np.array_equal(datasets.fold_classes(classes, 3, 0, seed=s), folds[0]) for s in range(2, 10)
-    )
+def test_mlrc_folds_of_a_prepared_data_set(cars_dir):
+    """MLRC's halves and folds over the real loader: the first half of the sorted classes is cut
+    into folds that cover it, the second half is the test set, and every example keeps its image."""
     standard = _load("cars196", cars_dir)
-    held_out = []
+    test = folds.test_half(standard, num_folds=3)
+    assert len(test.test) == len(standard.test) and test.test.num_classes == 3
+    seen = 0
     for k in range(3):
-        fold = _load("cars196", cars_dir, fold=k, num_folds=3, split_seed=0)
-        assert len(fold.train) + len(fold.test) == len(standard.train)
+        fold = folds.fold_dataset(standard, k, num_folds=3)
         assert fold.test.num_classes == 1 and fold.train.num_classes == 2
-        held_out.append(len(fold.test))
-    assert sorted(held_out) == sorted(n for c, n in CARS_COUNTS.items() if c < 98)
-    with pytest.raises(ValueError):
-        datasets.fold_classes(classes, 3, 3, seed=0)
+        assert len(fold.train) + len(fold.test) == len(standard.train)
+        seen += len(fold.test)
+        original = standard.train.source[int(np.flatnonzero(standard.train.labels == k)[0])]["image"]
+        np.testing.assert_array_equal(fold.test.source[0]["image"], original)
+    assert seen == len(standard.train)
+    np.testing.assert_array_equal(test.test.source[0]["image"], standard.test.source[0]["image"])
 
 
 # ----------------------------------------------------------------------------- In-Shop

@@ -1036,3 +1036,18 @@ def test_gpu_node_refuses_unsafe_values(sandbox, tmp_path):
         "--extra-args must not contain",
     )
     no_injection(tmp_path)
+
+
+# ----------------------------------------------------------------------------- MLRC folds
+
+
+def test_mlrc_array_task_trains_its_fold(sandbox):
+    mlrc = LAUNCH / "mlrc.sbatch"
+    run = ["--config", "configs/mlrc/cub.py:method=hpl_pa", "--workdir", "/shared/runs/mlrc"]
+    srun = [c for c in commands(ok(launch(sandbox, mlrc, *run, env={"SLURM_ARRAY_TASK_ID": "2"}))) if c[0] == "srun"]
+    assert srun and srun[0][-3:] == ["--workdir", "/shared/runs/mlrc", "--config.mlrc.fold=2"]
+    # Trainer arguments after -- stay; without an array every fold runs (-1).
+    out = ok(launch(sandbox, mlrc, *run, "--", "--config.seed=1"))
+    srun = [c for c in commands(out) if c[0] == "srun"]
+    assert srun[0][-2:] == ["--config.seed=1", "--config.mlrc.fold=-1"]
+    fails(launch(sandbox, mlrc, *run, env={"SLURM_ARRAY_TASK_ID": "2;x"}), "must be a fold number")

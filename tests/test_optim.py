@@ -109,3 +109,35 @@ def test_a_frozen_group_keeps_fresh_state_until_it_trains():
 
 def hasattr_count(node) -> bool:
     return hasattr(node, "count") and hasattr(node, "mu")
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "adam", "adamw"])
+def test_optimizer_trajectories_equal_torch_optim(name):
+    """Ten steps on a quadratic-plus-noise objective: the parameters after each step agree with
+    ``torch.optim``'s (RMSprop: α 0.99, momentum 0.9, L2 weight decay; MLRC's trunk optimizer)."""
+    config = load_config_module("synthetic").get_config("method=proxy_anchor")
+    config.optimizer.name = name
+    config.optimizer.lr = 1e-2
+    config.optimizer.weight_decay = 1e-2
+    config.optimizer.grad_clip_value = 0.0
+    config.optimizer.decay_epochs = ()
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal((4, 3)).astype(np.float32)
+    targets = rng.standard_normal((10, 4, 3)).astype(np.float32)
+    params = {"head": {"dense": {"kernel": jnp.asarray(start)}}}
+    optimizer = optim.make_optimizer(config, params, steps_per_epoch=100)
+    state = optimizer.init(params)
+    weight = torch.nn.Parameter(torch.tensor(start))
+    torch_class = {"rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    extra = {"momentum": 0.9} if name == "rmsprop" else {}
+    reference = torch_class([weight], lr=1e-2, weight_decay=1e-2, eps=config.optimizer.eps, **extra)
+    for target in targets:
+        grads = {"head": {"dense": {"kernel": 2 * (params["head"]["dense"]["kernel"] - target) ** 3}}}
+        updates, state = optimizer.update(grads, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        reference.zero_grad()
+        (0.5 * ((weight - torch.tensor(target)) ** 4).sum()).backward()
+        reference.step()
+        np.testing.assert_allclose(
+            np.asarray(params["head"]["dense"]["kernel"]), weight.detach().numpy(), rtol=2e-5, atol=2e-6
+        )

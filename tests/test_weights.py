@@ -123,11 +123,11 @@ def test_a_pickle_calling_anything_else_is_refused_and_runs_nothing(tmp_path, at
     assert not marker.exists()
 
 
-def test_legacy_format_without_torch_says_what_to_do(tmp_path, monkeypatch):
+def test_a_pickle_that_torch_save_did_not_write_is_refused_without_torch(tmp_path, monkeypatch):
     path = tmp_path / "old.pth"
-    path.write_bytes(pickle.dumps({"weight": 1}))  # not a zip file
-    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails
-    with pytest.raises(ImportError, match=r"legacy .*needs torch") as error:
+    path.write_bytes(pickle.dumps({"weight": 1}))  # not a zip file: read as the legacy format
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails; the reader needs none
+    with pytest.raises(ValueError, match=r"not one written by torch\.save") as error:
         convert.read_state_dict(path)
     assert isinstance(error.value, UserError)
 

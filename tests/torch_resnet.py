@@ -99,7 +99,12 @@ class TorchResNet(nn.Module):
 
 def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial statistics and affine parameters (and keep activations sane)."""
-    generator = torch.Generator().manual_seed(seed)
+    return randomized_batchnorm(model, torch.Generator().manual_seed(seed))
+
+
+def randomized_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Every BatchNorm2d's weight, bias, running mean and variance drawn from ``generator``;
+    returns the model in eval mode."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):

@@ -479,14 +479,6 @@ def _make_split(
     )
 
 
-def fold_classes(classes: np.ndarray, num_folds: int, fold: int, seed: int) -> np.ndarray:
-    """The classes of fold ``fold`` of ``num_folds`` class-disjoint folds (a seeded permutation)."""
-    if not 0 <= fold < num_folds:
-        raise ValueError(f"fold must be in [0, {num_folds}), got {fold}.")
-    permuted = np.random.default_rng(seed).permutation(np.unique(classes))
-    return np.sort(np.array_split(permuted, num_folds)[fold])
-
-
 def _check_sizes(dataset: MetricDataset, spec: DatasetSpec, data_dir, where: str, mode: str) -> None:
     if mode == "ignore":
         return
@@ -523,9 +515,6 @@ def load_dataset(
     *,
     data_dir: str | os.PathLike | None = None,
     crop_to_bbox: bool = False,
-    fold: int | None = None,
-    num_folds: int = 4,
-    split_seed: int = 0,
     check_sizes: Literal["warn", "raise", "ignore"] = "warn",
     cache_labels: bool = True,
     **synthetic_kwargs: Any,
@@ -538,10 +527,6 @@ def load_dataset(
         ``~/tensorflow_datasets``); for ``synthetic``, passed on to ``load_synthetic``.
       crop_to_bbox: crop every image to its bounding box (CUB, Cars, In-Shop with boxes); the
         example's ``bbox`` becomes the whole image.
-      fold: when set, a cross-validation split of the *training* classes instead (the MLRC
-        protocol): the training classes are permuted with ``split_seed`` and cut into
-        ``num_folds`` class-disjoint folds; ``train`` holds the other folds, ``test`` fold ``fold``.
-        The test classes are never touched. ``split_seed`` has no effect without ``fold``.
       check_sizes: what to do when the full standard split does not have the published sizes.
       cache_labels: cache the labels next to the prepared data (only disabled if not writable).
       **synthetic_kwargs: passed to ``load_synthetic`` (e.g. ``config=``); not allowed otherwise.
@@ -553,8 +538,8 @@ def load_dataset(
     if name in ("synthetic", "synthetic_sop"):
         from hdml_jax.data.synthetic import SOP_SHAPED, load_synthetic
 
-        if crop_to_bbox or fold is not None:
-            raise ValueError(f"{name}: crop_to_bbox and fold are not supported.")
+        if crop_to_bbox:
+            raise ValueError(f"{name}: crop_to_bbox is not supported.")
         if name == "synthetic_sop":
             synthetic_kwargs = {"config": SOP_SHAPED, **synthetic_kwargs}
         return load_synthetic(data_dir=None if data_dir is None else os.fspath(data_dir), **synthetic_kwargs)
@@ -609,18 +594,11 @@ def load_dataset(
             items[test_idx] += raw[train_idx].max() + 1 if len(train_idx) else 0
             coarse = class_consistent(items, coarse)
 
-    if fold is not None:
-        held_out = fold_classes(raw[train_idx], num_folds, fold, split_seed)
-        in_fold = np.isin(raw[train_idx], held_out)
-        train_idx, test_idx = train_idx[~in_fold], train_idx[in_fold]
-        test_name = f"{name}/fold{fold}"
-    else:
-        test_name = f"{name}/test"
-
+    test_name = f"{name}/test"
     make = functools.partial(_make_split, source, raw_labels=raw, coarse=coarse, transform=transform)
     train = make(train_idx, name=f"{name}/train")
     test = make(test_idx, name=test_name)
-    if spec.split_rule == "query_gallery" and fold is None:
+    if spec.split_rule == "query_gallery":
         # Parts of ``test``, keeping its labels: query and gallery share one label space.
         num_query = sizes["query"]
         query = _part(test, source, test_idx, np.arange(num_query), transform, f"{name}/query")
@@ -631,8 +609,7 @@ def load_dataset(
     dataset = MetricDataset(
         name=name, train=train, test=test, query=query, gallery=gallery, recall_ks=spec.recall_ks
     )
-    if fold is None:
-        _check_sizes(dataset, spec, data_dir, where, check_sizes)
+    _check_sizes(dataset, spec, data_dir, where, check_sizes)
     return dataset
 
 

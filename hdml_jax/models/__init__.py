@@ -1,4 +1,4 @@
-"""Backbones, descriptor heads, and torchvision weight import.
+"""Backbones (ResNet, BN-Inception), descriptor heads, and ImageNet weight import.
 
 The weight-import names are loaded on first access (PEP 562 ``__getattr__``): importing
 ``convert`` here would put it in ``sys.modules`` before ``python -m hdml_jax.models.convert`` runs
@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from hdml_jax.models.bn_inception import BNInception
 from hdml_jax.models.heads import (
     CGDHead,
     EmbeddingHead,
@@ -19,13 +20,22 @@ from hdml_jax.models.heads import (
     proxy_levels,
 )
 from hdml_jax.models.pooling import GeM, gap_gmp, gem, mac, spoc
+from hdml_jax.models.preprocessing import BACKBONES, PREPROCESSING, InputConvention
 from hdml_jax.models.resnet import FrozenBatchNorm, ResNet
 
 if TYPE_CHECKING:
-    from hdml_jax.models.convert import load_pretrained, load_torchvision_resnet, torchvision_resnet_to_flax
+    from hdml_jax.models.convert import (
+        bn_inception_to_flax,
+        load_bn_inception,
+        load_pretrained,
+        load_torchvision_resnet,
+        torchvision_resnet_to_flax,
+    )
     from hdml_jax.models.weights import WeightsUnavailableError, resolve_pretrained
 
 _LAZY_SUBMODULE = {
+    "bn_inception_to_flax": "convert",
+    "load_bn_inception": "convert",
     "load_pretrained": "convert",
     "load_torchvision_resnet": "convert",
     "torchvision_resnet_to_flax": "convert",
@@ -34,16 +44,22 @@ _LAZY_SUBMODULE = {
 }
 
 __all__ = [
+    "BACKBONES",
+    "PREPROCESSING",
+    "BNInception",
     "CGDHead",
     "EmbeddingHead",
     "EmbeddingModel",
     "FrozenBatchNorm",
     "GeM",
+    "InputConvention",
     "ResNet",
     "WeightsUnavailableError",
     "batchnorm_mask",
+    "bn_inception_to_flax",
     "gap_gmp",
     "gem",
+    "load_bn_inception",
     "load_pretrained",
     "load_torchvision_resnet",
     "mac",

@@ -1,4 +1,5 @@
-"""torchvision ResNet weights → Flax variables for ``hdml_jax.models.ResNet``.
+"""ImageNet weights → Flax variables: torchvision's ResNet for ``hdml_jax.models.ResNet``, Cadene's
+BN-Inception for ``hdml_jax.models.BNInception``.
 
 Mapping (reference.md §5): conv kernels OIHW → HWIO; BatchNorm ``weight/bias`` → ``scale/bias``
 (params) and ``running_mean/running_var`` → ``mean/var`` (batch_stats); ``layerS.B.name`` →
@@ -11,8 +12,18 @@ One-time conversion to a checkpoint that ``config.model.pretrained`` points to::
     python -m hdml_jax.models.convert resnet50-0676ba61.pth --depth 50 --output ~/weights/resnet50
 
 ``--config.model.pretrained=torchvision`` does the download and this conversion by itself
-(``hdml_jax.models.weights``). ``.pth`` files are read without torch (``read_torch_zip``) unless
-they predate torch 1.6's zip format.
+(``hdml_jax.models.weights``).
+
+BN-Inception (``bn_inception_to_flax``): Cadene's module names are ours, so the mapping is the
+same rename without the ``layerS.B`` step; its BatchNorm tensors, stored ``(1, C)`` by the Caffe
+port, are squeezed to ``(C,)`` (as Proxy-Anchor does before ``load_state_dict``) and
+``last_linear.*`` (the ImageNet classifier) is dropped::
+
+    python -m hdml_jax.models.convert bn_inception-52deb4733.pth --arch bn_inception --output DIR
+
+``.pth`` files are read without torch, in either of torch's formats: the zip archive of torch
+≥ 1.6 (``read_torch_zip``) and the older single-stream "legacy" format that Cadene's file uses
+(``read_torch_legacy``).
 
 A missing or unreadable weights file, weights of another depth or width and an existing output
 are the user's to fix: each raises a ``hdml_jax.errors.UserError`` (that also derives from the
@@ -26,9 +37,10 @@ import argparse
 import collections
 import functools
 import json
+import os
 import pickle
 import struct
-import warnings
+import tarfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,7 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdml_jax.errors import UserError, exit_with_message
+from hdml_jax.models.bn_inception import BNInception
 from hdml_jax.models.resnet import STAGES, ResNet
+
+ARCHITECTURES = ("resnet", "bn_inception")
 
 
 class WeightsFileNotFoundError(UserError, FileNotFoundError):
@@ -52,11 +67,7 @@ class BadWeightsFileError(UserError, ValueError):
 
 
 class WeightsMismatchError(UserError, ValueError):
-    """The weights do not fit the requested ResNet: another depth or width, or keys missing."""
-
-
-class LegacyWeightsFormatError(UserError, ImportError):
-    """A pre-1.6 (non-zip) ``torch.save`` file, which only torch reads, and torch is not installed."""
+    """The weights do not fit the requested backbone: another architecture, depth or width, or keys missing."""
 
 
 class OutputExistsError(UserError, FileExistsError):
@@ -179,6 +190,11 @@ def torchvision_resnet_to_flax(
         if path not in converted[collection] and f"{collection}/{path}" not in seen_with_wrong_shape
     ]
     if missing or unexpected or misshaped:
+        if _is_bn_inception(state_dict):
+            raise WeightsMismatchError(
+                f"the weights are a BN-Inception (Cadene's layout), not a ResNet-{depth}: convert them with "
+                "--arch bn_inception (no --depth) and train with model.backbone='bn_inception'."
+            )
         found_depth, found_width = resnet_layout(state_dict)
         if (
             found_depth is not None
@@ -214,6 +230,95 @@ def torchvision_resnet_to_flax(
 
 def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(flax_shape[i] for i in (3, 2, 0, 1)) if len(flax_shape) == 4 else tuple(flax_shape)
+
+
+# ----------------------------------------------------------------------------- BN-Inception
+
+BN_INCEPTION_IGNORED_PREFIXES = ("last_linear.",)  # the 1000-way ImageNet classifier
+# Flax leaf → the torch state-dict suffix it comes from (same module name on both sides).
+_BN_INCEPTION_LEAVES = {
+    ("params", "kernel"): "weight",
+    ("params", "bias"): "bias",
+    ("params", "scale"): "weight",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def bn_inception_torch_keys() -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """Every key of Cadene's BN-Inception state dict (classifier excluded) → ``(collection, Flax
+    path, torch shape)``, derived from ``BNInception``'s own variables (traced once)."""
+    shapes = jax.eval_shape(lambda: BNInception().init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
+    table = {}
+    for collection, tree in shapes.items():
+        for path, leaf in _flatten(tree).items():
+            module, _, name = path.rpartition("/")
+            key = f"{module}.{_BN_INCEPTION_LEAVES[(collection, name)]}"
+            table[key] = (collection, path, _torch_shape(leaf.shape))
+    return table
+
+
+def _is_bn_inception(state_dict: Mapping[str, Any]) -> bool:
+    return "conv1_7x7_s2.weight" in state_dict or "inception_3a_1x1.weight" in state_dict
+
+
+def _listed(keys: list[str], limit: int = 5) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def bn_inception_to_flax(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Convert Cadene's BN-Inception state dict (name → array) to ``{'params', 'batch_stats'}``.
+
+    Conv weights OIHW → HWIO; BatchNorm ``weight/bias/running_mean/running_var`` → ``scale/bias``
+    (params) and ``mean/var`` (batch_stats), each squeezed from the file's ``(1, C)`` to ``(C,)``
+    (a ``(C,)`` tensor, as a re-saved ``state_dict()`` has, is taken as it is). ``last_linear.*``
+    and ``num_batches_tracked`` are ignored.
+
+    Raises:
+      WeightsMismatchError: (a ``ValueError``) in one line: ResNet weights, or the missing,
+        unexpected and mis-shaped keys (the first few of each) and how to fix it.
+    """
+    if not _is_bn_inception(state_dict):
+        depth, width = resnet_layout(state_dict)
+        if depth is not None:
+            raise WeightsMismatchError(
+                f"the weights are a torchvision ResNet-{depth} (width {width}), not BN-Inception: convert "
+                f"them with --depth {depth} (no --arch) and train with model.backbone='resnet', or give "
+                "Cadene's bn_inception-52deb4733.pth for --arch bn_inception."
+            )
+    table = bn_inception_torch_keys()
+    converted: dict[str, dict[str, np.ndarray]] = {"params": {}, "batch_stats": {}}
+    unexpected, misshaped, seen = [], [], set()
+    for key, value in state_dict.items():
+        if key.startswith(BN_INCEPTION_IGNORED_PREFIXES) or key.endswith(IGNORED_SUFFIXES):
+            continue
+        if key not in table:
+            unexpected.append(key)
+            continue
+        seen.add(key)
+        collection, path, torch_shape = table[key]
+        array = np.asarray(value, dtype=np.float32)
+        if len(torch_shape) == 1 and array.shape == (1, *torch_shape):
+            array = array[0]  # the Caffe port's (1, C) BatchNorm tensors
+        if array.shape != torch_shape:
+            misshaped.append(f"{key} is {tuple(np.shape(value))}, needs {torch_shape}")
+            continue
+        converted[collection][path] = array.transpose(2, 3, 1, 0) if array.ndim == 4 else array
+    missing = [key for key in table if key not in seen]
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_listed(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_listed(unexpected)})")
+        if misshaped:
+            parts.append(f"{len(misshaped)} of the wrong shape ({_listed(misshaped, 3)})")
+        raise WeightsMismatchError(
+            f"the weights do not fit BN-Inception: {'; '.join(parts)}. Give Cadene's BN-Inception state "
+            "dict (pretrainedmodels' bn_inception-52deb4733.pth, or a state_dict() of that network)."
+        )
+    return {collection: _unflatten(flat) for collection, flat in converted.items()}
 
 
 _SAFETENSORS_DTYPES = {
@@ -332,6 +437,19 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+def _allowed_global(module: str, name: str, source: Path) -> Any:
+    """The stand-in for a global a state-dict pickle may name; anything else is refused unloaded."""
+    if (module, name) in _ALLOWED_GLOBALS:
+        return _ALLOWED_GLOBALS[(module, name)]
+    if module == "torch" and name in _TORCH_STORAGE_DTYPES:
+        return _StorageType(name)
+    raise BadWeightsFileError(
+        f"{source} is not a plain state dict of tensors: its pickle references "
+        f"{module}.{name}, which is not loaded (nothing in it was executed). Load it with "
+        "torch, save `model.state_dict()` and convert that file."
+    )
+
+
 class _StateDictUnpickler(pickle.Unpickler):
     """Unpickles ``data.pkl`` of a zip-format ``.pth`` into NumPy arrays, executing nothing.
 
@@ -350,15 +468,7 @@ class _StateDictUnpickler(pickle.Unpickler):
         self._storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return _ALLOWED_GLOBALS[(module, name)]
-        if module == "torch" and name in _TORCH_STORAGE_DTYPES:
-            return _StorageType(name)
-        raise BadWeightsFileError(
-            f"{self._source} is not a plain state dict of tensors: its pickle references "
-            f"{module}.{name}, which is not loaded (nothing in it was executed). Load it with "
-            "torch, save `model.state_dict()` and convert that file."
-        )
+        return _allowed_global(module, name, self._source)
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (
@@ -437,37 +547,198 @@ def _tensor_dict(state: Any, path: Path) -> dict[str, np.ndarray]:
     return {str(key): value for key, value in state.items()}
 
 
-def _read_legacy_with_torch(path: Path) -> dict[str, np.ndarray]:
-    """Files from ``torch.save`` before 1.6 (not zip): only torch knows that format."""
+# The legacy format's header (torch/serialization.py: MAGIC_NUMBER, PROTOCOL_VERSION).
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+
+
+@dataclass
+class _LegacyStorage:
+    """A storage record of a legacy file. Its bytes follow the pickle, so tensors built while
+    unpickling refer to it and read ``data`` only once the bytes are in."""
+
+    key: str
+    type_name: str
+    numel: int
+    data: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class _LegacyView:
+    """``view_metadata`` of a legacy storage record: ``numel`` elements of ``root`` from ``offset``."""
+
+    root: _LegacyStorage
+    offset: int
+    numel: int
+
+
+@dataclass(frozen=True)
+class _PendingTensor:
+    """A tensor of a legacy file, waiting for its storage's bytes."""
+
+    storage: _LegacyStorage | _LegacyView
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _pending_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_: Any) -> _PendingTensor:
+    """``_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])`` and
+    ``_rebuild_tensor(storage, offset, size, stride)`` (torch < 0.4) of a legacy file."""
+    if not isinstance(storage, _LegacyStorage | _LegacyView):
+        raise BadWeightsFileError("malformed tensor record: its storage is not a tensor storage.")
+    return _PendingTensor(storage, storage_offset, tuple(size), tuple(stride))
+
+
+class _NothingUnpickler(pickle.Unpickler):
+    """For the legacy header and key list: plain ints, strings, lists and dicts, no globals at all."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"unexpected reference to {module}.{name} in a torch.save header")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("unexpected storage record in a torch.save header")
+
+
+class _LegacyUnpickler(pickle.Unpickler):
+    """Unpickles the object of a legacy ``torch.save`` stream with the zip reader's allow-list.
+
+    Persistent ids are ``('storage', storage_type, key, location, numel, view_metadata)``
+    (``view_metadata``: None or ``(view_key, offset, numel)``); ``location`` is ignored, every
+    array lands on the host. Python 2 pickles (Cadene's file) decode their byte strings as UTF-8,
+    as ``torch.load`` does.
+    """
+
+    def __init__(self, file: BinaryIO, source: Path):
+        super().__init__(file, encoding="utf-8")
+        self._source = source
+        self.storages: dict[str, _LegacyStorage] = {}
+        self._views: dict[str, _LegacyView] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _pending_tensor
+        return _allowed_global(module, name, self._source)
+
+    def persistent_load(self, pid: Any) -> _LegacyStorage | _LegacyView:
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 6
+            and pid[0] in ("storage", b"storage")
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[4], int)
+            and pid[4] >= 0
+        ):
+            raise BadWeightsFileError(
+                f"{self._source} is not a plain state dict of tensors: record {str(pid)[:80]}."
+            )
+        _, storage_type, key, _location, numel, view = pid
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        storage = self.storages.setdefault(key, _LegacyStorage(key, storage_type.name, numel))
+        if storage.type_name != storage_type.name or storage.numel != numel:
+            raise BadWeightsFileError(f"{self._source}: storage {key} is recorded with two types or sizes.")
+        if view is None:
+            return storage
+        if not (
+            isinstance(view, tuple) and len(view) == 3 and all(isinstance(n, int | str | bytes) for n in view)
+        ):
+            raise BadWeightsFileError(f"{self._source}: malformed storage view {view!r}.")
+        view_key, offset, view_numel = view
+        if not (
+            isinstance(offset, int)
+            and isinstance(view_numel, int)
+            and 0 <= offset <= offset + view_numel <= numel
+        ):
+            raise BadWeightsFileError(f"{self._source}: storage view {view!r} lies outside its storage.")
+        view_key = view_key.decode() if isinstance(view_key, bytes) else str(view_key)
+        return self._views.setdefault(view_key, _LegacyView(storage, offset, view_numel))
+
+
+def _materialize(value: Any) -> Any:
+    """Replace the ``_PendingTensor`` values of a (nested) mapping by NumPy arrays."""
+    if isinstance(value, _PendingTensor):
+        storage = value.storage
+        if isinstance(storage, _LegacyView):
+            data = storage.root.data[storage.offset : storage.offset + storage.numel]
+        else:
+            data = storage.data
+        return _rebuild_tensor(_Storage(data), value.storage_offset, value.size, value.stride)
+    if isinstance(value, Mapping):
+        return {key: _materialize(item) for key, item in value.items()}
+    return value
+
+
+def read_torch_legacy(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a state dict from PyTorch's legacy (pre-1.6, non-zip) format with NumPy alone.
+
+    The format (``torch.save(..., _use_new_zipfile_serialization=False)``, the default before
+    torch 1.6) is one stream of five pickles and raw data: the magic number, the protocol version
+    (1001), a ``sys_info`` dict (byte order, C type sizes), the object itself with storages as
+    persistent ids, the sorted list of storage keys; then for each key an 8-byte element count
+    and the storage's elements, little-endian. Same safety and result as ``read_torch_zip``.
+    """
+    path = Path(path)
     with open(path, "rb") as f:
-        if f.read(1) != b"\x80":  # every torch.save file of that format starts with a pickle
+        if f.read(1) != b"\x80":  # every torch.save stream starts with a pickle's PROTO opcode
             raise BadWeightsFileError(
                 f"{path} is not a file saved by torch.save (neither zip nor pickle): an incomplete "
                 "download, or another format under a .pth name?"
             )
-    try:
-        import torch
-    except ImportError as error:
-        raise LegacyWeightsFormatError(
-            f"{path} uses PyTorch's legacy (pre-1.6, non-zip) format, which needs torch to read. "
-            "Convert it on a machine with torch installed (pip install torch): "
-            f"`python -m hdml_jax.models.convert {path.name} --depth N --output DIR`, or re-save it "
-            "there with torch.save(torch.load(FILE, weights_only=True), NEW_FILE)."
-        ) from error
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. about the pickle protocol of a file it then refuses
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch reports damaged and unsafe files with many exception types
+        f.seek(0)
+        header = _NothingUnpickler(f)
+        if header.load() != LEGACY_MAGIC_NUMBER:
+            raise BadWeightsFileError(
+                f"{path} is a pickle, but not one written by torch.save (no magic number)."
+            )
+        protocol = _NothingUnpickler(f).load()
+        if protocol != LEGACY_PROTOCOL_VERSION:
+            raise BadWeightsFileError(f"{path}: unknown torch.save protocol version {protocol!r}.")
+        sys_info = _NothingUnpickler(f).load()
+        little_endian = not isinstance(sys_info, Mapping) or sys_info.get("little_endian", True)
+        unpickler = _LegacyUnpickler(f, path)
+        state = unpickler.load()
+        keys = _NothingUnpickler(f).load()
+        if not isinstance(keys, list) or set(map(str, keys)) != set(unpickler.storages):
+            raise BadWeightsFileError(f"{path}: its list of storages does not match the tensors' records.")
+        for key in keys:
+            storage = unpickler.storages[str(key)]
+            # The count is written in the saving machine's byte order (little-endian since torch
+            # 1.x everywhere); the elements are little-endian in every version.
+            (count,) = struct.unpack("<q" if little_endian else ">q", _read_exactly(f, 8, path))
+            if count != storage.numel:
+                raise BadWeightsFileError(
+                    f"{path}: storage {key} holds {count} elements, its record says {storage.numel}."
+                )
+            dtype = np.dtype("<" + _TORCH_STORAGE_DTYPES[storage.type_name])
+            raw = _read_exactly(f, count * dtype.itemsize, path)
+            data = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
+            if storage.type_name == "BFloat16Storage":
+                data = (data.astype(np.uint32) << 16).view(np.float32)
+            storage.data = data
+    return _tensor_dict(_materialize(state), path)
+
+
+def _read_exactly(f: BinaryIO, size: int, path: Path) -> bytes:
+    """``size`` bytes, compared with what is left of the file first: a damaged count must not make
+    ``read`` allocate gigabytes before finding the end."""
+    left = os.fstat(f.fileno()).st_size - f.tell()
+    data = f.read(size) if size <= left else b""
+    if len(data) != size:
         raise BadWeightsFileError(
-            f"{path}: torch cannot read it as a state dict of tensors ({type(error).__name__}): a damaged "
-            "file, or one that holds more than tensors (load it with torch, save model.state_dict() and "
-            "convert that file)."
-        ) from error
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, Mapping) or not all(hasattr(v, "detach") for v in state.values()):
-        raise BadWeightsFileError(f"{path} is not a plain state dict of tensors.")
-    return {key: value.detach().float().numpy() for key, value in state.items()}
+            f"{path} ends early (a storage is cut off): an incomplete download? Download it again."
+        )
+    return data
+
+
+def _read_pth(path: Path) -> dict[str, np.ndarray]:
+    if zipfile.is_zipfile(path):
+        return read_torch_zip(path)
+    if tarfile.is_tarfile(path):
+        raise BadWeightsFileError(
+            f"{path} uses torch's first (tar) serialization format, which is not read here: load it "
+            "with an old torch, save its state_dict() again and convert that file."
+        )
+    return read_torch_legacy(path)
 
 
 def _first_line(error: BaseException) -> str:
@@ -490,6 +761,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 # What a damaged or mislabelled file makes the readers raise.
 _READ_ERRORS = (
     ValueError,
+    TypeError,  # a malformed pickle calling an allowed constructor with the wrong arguments
     KeyError,
     EOFError,
     OSError,
@@ -500,22 +772,21 @@ _READ_ERRORS = (
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """A torchvision state dict from ``.safetensors``, ``.npz`` or ``.pth``/``.pt``.
+    """A state dict (name → array) from ``.safetensors``, ``.npz`` or ``.pth``/``.pt``.
 
-    None of them needs torch, except ``.pth`` files in the legacy pre-1.6 format.
+    None of them needs torch: ``.pth`` files in torch's zip format and in its legacy one alike.
 
     Raises:
       WeightsFileNotFoundError: no file at ``path`` (a ``FileNotFoundError``).
       BadWeightsFileError: an unknown suffix, or a file that cannot be read as a state dict of
         tensors in its format (a ``ValueError``).
-      LegacyWeightsFormatError: a legacy ``.pth`` file and no torch (an ``ImportError``).
     """
     path = Path(path)
     if not path.exists():
         raise WeightsFileNotFoundError(
-            f"no weights at {path}. Download torchvision's ImageNet ResNet weights (e.g. "
-            "resnet50-0676ba61.pth or a .safetensors export) on a machine with network access "
-            "and copy the file here."
+            f"no weights at {path}. Download the ImageNet weights (torchvision's ResNet file, e.g. "
+            "resnet50-0676ba61.pth or a .safetensors export, or Cadene's bn_inception-52deb4733.pth) "
+            "on a machine with network access and copy the file here."
         )
     if path.is_dir():
         raise BadWeightsFileError(
@@ -526,7 +797,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     readers = {
         ".safetensors": read_safetensors,
         ".npz": _read_npz,
-        ".pth": lambda p: read_torch_zip(p) if zipfile.is_zipfile(p) else _read_legacy_with_torch(p),
+        ".pth": _read_pth,
     }
     reader = readers.get(".pth" if suffix == ".pt" else suffix)
     if reader is None:
@@ -553,6 +824,12 @@ def load_torchvision_resnet(path: str | Path, depth: int) -> dict[str, Any]:
     return torchvision_resnet_to_flax(read_state_dict(path), depth)
 
 
+def load_bn_inception(path: str | Path) -> dict[str, Any]:
+    """Read Cadene's BN-Inception file (or any format of its state dict) and convert it
+    (see ``bn_inception_to_flax``)."""
+    return bn_inception_to_flax(read_state_dict(path))
+
+
 def save_pretrained(variables: Mapping[str, Any], output: str | Path) -> Path:
     """Write converted variables as an orbax checkpoint directory (atomic)."""
     import orbax.checkpoint as ocp
@@ -574,7 +851,8 @@ def load_pretrained(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise WeightsFileNotFoundError(
             f"no converted weights at {path}; create them once with "
-            "`python -m hdml_jax.models.convert WEIGHTS --depth N --output DIR`."
+            "`python -m hdml_jax.models.convert WEIGHTS --depth N --output DIR` (BN-Inception: "
+            "--arch bn_inception instead of --depth N)."
         )
     try:
         return ocp.StandardCheckpointer().restore(path)
@@ -590,10 +868,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m hdml_jax.models.convert", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("weights", help="torchvision ResNet weights: .pth, .safetensors or .npz")
-    parser.add_argument("--depth", type=int, required=True, choices=sorted(STAGES))
+    parser.add_argument(
+        "weights",
+        help="torchvision ResNet or Cadene BN-Inception weights: .pth, .safetensors or .npz",
+    )
+    parser.add_argument(
+        "--arch", choices=ARCHITECTURES, default="resnet", help="the backbone (default resnet)"
+    )
+    parser.add_argument(
+        "--depth", type=int, choices=sorted(STAGES), help="the ResNet's depth (--arch resnet only, required)"
+    )
     parser.add_argument("--output", required=True, help="new checkpoint directory")
     args = parser.parse_args(argv)
+    if args.arch == "resnet" and args.depth is None:
+        parser.error("the following arguments are required: --depth (or give --arch bn_inception)")
+    if args.arch != "resnet" and args.depth is not None:
+        parser.error(f"--depth applies to --arch resnet only, not --arch {args.arch}")
     try:
         return _convert(args)
     except UserError as error:
@@ -605,10 +895,13 @@ def _convert(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser().resolve()
     if output.exists():  # before the conversion, not after it
         raise OutputExistsError(f"{output} exists; choose a new directory or remove it first.")
-    variables = load_torchvision_resnet(args.weights, args.depth)
+    if args.arch == "bn_inception":
+        variables, name = load_bn_inception(args.weights), "BN-Inception"
+    else:
+        variables, name = load_torchvision_resnet(args.weights, args.depth), f"ResNet-{args.depth}"
     output = save_pretrained(variables, args.output)
     count = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
-    print(f"wrote ResNet-{args.depth} ({count:,} parameters) to {output}")
+    print(f"wrote {name} ({count:,} parameters) to {output}")
     print(f"use it with --config.model.pretrained={output}")
     return 0
 

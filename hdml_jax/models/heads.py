@@ -229,11 +229,18 @@ class EmbeddingModel(nn.Module):
 
 
 def batchnorm_mask(params: Any) -> Any:
-    """A pytree of bools, True for BatchNorm scale/bias (to exclude them from training or decay)."""
+    """A pytree of bools, True for BatchNorm scale/bias (to exclude them from training or decay).
+
+    BatchNorm modules are ResNet's ``bn1``..``bn3`` and ``downsample_bn``, CGD's ``auxiliary_bn``
+    and BN-Inception's ``<conv>_bn`` (``conv1_7x7_s2_bn``, ``inception_3a_1x1_bn``, ...).
+    """
 
     def is_bn(path, _):
         names = [getattr(key, "key", str(key)) for key in path]
-        return any(name.startswith(("bn", "downsample_bn", "auxiliary_bn")) for name in names[:-1])
+        return any(
+            name.startswith(("bn", "downsample_bn", "auxiliary_bn")) or name.endswith("_bn")
+            for name in names[:-1]
+        )
 
     return jax.tree_util.tree_map_with_path(is_bn, params)
 

@@ -13,7 +13,7 @@ Input: NHWC images. Output: the last feature map, ``(N, H/32, W/32, 8·width·ex
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -196,6 +196,9 @@ class ResNet(nn.Module):
     width: int = 64
     dtype: Any = jnp.float32
     zero_init_residual: bool = False
+
+    # The key of ``hdml_jax.models.preprocessing.PREPROCESSING`` for this network's inputs.
+    preprocessing: ClassVar[str] = "resnet"
 
     def __post_init__(self):
         if self.depth not in STAGES:

@@ -1,11 +1,12 @@
-"""``config.model.pretrained``: a converted checkpoint directory, ``"torchvision"`` or nothing.
+"""``config.model.pretrained``: a converted checkpoint directory, ``"torchvision"``, ``"bninception"``
+or nothing.
 
-``"torchvision"`` downloads torchvision's ImageNet ResNet file once into the cache
-(``$HDML_JAX_CACHE``, default ``~/.cache/hdml_jax``), checks it against the hash in its file name
-and converts it once (``hdml_jax.models.convert``, no torch needed); later runs reuse the
-converted directory without touching the network. Every step writes to a temporary name first and
-renames, so an interrupted run or several processes sharing the cache never leave a partial file
-under a final name.
+``"torchvision"`` (ResNet) and ``"bninception"`` (BN-Inception) download the ImageNet weights
+file once into the cache (``$HDML_JAX_CACHE``, default ``~/.cache/hdml_jax``), check it against the
+hash in its file name and convert it once (``hdml_jax.models.convert``, no torch needed); later
+runs reuse the converted directory without touching the network. Every step writes to a temporary
+name first and renames, so an interrupted run or several processes sharing the cache never leave a
+partial file under a final name.
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from hdml_jax.errors import ConfigError, UserError
-from hdml_jax.models.convert import WeightsFileNotFoundError, load_torchvision_resnet, save_pretrained
+from hdml_jax.models.convert import (
+    WeightsFileNotFoundError,
+    load_bn_inception,
+    load_torchvision_resnet,
+    save_pretrained,
+)
 
 # torchvision's IMAGENET1K_V1 ResNet weights (ResNet{18,34,50,101}_Weights.IMAGENET1K_V1). The same
 # four URLs appear in pytorch/vision, torchvision/prototype/models/resnet.py at commit
@@ -39,6 +46,17 @@ TORCHVISION_RESNET_URLS: dict[int, str] = {
     50: "https://download.pytorch.org/models/resnet50-0676ba61.pth",
     101: "https://download.pytorch.org/models/resnet101-63fe2227.pth",
 }
+
+# Cadene's BN-Inception ImageNet weights (pretrainedmodels, bninception.py's
+# pretrained_settings['bninception']['imagenet']['url']), the file Proxy-Anchor's
+# code/net/bn_inception.py loads too. Its name carries 9 hex digits, 52deb4733, which torch.hub's
+# HASH_REGEX takes as the file's SHA-256 prefix. That could not be checked against the file here
+# (no network); the evidence that it is one: before torch 1.3 (pytorch/pytorch#25980 made
+# check_hash optional, default off) model_zoo.load_url verified that prefix on every download,
+# and pretrainedmodels loaded this URL through it, so its users of that time checked it. The
+# check below is the same; a file it refuses can still be converted by hand (--arch
+# bn_inception), which checks every tensor's name and shape instead. Tests replace this value.
+BNINCEPTION_URL = "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"
 
 DOWNLOAD_TIMEOUT_S = 60.0
 _CHUNK_BYTES = 1 << 20
@@ -76,12 +94,12 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _manual_steps(url: str, destination: Path, depth: int | None) -> str:
-    depth_arg = str(depth) if depth is not None else "N"
+def _manual_steps(url: str, destination: Path, depth: int | None, arch: str = "resnet") -> str:
+    arch_args = "--arch bn_inception" if arch == "bn_inception" else f"--depth {depth or 'N'}"
     return (
         f"Without network access here, download {url} on another machine and either copy it to "
         f"{destination} (the next run converts it) or copy it anywhere and convert it once with\n"
-        f"  python -m hdml_jax.models.convert FILE --depth {depth_arg} --output DIR\n"
+        f"  python -m hdml_jax.models.convert FILE {arch_args} --output DIR\n"
         "then pass --config.model.pretrained=DIR."
     )
 
@@ -137,7 +155,9 @@ def _stream_to(response: BinaryIO, out: BinaryIO, total: int | None, progress: _
     return digest.hexdigest()
 
 
-def download(url: str, destination: str | Path, sha256_prefix: str, *, depth: int | None = None) -> Path:
+def download(
+    url: str, destination: str | Path, sha256_prefix: str, *, depth: int | None = None, arch: str = "resnet"
+) -> Path:
     """Download ``url`` to ``destination`` if its SHA-256 starts with ``sha256_prefix``.
 
     The bytes go to a temporary file next to ``destination`` that is renamed only after the hash
@@ -147,7 +167,7 @@ def download(url: str, destination: str | Path, sha256_prefix: str, *, depth: in
     Raises:
       WeightsUnavailableError: on any network error (no connection, timeout, HTTP error, cut-off
         transfer); the message names the URL, ``destination`` and how to supply the file by hand
-        (``depth`` fills in the ResNet depth of the conversion command).
+        (``depth`` fills in the ResNet depth of the conversion command, ``arch`` its backbone).
       WeightsHashError: (a ``ValueError``) when the downloaded bytes do not match
         ``sha256_prefix`` (nothing is kept).
     """
@@ -165,12 +185,13 @@ def download(url: str, destination: str | Path, sha256_prefix: str, *, depth: in
             except _NETWORK_ERRORS as error:
                 raise WeightsUnavailableError(
                     f"could not download {url} ({error}). "
-                    f"The file belongs at {destination}.\n" + _manual_steps(url, destination, depth)
+                    f"The file belongs at {destination}.\n" + _manual_steps(url, destination, depth, arch)
                 ) from error
         if not digest.startswith(sha256_prefix):
             raise WeightsHashError(
                 f"{url} downloaded, but its SHA-256 is {digest}, which does not start with "
                 f"{sha256_prefix}; the file was discarded. Retry, or check the URL."
+                + _unconfirmed(destination.name)
             )
         os.replace(temporary, destination)
     finally:
@@ -179,19 +200,24 @@ def download(url: str, destination: str | Path, sha256_prefix: str, *, depth: in
     return destination
 
 
-def resolve_pretrained(spec: str | None, depth: int, *, width: int = 64) -> Path | None:
+def resolve_pretrained(
+    spec: str | None, depth: int, *, width: int = 64, backbone: str = "resnet"
+) -> Path | None:
     """Turn ``config.model.pretrained`` into a checkpoint directory for ``load_pretrained``.
 
     Args:
       spec: ``None``, ``""`` or ``"none"``: train from scratch (returns ``None``).
         ``"torchvision"``: torchvision's IMAGENET1K_V1 weights for ``depth``, downloaded and
-        converted on first use, then read from the cache. Anything else: a directory written by
-        ``python -m hdml_jax.models.convert`` (``~`` expanded).
-      depth: the backbone depth (18, 34, 50 or 101).
-      width: the backbone stem width; torchvision's weights exist only for 64.
+        converted on first use, then read from the cache. ``"bninception"``: Cadene's
+        BN-Inception weights (``BNINCEPTION_URL``), the same way. Anything else: a directory
+        written by ``python -m hdml_jax.models.convert`` (``~`` expanded).
+      depth: the ResNet depth (18, 34, 50 or 101); ignored for BN-Inception.
+      width: the ResNet stem width; torchvision's weights exist only for 64.
+      backbone: ``config.model.backbone``, ``"resnet"`` or ``"bn_inception"``.
 
     Raises:
-      ConfigError: ``"torchvision"`` with a width or depth torchvision has no weights for.
+      ConfigError: ``"torchvision"`` with a width or depth torchvision has no weights for, or
+        named weights of the other backbone.
       WeightsHashError: a downloaded or cached file whose hash is wrong.
       WeightsUnavailableError: the download failed (the message explains the manual route).
       WeightsFileNotFoundError: a path that does not exist.
@@ -203,8 +229,16 @@ def resolve_pretrained(spec: str | None, depth: int, *, width: int = 64) -> Path
     """
     if spec is None or spec.strip().lower() in ("", "none"):
         return None
-    if spec.strip().lower() == "torchvision":
-        return _torchvision_checkpoint(depth, width)
+    named = spec.strip().lower()
+    if named in ("torchvision", "bninception"):
+        owner = "resnet" if named == "torchvision" else "bn_inception"
+        if backbone != owner:
+            raise ConfigError(
+                f"pretrained={named!r} holds {owner} weights, but model.backbone={backbone!r}: use "
+                f"pretrained={'bninception' if backbone == 'bn_inception' else 'torchvision'!r}, a "
+                "converted directory, or 'none'."
+            )
+        return _torchvision_checkpoint(depth, width) if owner == "resnet" else _bninception_checkpoint()
     path = Path(spec).expanduser().resolve()
     if not path.exists():
         raise WeightsFileNotFoundError(
@@ -227,17 +261,30 @@ def _torchvision_checkpoint(depth: int, width: int) -> Path:
             f"no torchvision weights for ResNet-{depth}; depths with weights: {sorted(TORCHVISION_RESNET_URLS)}."
         )
     url = TORCHVISION_RESNET_URLS[depth]
+    return _cached_conversion(
+        url, f"resnet{depth}", lambda path: load_torchvision_resnet(path, depth), depth=depth
+    )
+
+
+def _bninception_checkpoint() -> Path:
+    """The cached conversion of Cadene's BN-Inception weights; made on first use."""
+    return _cached_conversion(BNINCEPTION_URL, "bn_inception", load_bn_inception, arch="bn_inception")
+
+
+def _cached_conversion(url: str, name: str, load, **download_kwargs) -> Path:
+    """``<cache>/<name>-<hash>-flax``, converted once from ``url``'s file (downloaded once, its
+    SHA-256 prefix checked) with ``load(path) -> variables``."""
     expected_hash = hash_prefix(url)
     cache = cache_dir()
-    checkpoint = cache / f"resnet{depth}-{expected_hash}-flax"
+    checkpoint = cache / f"{name}-{expected_hash}-flax"
     if checkpoint.exists():
         return checkpoint
     weights_file = cache / url.rsplit("/", 1)[-1]
     if weights_file.exists():
         _check_cached_hash(weights_file, expected_hash)
     else:
-        download(url, weights_file, expected_hash, depth=depth)
-    _convert_into(weights_file, depth, checkpoint)
+        download(url, weights_file, expected_hash, **download_kwargs)
+    _convert_into(weights_file, checkpoint, load)
     return checkpoint
 
 
@@ -247,11 +294,24 @@ def _check_cached_hash(path: Path, expected_hash: str) -> None:
     if not digest.startswith(expected_hash):
         raise WeightsHashError(
             f"{path} has SHA-256 {digest}, which does not start with {expected_hash}: it is not "
-            "torchvision's file (or is incomplete). Delete it and run again."
+            "the file its name promises (or is incomplete). Delete it and run again."
+            + _unconfirmed(path.name)
         )
 
 
-def _convert_into(weights_file: Path, depth: int, checkpoint: Path) -> None:
+def _unconfirmed(name: str) -> str:
+    """For BN-Inception, whose file-name prefix is not confirmed as a SHA-256 (see BNINCEPTION_URL):
+    the manual route, which checks the tensors instead."""
+    if name != BNINCEPTION_URL.rsplit("/", 1)[-1]:
+        return ""
+    return (
+        " (The prefix in this file name could not be confirmed as its SHA-256: if you trust the file, "
+        "convert it by hand with `python -m hdml_jax.models.convert FILE --arch bn_inception --output "
+        "DIR`, which checks every tensor, and pass --config.model.pretrained=DIR.)"
+    )
+
+
+def _convert_into(weights_file: Path, checkpoint: Path, load: Callable[[Path], dict[str, Any]]) -> None:
     """Convert into a private temporary directory, then rename it to ``checkpoint`` atomically.
 
     When several processes convert at once, the first rename wins; the others find ``checkpoint``
@@ -260,7 +320,7 @@ def _convert_into(weights_file: Path, depth: int, checkpoint: Path) -> None:
     print(f"converting {weights_file} to {checkpoint}", file=sys.stderr, flush=True)
     workspace = Path(tempfile.mkdtemp(dir=checkpoint.parent, prefix=f".{checkpoint.name}."))
     try:
-        staged = save_pretrained(load_torchvision_resnet(weights_file, depth), workspace / "ckpt")
+        staged = save_pretrained(load(weights_file), workspace / "ckpt")
         try:
             os.rename(staged, checkpoint)
         except OSError:

@@ -1,0 +1,97 @@
+"""What each backbone expects of its input images: channel order, value range, mean and std.
+
+The data pipeline ships ``uint8`` RGB images; the model normalises them on device
+(``normalize``, called by ``hdml_jax.steps``) with its backbone's convention, so the same pipeline,
+exported artifact and embedding tools serve every backbone and a config only names the backbone:
+
+=============  =======  =========  ========================  ========================
+backbone       order    range      mean                      std
+=============  =======  =========  ========================  ========================
+resnet         RGB      0–1        0.485, 0.456, 0.406       0.229, 0.224, 0.225
+bn_inception   BGR      0–255      104, 117, 128             1, 1, 1
+=============  =======  =========  ========================  ========================
+
+``resnet`` is torchvision's ImageNet convention; ``bn_inception`` is Cadene's
+``pretrained_settings['bninception']`` (a Caffe model: BGR, 0–255, per-channel mean only), also
+what Proxy-Anchor feeds its BN-Inception. Means and stds are listed in the model's channel order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConvention:
+    """One backbone's input convention.
+
+    Attributes:
+      channel_order: ``"RGB"`` or ``"BGR"``, the order of the channels the network takes.
+      value_range: 1.0 (images scaled to [0, 1]) or 255.0 (pixel values as they are).
+      mean, std: per channel, in ``channel_order`` and in units of ``value_range``.
+    """
+
+    channel_order: str
+    value_range: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def mean_uint8(self) -> np.ndarray:
+        """``mean`` on the 0–255 scale of the uint8 input, float32."""
+        return np.array(self.mean, np.float32) * (255 / self.value_range)
+
+    @property
+    def std_uint8(self) -> np.ndarray:
+        """``std`` on the 0–255 scale of the uint8 input, float32."""
+        return np.array(self.std, np.float32) * (255 / self.value_range)
+
+    def describe(self) -> dict[str, Any]:
+        """The convention in words and numbers (``metadata.json`` of an exported model)."""
+        reorder = "reordered RGB → BGR, then " if self.channel_order == "BGR" else ""
+        return {
+            "where": "inside the exported function, on the uint8 RGB input: "
+            f"{reorder}(x - mean) / std on 0-255 values, per {self.channel_order} channel",
+            "channel_order": self.channel_order,
+            "value_range": [0, self.value_range],
+            "mean": [round(float(v), 6) for v in self.mean_uint8],
+            "std": [round(float(v), 6) for v in self.std_uint8],
+        }
+
+
+PREPROCESSING: dict[str, InputConvention] = {
+    "resnet": InputConvention("RGB", 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "bn_inception": InputConvention("BGR", 255.0, (104.0, 117.0, 128.0), (1.0, 1.0, 1.0)),
+}
+BACKBONES = tuple(PREPROCESSING)
+
+
+def convention(backbone: str) -> InputConvention:
+    """The ``InputConvention`` of ``backbone`` (a key of ``PREPROCESSING``)."""
+    if backbone not in PREPROCESSING:
+        raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}.")
+    return PREPROCESSING[backbone]
+
+
+def backbone_of(module: Any) -> str:
+    """The ``PREPROCESSING`` key of a backbone module (its ``preprocessing`` class attribute);
+    ``"resnet"`` for modules without one."""
+    return getattr(module, "preprocessing", "resnet")
+
+
+def normalize(images: jax.Array, backbone: str = "resnet") -> jax.Array:
+    """uint8 ``(..., 3)`` RGB → float32 in ``backbone``'s convention (NumPy or JAX arrays).
+
+    ``(x - mean) / std`` with the mean and std on the 0–255 scale: for ``resnet`` exactly the
+    float32 arithmetic of ``hdml_jax.data.transforms.normalize``, bit for bit.
+    """
+    spec = convention(backbone)
+    x = images.astype(jnp.float32)
+    if spec.channel_order == "BGR":
+        x = x[..., ::-1]
+    return (x - spec.mean_uint8) / spec.std_uint8
