@@ -16,8 +16,8 @@ shown separately as "compile"). Inputs are float32, SOP-like ``P×K`` batches (`
 4 images), random proxies / class weights / SoftTriple centers.
 
 The losses, in three groups:
-  * proxy losses (the first ones): ``proxy_anchor``, ``proxy_nca``, ``hpl_pa`` (Proxy-Anchor on
-    2 levels), ``triplet_bh`` (CGD's batch-hard triplet), ``softmax_ce`` (on given logits);
+  * proxy losses (the first ones): ``proxy_anchor``, ``proxy_nca``, ``hpl_pa`` / ``hpl_nca``
+    (Proxy-Anchor / Proxy-NCA on 2 levels), ``triplet_bh`` (CGD's batch-hard triplet), ``softmax_ce`` (on given logits);
   * pair losses, PML's defaults, gradient w.r.t. the raw embeddings (both sides normalise
     inside): ``contrastive``, ``triplet_all`` (all triplets), ``triplet_semihard`` (+ the
     semi-hard ``TripletMarginMiner``), ``multi_similarity`` (+ ``MultiSimilarityMiner``, ε=0.1),
@@ -92,7 +92,7 @@ from hdml_jax.losses import (
 )
 
 NAMED_SIZES = {"sop": (256, 512, 11318), "cub": (180, 512, 100)}
-PROXY_LOSSES = ("proxy_anchor", "proxy_nca", "hpl_pa", "triplet_bh", "softmax_ce")
+PROXY_LOSSES = ("proxy_anchor", "proxy_nca", "hpl_pa", "hpl_nca", "triplet_bh", "softmax_ce")
 PAIR_LOSSES = (
     "contrastive",
     "triplet_all",
@@ -123,6 +123,7 @@ REFERENCE = {
     "proxy_anchor": "level0",
     "proxy_nca": "level0",
     "hpl_pa": "hpl",
+    "hpl_nca": "hpl",
     **dict.fromkeys(PAIR_LOSSES, "gram"),
     **dict.fromkeys(("normalized_softmax", "cosface", "arcface"), "level0"),
     "soft_triple": "centers",
@@ -209,6 +210,13 @@ def jax_steps(inp: Inputs) -> dict[str, tuple]:
         )
 
     hpl_step = jax.jit(jax.value_and_grad(hpl, argnums=(0, 2, 3)))
+
+    def hpl_nca(x, y, p0, p1, a0):
+        return hierarchical_proxy_loss(
+            x, y, (p0, p1), (a0,), level_weights=HPL_WEIGHTS, base_loss=proxy_nca_loss, scale=NCA_SCALE
+        )
+
+    hpl_nca_step = jax.jit(jax.value_and_grad(hpl_nca, argnums=(0, 2, 3)))
     triplet = jax.jit(
         jax.value_and_grad(functools.partial(batch_hard_triplet_loss, margin=TRIPLET_MARGIN), argnums=0)
     )
@@ -226,6 +234,7 @@ def jax_steps(inp: Inputs) -> dict[str, tuple]:
         "proxy_anchor": (pa, (x, y, p0)),
         "proxy_nca": (nca, (x, y, p0)),
         "hpl_pa": (hpl_step, (x, y, p0, p1, a0)),
+        "hpl_nca": (hpl_nca_step, (x, y, p0, p1, a0)),
         "triplet_bh": (triplet, (xu, y)),
         "softmax_ce": (ce, (jnp.asarray(inp.logits), y)),
     }
@@ -352,6 +361,15 @@ def torch_steps(inp: Inputs, names) -> dict[str, tuple]:
         steps["hpl_pa"] = lambda: run(
             lambda: HPL_WEIGHTS[0] * hpl0(x, y) + HPL_WEIGHTS[1] * hpl1(x, y1),
             (x, hpl0.proxies, hpl1.proxies),
+        )
+    if "hpl_nca" in names:
+        nca0 = with_proxies(pml_losses.ProxyNCALoss(inp.classes, inp.dim, softmax_scale=NCA_SCALE), inp.proxies)
+        nca1 = with_proxies(
+            pml_losses.ProxyNCALoss(inp.coarse, inp.dim, softmax_scale=NCA_SCALE), inp.coarse_proxies
+        )
+        steps["hpl_nca"] = lambda: run(
+            lambda: HPL_WEIGHTS[0] * nca0(x, y) + HPL_WEIGHTS[1] * nca1(x, y1),
+            (x, nca0.proxies, nca1.proxies),
         )
     if "triplet_bh" in names:
         triplet = pml_losses.TripletMarginLoss(margin=TRIPLET_MARGIN)
@@ -559,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"settings: proxy_anchor margin={MARGIN} alpha={ALPHA}; proxy_nca scale={NCA_SCALE}; "
-        f"hpl_pa = proxy anchor on 2 levels, weights {HPL_WEIGHTS}, coarse K = round(C/10); "
+        f"hpl_pa / hpl_nca = proxy anchor / proxy nca on 2 levels, weights {HPL_WEIGHTS}, coarse K = round(C/10); "
         f"triplet_bh margin={TRIPLET_MARGIN} on L2-normalised x; "
         f"softmax_ce on (B, C) logits, temperature={CE_TEMPERATURE}, label_smoothing={CE_SMOOTHING}"
     )

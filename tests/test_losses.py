@@ -290,6 +290,41 @@ def test_proxy_nca_matches_reference(batch, dim, num_classes, scale, include_tar
     np.testing.assert_allclose(float(got), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [9.0, 32.0])  # a fixed shift (4σ ≤ 80), row maxima (4σ > 80)
+def test_proxy_nca_hand_written_gradient_equals_autodiff(scale):
+    """A concrete scale takes the hand-written gradient, a traced one the plain formula under
+    autodiff: values and gradients agree, with masked rows, a padding proxy (holding NaN), a zero
+    proxy and one below the normalisation epsilon (whose ‖p̂‖² < 1 enters the loss)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(12, 6)) * 3.0, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, size=12), jnp.int32)
+    proxies = rng.normal(size=(7, 6)).astype(np.float32)
+    proxies[4] = 0.0
+    proxies[5] = 3e-13  # below ε = 1e-12: p̂ = p / ε
+    proxies[6] = 50.0  # padding (masked out)
+    proxies = jnp.asarray(proxies)
+    mask = jnp.asarray(rng.random(12) > 0.25)
+    proxy_mask = jnp.arange(7) < 6
+
+    def loss(x, p, s):
+        return proxy_nca_loss(x, labels, p, scale=s, mask=mask, proxy_mask=proxy_mask)
+
+    direct = jax.jit(jax.value_and_grad(lambda x, p: loss(x, p, scale), argnums=(0, 1)))(x, proxies)
+    traced = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, proxies, jnp.float32(scale))
+    np.testing.assert_allclose(float(direct[0]), float(traced[0]), rtol=2e-6)
+    traced_grad_p = np.asarray(traced[1][1]).copy()
+    traced_grad_p[6] = 0.0  # the plain formula leaves a masked proxy's gradient as autodiff gives it
+    for got, want in zip(direct[1], (traced[1][0], traced_grad_p), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-6)
+    # Padding may hold anything, NaN included: the same value, exact zeros for its gradient.
+    with_nan = proxies.at[6].set(jnp.nan)
+    again = jax.jit(jax.value_and_grad(lambda x, p: loss(x, p, scale), argnums=(0, 1)))(x, with_nan)
+    assert float(again[0]) == float(direct[0]) and np.all(np.asarray(again[1][1])[6] == 0.0)
+    assert np.all(np.asarray(direct[1][0])[~np.asarray(mask)] == 0.0)
+    # The zero and the tiny proxy have gradients where the plain formula has them.
+    assert np.any(np.asarray(direct[1][1])[5] != 0.0)
+
+
 @pytest.mark.parametrize(
     ("batch", "dim", "num_classes", "margin", "squared", "masked"),
     [
