@@ -163,8 +163,10 @@ def run(
     ``python -m hdml_jax.mlrc_report`` tests when they are).
     """
     from hdml_jax import storage, train
+    from hdml_jax.config import validate
     from hdml_jax.data import folds
 
+    validate(config, overridden)  # before the data are read (each fold validates again)
     workdir = storage.as_path(workdir)
     base = train.load_data(config) if dataset is None else dataset
     for fold in folds_to_run(config):
