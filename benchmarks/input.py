@@ -1,36 +1,60 @@
-"""Input pipeline throughput: JPEG decode + Proxy-Anchor train augmentation, by worker count.
+"""Input pipeline throughput per CPU core against a PyTorch-style reference, then by worker count.
 
-A few hundred synthetic JPEGs of realistic size (~500×375, both orientations, smooth content
-plus noise, quality 90) are encoded in memory; the source decodes them with PIL in
-``__getitem__``; batches of 64 at 224 px come from ``pipeline.train_iterator`` with a P×K
-sampler (16 × 4). Also timed, single-threaded in this process: decode alone and the transform
-alone (the per-image cost the workers divide).
+Images: synthetic JPEGs of CUB's size (~500×375, both orientations; smooth random colour field
++ gradient + noise, quality 90), encoded in memory; ``--scale 2`` doubles their sides (the size
+of many Cars196 / custom-data photos), which lets JPEG decode at a reduced scale more often.
 
-    python benchmarks/input.py [--workers 0 1 2 4] [--threads 0 1 2] [--images 300] [--batches 6] [--repeats 3]
+Per core (one thread, this process; ours and the reference interleaved in rounds of 64 images,
+so background load hits both alike; min and median of ``--repeats`` rounds):
+
+* train, ours: ``transforms.proxy_anchor(224).train`` on the encoded bytes (``EncodedImage``: the
+  crop is drawn, then the JPEG decodes at the largest reduction that keeps the crop at least
+  224 px on each axis, then one bilinear resize and the flip), ``uint8 (224, 224, 3)`` out
+  (normalised on the device);
+* train, ours (decoded input): the same transform on an array PIL decoded in full, as a source
+  without ``encoded`` feeds it;
+* train, reference: what a torchvision ``ImageFolder`` + ``DataLoader`` worker does per image,
+  written here in PIL + NumPy after torchvision's algorithms: ``Image.open(...).convert("RGB")``,
+  ``RandomResizedCrop(224, scale=(0.08, 1), ratio=(3/4, 4/3))`` (10 tries, central fallback;
+  ``crop`` then ``resize`` bilinear), ``RandomHorizontalFlip``, ``ToTensor`` (CHW copy, float32,
+  /255) and ``Normalize`` (ImageNet mean/std, on a copy), ``float32 (3, 224, 224)`` out;
+* eval: ``proxy_anchor(224).eval`` (resize shorter side 256, centre 224) against ``Resize(256)``,
+  ``CenterCrop(224)``, ``ToTensor``, ``Normalize``;
+* pipeline: ``pipeline.train_iterator(num_workers=0, num_threads=0)`` (synchronous: sampler,
+  per-example generators, ``source.encoded``, batch assembly) against the reference loop over the
+  same indices plus the default collate (``np.stack`` of the float32 tensors).
+
+Then (``--workers``, ``--threads``) the pipeline's images/s by worker processes and threads.
+
+    python benchmarks/input.py [--scale 1] [--images 300] [--repeats 10] [--workers 0 1 2 4] [--threads 0 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import math
 import time
 
 import numpy as np
-from _timing import cpu_count, describe_environment, print_table, time_call
+from _timing import cpu_count, describe_environment, print_table, time_call, time_interleaved
 from PIL import Image
 
 from hdml_jax.data import pipeline, sampling, transforms
 from hdml_jax.data.base import Split
 
 BATCH, P, K, SIZE = 64, 16, 4, 224
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def synthetic_jpegs(count: int, seed: int = 0) -> list[bytes]:
+def synthetic_jpegs(count: int, seed: int = 0, scale: float = 1.0) -> list[bytes]:
     """``count`` JPEG files (quality 90): upsampled random colour fields + gradient + noise."""
     rng = np.random.default_rng(seed)
     files = []
     for i in range(count):
         height, width = (375, 500) if i % 3 else (500, 375)
+        height, width = round(height * scale), round(width * scale)
         coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
         field = np.asarray(
             Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.float32
@@ -45,7 +69,8 @@ def synthetic_jpegs(count: int, seed: int = 0) -> list[bytes]:
 
 
 class JpegSource:
-    """Random access over encoded JPEGs, decoded with PIL on every access."""
+    """Random access over encoded JPEGs: ``source[i]`` decodes with PIL, ``source.encoded(i)``
+    hands the bytes on (what the pipeline reads, as from the prepared TFDS and custom data)."""
 
     def __init__(self, files: list[bytes], labels: np.ndarray):
         self.files, self.labels = files, labels
@@ -57,56 +82,164 @@ class JpegSource:
         with Image.open(io.BytesIO(self.files[index])) as image:
             return {"image": np.asarray(image.convert("RGB")), "label": int(self.labels[index])}
 
+    def encoded(self, index: int) -> dict:
+        return {"image": transforms.EncodedImage(self.files[index]), "label": int(self.labels[index])}
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
-    parser.add_argument(
-        "--threads", type=int, nargs="+", default=[0, 1, 2], help="threads tried with workers=0"
-    )
-    parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--batches", type=int, default=6, help="batches per timed run")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
 
-    files = synthetic_jpegs(args.images)
-    labels = np.arange(args.images) % 30
-    split = Split(JpegSource(files, labels), labels, name="synthetic-jpeg")
-    transform = transforms.TRANSFORMS["proxy_anchor"](SIZE).train
-    print(
-        describe_environment(
-            [
-                f"{len(files)} JPEGs, mean {np.mean([len(f) for f in files]) / 1024:.0f} KiB, "
-                f"batch {BATCH} ({P}×{K}) at {SIZE} px, Proxy-Anchor train transform"
-            ]
-        )
-    )
+# ----------------------------------------------------------------------------- the reference
 
-    rows = []
-    decoded = [split.source[i]["image"] for i in range(16)]
-    decode = time_call(
-        lambda: [split.source[i] for i in range(64)], repeats=args.repeats, warmup=1, sync=lambda x: x
+
+def reference_load(data: bytes) -> Image.Image:
+    """torchvision's ``pil_loader``."""
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def reference_crop_params(
+    width: int, height: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """``RandomResizedCrop.get_params``: ``(top, left, h, w)``."""
+    area = height * width
+    low, high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(low, high))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        h, w = height, round(height * max(ratio))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def reference_to_tensor_normalize(image: Image.Image) -> np.ndarray:
+    """``ToTensor`` then ``Normalize(mean, std)`` (not in place): float32 ``(3, H, W)``."""
+    pixels = np.array(image, np.uint8, copy=True)
+    chw = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    tensor = chw.astype(np.float32) / 255
+    tensor = tensor - MEAN[:, None, None]  # Normalize's clone + sub_
+    tensor /= STD[:, None, None]
+    return tensor
+
+
+def reference_train(data: bytes, rng: np.random.Generator) -> np.ndarray:
+    image = reference_load(data)
+    top, left, h, w = reference_crop_params(image.width, image.height, rng)
+    image = image.crop((left, top, left + w, top + h)).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return reference_to_tensor_normalize(image)
+
+
+def reference_eval(data: bytes, resize: int = 256) -> np.ndarray:
+    image = reference_load(data)
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_short, new_long = resize, int(resize * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    top, left = round((new_h - SIZE) / 2), round((new_w - SIZE) / 2)
+    return reference_to_tensor_normalize(image.crop((left, top, left + SIZE, top + SIZE)))
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def per_core(files: list[bytes], split: Split, labels: np.ndarray, repeats: int) -> list[list[str]]:
+    pair = transforms.proxy_anchor(SIZE)
+
+    def rngs():
+        return [np.random.default_rng(i) for i in range(BATCH)]
+
+    calls = {
+        "train ours": lambda: [
+            pair.train(transforms.EncodedImage(files[i]), r) for i, r in enumerate(rngs())
+        ],
+        "train reference": lambda: [reference_train(files[i], r) for i, r in enumerate(rngs())],
+        "eval ours": lambda: [pair.eval(transforms.EncodedImage(files[i])) for i in range(BATCH)],
+        "eval reference": lambda: [reference_eval(files[i]) for i in range(BATCH)],
+    }
+    # PIL's full decode, then the transform on the array: what a source without ``encoded`` gives.
+    calls["train ours (decoded input)"] = lambda: [
+        pair.train(np.asarray(reference_load(files[i])), r) for i, r in enumerate(rngs())
+    ]
+    sampler = sampling.PKSampler(labels, classes_per_batch=P, samples_per_class=K, seed=0)
+    iterator = pipeline.train_iterator(
+        split,
+        sampler=sampler,
+        transform=pair.train,
+        global_batch_size=BATCH,
+        seed=0,
+        num_workers=0,
+        num_threads=0,
+        process_index=0,
+        process_count=1,
     )
-    rows.append(
-        ["decode only (1 thread)", f"{64 / decode.median:.0f}", f"{decode.median / 64 * 1e3:.2f}", "-", "-"]
-    )
-    rng = np.random.default_rng(0)
-    augment = time_call(
-        lambda: [transform(decoded[i % 16], rng) for i in range(64)],
-        repeats=args.repeats,
-        warmup=1,
-        sync=lambda x: x,
-    )
-    rows.append(
-        [
-            "augment only (1 thread)",
-            f"{64 / augment.median:.0f}",
-            f"{augment.median / 64 * 1e3:.2f}",
-            "-",
-            "-",
+    steps = iter(range(1 << 30))
+
+    def reference_pipeline():
+        step = next(steps)
+        indices = sampler.batch_indices(step)
+        tensors = [
+            reference_train(files[int(j)], pipeline.augmentation_rng(0, step, p))
+            for p, j in enumerate(indices)
         ]
-    )
+        return np.stack(tensors)
 
+    calls["pipeline ours"] = lambda: next(iterator)
+    calls["pipeline reference"] = reference_pipeline
+    timings = time_interleaved(
+        calls, repeats=repeats, warmup=1, per_round=1, syncs=dict.fromkeys(calls, lambda x: x)
+    )
+    iterator.close()
+    rows = []
+    for what in ("train", "eval", "pipeline"):
+        reference = timings[f"{what} reference"]
+        names = [f"{what} ours"] + (["train ours (decoded input)"] if what == "train" else [])
+        for name in [*names, f"{what} reference"]:
+            t = timings[name]
+            is_reference = name == f"{what} reference"
+            rows.append(
+                [
+                    name,
+                    f"{BATCH / t.best:.0f}",
+                    f"{BATCH / t.median:.0f}",
+                    f"{t.median / BATCH * 1e3:.2f}",
+                    "-" if is_reference else f"{reference.best / t.best:.2f}x",
+                    "-" if is_reference else f"{reference.median / t.median:.2f}x",
+                ]
+            )
+    return rows
+
+
+def draft_fractions(files: list[bytes], count: int = 2000) -> str:
+    """How often the train crop (and the eval region) allow a reduced decode, by scale."""
+    pair = transforms.proxy_anchor(SIZE)
+    rng = np.random.default_rng(0)
+    counts = {1: 0, 2: 0, 4: 0, 8: 0}
+    for i in range(count):
+        image = transforms.EncodedImage(files[i % len(files)])
+        height, width = image.shape[:2]
+        _, _, h, w = pair.train.crop_params(height, width, rng)
+        counts[transforms.draft_scale(w, h, SIZE, SIZE)] += 1
+    eval_counts = {1: 0, 2: 0, 4: 0, 8: 0}
+    for data in files:
+        height, width = transforms.EncodedImage(data).shape[:2]
+        frame = transforms.resized_shorter_side(height, width, pair.eval.resize_shorter)
+        side = SIZE * min(height / frame[0], width / frame[1])
+        eval_counts[transforms.draft_scale(side, side, SIZE, SIZE)] += 1
+    fmt = lambda c, n: ", ".join(f"1/{s}: {v / n:.0%}" for s, v in c.items() if v)  # noqa: E731
+    return f"decode scale, train crops: {fmt(counts, count)}; eval: {fmt(eval_counts, len(files))}"
+
+
+def by_workers(split: Split, labels: np.ndarray, args) -> list[list[str]]:
+    transform = transforms.TRANSFORMS["proxy_anchor"](SIZE).train
+    rows = []
     configs = [(0, t) for t in args.threads if 0 in args.workers] + [(w, 0) for w in args.workers if w > 0]
     for workers, threads in configs:
         sampler = sampling.PKSampler(labels, classes_per_batch=P, samples_per_class=K, seed=0)
@@ -126,7 +259,7 @@ def main() -> None:
         first = time.perf_counter() - start
         timing = time_call(
             lambda it=iterator: [next(it) for _ in range(args.batches)],
-            repeats=args.repeats,
+            repeats=3,
             warmup=0,
             sync=lambda x: x,
         )
@@ -136,12 +269,47 @@ def main() -> None:
         rows.append(
             [name, f"{per_second:.0f}", f"{1e3 / per_second:.2f}", f"{first:.2f}", f"{timing.spread:.0%}"]
         )
+    return rows
 
-    print_table(
-        ["pipeline", "images/s", "ms/image", "first batch s", "spread"],
-        rows,
-        title=f"decode + augment, {cpu_count()} usable CPUs (median of {args.repeats} runs of {args.batches} batches)",
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="image sides × this (1: ~500×375)")
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds per core measurement")
+    parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2, 4])
+    parser.add_argument(
+        "--threads", type=int, nargs="*", default=[0, 1, 2], help="threads tried with workers=0"
     )
+    parser.add_argument("--batches", type=int, default=6, help="batches per timed run (by workers)")
+    args = parser.parse_args()
+
+    files = synthetic_jpegs(args.images, scale=args.scale)
+    labels = np.arange(args.images) % 30
+    split = Split(JpegSource(files, labels), labels, name="synthetic-jpeg")
+    sides = sorted({transforms.EncodedImage(f).shape[:2] for f in files})
+    print(
+        describe_environment(
+            [
+                f"{len(files)} JPEGs {' and '.join(f'{w}×{h}' for h, w in sides)}, mean "
+                f"{np.mean([len(f) for f in files]) / 1024:.0f} KiB; {BATCH} images a round at {SIZE} px",
+                draft_fractions(files),
+            ]
+        )
+    )
+    print_table(
+        ["one core", "images/s (best)", "images/s (median)", "ms/image", "× ref (best)", "× ref (median)"],
+        per_core(files, split, labels, args.repeats),
+        title=f"per core: {args.repeats} interleaved rounds of {BATCH} images each (best: the fastest "
+        "round, median: the median round)",
+    )
+    if args.workers:
+        print_table(
+            ["pipeline", "images/s", "ms/image", "first batch s", "spread"],
+            by_workers(split, labels, args),
+            title=f"decode + augment by workers, {cpu_count()} usable CPUs (median of 3 runs of "
+            f"{args.batches} batches)",
+        )
 
 
 if __name__ == "__main__":

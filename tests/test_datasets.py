@@ -32,6 +32,7 @@ from hdml_jax.data.datasets import (
     ManualFilesError,
     load_dataset,
 )
+from hdml_jax.data.transforms import EncodedImage
 from hdml_jax.errors import UserError
 from tests import fake_archives as fa
 
@@ -250,6 +251,11 @@ def test_crop_to_bbox(name, request):
         # The fake box is bright on a dark background (JPEG blurs its edge a little).
         assert whole["image"].mean() < 120 < fa.FOREGROUND - 15 < crop["image"].mean()
         assert crop["label"] == whole["label"]
+        # What the input pipeline reads: the same image, still encoded, the bbox crop its region.
+        encoded = cropped.source.encoded(i)
+        assert isinstance(encoded["image"], EncodedImage) and encoded["label"] == crop["label"]
+        np.testing.assert_array_equal(np.asarray(encoded["image"]), crop["image"])
+        np.testing.assert_array_equal(encoded["bbox"], crop["bbox"])
 
 
 def test_sources_pickle(cars_dir):
@@ -324,6 +330,7 @@ def test_mlrc_folds_of_a_prepared_data_set(cars_dir):
         seen += len(fold.test)
         original = standard.train.source[int(np.flatnonzero(standard.train.labels == k)[0])]["image"]
         np.testing.assert_array_equal(fold.test.source[0]["image"], original)
+        np.testing.assert_array_equal(np.asarray(fold.test.source.encoded(0)["image"]), original)
     assert seen == len(standard.train)
     np.testing.assert_array_equal(test.test.source[0]["image"], standard.test.source[0]["image"])
 

@@ -8,6 +8,11 @@ Example dict returned by ``split.source[i]``::
     {"image": uint8 (H, W, 3), "label": int (0..num_classes-1 within the split),
      "coarse_label": int (only when the data set has one),
      "bbox": float32 (4,) [ymin, xmin, ymax, xmax] in [0, 1] (only when known)}
+
+A source of encoded images may also have ``source.encoded(i)``: the same example with its image
+still encoded (a ``transforms.EncodedImage``), which the input pipeline prefers, since the
+transform then decodes only what it needs (a JPEG at a reduced scale when the output allows).
+``source[i]`` keeps returning pixels for everything else (pictures, tests, tools).
 """
 
 from __future__ import annotations
@@ -100,9 +105,19 @@ class SubsetSource:
         return len(self._indices)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        example = dict(self._source[int(self._indices[index])])
+        return self._example(index, encoded=False)
+
+    def encoded(self, index: int) -> dict[str, Any]:
+        """``self[index]`` with the image still encoded where the source and transform allow."""
+        return self._example(index, encoded=True)
+
+    def _example(self, index: int, encoded: bool) -> dict[str, Any]:
+        position = int(self._indices[index])
+        read = getattr(self._source, "encoded", None) if encoded else None
+        example = dict(read(position) if read is not None else self._source[position])
         if self._transform is not None:
-            example = self._transform(example)
+            convert = getattr(self._transform, "encoded", None) if encoded else None
+            example = (convert or self._transform)(example)
         example["label"] = int(self._labels[index])
         if self._coarse is not None:
             example["coarse_label"] = int(self._coarse[index])

@@ -452,15 +452,9 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
 def decode_rgb(data: bytes) -> np.ndarray:
     """Encoded image bytes → ``uint8 (H, W, 3)``; decodes every pixel, so a truncated file fails
     here (``OSError``) rather than half-way through a training step."""
-    from PIL import Image
+    from hdml_jax.data.transforms import EncodedImage
 
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
-            pixels = np.asarray(image, np.float64)
-            top = max(float(pixels.max()), 1.0)
-            gray = np.round(pixels * (255.0 / (65535.0 if top <= 65535 else top))).astype(np.uint8)
-            return np.repeat(np.clip(gray, 0, 255)[:, :, None], 3, axis=2)
-        return np.asarray(image.convert("RGB"), np.uint8)
+    return EncodedImage(data).decode()  # 16/32-bit greyscale scaled to 8 bits (transforms.pil_to_rgb)
 
 
 def _scan_image(file: Path) -> tuple[bytes | None, tuple[int, int], str | None, str]:
@@ -697,11 +691,21 @@ class PreparedImages:
         return self._length
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._example(index, encoded=False)
+
+    def encoded(self, index: int) -> dict[str, Any]:
+        """``self[index]`` with the image a ``transforms.EncodedImage`` (the file's bytes)."""
+        return self._example(index, encoded=True)
+
+    def _example(self, index: int, encoded: bool) -> dict[str, Any]:
+        from hdml_jax.data.transforms import EncodedImage
+
         if self._reader is None:
             from array_record.python.array_record_data_source import ArrayRecordDataSource
 
             self._reader = ArrayRecordDataSource([str(self._path)])
-        example: dict[str, Any] = {"image": decode_rgb(self._reader[int(index)])}
+        data = self._reader[int(index)]
+        example: dict[str, Any] = {"image": EncodedImage(data) if encoded else decode_rgb(data)}
         if self._bboxes is not None:
             example["bbox"] = self._bboxes[int(index)]
         return example

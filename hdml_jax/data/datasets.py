@@ -39,6 +39,7 @@ import numpy as np
 
 from hdml_jax import storage
 from hdml_jax.data.base import MetricDataset, Split, SubsetSource, remap_labels
+from hdml_jax.data.transforms import EncodedImage
 from hdml_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -413,14 +414,17 @@ def _pixel_edge(fraction: float, size: int, upper: bool) -> int:
     return int(np.ceil(x)) if upper else int(np.floor(x))
 
 
-def crop_to_box(image: np.ndarray, bbox: np.ndarray) -> np.ndarray:
-    """Crop ``image`` (H, W, ...) to ``bbox`` ``[ymin, xmin, ymax, xmax]`` in [0, 1] (at least 1 px)."""
+def crop_to_box(image: np.ndarray | EncodedImage, bbox: np.ndarray) -> np.ndarray | EncodedImage:
+    """Crop ``image`` (H, W, ...) to ``bbox`` ``[ymin, xmin, ymax, xmax]`` in [0, 1] (at least 1 px);
+    an ``EncodedImage`` stays encoded, restricted to the box."""
     height, width = image.shape[:2]
     ymin, xmin, ymax, xmax = np.clip(np.asarray(bbox, np.float64), 0.0, 1.0)
     top = min(_pixel_edge(ymin, height, False), height - 1)
     left = min(_pixel_edge(xmin, width, False), width - 1)
     bottom = max(_pixel_edge(ymax, height, True), top + 1)
     right = max(_pixel_edge(xmax, width, True), left + 1)
+    if isinstance(image, EncodedImage):
+        return image.crop(top, left, bottom, right)
     return image[top:bottom, left:right]
 
 
@@ -431,15 +435,33 @@ _FULL_BOX = np.asarray([0.0, 0.0, 1.0, 1.0], np.float32)
 class ToExample:
     """TFDS example → the contract of ``base.py`` (``image`` RGB uint8, ``bbox``), optionally cropped.
 
-    A picklable class (not a closure) so grain can send sources to worker processes. ``label`` and
-    ``coarse_label`` are set afterwards by ``SubsetSource``.
+    The TFDS source leaves the image encoded (``SkipDecoding``): ``__call__`` decodes it with PIL,
+    ``encoded`` (``SubsetSource.encoded``, which the input pipeline reads) keeps it an
+    ``EncodedImage`` for the transform to decode, the bbox crop recorded as its region. Images
+    that are already pixels (other sources) are taken as they are. A picklable class (not a
+    closure) so grain can send sources to worker processes. ``label`` and ``coarse_label`` are
+    set afterwards by ``SubsetSource``.
     """
 
     crop_to_bbox: bool = False
     keep_bbox: bool = True
 
     def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
-        image = _as_rgb(np.asarray(example["image"]))
+        return self._convert(example, encoded=False)
+
+    def encoded(self, example: dict[str, Any]) -> dict[str, Any]:
+        """The example with its image an ``EncodedImage`` when it came encoded."""
+        return self._convert(example, encoded=True)
+
+    def _convert(self, example: dict[str, Any], encoded: bool) -> dict[str, Any]:
+        image = example["image"]
+        if isinstance(image, (bytes, np.bytes_)):
+            image = EncodedImage(bytes(image))
+        if isinstance(image, EncodedImage):
+            if not encoded:
+                image = image.decode()
+        else:
+            image = _as_rgb(np.asarray(image))
         out: dict[str, Any] = {}
         bbox = example.get("bbox") if self.keep_bbox else None
         if bbox is not None:
@@ -447,7 +469,7 @@ class ToExample:
             if self.crop_to_bbox:
                 image, bbox = crop_to_box(image, bbox), _FULL_BOX.copy()
             out["bbox"] = bbox
-        out["image"] = np.ascontiguousarray(image)
+        out["image"] = image if isinstance(image, EncodedImage) else np.ascontiguousarray(image)
         return out
 
 
@@ -571,8 +593,9 @@ def load_dataset(
     if spec.coarse_key is not None:
         coarse = remap_labels(values[spec.coarse_key])
 
-    decoders = {k: tfds.decode.SkipDecoding() for k in skip}
-    source = builder.as_data_source(split=split_expr, decoders=decoders or None)
+    # Images stay encoded in the source: ToExample decodes them, or hands them to the transform.
+    decoders = {k: tfds.decode.SkipDecoding() for k in ("image", *skip)}
+    source = builder.as_data_source(split=split_expr, decoders=decoders)
     transform = ToExample(crop_to_bbox=crop_to_bbox, keep_bbox=has_bbox)
     sizes = {s: builder.info.splits[s].num_examples for s in split_expr.split("+")}
     offsets = np.cumsum([0, *sizes.values()])

@@ -84,12 +84,22 @@ class ConcatSource:
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _locate(self, index: int) -> tuple[Any, int]:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} examples.")
         part = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        return self._sources[part][index - int(self._offsets[part])]
+        return self._sources[part], index - int(self._offsets[part])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        source, position = self._locate(index)
+        return source[position]
+
+    def encoded(self, index: int) -> dict[str, Any]:
+        """The example with its image still encoded when its source can (``base.py``)."""
+        source, position = self._locate(index)
+        read = getattr(source, "encoded", None)
+        return read(position) if read is not None else source[position]
 
     def __repr__(self) -> str:
         return f"ConcatSource({' + '.join(str(len(s)) for s in self._sources)})"

@@ -48,12 +48,18 @@ import numpy as np
 
 from hdml_jax.data.base import Split
 from hdml_jax.data.sampling import Sampler
+from hdml_jax.data.transforms import ImageTransform
 
 _TAG_AUGMENT = 7  # key of the per-example augmentation stream (distinct from the samplers' tags)
 _STATE_VERSION = 1
 
 Transform = Callable[..., np.ndarray]
-"""``transform(image uint8 (H, W, 3), rng: Generator | None, bbox=...) -> uint8 (S, S, 3)``."""
+"""``transform(image uint8 (H, W, 3), rng: Generator | None, bbox=...) -> uint8 (S, S, 3)``.
+
+An ``ImageTransform`` also takes encoded images: the loader then reads ``source.encoded(i)``
+when the source has it (see ``base.py``), so JPEGs decode inside the transform, at a reduced
+scale when the crop allows; any other callable gets ``source[i]`` (pixels).
+"""
 
 
 def augmentation_rng(seed: int, step: int, position: int) -> np.random.Generator:
@@ -152,9 +158,11 @@ class _BatchLoader:
         images = np.zeros((b, *self.image_shape), np.uint8)
         safe = np.where(valid, indices, 0)
         labels = np.where(valid, self.split.labels[safe], -1).astype(np.int32)
+        source = self.split.source
+        read = getattr(source, "encoded", None) if isinstance(self.transform, ImageTransform) else None
         for row in np.flatnonzero(valid):
             index = int(indices[row])
-            image = _apply(self.transform, self.split.source[index], rngs[row])
+            image = _apply(self.transform, read(index) if read else source[index], rngs[row])
             if image.shape != self.image_shape or image.dtype != np.uint8:
                 raise ValueError(
                     f"{self.split.name or 'split'}[{index}]: the transform returned {image.dtype} "
