@@ -220,6 +220,10 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     # older than the latest one (MLRC's patience); 0: train for num_epochs.
     c.early_stopping_patience_epochs = 0
     c.eval_batch_size = 256
+    # True: the retrieval metrics split the reference set (gallery) over this process's devices,
+    # each holding 1/D of it (galleries too large for one device's memory; the same results,
+    # exactly). False: one device holds the whole reference set.
+    c.eval_shard_references = False
     c.log_every_steps = 20
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 2  # the last N checkpoints; the best by best_metric is kept too

@@ -56,8 +56,12 @@ def evaluate_embeddings(
     query_embeddings: np.ndarray | None = None,
     gallery_embeddings: np.ndarray | None = None,
     nmi_key: jax.Array | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, float]:
     """All metrics of one evaluation from already computed embeddings.
+
+    ``mesh``: a 1-D mesh of this process's devices over which the retrieval metrics split the
+    reference set (``metrics.retrieval_metrics(..., mesh=...)``); None: the default device.
 
     Raises:
       metrics.NonFiniteEmbeddingsError: any of the given embeddings has a NaN or inf row; raised
@@ -73,14 +77,16 @@ def evaluate_embeddings(
     ks = tuple(dataset.recall_ks)
     if dataset.query is not None and dataset.gallery is not None:
         result = metrics.retrieval_metrics(
-            query_embeddings, dataset.query.labels, gallery_embeddings, dataset.gallery.labels, ks=ks
+            query_embeddings, dataset.query.labels, gallery_embeddings, dataset.gallery.labels, ks=ks, mesh=mesh
         )
     else:
-        result = metrics.retrieval_metrics(test_embeddings, dataset.test.labels, ks=ks)
+        result = metrics.retrieval_metrics(test_embeddings, dataset.test.labels, ks=ks, mesh=mesh)
     if nmi_key is not None:
         result["nmi"] = metrics.nmi(test_embeddings, dataset.test.labels, nmi_key)
     if dataset.test.coarse_labels is not None:
-        coarse = metrics.retrieval_metrics(test_embeddings, dataset.test.coarse_labels, ks=(1,))
+        coarse = metrics.retrieval_metrics(
+            test_embeddings, dataset.test.coarse_labels, ks=(1,), mesh=mesh
+        )
         result["coarse_recall@1"] = coarse["recall@1"]
     return result
 

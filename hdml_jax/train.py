@@ -489,6 +489,7 @@ class _Run:
             query_embeddings=embeddings.get("query"),
             gallery_embeddings=embeddings.get("gallery"),
             nmi_key=nmi_key,
+            mesh=_local_reference_mesh() if self.config.eval_shard_references else None,
         )
         return result, embeddings
 
@@ -518,6 +519,11 @@ def patience_exhausted(evaluations: list[dict[str, Any]], metric: str, patience_
         return False
     latest = max(evaluations, key=lambda e: e["step"])
     return latest["epoch"] - best["epoch"] > patience_epochs + 1e-9
+
+
+def _local_reference_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh of this process's devices, over which the retrieval metrics split the references."""
+    return jax.sharding.Mesh(np.array(jax.local_devices()), ("references",))
 
 
 def _last_good(manager: ocp.CheckpointManager) -> str:

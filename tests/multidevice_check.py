@@ -98,7 +98,8 @@ def main(method: str, shard_proxies: bool) -> None:
 
 def train_sharded(workdir: str) -> None:
     """HPL-PA with sharded proxies through the trainer: a run stopped at step 6 and resumed from its
-    (sharded) checkpoint ends like a straight one; the hierarchy is built and refreshed on the way."""
+    (sharded) checkpoint ends like a straight one; the hierarchy is built and refreshed on the way.
+    The resumed run's final evaluation splits the references over the devices."""
     root = Path(workdir)
     dataset = tiny_dataset()
     config = functools.partial(tiny_config, "hpl_pa", shard_proxies=True, eval_every_epochs=0)
@@ -108,7 +109,8 @@ def train_sharded(workdir: str) -> None:
         raise AssertionError("stop_after_steps=6 did not stop the run")
     except train.TrainingInterruptedError as stop:
         assert stop.step == 6, stop.step
-    resumed = train.train_and_evaluate(config(), root / "resumed", dataset=dataset)
+    # The resumed run also scores with the references split over the 8 devices: same metrics.
+    resumed = train.train_and_evaluate(config(eval_shard_references=True), root / "resumed", dataset=dataset)
     embeddings = [np.load(root / run / "test_embeddings.npy") for run in ("straight", "resumed")]
     print(
         json.dumps(

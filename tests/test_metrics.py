@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import pickle
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -108,18 +113,80 @@ def test_large_reference_set_matches_reference(gallery):
 def test_grouped_top_k_equals_top_k_with_ties(k):
     # Every value twice, scattered: ties across groups, which must still go to the lower index.
     rng = np.random.default_rng(k)
-    similarity = np.stack([rng.permutation(np.arange(64 * 40) // 2) for _ in range(9)]).astype(np.float32)
-    similarity[:, -5:] = -np.inf  # like the padding columns
-    expected = jax.lax.top_k(similarity, k)[1]
-    np.testing.assert_array_equal(metrics._top_k_indices(similarity, k=k), expected)
+    rows = [rng.permutation(np.arange(64 * 40) // 2) - 10_000 for _ in range(9)]
+    similarity = np.stack(rows).astype(np.float32)
+    similarity[:, -5:] = 0  # padding columns (zero references), above every entry of the row
+    num_valid = 64 * 40 - 5
+    maxima, _ = metrics._group_max_and_count(similarity, np.zeros(9, np.float32), num_valid, 1)
+    values, columns = jax.jit(metrics._top_k, static_argnames="k")(
+        similarity, maxima, k=k, num_valid=num_valid
+    )
+    expected_values, expected_columns = jax.lax.top_k(similarity[:, :num_valid], k)
+    np.testing.assert_array_equal(columns, expected_columns)
+    np.testing.assert_array_equal(values, expected_values)
 
 
-def test_count_at_least_equals_a_plain_count():
+def test_group_max_and_count_equal_a_plain_count_and_max():
     rng = np.random.default_rng(13)
     similarity = rng.integers(-3, 4, (7, 64 * 5)).astype(np.float32)
     threshold = rng.integers(-4, 5, 7).astype(np.float32)
-    expected = (similarity >= threshold[:, None]).sum(axis=1)
-    np.testing.assert_array_equal(metrics._count_at_least(similarity, threshold), expected)
+    num_valid = 64 * 3 + 9  # the last two groups hold padding (zeros), which no result may see
+    similarity[:, num_valid:] = 0
+    maxima, counts = metrics._group_max_and_count(similarity, threshold, num_valid, 2)
+    padded = np.where(np.arange(64 * 5) < num_valid, similarity, -np.inf)
+    np.testing.assert_array_equal(counts, (padded >= threshold[:, None]).sum(axis=1))
+    np.testing.assert_array_equal(maxima, padded.reshape(7, 5, 64).max(axis=2))
+
+
+def test_negative_best_similarities_with_padding_columns_match_reference():
+    # Each class is a pair of nearly opposite vectors, so the best correct similarity is near -1
+    # and below the zeros of the padding columns (100 references: 28 of them in the last group).
+    rng = np.random.default_rng(20)
+    centres = rng.normal(size=(50, 6))
+    x = np.concatenate([centres, -centres + 0.3 * rng.normal(size=(50, 6))]).astype(np.float32)
+    y = np.concatenate([np.arange(50), np.arange(50)])
+    ks = (1, 10, 50, 99)
+    result = metrics.retrieval_metrics(x, y, ks=ks)
+    assert_metrics_close(result, reference_retrieval(x, y, ks=ks))
+    assert result["recall@50"] < 0.5 < result["recall@99"]  # ranks far down the list, all counted
+
+
+def test_sharded_path_on_a_one_device_mesh_and_its_argument_errors():
+    x, y = clustered_data(21, 150, 12, 8, 1.0)
+    mesh = jax.make_mesh((1,), ("references",))
+    for args in ((x, y), (x[:50], y[:50], x[50:], y[50:])):
+        assert metrics.retrieval_metrics(*args, mesh=mesh) == metrics.retrieval_metrics(*args)
+    with pytest.raises(ValueError, match=r"mesh must be a 1-D jax.sharding.Mesh"):
+        metrics.retrieval_metrics(x, y, mesh=jax.make_mesh((1, 1), ("a", "b")))
+    with pytest.raises(ValueError, match=r"mesh must be a 1-D jax.sharding.Mesh"):
+        metrics.retrieval_metrics(x, y, mesh="references")
+    x[3, 1] = np.nan
+    with pytest.raises(metrics.NonFiniteEmbeddingsError, match=r"1 of 150 embedding rows"):
+        metrics.retrieval_metrics(x, y, mesh=mesh)
+    with pytest.raises(metrics.NonFiniteEmbeddingsError, match=r"1 of 100 reference embedding rows"):
+        metrics.retrieval_metrics(x[100:], y[100:], x[:100], y[:100], mesh=mesh)
+    with pytest.raises(metrics.NonFiniteEmbeddingsError, match=r"1 of 100 query embedding rows"):
+        metrics.retrieval_metrics(x[:100], y[:100], x[100:], y[100:], mesh=mesh)
+
+
+def test_references_sharded_over_eight_devices_give_the_single_device_metrics():
+    # A subprocess: the simulated device count must be set before JAX starts.
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.retrieval_sharding_check"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report) == 7
+    for name, case in report.items():
+        assert case["sharded"] == case["single"], name  # exactly, every metric
+        assert 0 < case["single"]["map@r"] < 1, name  # neither trivial nor degenerate
 
 
 def test_self_is_excluded_by_index_not_by_value():
