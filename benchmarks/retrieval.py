@@ -22,6 +22,10 @@ Each method runs in its own subprocess (same seed, same data), so its peak RSS
     max, written two ways: ``jnp.max(q @ r.T)``, which XLA:CPU compiles into one YNNPACK fusion of
     product and max, and the same max as a reduction XLA keeps apart from the product (the block
     is written, then read once). "ours/floor" divides by the faster of the two.
+  * with ``--sharded``, also ``retrieval_metrics(..., mesh=...)`` with the references split over
+    every device (several GPUs, or CPU devices simulated with
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=D``, which share the same cores), timed in
+    the same rounds; the row says whether its metrics equal the single-device ones.
   * ``faiss``: ``IndexFlatIP`` over the L2-normalised vectors, ``search`` with ``k = max(Ks)+1``
     (the query itself is dropped afterwards), then the same metrics in NumPy from the neighbour
     lists. Shown as search, post-processing and total.
@@ -204,6 +208,14 @@ def run_worker(method: str, args) -> dict:
             "ours": lambda: metrics_module.retrieval_metrics(x, labels, ks=ks, chunk_size=args.chunk_size),
             **floor_calls(x, chunk),
         }
+        if args.sharded:
+            mesh = jax.make_mesh((jax.device_count(),), ("references",))
+            sharded = metrics_module.retrieval_metrics(x, labels, ks=ks, chunk_size=args.chunk_size, mesh=mesh)
+            result["sharded_devices"] = jax.device_count()
+            result["sharded_equal"] = sharded == metrics
+            calls["sharded"] = lambda: metrics_module.retrieval_metrics(
+                x, labels, ks=ks, chunk_size=args.chunk_size, mesh=mesh
+            )
         result["times"], result["other_load"] = interleaved(calls, args.repeats)
     elif method == "faiss":
         import faiss
@@ -255,6 +267,7 @@ def spawn(method: str, args) -> dict | None:
         *("--n", str(args.n), "--dim", str(args.dim), "--repeats", str(args.repeats)),
         *("--noise", str(args.noise), "--seed", str(args.seed), "--ks", *map(str, args.ks)),
         *(("--chunk-size", str(args.chunk_size)) if args.chunk_size else ()),
+        *(("--sharded",) if args.sharded else ()),
     ]
     print(f"running {method} worker ...", flush=True)
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
@@ -288,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-faiss", action="store_true")
+    parser.add_argument(
+        "--sharded",
+        action="store_true",
+        help="also time retrieval_metrics(mesh=...) with the references split over all devices "
+        "(several GPUs; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=D simulates them)",
+    )
     parser.add_argument("--worker", choices=("hdml_jax", "faiss"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -320,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if ours is None:
         return 1
     floors = {name: ours["times"].pop(name) for name in ("floor_fused", "floor_apart")}
+    sharded_times = ours["times"].pop("sharded", None)
     ours["times"] = ours["times"]["ours"]
     ours_median = float(np.median(ours["times"]))
 
@@ -337,6 +357,16 @@ def main(argv: list[str] | None = None) -> int:
             "1.00x",
         )
     ]
+    if sharded_times is not None:
+        rows.append(
+            (
+                f"hdml_jax, references over {ours['sharded_devices']} devices",
+                _timing.format_seconds(float(np.median(sharded_times))),
+                _timing.format_seconds(min(sharded_times)),
+                *("-",) * 3,
+                f"equal: {ours['sharded_equal']}",
+            )
+        )
     for label, key in (
         ("floor: product + max, fused by XLA", "floor_fused"),
         ("floor: product, then max", "floor_apart"),
