@@ -138,27 +138,31 @@ def test_refresh_assignments_nearest_proxy_search():
     assert_dots_at_highest(hierarchical._nearest_by_distance.lower(proxies, coarse))
 
 
-def test_retrieval_similarities():
-    x, *_ = _inputs()
+def _retrieval_programs():
+    """The single-device program (every chunk) and the sharded one (a chunk, 1-device mesh)."""
+    x, labels, *_ = _inputs()
     width = 64  # the reference set is padded to a multiple of metrics._GROUP
     reference = jnp.pad(x, ((0, width - BATCH), (0, 0)))
-    assert_dots_at_highest(metrics._similarities.lower(x, reference, num_references=BATCH))
-
-
-def test_retrieval_other_jitted_steps_have_no_imprecise_dot():
-    similarity = jnp.zeros((BATCH, 64 * 8), jnp.float32)
-    index = jnp.arange(BATCH, dtype=jnp.int32)
+    reference_labels = jnp.pad(labels, (0, width - BATCH))
     positives = jnp.zeros((BATCH, 3), jnp.int32)
-    lowered = [
-        metrics._best_correct.lower(similarity, positives, index, exclude_self=True),
-        metrics._count_at_least.lower(similarity, jnp.zeros((BATCH,), jnp.float32)),
-        metrics._top_k_indices.lower(similarity, k=2),
-        metrics._ranking_terms.lower(
-            positives, index, index, index, jnp.zeros((64 * 8,), jnp.int32), exclude_self=True, top_r=2
-        ),
-    ]
-    for program in lowered:
-        assert_dots_at_highest(program, allow_none=True)
+    index = jnp.arange(BATCH, dtype=jnp.int32)
+    common = {"num_references": BATCH, "exclude_self": True, "top_r": 2}
+    single = metrics._all_chunks.lower(
+        reference, labels, positives, reference, reference_labels, chunk_size=4, **common
+    )
+    mesh = jax.make_mesh((1,), ("references",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("references"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    queries = [jax.device_put(a, replicated) for a in (x, labels, index, positives)]
+    references = [jax.device_put(a, split) for a in (reference, reference_labels)]
+    sharded = metrics._sharded_chunk.lower(*queries, *references, mesh=mesh, padded_groups=1, **common)
+    return single, sharded
+
+
+def test_retrieval_similarities():
+    # The product of each program (queries × references) is at HIGHEST, as any other dot must be.
+    for program in _retrieval_programs():
+        assert assert_dots_at_highest(program) >= 1
 
 
 def test_kmeans():
