@@ -18,6 +18,8 @@ so background load hits both alike; min and median of ``--repeats`` rounds):
   ``RandomResizedCrop(224, scale=(0.08, 1), ratio=(3/4, 4/3))`` (10 tries, central fallback;
   ``crop`` then ``resize`` bilinear), ``RandomHorizontalFlip``, ``ToTensor`` (CHW copy, float32,
   /255) and ``Normalize`` (ImageNet mean/std, on a copy), ``float32 (3, 224, 224)`` out;
+* decode only: ``Image.open(...).convert("RGB")`` decoded in full and nothing else; its "× ref"
+  is the most a pipeline that decodes at full scale with PIL could gain over the reference;
 * eval: ``proxy_anchor(224).eval`` (resize shorter side 256, centre 224) against ``Resize(256)``,
   ``CenterCrop(224)``, ``ToTensor``, ``Normalize``;
 * pipeline: ``pipeline.train_iterator(num_workers=0, num_threads=0)`` (synchronous: sampler,
@@ -164,6 +166,10 @@ def per_core(files: list[bytes], split: Split, labels: np.ndarray, repeats: int)
         "eval ours": lambda: [pair.eval(transforms.EncodedImage(files[i])) for i in range(BATCH)],
         "eval reference": lambda: [reference_eval(files[i]) for i in range(BATCH)],
     }
+    # The decode alone, at full scale: with no DCT reduction (see "decode scale" above) any
+    # pipeline on PIL pays it, so reference / decode bounds the speed-up a faster crop, resize and
+    # conversion could give.
+    calls["decode only (PIL, full scale)"] = lambda: [reference_load(files[i]).load() for i in range(BATCH)]
     # PIL's full decode, then the transform on the array: what a source without ``encoded`` gives.
     calls["train ours (decoded input)"] = lambda: [
         pair.train(np.asarray(reference_load(files[i])), r) for i, r in enumerate(rngs())
@@ -200,7 +206,9 @@ def per_core(files: list[bytes], split: Split, labels: np.ndarray, repeats: int)
     rows = []
     for what in ("train", "eval", "pipeline"):
         reference = timings[f"{what} reference"]
-        names = [f"{what} ours"] + (["train ours (decoded input)"] if what == "train" else [])
+        names = [f"{what} ours"] + (
+            ["train ours (decoded input)", "decode only (PIL, full scale)"] if what == "train" else []
+        )
         for name in [*names, f"{what} reference"]:
             t = timings[name]
             is_reference = name == f"{what} reference"
