@@ -70,7 +70,6 @@ def peak_tflops(device_name: str, given: float | None) -> float | None:
 
 
 def jax_config(method: str, args: argparse.Namespace):
-    sys.path.insert(0, str(_timing.REPO_ROOT))
     from tests.test_train import load_config_module
 
     c = load_config_module("sop").get_config(f"method={method}")
@@ -121,18 +120,16 @@ def time_jax(method: str, batch: int, args: argparse.Namespace) -> dict[str, Any
     state, metrics = compiled(state, data)
     jax.block_until_ready(metrics)
     first = time.perf_counter() - start
-    for _ in range(args.warmup):
+
+    def run_step():
+        nonlocal state, metrics
         state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, data)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+        return metrics
+
+    timing = _timing.time_call(run_step, repeats=args.steps, warmup=args.warmup)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
-    return {"step_s": float(np.median(times)), "first_s": first, "flops": flops, "peak_bytes": peak}
+    return {"step_s": timing.median, "first_s": first, "flops": flops, "peak_bytes": peak}
 
 
 def _flops(compiled) -> float | None:
@@ -150,7 +147,6 @@ def time_torch(method: str, batch: int, args: argparse.Namespace) -> dict[str, A
     import torch
     from pytorch_metric_learning import losses as pml_losses
 
-    sys.path.insert(0, str(_timing.REPO_ROOT))
     from tests.torch_resnet import TorchResNet
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -224,17 +220,9 @@ def time_torch(method: str, batch: int, args: argparse.Namespace) -> dict[str, A
         step()
     sync()
     first = time.perf_counter() - start
-    for _ in range(args.warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+    timing = _timing.time_call(step, repeats=args.steps, warmup=args.warmup, sync=lambda _: sync())
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return {"step_s": float(np.median(times)), "first_s": first, "flops": None, "peak_bytes": peak, "mode": compiled}
+    return {"step_s": timing.median, "first_s": first, "flops": None, "peak_bytes": peak, "mode": compiled}
 
 
 # ----------------------------------------------------------------------------- main
@@ -288,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             (r for r in rows if r["framework"] == "jax" and (r["method"], r["batch"]) == (row["method"], row["batch"])),
             None,
         )
-        speedup = jax_row["step_s"] / row["step_s"] if jax_row and row is not jax_row else None
+        relative = row["step_s"] / jax_row["step_s"] if jax_row and row is not jax_row else None
         table.append(
             [
                 name,
@@ -299,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 _timing.format_seconds(row["first_s"]),
                 "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**30:.2f} GiB",
                 "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%",
-                "-" if speedup is None else f"{1 / speedup:.2f}x",
+                "-" if relative is None else f"{relative:.2f}x",
             ]
         )
     _timing.print_table(

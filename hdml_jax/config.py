@@ -48,7 +48,7 @@ from hdml_jax.models.heads import (
     parse_descriptors,
 )
 from hdml_jax.models.pooling import POOLINGS
-from hdml_jax.models.preprocessing import BACKBONES
+from hdml_jax.models.preprocessing import BACKBONES, check_named_weights
 
 METHODS = (
     "proxy_anchor",
@@ -471,14 +471,7 @@ def unused_overrides(c: ml_collections.ConfigDict, overridden: list[str] | tuple
 
 def _validate_backbone_weights(m: ml_collections.ConfigDict) -> None:
     """The named ImageNet weights exist for one backbone each (a directory is checked when loaded)."""
-    pretrained = str(m.pretrained or "").strip().lower()
-    owner = {"torchvision": "resnet", "bninception": "bn_inception"}.get(pretrained)
-    if owner is not None and owner != m.backbone:
-        other = "bninception" if m.backbone == "bn_inception" else "torchvision"
-        raise ConfigError(
-            f"model.pretrained={pretrained!r} holds {owner} weights, but model.backbone={m.backbone!r}: "
-            f"set model.pretrained={other!r} (or a converted directory, or 'none')."
-        )
+    check_named_weights(str(m.pretrained or "").strip().lower(), m.backbone)
 
 
 def _validate_custom_dataset(d: ml_collections.ConfigDict) -> None:

@@ -529,9 +529,7 @@ def _sharded_statistics(
     if self_retrieval:
         reference_np = query_np
     else:
-        bad_queries = int(np.sum(~np.isfinite(query_np).all(axis=1)))
-        if bad_queries:
-            raise NonFiniteEmbeddingsError(bad_queries, query_np.shape[0], "query embedding")
+        check_finite(query_np, "query embedding")
         reference_np = _host_float32(reference)
     num_queries, num_references = query_np.shape[0], reference_np.shape[0]
     width = -(-num_references // (_GROUP * num_devices)) * _GROUP * num_devices

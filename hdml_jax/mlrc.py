@@ -246,13 +246,7 @@ def report(workdir, dataset=None) -> dict[str, Any]:
     ``dataset``: the data set the folds were made of (default: the one fold 0's config names).
     Raises ``hdml_jax.errors.UserError`` subclasses for missing or unfinished folds.
     """
-    from hdml_jax import evaluate, inference, interrupts, storage, train
-
-    def _stoppable(batches):  # Ctrl-C / SIGTERM between batches: nothing is written
-        for batch in batches:
-            interrupts.stop_point()
-            yield batch
-
+    from hdml_jax import evaluate, inference, storage, train
     from hdml_jax.data import folds
     from hdml_jax.workdir import atomic_write_text
 
@@ -279,7 +273,7 @@ def report(workdir, dataset=None) -> dict[str, Any]:
             embedder = inference.load_embedder(fold_workdir(workdir, fold), verbose=False)
         except UserError as error:
             raise IncompleteProtocolError(f"fold {fold}: {error}") from None
-        batches = _stoppable(train.make_eval_batches(embedder.config, test))
+        batches = train.stoppable(train.make_eval_batches(embedder.config, test))
         embeddings = evaluate.embed_batches(batches, embedder.embed_global, embedder.batch_sharding, len(test))
         per_model.append(embeddings)
         checkpoints_used.append({"fold": fold, "step": embedder.step, "checkpoint": embedder.checkpoint_id})

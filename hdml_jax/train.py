@@ -276,8 +276,8 @@ def _signal_name(signum: int | None) -> str:
     return signal.Signals(signum).name if signum else "a stop request"
 
 
-def _stoppable(batches: Iterable[Any]) -> Iterator[Any]:
-    """``batches`` with a stop point before each one (evaluation)."""
+def stoppable(batches: Iterable[Any]) -> Iterator[Any]:
+    """``batches`` with a stop point before each one (evaluation): Ctrl-C / SIGTERM between batches."""
     for batch in batches:
         interrupts.stop_point()
         yield batch
@@ -469,7 +469,7 @@ class _Run:
         step = self.step
 
         def embed_split(split: Split) -> np.ndarray:
-            batches = _stoppable(make_eval_batches(self.config, split))
+            batches = stoppable(make_eval_batches(self.config, split))
             return evaluate.embed_batches(
                 batches, lambda x: self.embed(variables, x), self.batch_sharding, len(split)
             )

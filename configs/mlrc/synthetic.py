@@ -16,13 +16,11 @@ from hdml_jax.mlrc import mlrc_config
 
 def get_config(arg: str | None = None):
     c = mlrc_config("synthetic", "cub", arg, coarse_groups=16)  # as configs/synthetic.py
-    optimizer = c.optimizer.name, c.optimizer.weight_decay, c.optimizer.proxy_lr
-    batch = c.batch_size, c.sampler, c.classes_per_batch, c.samples_per_class
+    batch = c.batch_size, c.sampler, c.classes_per_batch, c.samples_per_class  # MLRC's P×K, kept
     apply_small_cpu_recipe(c, image_size=48)
     c.model.backbone = "resnet"
     c.model.embedding_dim = 32
     c.model.pooling = "gap_gmp"
-    c.optimizer.name, c.optimizer.weight_decay, c.optimizer.proxy_lr = optimizer
     c.batch_size, c.sampler, c.classes_per_batch, c.samples_per_class = batch
     c.optimizer.lr = 1e-3
     c.steps_per_epoch = 30

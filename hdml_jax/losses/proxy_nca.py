@@ -210,26 +210,14 @@ class _NcaTerms(NamedTuple):
         grad_sims = jax.lax.optimization_barrier(grad_sims)
         grad_x = jnp.matmul(grad_sims, self.p, precision=_common.FULL_PRECISION)
         grad_raw = jnp.matmul(grad_sims.T, self.x, precision=_common.FULL_PRECISION)
-        row_mask = self.class_mask if spec.padded else None
         # The radial part r_c (p_c·g_c) as a column sum over (B, C), Σ_i G'_ic s_ic (G' = grad_sims):
         # half the data of the (C, d) row products at d = 512 > B (a matvec: XLA:CPU's fastest
-        # column sum).
+        # column sum). Below ε (a zero or vanishing proxy, r_c = 1/ε) the offset depends on p_c
+        # too, ∂q_c/∂p_c = 2 r_c² p_c, and its term -σ Σ_i G_ic · 2 r_c² p_c = -p_c r_c Σ_i G'_ic
+        # has the same form: the same column sum with s_ic replaced by 1/r_c removes it.
         ones = jnp.ones((grad_sims.shape[0],), grad_sims.dtype)
-        radial = self.inv_norm * jnp.matmul(ones, grad_sims * self.sims, precision=_common.FULL_PRECISION)
-        grad_p = _remove_radial(self.p, self.inv_norm, self.has_radial, grad_raw, radial, row_mask)
-        # Below ε (rare: a zero or vanishing proxy) the offset depends on p too; the column sums
-        # over (B, C) it needs are skipped when no proxy is that small.
-        small = ~self.has_radial
-        if spec.padded:
-            small = small & self.class_mask
-
-        def add_offset_gradient(grad, grad_sims):
-            # Σ_i G_ic from what the products already read: grad_sims = 2σ r_c G (r_c = 1/ε here).
-            column = jnp.sum(grad_sims, axis=0) / ((2.0 * spec.scale) * self.inv_norm)  # (C,)
-            coefficient = jnp.where(small, -2.0 * spec.scale * column * self.inv_norm**2, 0.0)
-            return grad + coefficient[:, None] * self.p
-
-        grad_p = jax.lax.cond(
-            jnp.any(small), add_offset_gradient, lambda grad, _: grad, grad_p, grad_sims
-        )
+        column_weight = jnp.where(self.has_radial[None, :], self.sims, 1.0 / self.inv_norm[None, :])
+        radial = self.inv_norm * jnp.matmul(ones, grad_sims * column_weight, precision=_common.FULL_PRECISION)
+        row_mask = self.class_mask if spec.padded else None
+        grad_p = _remove_radial(self.p, self.inv_norm, True, grad_raw, radial, row_mask)
         return grad_x, grad_p

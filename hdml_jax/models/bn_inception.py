@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdml_jax.models.resnet import BatchNorm, FrozenBatchNorm
+from hdml_jax.models.resnet import norm_layer
 
 # (block, 1×1, 3×3 reduce, 3×3, double 3×3 reduce, double 3×3 (both convs), pool branch, pool proj).
 # Pool branch: "avg" (3×3/1, padding 1), "max" (3×3/1, padding 1) or "reduce" (3×3/2 max-pool,
@@ -234,10 +234,7 @@ class BNInception(nn.Module):
             param_dtype=jnp.float32,
             name=name,
         )(x)
-        if self.frozen_bn:
-            x = FrozenBatchNorm(dtype=self.dtype, name=f"{name}_bn")(x)
-        else:
-            x = BatchNorm(use_running_average=not train, dtype=self.dtype, name=f"{name}_bn")(x)
+        x = norm_layer(train, self.frozen_bn, self.dtype, f"{name}_bn")(x)
         return nn.relu(x)
 
     def _inception(self, x: jax.Array, spec: tuple, train: bool) -> jax.Array:

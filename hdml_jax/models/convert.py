@@ -496,10 +496,16 @@ class _StateDictUnpickler(pickle.Unpickler):
             raise BadWeightsFileError(
                 f"{self._source}: storage {key} holds {len(raw)} bytes, not {numel} elements."
             )
-        data = np.frombuffer(raw, dtype=dtype, count=numel).astype(dtype.newbyteorder("="))
-        if storage_type.name == "BFloat16Storage":
-            data = (data.astype(np.uint32) << 16).view(np.float32)
-        return _Storage(data)
+        return _Storage(_decode_storage(raw, dtype, numel, storage_type.name))
+
+
+def _decode_storage(raw: bytes, dtype: np.dtype, count: int, type_name: str) -> np.ndarray:
+    """The first ``count`` elements of a storage's bytes in native byte order (bfloat16, which
+    NumPy lacks, as the float32 of the same value)."""
+    data = np.frombuffer(raw, dtype=dtype, count=count).astype(dtype.newbyteorder("="))
+    if type_name == "BFloat16Storage":
+        data = (data.astype(np.uint32) << 16).view(np.float32)
+    return data
 
 
 def _archive_prefix(archive: zipfile.ZipFile, path: Path) -> str:
@@ -711,10 +717,7 @@ def read_torch_legacy(path: str | Path) -> dict[str, np.ndarray]:
                 )
             dtype = np.dtype("<" + _TORCH_STORAGE_DTYPES[storage.type_name])
             raw = _read_exactly(f, count * dtype.itemsize, path)
-            data = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
-            if storage.type_name == "BFloat16Storage":
-                data = (data.astype(np.uint32) << 16).view(np.float32)
-            storage.data = data
+            storage.data = _decode_storage(raw, dtype, count, storage.type_name)
     return _tensor_dict(_materialize(state), path)
 
 

@@ -238,7 +238,7 @@ def batchnorm_mask(params: Any) -> Any:
     def is_bn(path, _):
         names = [getattr(key, "key", str(key)) for key in path]
         return any(
-            name.startswith(("bn", "downsample_bn", "auxiliary_bn")) or name.endswith("_bn")
+            name.startswith("bn") or name.endswith("_bn")
             for name in names[:-1]
         )
 

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hdml_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class InputConvention:
@@ -69,6 +71,26 @@ PREPROCESSING: dict[str, InputConvention] = {
     "bn_inception": InputConvention("BGR", 255.0, (104.0, 117.0, 128.0), (1.0, 1.0, 1.0)),
 }
 BACKBONES = tuple(PREPROCESSING)
+# The ImageNet weights ``model.pretrained`` can name (downloaded and converted on first use), and
+# the backbone each is for.
+NAMED_WEIGHTS = {"torchvision": "resnet", "bninception": "bn_inception"}
+
+
+def check_named_weights(pretrained: str, backbone: str) -> str | None:
+    """The backbone the named weights ``pretrained`` are for (None: not a name, e.g. a directory).
+
+    Raises:
+      ConfigError: they are for another backbone than ``backbone`` (the message names the right ones).
+    """
+    owner = NAMED_WEIGHTS.get(pretrained)
+    if owner is not None and owner != backbone:
+        right = [name for name, weights_backbone in NAMED_WEIGHTS.items() if weights_backbone == backbone]
+        named = f"model.pretrained={right[0]!r}, " if right else ""
+        raise ConfigError(
+            f"model.pretrained={pretrained!r} holds {owner} weights, but model.backbone={backbone!r}: "
+            f"set {named}a converted directory, or 'none'."
+        )
+    return owner
 
 
 def convention(backbone: str) -> InputConvention:

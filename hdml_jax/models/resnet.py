@@ -118,7 +118,9 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.
     )
 
 
-def _norm(train: bool, frozen: bool, dtype: Any, name: str, zero_scale: bool = False) -> nn.Module:
+def norm_layer(train: bool, frozen: bool, dtype: Any, name: str, zero_scale: bool = False) -> nn.Module:
+    """The BatchNorm after a conv: ``FrozenBatchNorm`` when ``frozen``, else batch statistics in
+    training and running ones in evaluation (scale initialised to 0 with ``zero_scale``)."""
     if frozen:
         return FrozenBatchNorm(dtype=dtype, name=name)
     return BatchNorm(
@@ -134,7 +136,7 @@ def _shortcut(x, out_features: int, stride: int, train: bool, frozen_bn: bool, d
     if stride == 1 and x.shape[-1] == out_features:
         return x
     residual = _conv(out_features, 1, stride, dtype, "downsample_conv")(x)
-    return _norm(train, frozen_bn, dtype, "downsample_bn")(residual)
+    return norm_layer(train, frozen_bn, dtype, "downsample_bn")(residual)
 
 
 class BasicBlock(nn.Module):
@@ -149,9 +151,9 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         y = _conv(self.features, 3, self.stride, self.dtype, "conv1")(x)
-        y = nn.relu(_norm(train, self.frozen_bn, self.dtype, "bn1")(y))
+        y = nn.relu(norm_layer(train, self.frozen_bn, self.dtype, "bn1")(y))
         y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
-        y = _norm(train, self.frozen_bn, self.dtype, "bn2", self.zero_init_residual)(y)
+        y = norm_layer(train, self.frozen_bn, self.dtype, "bn2", self.zero_init_residual)(y)
         residual = _shortcut(x, self.features, self.stride, train, self.frozen_bn, self.dtype)
         return nn.relu(y + residual)
 
@@ -169,11 +171,11 @@ class Bottleneck(nn.Module):
     def __call__(self, x, train: bool):
         out_features = self.features * EXPANSION["bottleneck"]
         y = _conv(self.features, 1, 1, self.dtype, "conv1")(x)
-        y = nn.relu(_norm(train, self.frozen_bn, self.dtype, "bn1")(y))
+        y = nn.relu(norm_layer(train, self.frozen_bn, self.dtype, "bn1")(y))
         y = _conv(self.features, 3, self.stride, self.dtype, "conv2")(y)
-        y = nn.relu(_norm(train, self.frozen_bn, self.dtype, "bn2")(y))
+        y = nn.relu(norm_layer(train, self.frozen_bn, self.dtype, "bn2")(y))
         y = _conv(out_features, 1, 1, self.dtype, "conv3")(y)
-        y = _norm(train, self.frozen_bn, self.dtype, "bn3", self.zero_init_residual)(y)
+        y = norm_layer(train, self.frozen_bn, self.dtype, "bn3", self.zero_init_residual)(y)
         residual = _shortcut(x, out_features, self.stride, train, self.frozen_bn, self.dtype)
         return nn.relu(y + residual)
 
@@ -222,7 +224,7 @@ class ResNet(nn.Module):
 
         x = images.astype(self.dtype)
         x = _conv(self.width, 7, 2, self.dtype, "conv1")(x)
-        x = nn.relu(_norm(train, self.frozen_bn, self.dtype, "bn1")(x))
+        x = nn.relu(norm_layer(train, self.frozen_bn, self.dtype, "bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, num_blocks in enumerate(blocks_per_stage):
             for index in range(num_blocks):

@@ -32,6 +32,7 @@ from hdml_jax.models.convert import (
     load_torchvision_resnet,
     save_pretrained,
 )
+from hdml_jax.models.preprocessing import check_named_weights
 
 # torchvision's IMAGENET1K_V1 ResNet weights (ResNet{18,34,50,101}_Weights.IMAGENET1K_V1). The same
 # four URLs appear in pytorch/vision, torchvision/prototype/models/resnet.py at commit
@@ -229,15 +230,8 @@ def resolve_pretrained(
     """
     if spec is None or spec.strip().lower() in ("", "none"):
         return None
-    named = spec.strip().lower()
-    if named in ("torchvision", "bninception"):
-        owner = "resnet" if named == "torchvision" else "bn_inception"
-        if backbone != owner:
-            raise ConfigError(
-                f"pretrained={named!r} holds {owner} weights, but model.backbone={backbone!r}: use "
-                f"pretrained={'bninception' if backbone == 'bn_inception' else 'torchvision'!r}, a "
-                "converted directory, or 'none'."
-            )
+    owner = check_named_weights(spec.strip().lower(), backbone)
+    if owner is not None:
         return _torchvision_checkpoint(depth, width) if owner == "resnet" else _bninception_checkpoint()
     path = Path(spec).expanduser().resolve()
     if not path.exists():
