@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from hdml_jax.data import pipeline, sampling, transforms
+from hdml_jax.data import jpeg, pipeline, sampling, transforms
 from hdml_jax.data.base import Split
 from hdml_jax.data.transforms import EncodedImage
 
@@ -200,6 +200,70 @@ def test_reduced_decode_matches_full_decode(jpegs, monkeypatch):
     assert per_image.max() <= 2.0, per_image.max()
     assert per_image.mean() <= 1.0, per_image.mean()
     assert abs(np.mean([d.mean() for d in differences])) <= 0.3
+
+
+_JPEG_KINDS = {
+    "4:2:0": {"subsampling": 2},
+    "4:2:2": {"subsampling": 1},
+    "4:4:4": {"subsampling": 0},
+    "restart markers": {"restart_marker_rows": 1},
+    "optimized tables": {"optimize": True},
+    "progressive": {"progressive": True},
+}
+
+
+def test_sequential_layout_reads_the_frame_header():
+    pixels = photo_like(90, 120, seed=5)
+    expected_mcu = {"4:2:0": 16, "4:2:2": 8, "4:4:4": 8, "restart markers": 16, "optimized tables": 16}
+    for kind, options in _JPEG_KINDS.items():
+        layout = jpeg.sequential_layout(encode(pixels, quality=90, **options))
+        if kind == "progressive":
+            assert layout is None
+            continue
+        assert layout is not None and layout.height == 90 and layout.mcu_height == expected_mcu[kind], kind
+    grey = jpeg.sequential_layout(encode(pixels[..., 0], quality=90))
+    assert grey is not None and grey.mcu_height == 8
+    data = encode(pixels, quality=90)
+    assert jpeg.truncated(data, 20) is not None and jpeg.truncated(data, 80) is None  # 48 rows; all 90
+    with Image.open(io.BytesIO(jpeg.truncated(data, 20))) as shortened:
+        assert shortened.size == (120, 48)
+    for other in (encode(pixels, "PNG"), data[:40], b"", b"\xff\xd8\xff\xc0\x00"):
+        assert jpeg.truncated(other, 10) is None
+
+
+def test_row_limited_decode_is_exact(monkeypatch):
+    """Decoding only the rows a crop needs gives the very bytes of the full decode: every preset,
+    every JPEG kind, at full and reduced DCT scales (crops from 32 to 120 px for a 32 px output),
+    with and without a bounding box; and most crops do decode fewer rows."""
+    real = jpeg.truncated
+    shortened = []
+
+    def counting(data, rows):
+        out = real(data, rows)
+        shortened.append(out is not None)
+        return out
+
+    files = [encode(photo_like(90, 120, seed=6), quality=90, **options) for options in _JPEG_KINDS.values()]
+    files.append(encode(photo_like(120, 90, seed=7)[..., 1], quality=85))
+    bbox = np.array([0.05, 0.1, 0.7, 0.95])
+    outputs = {}
+    for patched in (False, True):
+        monkeypatch.setattr(jpeg, "truncated", counting if patched else lambda data, rows: None)
+        for name in sorted(transforms.TRANSFORMS):
+            for crop in (False, True):
+                pair = transforms.TRANSFORMS[name](32, crop_to_bbox=crop)
+                for index, data in enumerate(files):
+                    for seed in range(4):
+                        key = (name, crop, index, seed)
+                        outputs.setdefault(key, []).append(
+                            pair.train(EncodedImage(data), np.random.default_rng(seed), bbox=bbox)
+                        )
+                    outputs.setdefault((name, crop, index, "eval"), []).append(
+                        pair.eval(EncodedImage(data), bbox=bbox)
+                    )
+    for key, (full, limited) in outputs.items():
+        np.testing.assert_array_equal(limited, full, err_msg=str(key))
+    assert np.mean(shortened) > 0.4, np.mean(shortened)
 
 
 @pytest.mark.parametrize("name", sorted(transforms.TRANSFORMS))
