@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hdml_jax.data import datasets, folds, inshop, prepare
+from hdml_jax.data import datasets, folds, inshop, prepare, transforms
 from hdml_jax.data.datasets import (
     DATASETS,
     BadManualFilesError,
@@ -228,12 +228,12 @@ def test_sop_splits_and_coarse_labels(sop_dir):
         _load("sop", sop_dir, crop_to_bbox=True)
 
 
-def test_crop_to_box_exact():
+def test_crop_to_bbox_keeps_edges_on_pixel_boundaries():
     image = np.arange(10 * 20 * 3, dtype=np.uint8).reshape(10, 20, 3)
-    crop = datasets.crop_to_box(image, np.array([0.2, 0.25, 0.6, 0.5]))
+    crop = transforms.crop_to_bbox(image, np.array([0.2, 0.25, 0.6, 0.5]))
     np.testing.assert_array_equal(crop, image[2:6, 5:10])
-    assert datasets.crop_to_box(image, np.array([0.5, 0.5, 0.5, 0.5])).shape == (1, 1, 3)  # never empty
-    assert datasets.crop_to_box(image[:, :, 0], np.array([0.0, 0.0, 1.0, 1.0])).shape == (10, 20)
+    assert transforms.crop_to_bbox(image, np.array([0.5, 0.5, 0.5, 0.5])).shape == (1, 1, 3)  # never empty
+    assert transforms.crop_to_bbox(image[:, :, 0], np.array([0.0, 0.0, 1.0, 1.0])).shape == (10, 20)
 
 
 @pytest.mark.parametrize("name", ["cars196", "cub200"])

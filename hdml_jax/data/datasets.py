@@ -39,7 +39,7 @@ import numpy as np
 
 from hdml_jax import storage
 from hdml_jax.data.base import MetricDataset, Split, SubsetSource, remap_labels
-from hdml_jax.data.transforms import EncodedImage
+from hdml_jax.data.transforms import EncodedImage, crop_to_bbox
 from hdml_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -405,29 +405,6 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return image[:, :, :3]
 
 
-def _pixel_edge(fraction: float, size: int, upper: bool) -> int:
-    """``fraction * size`` to a pixel edge: outward, except within float32 noise of an integer."""
-    x = fraction * size
-    nearest = round(x)
-    if abs(x - nearest) < 1e-3:
-        return int(nearest)
-    return int(np.ceil(x)) if upper else int(np.floor(x))
-
-
-def crop_to_box(image: np.ndarray | EncodedImage, bbox: np.ndarray) -> np.ndarray | EncodedImage:
-    """Crop ``image`` (H, W, ...) to ``bbox`` ``[ymin, xmin, ymax, xmax]`` in [0, 1] (at least 1 px);
-    an ``EncodedImage`` stays encoded, restricted to the box."""
-    height, width = image.shape[:2]
-    ymin, xmin, ymax, xmax = np.clip(np.asarray(bbox, np.float64), 0.0, 1.0)
-    top = min(_pixel_edge(ymin, height, False), height - 1)
-    left = min(_pixel_edge(xmin, width, False), width - 1)
-    bottom = max(_pixel_edge(ymax, height, True), top + 1)
-    right = max(_pixel_edge(xmax, width, True), left + 1)
-    if isinstance(image, EncodedImage):
-        return image.crop(top, left, bottom, right)
-    return image[top:bottom, left:right]
-
-
 _FULL_BOX = np.asarray([0.0, 0.0, 1.0, 1.0], np.float32)
 
 
@@ -467,7 +444,7 @@ class ToExample:
         if bbox is not None:
             bbox = np.asarray(bbox, np.float32)
             if self.crop_to_bbox:
-                image, bbox = crop_to_box(image, bbox), _FULL_BOX.copy()
+                image, bbox = crop_to_bbox(image, bbox), _FULL_BOX.copy()
             out["bbox"] = bbox
         out["image"] = image if isinstance(image, EncodedImage) else np.ascontiguousarray(image)
         return out

@@ -264,20 +264,31 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
 def crop_to_bbox(image: np.ndarray | EncodedImage, bbox: np.ndarray) -> np.ndarray | EncodedImage:
     """The pixels of ``image (H, W, C)`` inside ``bbox = [ymin, xmin, ymax, xmax]`` (fractions of H, W).
 
-    The box is rounded outwards to whole pixels and clipped to the image; at least one pixel
-    is kept. Returns a view (an ``EncodedImage`` stays encoded, restricted to the box).
+    The box is clipped to ``[0, 1]`` and rounded outwards to whole pixels, except that an edge
+    within float32 noise of a pixel boundary (``0.2 · 10``) stays on it; at least one pixel is
+    kept. Returns a view (an ``EncodedImage`` stays encoded, restricted to the box).
     """
     bbox = np.asarray(bbox, np.float64).reshape(-1)
     if bbox.shape != (4,):
         raise ValueError(f"bbox must be [ymin, xmin, ymax, xmax], got {bbox.shape[0]} values.")
     height, width = image.shape[:2]
-    y0 = min(max(math.floor(bbox[0] * height), 0), height - 1)
-    x0 = min(max(math.floor(bbox[1] * width), 0), width - 1)
-    y1 = max(min(math.ceil(bbox[2] * height), height), y0 + 1)
-    x1 = max(min(math.ceil(bbox[3] * width), width), x0 + 1)
+    ymin, xmin, ymax, xmax = np.clip(bbox, 0.0, 1.0)
+    y0 = min(_pixel_edge(ymin, height, upper=False), height - 1)
+    x0 = min(_pixel_edge(xmin, width, upper=False), width - 1)
+    y1 = max(_pixel_edge(ymax, height, upper=True), y0 + 1)
+    x1 = max(_pixel_edge(xmax, width, upper=True), x0 + 1)
     if isinstance(image, EncodedImage):
         return image.crop(y0, x0, y1, x1)
     return image[y0:y1, x0:x1]
+
+
+def _pixel_edge(fraction: float, size: int, upper: bool) -> int:
+    """``fraction * size`` to a pixel edge: outward, except within float32 noise of an integer."""
+    x = fraction * size
+    nearest = round(x)
+    if abs(x - nearest) < 1e-3:
+        return int(nearest)
+    return math.ceil(x) if upper else math.floor(x)
 
 
 def resized_shorter_side(height: int, width: int, shorter: int) -> tuple[int, int]:
