@@ -8,7 +8,9 @@
 #    bf16 autocast, torch.compile when it works), images/s, step time, peak memory, MFU
 #    (benchmarks/train_step.py; torch and pytorch-metric-learning optional: without them only
 #    hdml_jax is timed);
-# 2. retrieval_metrics at N = 60,502, d = 512 (SOP's test set size; benchmarks/retrieval.py).
+# 2. retrieval_metrics at N = 60,502, d = 512 (SOP's test set size; benchmarks/retrieval.py);
+# 3. the input pipeline's images/s on this machine's CPU cores, by worker processes (CUB-sized
+#    JPEGs, the proxy_anchor train transform; benchmarks/input.py): whether they feed step 1.
 #
 # Needs a venv with jax for the accelerator (pip install -e . "jax[cuda12]"; TPU: "jax[tpu]");
 # PYTHON overrides the interpreter (default: .venv/bin/python if present, else python3). Every
@@ -34,5 +36,11 @@ echo "== train step (hdml_jax vs PyTorch)"
 
 echo "== retrieval_metrics, N = 60,502"
 "$PYTHON" benchmarks/retrieval.py --skip-faiss 2>&1 | tee "$OUT/retrieval.txt"
+
+echo "== input pipeline by workers, $(nproc) CPUs"
+CORES=$(nproc)
+WORKERS=$(printf '%s\n' 0 $((CORES / 4)) $((CORES / 2)) "$CORES" | sort -nu | tr '\n' ' ')
+# shellcheck disable=SC2086  # one argument per worker count
+"$PYTHON" benchmarks/input.py --repeats 5 --threads 0 --workers $WORKERS 2>&1 | tee "$OUT/input.txt"
 
 echo "results in $OUT"
