@@ -1,5 +1,7 @@
-"""Shared pytest configuration: a small, deadline-free hypothesis profile (jit compiles are slow)."""
+"""Shared pytest configuration: a small, deadline-free hypothesis profile (jit compiles are slow),
+the persistent compilation cache, and fixtures more than one test module uses."""
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -24,3 +26,25 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # their repeated trainer runs compile once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JIT_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+@pytest.fixture
+def convert_fails(capsys):
+    """``convert_fails(*argv)``: ``python -m hdml_jax.models.convert ARGV`` exits with status 2 and
+    a one-line ``error:`` message (``usage=True``: argparse's usage text and error), no traceback;
+    returns the message."""
+    from hdml_jax.models import convert
+
+    def run(*argv: str, usage: bool = False) -> str:
+        with pytest.raises(SystemExit) as info:
+            convert.main(list(argv))
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        if usage:
+            assert err.startswith("usage: ") and "error: " in err
+        else:
+            assert err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    return run

@@ -264,19 +264,9 @@ def test_convert_cli_names_itself_and_imports_cleanly():
     assert "found in sys.modules" not in result.stderr and "RuntimeWarning" not in result.stderr
 
 
-def _convert_fails(capsys, *argv: str) -> str:
-    """``convert.main`` exits with status 2 and a one-line ``error:`` message; returns it."""
-    with pytest.raises(SystemExit) as info:
-        convert.main(list(argv))
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
-
-
-def test_convert_cli_mistakes_are_one_message(resnet18_file, tmp_path, capsys):
+def test_convert_cli_mistakes_are_one_message(resnet18_file, tmp_path, convert_fails):
     out = str(tmp_path / "out")
-    missing = _convert_fails(capsys, str(tmp_path / "resnet50.pth"), "--depth", "50", "--output", out)
+    missing = convert_fails(str(tmp_path / "resnet50.pth"), "--depth", "50", "--output", out)
     assert f"no weights at {tmp_path / 'resnet50.pth'}" in missing
     for name, body in [
         ("bad.pth", b"<html>not found</html>"),
@@ -284,16 +274,14 @@ def test_convert_cli_mistakes_are_one_message(resnet18_file, tmp_path, capsys):
         ("bad.safetensors", b"\x01"),
     ]:
         (tmp_path / name).write_bytes(body)
-        assert name in _convert_fails(capsys, str(tmp_path / name), "--depth", "18", "--output", out)
+        assert name in convert_fails(str(tmp_path / name), "--depth", "18", "--output", out)
     (tmp_path / "cut.pth").write_bytes(resnet18_file.body[:4096])  # an interrupted download
-    assert "cut.pth" in _convert_fails(capsys, str(tmp_path / "cut.pth"), "--depth", "18", "--output", out)
-    depth = _convert_fails(capsys, str(resnet18_file.path), "--depth", "34", "--output", out)
+    assert "cut.pth" in convert_fails(str(tmp_path / "cut.pth"), "--depth", "18", "--output", out)
+    depth = convert_fails(str(resnet18_file.path), "--depth", "34", "--output", out)
     assert "ResNet-18 of width 64, but ResNet-34" in depth and "depth/width differ" in depth
     assert "--depth 18" in depth
     (tmp_path / "exists").mkdir()
-    exists = _convert_fails(
-        capsys, str(resnet18_file.path), "--depth", "18", "--output", str(tmp_path / "exists")
-    )
+    exists = convert_fails(str(resnet18_file.path), "--depth", "18", "--output", str(tmp_path / "exists"))
     assert "exists" in exists
     assert not (tmp_path / "out").exists()
 
