@@ -233,7 +233,7 @@ def test_sequential_layout_reads_the_frame_header():
 
 def test_row_limited_decode_is_exact(monkeypatch):
     """Decoding only the rows a crop needs gives the very bytes of the full decode: every preset,
-    every JPEG kind, at full and reduced DCT scales (crops from 32 to 120 px for a 32 px output),
+    every JPEG kind (and grey and CMYK), at full and reduced DCT scales (crops from 32 to 120 px for a 32 px output),
     with and without a bounding box; and most crops do decode fewer rows."""
     real = jpeg.truncated
     shortened = []
@@ -245,6 +245,9 @@ def test_row_limited_decode_is_exact(monkeypatch):
 
     files = [encode(photo_like(90, 120, seed=6), quality=90, **options) for options in _JPEG_KINDS.values()]
     files.append(encode(photo_like(120, 90, seed=7)[..., 1], quality=85))
+    cmyk = io.BytesIO()
+    Image.fromarray(photo_like(90, 120, seed=8)).convert("CMYK").save(cmyk, format="JPEG", quality=90)
+    files.append(cmyk.getvalue())
     bbox = np.array([0.05, 0.1, 0.7, 0.95])
     outputs = {}
     for patched in (False, True):
