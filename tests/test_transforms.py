@@ -233,8 +233,8 @@ def test_sequential_layout_reads_the_frame_header():
 
 def test_row_limited_decode_is_exact(monkeypatch):
     """Decoding only the rows a crop needs gives the very bytes of the full decode: every preset,
-    every JPEG kind (and grey and CMYK), at full and reduced DCT scales (crops from 32 to 120 px for a 32 px output),
-    with and without a bounding box; and most crops do decode fewer rows."""
+    every JPEG kind (and grey and CMYK), at full and reduced DCT scales (crops from 32 to 120 px
+    for a 32 px output), with and without a bounding box; and most crops do decode fewer rows."""
     real = jpeg.truncated
     shortened = []
 
