@@ -41,6 +41,6 @@ echo "== input pipeline by workers, $(nproc) CPUs"
 CORES=$(nproc)
 WORKERS=$(printf '%s\n' 0 $((CORES / 4)) $((CORES / 2)) "$CORES" | sort -nu | tr '\n' ' ')
 # shellcheck disable=SC2086  # one argument per worker count
-"$PYTHON" benchmarks/input.py --repeats 5 --threads 0 --workers $WORKERS 2>&1 | tee "$OUT/input.txt"
+"$PYTHON" benchmarks/input.py --repeats 5 --threads 0 --skip-tf --workers $WORKERS 2>&1 | tee "$OUT/input.txt"
 
 echo "results in $OUT"

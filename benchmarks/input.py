@@ -25,6 +25,10 @@ so background load hits both alike; min and median of ``--repeats`` rounds):
   crop's bottom (``jpeg.truncated``) and decoded at 1/8 (inverse DCT and colour conversion then
   cost 1/64 of a full decode): the Huffman decoding that every libjpeg-based decoder must do for
   that crop, so its "× ref" bounds any CPU pipeline built on one;
+* crop-window decode (when TensorFlow is installed; ``--skip-tf`` leaves it out): TensorFlow's
+  ``decode_and_crop_jpeg`` on one thread, which also skips the inverse DCT and colour
+  conversion outside the crop (libjpeg-turbo's ``jpeg_crop_scanline``), and no resize: what a
+  pipeline built on such a decoder could reach if its resize cost nothing;
 * eval: ``proxy_anchor(224).eval`` (resize shorter side 256, centre 224) against ``Resize(256)``,
   ``CenterCrop(224)``, ``ToTensor``, ``Normalize``;
 * pipeline: ``pipeline.train_iterator(num_workers=0, num_threads=0)`` (synchronous: sampler,
@@ -52,6 +56,7 @@ from hdml_jax.data.base import Split
 
 BATCH, P, K, SIZE = 64, 16, 4, 224
 ENTROPY_FLOOR = "entropy decoding of the crop's rows"
+CROP_WINDOW = "crop-window decode (TF, nothing else)"
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -158,7 +163,21 @@ def reference_eval(data: bytes, resize: int = 256) -> np.ndarray:
 # ----------------------------------------------------------------------------- timing
 
 
-def per_core(files: list[bytes], split: Split, labels: np.ndarray, repeats: int) -> list[list[str]]:
+def _single_threaded_tensorflow():
+    """TensorFlow on one thread (for a per-core figure), or None when it is not installed."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    tf.config.set_visible_devices([], "GPU")  # the decode runs on the CPU; leave the GPU to JAX
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    return tf
+
+
+def per_core(
+    files: list[bytes], split: Split, labels: np.ndarray, repeats: int, use_tf: bool = True
+) -> list[list[str]]:
     pair = transforms.proxy_anchor(SIZE)
 
     def rngs():
@@ -189,6 +208,18 @@ def per_core(files: list[bytes], split: Split, labels: np.ndarray, repeats: int)
             image.load()
 
     calls[ENTROPY_FLOOR] = lambda: [entropy_floor(files[i], r) for i, r in enumerate(rngs())]
+    # A decoder that skips the inverse DCT and colour conversion outside the crop as well
+    # (libjpeg-turbo's jpeg_crop_scanline, as TensorFlow's decode_and_crop_jpeg uses it), and no
+    # resize at all: the most a pipeline built on such a decoder could gain with a free resize.
+    tf = _single_threaded_tensorflow() if use_tf else None
+    if tf is not None:
+
+        def crop_window(data: bytes, rng: np.random.Generator):
+            height, width = transforms.EncodedImage(data).shape[:2]
+            window = pair.train.crop_params(height, width, rng)
+            return tf.io.decode_and_crop_jpeg(data, window, channels=3, dct_method="INTEGER_ACCURATE").numpy()
+
+        calls[CROP_WINDOW] = lambda: [crop_window(files[i], r) for i, r in enumerate(rngs())]
     # PIL's full decode, then the transform on the array: what a source without ``encoded`` gives.
     calls["train ours (decoded input)"] = lambda: [
         pair.train(np.asarray(reference_load(files[i])), r) for i, r in enumerate(rngs())
@@ -226,11 +257,11 @@ def per_core(files: list[bytes], split: Split, labels: np.ndarray, repeats: int)
     for what in ("train", "eval", "pipeline"):
         reference = timings[f"{what} reference"]
         names = [f"{what} ours"] + (
-            ["train ours (decoded input)", "decode only (PIL, full scale)", ENTROPY_FLOOR]
+            ["train ours (decoded input)", "decode only (PIL, full scale)", CROP_WINDOW, ENTROPY_FLOOR]
             if what == "train"
             else []
         )
-        for name in [*names, f"{what} reference"]:
+        for name in [n for n in [*names, f"{what} reference"] if n in timings]:
             t = timings[name]
             is_reference = name == f"{what} reference"
             rows.append(
@@ -311,6 +342,9 @@ def main() -> None:
         "--threads", type=int, nargs="*", default=[0, 1, 2], help="threads tried with workers=0"
     )
     parser.add_argument("--batches", type=int, default=6, help="batches per timed run (by workers)")
+    parser.add_argument(
+        "--skip-tf", action="store_true", help="leave out the crop-window decode row (TensorFlow)"
+    )
     args = parser.parse_args()
 
     files = synthetic_jpegs(args.images, scale=args.scale)
@@ -328,7 +362,7 @@ def main() -> None:
     )
     print_table(
         ["one core", "images/s (best)", "images/s (median)", "ms/image", "× ref (best)", "× ref (median)"],
-        per_core(files, split, labels, args.repeats),
+        per_core(files, split, labels, args.repeats, use_tf=not args.skip_tf),
         title=f"per core: {args.repeats} interleaved rounds of {BATCH} images each (best: the fastest "
         "round, median: the median round)",
     )
