@@ -43,11 +43,13 @@ Then (``--workers``, ``--threads``) the pipeline's images/s by worker processes 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import io
 import math
 import time
 
 import numpy as np
+import PIL.features
 from _timing import cpu_count, describe_environment, print_table, time_call, time_interleaved
 from PIL import Image
 
@@ -161,6 +163,17 @@ def reference_eval(data: bytes, resize: int = 256) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- timing
+
+
+def _pil_distribution() -> str:
+    """Which distribution provides ``PIL``: Pillow or the Pillow-SIMD fork."""
+    for name in ("pillow-simd", "pillow"):
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return name
+    return "unknown"
 
 
 def _single_threaded_tensorflow():
@@ -354,6 +367,8 @@ def main() -> None:
     print(
         describe_environment(
             [
+                f"PIL {PIL.__version__} ({_pil_distribution()}), libjpeg-turbo "
+                f"{PIL.features.version('libjpeg_turbo') or 'absent'}",
                 f"{len(files)} JPEGs {' and '.join(f'{w}×{h}' for h, w in sides)}, mean "
                 f"{np.mean([len(f) for f in files]) / 1024:.0f} KiB; {BATCH} images a round at {SIZE} px",
                 draft_fractions(files),
