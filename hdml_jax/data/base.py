@@ -113,8 +113,7 @@ class SubsetSource:
 
     def _example(self, index: int, encoded: bool) -> dict[str, Any]:
         position = int(self._indices[index])
-        read = getattr(self._source, "encoded", None) if encoded else None
-        example = dict(read(position) if read is not None else self._source[position])
+        example = dict(read_example(self._source, position, encoded=encoded))
         if self._transform is not None:
             convert = getattr(self._transform, "encoded", None) if encoded else None
             example = (convert or self._transform)(example)
@@ -125,6 +124,13 @@ class SubsetSource:
 
     def __repr__(self) -> str:
         return f"SubsetSource({len(self)} of {len(self._source)})"
+
+
+def read_example(source: RandomAccessSource, index: int, *, encoded: bool) -> dict[str, Any]:
+    """``source.encoded(index)`` when ``encoded`` is asked for and the source has it (see the
+    module docstring), else ``source[index]``."""
+    read = getattr(source, "encoded", None) if encoded else None
+    return read(index) if read is not None else source[index]
 
 
 def remap_labels(labels: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from hdml_jax.data.base import MetricDataset, Split, SubsetSource, remap_labels
+from hdml_jax.data.base import MetricDataset, Split, SubsetSource, read_example, remap_labels
 from hdml_jax.errors import UserError
 
 NUM_FOLDS = 4  # num_training_partitions / num_training_sets (config_dataset/default.yaml)
@@ -98,8 +98,7 @@ class ConcatSource:
     def encoded(self, index: int) -> dict[str, Any]:
         """The example with its image still encoded when its source can (``base.py``)."""
         source, position = self._locate(index)
-        read = getattr(source, "encoded", None)
-        return read(position) if read is not None else source[position]
+        return read_example(source, position, encoded=True)
 
     def __repr__(self) -> str:
         return f"ConcatSource({' + '.join(str(len(s)) for s in self._sources)})"

@@ -46,7 +46,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from hdml_jax.data.base import Split
+from hdml_jax.data.base import Split, read_example
 from hdml_jax.data.sampling import Sampler
 from hdml_jax.data.transforms import ImageTransform
 
@@ -158,11 +158,11 @@ class _BatchLoader:
         images = np.zeros((b, *self.image_shape), np.uint8)
         safe = np.where(valid, indices, 0)
         labels = np.where(valid, self.split.labels[safe], -1).astype(np.int32)
-        source = self.split.source
-        read = getattr(source, "encoded", None) if isinstance(self.transform, ImageTransform) else None
+        encoded = isinstance(self.transform, ImageTransform)
         for row in np.flatnonzero(valid):
             index = int(indices[row])
-            image = _apply(self.transform, read(index) if read else source[index], rngs[row])
+            example = read_example(self.split.source, index, encoded=encoded)
+            image = _apply(self.transform, example, rngs[row])
             if image.shape != self.image_shape or image.dtype != np.uint8:
                 raise ValueError(
                     f"{self.split.name or 'split'}[{index}]: the transform returned {image.dtype} "
