@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import pickle
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from hdml_jax import cluster, evaluate, metrics
+from tests.simulated_devices import run_on_eight_devices
 
 
 def reference_retrieval(query, query_labels, reference=None, reference_labels=None, ks=(1, 2, 4, 8)):
@@ -170,19 +166,7 @@ def test_sharded_path_on_a_one_device_mesh_and_its_argument_errors():
 
 
 def test_references_sharded_over_eight_devices_give_the_single_device_metrics():
-    # A subprocess: the simulated device count must be set before JAX starts.
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(root)}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.retrieval_sharding_check"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_on_eight_devices("retrieval_sharding_check")
     assert len(report) == 7
     for name, case in report.items():
         assert case["sharded"] == case["single"], name  # exactly, every metric

@@ -5,29 +5,13 @@ Each case runs in a subprocess because the device count must be set before JAX s
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.simulated_devices import run_on_eight_devices
 
 
 def run_check(*args: str) -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.multidevice_check", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_on_eight_devices("multidevice_check", *args)
 
 
 def assert_same_step(worst: dict, grads_tolerance: float = 1e-4) -> None:
