@@ -53,12 +53,13 @@ import PIL.features
 from _timing import cpu_count, describe_environment, print_table, time_call, time_interleaved
 from PIL import Image
 
-from hdml_jax.data import jpeg, pipeline, sampling, transforms
+from hdml_jax.data import jpeg, pipeline, resample, sampling, transforms
 from hdml_jax.data.base import Split
 
 BATCH, P, K, SIZE = 64, 16, 4, 224
 ENTROPY_FLOOR = "entropy decoding of the crop's rows"
 CROP_WINDOW = "crop-window decode (TF, nothing else)"
+PILLOW_ONLY = "train ours (Pillow decode and resize)"
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -233,6 +234,10 @@ def per_core(
             return tf.io.decode_and_crop_jpeg(data, window, channels=3, dct_method="INTEGER_ACCURATE").numpy()
 
         calls[CROP_WINDOW] = lambda: [crop_window(files[i], r) for i, r in enumerate(rngs())]
+    # Neither simplejpeg nor the native resize kernel: what an install without them runs.
+    calls[PILLOW_ONLY] = lambda: pillow_only(
+        lambda: [pair.train(transforms.EncodedImage(files[i]), r) for i, r in enumerate(rngs())]
+    )
     # PIL's full decode, then the transform on the array: what a source without ``encoded`` gives.
     calls["train ours (decoded input)"] = lambda: [
         pair.train(np.asarray(reference_load(files[i])), r) for i, r in enumerate(rngs())
@@ -270,7 +275,13 @@ def per_core(
     for what in ("train", "eval", "pipeline"):
         reference = timings[f"{what} reference"]
         names = [f"{what} ours"] + (
-            ["train ours (decoded input)", "decode only (PIL, full scale)", CROP_WINDOW, ENTROPY_FLOOR]
+            [
+                PILLOW_ONLY,
+                "train ours (decoded input)",
+                "decode only (PIL, full scale)",
+                CROP_WINDOW,
+                ENTROPY_FLOOR,
+            ]
             if what == "train"
             else []
         )
@@ -288,6 +299,47 @@ def per_core(
                 ]
             )
     return rows
+
+
+def pillow_only(run):
+    """``run()`` with neither simplejpeg nor the native resize kernel (Pillow decodes and resizes)."""
+    saved = transforms._simplejpeg, resample._NATIVE
+    transforms._simplejpeg, resample._NATIVE = None, None
+    try:
+        return run()
+    finally:
+        transforms._simplejpeg, resample._NATIVE = saved
+
+
+def resize_kernels(files: list[bytes], repeats: int) -> list[list[str]]:
+    """The train crops' resize alone (decoded beforehand, the rows the filter reads), by kernel."""
+    pair = transforms.proxy_anchor(SIZE)
+    rng = np.random.default_rng(0)
+    work = []
+    for data in files[:BATCH]:
+        pixels = np.asarray(reference_load(data))
+        top, left, h, w = pair.train.crop_params(*pixels.shape[:2], rng)
+        box = (float(left), float(top), float(left + w), float(top + h))
+        work.append((pixels[: transforms.rows_reached(box, SIZE, 1)], box))
+    size = (SIZE, SIZE)
+    calls = {
+        "Pillow, one resize call (the reference's)": lambda: [
+            Image.fromarray(p).resize(size, Image.Resampling.BILINEAR, box=b) for p, b in work
+        ],
+        "ours, Pillow fallback (two single-axis calls)": lambda: [
+            resample._pillow(p, size, b) for p, b in work
+        ],
+    }
+    if resample._NATIVE is not None:
+        calls["ours, native kernel"] = lambda: [resample.bilinear(p, size, b) for p, b in work]
+    timings = time_interleaved(
+        calls, repeats=repeats, warmup=1, per_round=1, syncs=dict.fromkeys(calls, lambda x: x)
+    )
+    pillow = timings["Pillow, one resize call (the reference's)"]
+    return [
+        [name, f"{t.best / BATCH * 1e3:.3f}", f"{t.median / BATCH * 1e3:.3f}", f"{pillow.best / t.best:.2f}x"]
+        for name, t in timings.items()
+    ]
 
 
 def draft_fractions(files: list[bytes], count: int = 2000) -> str:
@@ -372,6 +424,12 @@ def main() -> None:
                 f"{len(files)} JPEGs {' and '.join(f'{w}×{h}' for h, w in sides)}, mean "
                 f"{np.mean([len(f) for f in files]) / 1024:.0f} KiB; {BATCH} images a round at {SIZE} px",
                 draft_fractions(files),
+                f"ours: resize {resample.BACKEND}, JPEG decode "
+                + (
+                    f"simplejpeg {importlib.metadata.version('simplejpeg')}"
+                    if transforms._simplejpeg
+                    else "Pillow"
+                ),
             ]
         )
     )
@@ -380,6 +438,11 @@ def main() -> None:
         per_core(files, split, labels, args.repeats, use_tf=not args.skip_tf),
         title=f"per core: {args.repeats} interleaved rounds of {BATCH} images each (best: the fastest "
         "round, median: the median round)",
+    )
+    print_table(
+        ["resize only (one core)", "ms/image (best)", "ms/image (median)", "× Pillow (best)"],
+        resize_kernels(files, args.repeats),
+        title=f"the train crops' bilinear resize to {SIZE} px alone, on pixels decoded beforehand",
     )
     if args.workers:
         print_table(

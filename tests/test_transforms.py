@@ -9,7 +9,7 @@ import pickle
 
 import numpy as np
 import pytest
-from PIL import Image, JpegImagePlugin
+from PIL import Image
 
 from hdml_jax.data import jpeg, pipeline, sampling, transforms
 from hdml_jax.data.base import Split
@@ -40,16 +40,16 @@ def jpegs() -> list[bytes]:
 
 class _Recorder:
     """Stands in for ``EncodedImage.resized``: records the box, decodes nothing, returns an image
-    dark on the left and bright on the right (so a flip shows)."""
+    dark on the left and bright on the right, mirrored when asked (so a flip shows)."""
 
     def __init__(self):
         self.boxes = []
 
-    def __call__(self, image, size, box=None):
+    def __call__(self, image, size, box=None, flip=False):
         self.boxes.append(tuple(box))
         pixels = np.zeros((size[1], size[0], 3), np.uint8)
         pixels[:, size[0] // 2 :] = 255
-        return Image.fromarray(pixels)
+        return pixels[:, ::-1] if flip else pixels
 
 
 def _ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
@@ -110,7 +110,9 @@ def test_crops_and_flips_are_those_of_arrays_and_of_the_reference(jpegs, monkeyp
     draws = 3000
 
     recorder = _Recorder()
-    monkeypatch.setattr(EncodedImage, "resized", lambda self, size, box=None: recorder(self, size, box))
+    monkeypatch.setattr(
+        EncodedImage, "resized", lambda self, size, box=None, flip=False: recorder(self, size, box, flip)
+    )
     flips, after = [], []
     for seed in range(draws):
         rng = np.random.default_rng(seed)
@@ -122,9 +124,9 @@ def test_crops_and_flips_are_those_of_arrays_and_of_the_reference(jpegs, monkeyp
     array_boxes = []
     real_resize = transforms._resize_box
 
-    def spy(image, size, box=None):
+    def spy(image, size, box=None, flip=False):
         array_boxes.append(tuple(box))
-        return real_resize(image, size, box)
+        return real_resize(image, size, box, flip)
 
     monkeypatch.setattr(transforms, "_resize_box", spy)
     for seed in range(0, draws, 10):  # a tenth: the full resize is slower
@@ -172,13 +174,15 @@ def test_reduced_decode_matches_full_decode(jpegs, monkeypatch):
     """Decoded at 1/2, 1/4 or 1/8 and resized, the output stays within a few grey levels of full
     decode + the same resize: per image mean |difference| ≤ 2 levels (measured ≈ 0.5), no bias."""
     drafts = []
-    real_draft = JpegImagePlugin.JpegImageFile.draft
+    real_decode = EncodedImage._decode_top
 
-    def counting_draft(self, mode, size):
-        drafts.append(size)
-        return real_draft(self, mode, size)
+    def counting_decode(self, rows, reduction):
+        pixels, scale = real_decode(self, rows, reduction)
+        if scale > 1:
+            drafts.append(scale)
+        return pixels, scale
 
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", counting_draft)
+    monkeypatch.setattr(EncodedImage, "_decode_top", counting_decode)
     differences = []
     for size in (64, 112):
         pair = transforms.proxy_anchor(size)

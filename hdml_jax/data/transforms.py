@@ -68,12 +68,16 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 from PIL import Image
 
-from hdml_jax.data import jpeg
+from hdml_jax.data import jpeg, resample
+
+try:  # libjpeg-turbo straight into NumPy; the same pixels as Pillow's decode, without its copies
+    import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover (a dependency; Pillow decodes everything without it)
+    _simplejpeg = None
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
-_BILINEAR = Image.Resampling.BILINEAR
 _DRAFT_SCALES = (8, 4, 2)  # libjpeg's DCT scaling as PIL's draft offers it: 1/8, 1/4, 1/2
 _WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I")
 
@@ -172,11 +176,12 @@ class EncodedImage:
         cropped._full, cropped._opened, self._opened = self._full, self._opened, None
         return cropped
 
-    def _open_rows(self, rows: int) -> Image.Image:
+    def _open_rows(self, rows: int, shortened: bytes | None = None) -> Image.Image:
         """``open()``, but a single-scan sequential JPEG decodes only the MCU rows covering
-        rows ``[0, rows)`` of the full image (``jpeg.truncated``; those rows come out exactly as
-        in a full decode)."""
-        shortened = jpeg.truncated(self._data, rows) if rows < self.full_shape[0] else None
+        rows ``[0, rows)`` of the full image (``jpeg.truncated``, or ``shortened`` when the
+        caller has it; those rows come out exactly as in a full decode)."""
+        if shortened is None and rows < self.full_shape[0]:
+            shortened = jpeg.truncated(self._data, rows)
         if shortened is None:
             return self.open()
         if self._opened is not None:
@@ -198,40 +203,60 @@ class EncodedImage:
         return pixels if dtype is None else pixels.astype(dtype)
 
     def resized(
-        self, size: tuple[int, int], box: tuple[float, float, float, float] | None = None
-    ) -> Image.Image:
+        self, size: tuple[int, int], box: tuple[float, float, float, float] | None = None, flip: bool = False
+    ) -> np.ndarray:
         """``box = (left, top, right, bottom)`` of this region (its pixels, floats; None: all of
-        it) resized to ``size = (width, height)``, bilinear with antialiasing, as
-        ``Image.fromarray(np.asarray(self)).resize(size, BILINEAR, box=box)`` but with JPEGs
-        decoded at the reduction ``draft_scale`` allows (see the module docstring)."""
+        it) resized to ``size = (width, height)`` (``resample.bilinear``), as
+        ``resample.bilinear(np.asarray(self), size, box)`` but with JPEGs decoded at the reduction
+        ``draft_scale`` allows and only down to the rows the filter reads (module docstring)."""
         top, left, bottom, right = self.box
         if box is None:
             box = (0.0, 0.0, right - left, bottom - top)
         wanted = draft_scale(box[2] - box[0], box[3] - box[1], *size)
         rows = rows_reached(box, size[1], wanted)
-        with self._open_rows(top + rows) as image:
+        decoded, scale = self._decode_top(top + rows, wanted)
+        # The resize sees the region's first ``rows`` rows, as an array's resize does
+        # (``_resize_box``), at a reduced scale the reduced pixels overlapping them: the region
+        # bounds the filter, so the taps do not depend on how many rows were decoded.
+        height, width = decoded.shape[:2] if isinstance(decoded, np.ndarray) else decoded.size[::-1]
+        y0, x0 = top // scale, left // scale
+        y1 = min(-(-min(bottom, top + rows) // scale), height)
+        x1 = min(-(-right // scale), width)
+        if isinstance(decoded, np.ndarray):
+            region = decoded[y0:y1, x0:x1]
+        else:
+            region = decoded if (x0, y0, x1, y1) == (0, 0, width, height) else decoded.crop((x0, y0, x1, y1))
+        left, top = left - x0 * scale, top - y0 * scale
+        shifted = (box[0] + left, box[1] + top, box[2] + left, box[3] + top)
+        return resample.bilinear(region, size, tuple(v / scale for v in shifted), flip=flip)
+
+    def _decode_top(self, rows: int, reduction: int) -> tuple[np.ndarray | Image.Image, int]:
+        """``(pixels, s)``: the whole image's rows ``[0, rows)`` (or more) decoded at ``1/s``
+        (``s`` is ``reduction`` for a JPEG, else 1), as ``uint8 (h, w, 3)`` or an RGB PIL image.
+
+        YCbCr and grey JPEGs that end in an EOI marker decode with simplejpeg when it is
+        installed (libjpeg-turbo straight into a NumPy array; the same pixels as Pillow, whose
+        decode adds an image object and a copy), everything else with Pillow.
+        """
+        shortened = jpeg.truncated(self._data, rows) if rows < self.full_shape[0] else None
+        decoded = _decode_jpeg_into_array(shortened or self._data, reduction, whole=self._data)
+        if decoded is not None:
+            return decoded, reduction
+        # Not ``with``: closing would discard the pixels on older Pillow, and the file is a BytesIO.
+        image = self._open_rows(rows, shortened)
+        try:
             scale = 1
-            if image.format == "JPEG" and wanted > 1:
+            if image.format == "JPEG" and reduction > 1:
                 width, height = image.size
-                drafted = image.draft("RGB", (width // wanted, height // wanted))
+                drafted = image.draft("RGB", (width // reduction, height // reduction))
                 if drafted is not None:
                     scale = round(width / drafted[1][2])
             rgb = pil_to_rgb(image)
-            # The resize sees the region's first ``rows`` rows, as an array's resize does
-            # (``_resize_box``), at a reduced scale the reduced pixels overlapping them: the
-            # region bounds the filter, and the input to PIL's resampler (whose pass order depends
-            # on the input's size) does not depend on how many rows were decoded.
-            region = (
-                left // scale,
-                top // scale,
-                min(-(-right // scale), rgb.width),
-                min(-(-min(bottom, top + rows) // scale), rgb.height),
-            )
-            if region != (0, 0, rgb.width, rgb.height):
-                rgb = rgb.crop(region)
-            left, top = left - region[0] * scale, top - region[1] * scale
-            shifted = (box[0] + left, box[1] + top, box[2] + left, box[3] + top)
-            return rgb.resize(size, _BILINEAR, box=tuple(v / scale for v in shifted))
+            rgb.load()
+        except BaseException:
+            image.close()
+            raise
+        return rgb, scale
 
     def __repr__(self) -> str:
         return f"EncodedImage({len(self._data)} bytes, box={self._box})"
@@ -299,19 +324,55 @@ def resized_shorter_side(height: int, width: int, shorter: int) -> tuple[int, in
 
 
 def _resize_box(
-    image: np.ndarray | EncodedImage, size: int, box: tuple[float, float, float, float] | None = None
-) -> Image.Image:
-    """Crop ``box = (left, top, right, bottom)`` (pixels, floats; None: all) of ``image`` and
-    resize to size×size (an encoded JPEG decodes at a reduced scale when the box allows it)."""
+    image: np.ndarray | EncodedImage,
+    size: int,
+    box: tuple[float, float, float, float] | None = None,
+    flip: bool = False,
+) -> np.ndarray:
+    """Crop ``box = (left, top, right, bottom)`` (pixels, floats; None: all) of ``image``,
+    resize to size×size and mirror left to right if ``flip`` (an encoded JPEG decodes at a
+    reduced scale when the box allows it)."""
     if isinstance(image, EncodedImage):
-        return image.resized((size, size), box)
+        return image.resized((size, size), box, flip)
     if box is not None:
         image = image[: rows_reached(box, size, draft_scale(box[2] - box[0], box[3] - box[1], size, size))]
-    return Image.fromarray(image).resize((size, size), _BILINEAR, box=box)
+    return resample.bilinear(image, (size, size), box, flip=flip)
 
 
-def _flip(pil: Image.Image, rng: np.random.Generator) -> Image.Image:
-    return pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else pil
+def _draw_flip(rng: np.random.Generator) -> bool:
+    """torchvision's ``RandomHorizontalFlip``: one uniform draw, flip below 1/2 (drawn after
+    the crop, so the generator is consumed in torchvision's order)."""
+    return rng.random() < 0.5
+
+
+def _decode_jpeg_into_array(data: bytes, reduction: int, whole: bytes) -> np.ndarray | None:
+    """``data`` (``whole``, or ``whole`` shortened by ``jpeg.truncated``) decoded at
+    ``1/reduction`` with simplejpeg as ``uint8 (h, w, 3)``; None where Pillow must decode it.
+
+    Pillow's semantics are kept: libjpeg's warnings are ignored (``strict=False``; a shortened
+    file always has extraneous data after the rows kept), and a file cut short (no EOI marker at
+    the end of ``whole``) goes to Pillow, which reports it. CMYK, YCCK and RGB JPEGs go to
+    Pillow too: their colour conversion is Pillow's own.
+    """
+    if _simplejpeg is None or not whole.endswith(b"\xff\xd9") or not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "Gray"):
+        return None
+    expected = (-(-height // reduction), -(-width // reduction))
+    scaling = (
+        {}
+        if reduction == 1
+        else {"min_factor": reduction, "min_height": expected[0], "min_width": expected[1]}
+    )
+    try:
+        pixels = _simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False, **scaling)
+    except ValueError:
+        return None
+    return pixels if pixels.shape[:2] == expected else None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -345,14 +406,12 @@ class ImageTransform:
             image = crop_to_bbox(image, bbox)
         if self.is_random and rng is None:
             raise ValueError(f"{type(self).__name__} is random: pass a numpy Generator.")
-        out = np.asarray(self.apply(image, rng))
+        out = np.ascontiguousarray(self.apply(image, rng))
         if out.shape != (self.size, self.size, 3):  # pragma: no cover (a bug in a subclass)
             raise AssertionError(f"{self} produced {out.shape}.")
         return out
 
-    def apply(
-        self, image: np.ndarray | EncodedImage, rng: np.random.Generator | None
-    ) -> np.ndarray | Image.Image:
+    def apply(self, image: np.ndarray | EncodedImage, rng: np.random.Generator | None) -> np.ndarray:
         """The transform proper: ``image`` is RGB (an array) or encoded; only ``image.shape`` and
         ``_resize_box`` may be used on it before the decode."""
         raise NotImplementedError
@@ -404,8 +463,8 @@ class RandomResizedCrop(ImageTransform):
         )
         top, left, h, w = self.crop_params(frame_h, frame_w, rng)
         sy, sx = height / frame_h, width / frame_w
-        pil = _resize_box(image, self.size, (left * sx, top * sy, (left + w) * sx, (top + h) * sy))
-        return _flip(pil, rng) if self.flip else pil
+        flip = self.flip and _draw_flip(rng)
+        return _resize_box(image, self.size, (left * sx, top * sy, (left + w) * sx, (top + h) * sy), flip)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -442,10 +501,9 @@ class SquareRandomCrop(ImageTransform):
         height, width = image.shape[:2]
         top, left = (int(v) for v in rng.integers(0, self.resize_to - self.size + 1, size=2))
         sy, sx = height / self.resize_to, width / self.resize_to
-        pil = _resize_box(
-            image, self.size, (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
-        )
-        return _flip(pil, rng) if self.flip else pil
+        flip = self.flip and _draw_flip(rng)
+        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+        return _resize_box(image, self.size, box, flip)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
