@@ -132,16 +132,20 @@ def describe_transform(transform: transforms.ImageTransform) -> dict[str, Any]:
         recipe["description"] = (
             f"resize so that the shorter side is {transform.resize_shorter} px (aspect ratio kept, "
             f"torchvision Resize({transform.resize_shorter})), then crop the central {size}×{size} "
-            "pixels (CenterCrop); done as one PIL bilinear resample of the crop box from the original image."
+            "pixels (CenterCrop); done as one bilinear resample of the crop box from the original image."
         )
     elif isinstance(transform, transforms.Resize):
         recipe["description"] = (
-            f"resize to {size}×{size} pixels (aspect ratio not kept) with PIL bilinear; "
+            f"resize to {size}×{size} pixels (aspect ratio not kept), bilinear; "
             f"images already {size}×{size} are used as they are."
         )
     else:  # pragma: no cover (every preset's eval transform is one of the two above)
         recipe["description"] = f"{type(transform).__name__} to {size}×{size} pixels."
-    recipe["interpolation"] = "bilinear (PIL Image.resize, antialiased when downscaling)"
+    recipe["interpolation"] = (
+        "bilinear, antialiased when downscaling: Pillow's BILINEAR filter and fixed-point arithmetic, "
+        "horizontal pass then vertical (PIL Image.resize up to Pillow 12; Pillow 13 may swap the passes, "
+        "within 1 grey level)"
+    )
     recipe["input"] = "RGB uint8 (grayscale/palette/RGBA converted with PIL .convert('RGB'))"
     return recipe
 

@@ -20,17 +20,21 @@ output decodes in full, exactly as an array would. The result stays within a few
 full decode (``tests/test_transforms.py`` bounds the mean absolute difference per image by 2
 levels; about 0.5 measured on photo-like JPEGs). Rows below the last one the resize reads
 (``rows_reached``) are not decoded at all when the file allows it (``jpeg.truncated``: bit-exact,
-2–3% of a train transform on CUB-sized JPEGs). The resize itself is unchanged: PIL's bilinear
-with antialiasing in every preset. A ``reduce()`` pre-shrink (``reducing_gap``) is not used: after
-the reduced decode the factor left is below 2 (save past 1/8), where it would not apply, and
-elsewhere it would swap part of the bilinear filter for a box.
+2–3% of a train transform on CUB-sized JPEGs). YCbCr and grey JPEGs decode with simplejpeg
+(libjpeg-turbo into a NumPy array, the same pixels as Pillow's decode without its copies), others
+with Pillow. The resize is ``resample.bilinear`` in every preset: Pillow's bilinear filter with
+antialiasing, in Pillow's arithmetic (a native SSE4.1 kernel when it was built, Pillow's own
+resize otherwise, the same pixels either way), and it writes the horizontal flip at no cost. A
+``reduce()`` pre-shrink (``reducing_gap``) is not used: after the reduced decode the factor left
+is below 2 (save past 1/8), where it would not apply, and elsewhere it would swap part of the
+bilinear filter for a box.
 
 ``rng`` drives every random choice (the pipeline derives it from ``(seed, step, position)``, so
 a batch is reproducible in any worker); eval transforms ignore it. With ``crop_to_bbox=True``
 and a ``bbox`` (``[ymin, xmin, ymax, xmax]`` in ``[0, 1]``), the image is first cropped to the
-box. Crop and resize happen in one PIL ``resize(box=...)`` call from the original image
-(bilinear with PIL's antialiasing, as torchvision on PIL images), which resamples only the
-pixels that are kept and interpolates once.
+box. Crop, resize and flip happen in one ``resample.bilinear(box=...)`` call from the original
+image (bilinear with Pillow's antialiasing, as torchvision on PIL images), which resamples only
+the pixels that are kept and interpolates once.
 
 Normalisation: the pipeline ships ``uint8`` batches and the model normalises on device
 (``steps.normalize_images``): 4× less host work and host→device traffic than float32, and the
@@ -154,6 +158,8 @@ class EncodedImage:
     @property
     def full_shape(self) -> tuple[int, int]:
         """``(height, width)`` of the whole encoded image."""
+        if self._full is None:
+            self._full = _jpeg_shape(self._data)
         if self._full is None:
             self._opened = self.open()
             self._full = (self._opened.height, self._opened.width)
@@ -343,6 +349,18 @@ def _draw_flip(rng: np.random.Generator) -> bool:
     """torchvision's ``RandomHorizontalFlip``: one uniform draw, flip below 1/2 (drawn after
     the crop, so the generator is consumed in torchvision's order)."""
     return rng.random() < 0.5
+
+
+def _jpeg_shape(data: bytes) -> tuple[int, int] | None:
+    """A JPEG's ``(height, width)`` from its frame header, read by simplejpeg (a tenth of the
+    time Pillow's ``open`` takes, which parses every marker in Python); None for anything else."""
+    if _simplejpeg is None or not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        height, width, _, _ = _simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (height, width) if height > 0 and width > 0 else None
 
 
 def _decode_jpeg_into_array(data: bytes, reduction: int, whole: bytes) -> np.ndarray | None:
