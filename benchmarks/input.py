@@ -25,6 +25,8 @@ so background load hits both alike; min and median of ``--repeats`` rounds):
   crop's bottom (``jpeg.truncated``) and decoded at 1/8 (inverse DCT and colour conversion then
   cost 1/64 of a full decode): the Huffman decoding that every libjpeg-based decoder must do for
   that crop, so its "× ref" bounds any CPU pipeline built on one;
+* our decode of the crop's rows: what the train transform decodes (the file shortened to the rows
+  its resize reads, simplejpeg or Pillow), nothing else;
 * crop-window decode (when TensorFlow is installed; ``--skip-tf`` leaves it out): TensorFlow's
   ``decode_and_crop_jpeg`` on one thread, which also skips the inverse DCT and colour
   conversion outside the crop (libjpeg-turbo's ``jpeg_crop_scanline``), and no resize: what a
@@ -60,6 +62,7 @@ BATCH, P, K, SIZE = 64, 16, 4, 224
 ENTROPY_FLOOR = "entropy decoding of the crop's rows"
 CROP_WINDOW = "crop-window decode (TF, nothing else)"
 PILLOW_ONLY = "train ours (Pillow decode and resize)"
+ROWS_DECODE = "our decode of the crop's rows, nothing else"
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -222,6 +225,14 @@ def per_core(
             image.load()
 
     calls[ENTROPY_FLOOR] = lambda: [entropy_floor(files[i], r) for i, r in enumerate(rngs())]
+
+    # Our decode alone: the rows down to the train crop's bottom, as the transform decodes them.
+    def rows_decode(data: bytes, rng: np.random.Generator) -> None:
+        image = transforms.EncodedImage(data)
+        top, left, h, w = pair.train.crop_params(*image.shape[:2], rng)
+        image._decode_top(transforms.rows_reached((left, top, left + w, top + h), SIZE, 1), 1)
+
+    calls[ROWS_DECODE] = lambda: [rows_decode(files[i], r) for i, r in enumerate(rngs())]
     # A decoder that skips the inverse DCT and colour conversion outside the crop as well
     # (libjpeg-turbo's jpeg_crop_scanline, as TensorFlow's decode_and_crop_jpeg uses it), and no
     # resize at all: the most a pipeline built on such a decoder could gain with a free resize.
@@ -279,6 +290,7 @@ def per_core(
                 PILLOW_ONLY,
                 "train ours (decoded input)",
                 "decode only (PIL, full scale)",
+                ROWS_DECODE,
                 CROP_WINDOW,
                 ENTROPY_FLOOR,
             ]
