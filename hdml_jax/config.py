@@ -122,7 +122,11 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.dataset.crop_to_bbox = False
     c.dataset.image_size = 224
     c.dataset.transform = "proxy_anchor"
+    # Batches are prepared by num_workers processes, or (num_workers = 0) by num_threads threads
+    # of this process; JPEG decode and resize release the GIL, so threads scale with the cores
+    # without the processes' start-up and copies (benchmarks/input.py). Same batches either way.
     c.dataset.num_workers = 0
+    c.dataset.num_threads = 1
 
     c.model = ml_collections.ConfigDict()
     c.model.backbone = "resnet"  # or "bn_inception" (then depth/width/last_stride do not apply)
@@ -587,6 +591,9 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
     ):
         if int(c[name]) < 1:
             raise ConfigError(f"{name} must be a positive integer, got {c[name]}.")
+    for name in ("num_workers", "num_threads"):
+        if int(c.dataset[name]) < 0:
+            raise ConfigError(f"dataset.{name} must be 0 or more, got {c.dataset[name]}.")
     if c.num_steps <= 0 and c.num_epochs <= 0:
         raise ConfigError("set num_epochs or num_steps to a positive number.")
     if c.optimizer.lr <= 0:

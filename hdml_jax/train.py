@@ -253,6 +253,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, split: Split):
         global_batch_size=config.batch_size,
         seed=config.seed,
         num_workers=config.dataset.num_workers,
+        num_threads=config.dataset.num_threads,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -264,6 +265,7 @@ def make_eval_batches(config: ml_collections.ConfigDict, split: Split):
         split,
         transform=transform.eval,
         batch_size=config.eval_batch_size,
+        num_threads=config.dataset.num_threads,  # worker processes would start anew at every evaluation
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )

@@ -81,7 +81,8 @@ def test_interrupted_evaluations_and_a_damaged_checkpoint_end_like_an_uninterrup
     """Ctrl-C during the evaluation of step 8 saves step 8 with that evaluation still due; the
     resumed run evaluates it first. Ctrl-C during the final evaluation leaves the trained step 16
     saved. That checkpoint is then damaged by one flipped bit: the rerun detects it, sets it
-    aside, resumes from step 12, and ends identical to the uninterrupted run."""
+    aside, resumes from step 12 (on three loader threads), and ends identical to the uninterrupted
+    run."""
     reference, reference_final = finished
     path = tmp_path / "run"
     signal_during_evaluation(monkeypatch, which=1)  # step 8
@@ -100,7 +101,8 @@ def test_interrupted_evaluations_and_a_damaged_checkpoint_end_like_an_uninterrup
 
     flip_a_bit(path / "checkpoints" / "16")
     monkeypatch.undo()
-    final = train.train_and_evaluate(config(), path, dataset=dataset)
+    # Resumed on 3 loader threads: the batches (train and eval) do not depend on the thread count.
+    final = train.train_and_evaluate(config(**{"dataset.num_threads": 3}), path, dataset=dataset)
     assert checkpoints.steps_in(path / "damaged_checkpoints") == [16]
     np.testing.assert_array_equal(
         np.load(path / "test_embeddings.npy"), np.load(reference / "test_embeddings.npy")

@@ -180,6 +180,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
         ("dataset.name", "imagenet", "unknown dataset 'imagenet'; valid: synthetic, synthetic_sop, cub200"),
         ("model.descriptors", "SX", "unknown letters"),
         ("batch_size", 60, "classes_per_batch × samples_per_class"),
+        ("dataset.num_threads", -1, "dataset.num_threads must be 0 or more"),
     ],
 )
 def test_config_validation_errors(key, value, message):
