@@ -9,8 +9,9 @@
 #    (benchmarks/train_step.py; torch and pytorch-metric-learning optional: without them only
 #    hdml_jax is timed);
 # 2. retrieval_metrics at N = 60,502, d = 512 (SOP's test set size; benchmarks/retrieval.py);
-# 3. the input pipeline's images/s on this machine's CPU cores, by worker processes (CUB-sized
-#    JPEGs, the proxy_anchor train transform; benchmarks/input.py): whether they feed step 1.
+# 3. the input pipeline's images/s on this machine's CPU cores, by loader threads and by worker
+#    processes (CUB-sized JPEGs, the proxy_anchor train transform; benchmarks/input.py): whether
+#    they feed step 1.
 #
 # Needs a venv with jax for the accelerator (pip install -e . "jax[cuda12]"; TPU: "jax[tpu]");
 # PYTHON overrides the interpreter (default: .venv/bin/python if present, else python3). Every
@@ -37,10 +38,10 @@ echo "== train step (hdml_jax vs PyTorch)"
 echo "== retrieval_metrics, N = 60,502"
 "$PYTHON" benchmarks/retrieval.py --skip-faiss 2>&1 | tee "$OUT/retrieval.txt"
 
-echo "== input pipeline by workers, $(nproc) CPUs"
+echo "== input pipeline by threads and workers, $(nproc) CPUs"
 CORES=$(nproc)
-WORKERS=$(printf '%s\n' 0 $((CORES / 4)) $((CORES / 2)) "$CORES" | sort -nu | tr '\n' ' ')
-# shellcheck disable=SC2086  # one argument per worker count
-"$PYTHON" benchmarks/input.py --repeats 5 --threads 0 --skip-tf --workers $WORKERS 2>&1 | tee "$OUT/input.txt"
+COUNTS=$(printf '%s\n' 0 $((CORES / 4)) $((CORES / 2)) "$CORES" | sort -nu | tr '\n' ' ')
+# shellcheck disable=SC2086  # one argument per thread / worker count
+"$PYTHON" benchmarks/input.py --repeats 5 --skip-tf --threads $COUNTS --workers $COUNTS 2>&1 | tee "$OUT/input.txt"
 
 echo "results in $OUT"
