@@ -166,3 +166,15 @@ def test_a_file_cut_short_is_reported_not_decoded():
     data = encode(photo_like(90, 120, seed=14), quality=90)
     with pytest.raises(OSError, match="truncated"):
         transforms.proxy_anchor(32).eval(EncodedImage(data[: len(data) // 2]))
+
+
+@pytest.mark.skipif(NATIVE is None, reason="the native resize kernel was not built (no C compiler)")
+def test_a_kernel_built_from_another_source_is_not_used(monkeypatch):
+    """An editable install does not rebuild the kernel on a source change: a built file whose
+    calling convention differs must not be called (Pillow resizes instead, with a warning)."""
+    assert resample._load_native() is not None
+    monkeypatch.setattr(resample, "_ABI_VERSION", resample._ABI_VERSION + 1)
+    with pytest.warns(UserWarning, match="built from another version of _resample.c"):
+        assert resample._load_native() is None
+    monkeypatch.setenv("HDML_JAX_NATIVE_RESAMPLE", "0")
+    assert resample._load_native() is None

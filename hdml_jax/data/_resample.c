@@ -207,6 +207,11 @@ __attribute__((target("sse4.1"))) static void horizontal_sse41(const uint8_t *sr
 }
 #endif
 
+/* The calling convention's version: resample.py refuses a built file whose version differs (an
+   editable install does not rebuild it when the source changes). Raise it with any change to an
+   exported function's arguments or meaning. */
+HDML_EXPORT int hdml_resample_abi_version(void) { return 1; }
+
 /* 1: the SSE4.1 horizontal kernel where the CPU has it; 0: scalar only (tests switch it to
    check one against the other). */
 static int widest_kernel = 1;

@@ -23,11 +23,15 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import warnings
 
 import numpy as np
 from PIL import Image
 
 _BILINEAR = Image.Resampling.BILINEAR
+
+
+_ABI_VERSION = 1  # hdml_resample_abi_version() of the _resample.c this file calls
 
 
 def _load_native() -> ctypes._CFuncPtr | None:
@@ -37,8 +41,17 @@ def _load_native() -> ctypes._CFuncPtr | None:
     if spec is None or spec.origin is None:
         return None
     try:
-        function = ctypes.CDLL(spec.origin).hdml_resize_bilinear_rgb
+        library = ctypes.CDLL(spec.origin)
+        version = library.hdml_resample_abi_version()
+        function = library.hdml_resize_bilinear_rgb
     except (OSError, AttributeError):
+        version = None
+    if version != _ABI_VERSION:
+        warnings.warn(
+            f"{spec.origin} was built from another version of _resample.c; resizing with Pillow "
+            "instead (the same pixels, slower). Rebuild it: pip install -e . (or pip install .).",
+            stacklevel=2,
+        )
         return None
     function.restype = ctypes.c_int
     function.argtypes = [
