@@ -360,3 +360,16 @@ def test_pipeline_reads_encoded_examples(jpegs):
 
     next(pipeline.train_iterator(split, transform=plain, **kwargs))
     assert seen and set(seen) == {np.ndarray}
+
+
+def test_as_rgb_takes_every_channel_layout_and_names_the_bad_ones():
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    alpha = np.full_like(grey, 200)
+    for image in (grey, grey[:, :, None], np.stack([grey, alpha], axis=2)):
+        np.testing.assert_array_equal(transforms.as_rgb(image), rgb)
+    np.testing.assert_array_equal(transforms.as_rgb(np.dstack([rgb, alpha])), rgb)
+    with pytest.raises(ValueError, match="must be uint8"):
+        transforms.as_rgb(grey.astype(np.float32))
+    with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) image, got shape \(3, 4, 5\)"):
+        transforms.as_rgb(np.zeros((3, 4, 5), np.uint8))

@@ -39,7 +39,7 @@ import numpy as np
 
 from hdml_jax import storage
 from hdml_jax.data.base import MetricDataset, Split, SubsetSource, remap_labels
-from hdml_jax.data.transforms import EncodedImage, crop_to_bbox
+from hdml_jax.data.transforms import EncodedImage, as_rgb, crop_to_bbox
 from hdml_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -397,14 +397,6 @@ def read_label_features(
 # ----------------------------------------------------------------------------- examples
 
 
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.shape[-1] == 1:
-        return np.repeat(image, 3, axis=-1)
-    return image[:, :, :3]
-
-
 _FULL_BOX = np.asarray([0.0, 0.0, 1.0, 1.0], np.float32)
 
 
@@ -438,7 +430,7 @@ class ToExample:
             if not encoded:
                 image = image.decode()
         else:
-            image = _as_rgb(np.asarray(image))
+            image = as_rgb(image)
         out: dict[str, Any] = {}
         bbox = example.get("bbox") if self.keep_bbox else None
         if bbox is not None:

@@ -277,16 +277,17 @@ def normalize(images):
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
-    """Any ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 image → ``(H, W, 3)`` uint8."""
+    """Any ``(H, W)``, ``(H, W, 1)``, ``(H, W, 2)`` (grey + alpha), ``(H, W, 3)`` or ``(H, W, 4)``
+    uint8 image → ``(H, W, 3)`` uint8: grey repeated, alpha dropped."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got {image.dtype}.")
     if image.ndim == 2:
         image = image[:, :, None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or image.shape[0] < 1 or image.shape[1] < 1:
+    if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4) or image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}.")
-    if image.shape[2] == 1:
-        return np.repeat(image, 3, axis=2)
+    if image.shape[2] <= 2:
+        return np.repeat(image[:, :, :1], 3, axis=2)
     if image.shape[2] == 4:
         return image[:, :, :3]
     return image
