@@ -8,10 +8,12 @@ Per core (one thread, this process; ours and the reference interleaved in rounds
 so background load hits both alike; min and median of ``--repeats`` rounds):
 
 * train, ours: ``transforms.proxy_anchor(224).train`` on the encoded bytes (``EncodedImage``: the
-  crop is drawn, then the JPEG decodes at the largest reduction that keeps the crop at least
-  224 px on each axis and only down to the crop's bottom, then one bilinear resize and the
-  flip), ``uint8 (224, 224, 3)`` out
-  (normalised on the device);
+  crop is drawn, then the JPEG decodes (simplejpeg) at the largest reduction that keeps the crop
+  at least 224 px on each axis and only down to the crop's bottom, then one bilinear resize that
+  also flips (``resample``: the native kernel when built)), ``uint8 (224, 224, 3)`` out
+  (normalised on the device); the header line says which decoder and resize ran;
+* train, ours (Pillow decode and resize): the same with neither simplejpeg nor the native kernel,
+  what an install without a C compiler runs;
 * train, ours (decoded input): the same transform on an array PIL decoded in full, as a source
   without ``encoded`` feeds it;
 * train, reference: what a torchvision ``ImageFolder`` + ``DataLoader`` worker does per image,
@@ -37,7 +39,9 @@ so background load hits both alike; min and median of ``--repeats`` rounds):
   per-example generators, ``source.encoded``, batch assembly) against the reference loop over the
   same indices plus the default collate (``np.stack`` of the float32 tensors).
 
-Then (``--workers``, ``--threads``) the pipeline's images/s by worker processes and threads.
+Then the train crops' resize alone, on pixels decoded beforehand: Pillow's one ``resize`` call
+(the reference's), our Pillow fallback and the native kernel. Then (``--workers``, ``--threads``)
+the pipeline's images/s by worker processes and threads.
 
     python benchmarks/input.py [--scale 1] [--images 300] [--repeats 10] [--workers 0 1 2 4] [--threads 0 1 2]
 """
