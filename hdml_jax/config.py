@@ -35,6 +35,7 @@ baselines      pytorch-metric-learning's pair and classification losses (contras
 from __future__ import annotations
 
 import inspect
+import os
 
 import ml_collections
 
@@ -105,6 +106,18 @@ def parse_arg(arg: str | None, keys: tuple[str, ...] = ("method",)) -> dict[str,
     return result
 
 
+def default_loader_threads() -> int:
+    """Half the CPUs this process may run on, from 1 to 8: the other half is left to the
+    training step's host work (and, on a CPU, to XLA). One thread prepares about 1,000 CUB-sized
+    images a second (``benchmarks/input.py``); more than 8 are worth setting by hand only for
+    several accelerators fed by one process."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // 2))
+
+
 def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     """The defaults shared by every data set, with ``method``'s published recipe applied."""
     c = ml_collections.ConfigDict()
@@ -126,7 +139,7 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     # of this process; JPEG decode and resize release the GIL, so threads scale with the cores
     # without the processes' start-up and copies (benchmarks/input.py). Same batches either way.
     c.dataset.num_workers = 0
-    c.dataset.num_threads = 1
+    c.dataset.num_threads = default_loader_threads()
 
     c.model = ml_collections.ConfigDict()
     c.model.backbone = "resnet"  # or "bn_inception" (then depth/width/last_stride do not apply)

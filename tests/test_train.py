@@ -346,3 +346,13 @@ def test_synthetic_sop_config_is_valid_for_every_method():
         assert (config.dataset.name, config.seed, config.dataset.image_size) == ("synthetic_sop", 3, 32)
         if config.sampler == "pk":  # every class has at least 2 images
             assert config.samples_per_class == 2
+
+
+def test_loader_threads_default_to_half_the_usable_cpus_up_to_8(monkeypatch):
+    from hdml_jax import config as config_module
+
+    for cpus, threads in [(1, 1), (2, 1), (5, 2), (16, 8), (240, 8)]:
+        monkeypatch.setattr(
+            config_module.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False
+        )
+        assert config_module.default_loader_threads() == threads, cpus
