@@ -351,6 +351,15 @@ def test_pipeline_reads_encoded_examples(jpegs):
     for row, index in enumerate(batch["index"]):
         rng = pipeline.augmentation_rng(3, 0, row)
         np.testing.assert_array_equal(batch["image"][row], transform(EncodedImage(jpegs[index]), rng))
+    # On 3 loader threads (decode and resize run outside the GIL, side by side): the same batches.
+    with (
+        pipeline.train_iterator(split, transform=transform, **{**kwargs, "num_threads": 3}) as threaded,
+        pipeline.train_iterator(split, transform=transform, **kwargs) as synchronous,
+    ):
+        for step in range(6):
+            np.testing.assert_array_equal(
+                next(threaded)["image"], next(synchronous)["image"], err_msg=f"step {step}"
+            )
     # Any other callable gets pixels (source[i]).
     seen = []
 
