@@ -45,6 +45,7 @@ def workspace(tmp_path_factory) -> tuple[Path, MetricDataset]:
         "--config", "tests/tiny_custom_config.py:method=proxy_anchor",
         f"--config.dataset.path={csv_path}", f"--config.dataset.data_dir={cache}",
         "--config.eval_every_epochs=2", "--config.checkpoint_every_steps=4",
+        "--config.dataset.num_threads=2",  # loader threads, through the CLI
         "--workdir", str(root / "run"),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
