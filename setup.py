@@ -2,7 +2,8 @@
 
 Everything else is in ``pyproject.toml``. The extension is ``optional``: without a C compiler (or
 if it fails to build) the install still succeeds and ``hdml_jax.data.resample`` falls back to
-Pillow, with the same pixels, about 2× slower (``benchmarks/input.py`` prints which it timed).
+Pillow, with the same pixels; that resize is about 3× slower (``benchmarks/input.py`` prints
+which it timed).
 """
 
 import sys

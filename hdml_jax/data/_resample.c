@@ -126,14 +126,6 @@ static inline void horizontal_pixel(const uint8_t *row, const Taps *taps, int i,
     out[2] = clip8(b);
 }
 
-/* Outputs [0, n) whose taps end before the row's last pixel, so that a 4-byte load per tap
-   stays inside the row (taps only move right along the row). */
-static int outputs_with_spare_byte(const Taps *taps, int out_w, int in_w) {
-    int n = out_w;
-    while (n > 0 && taps->first[n - 1] + taps->count[n - 1] >= in_w) n--;
-    return n;
-}
-
 /* Where output pixel i goes in its row: i, or out_w - 1 - i for a mirrored (flipped) output. */
 static inline size_t place(int i, int out_w, int flip) { return (size_t)(flip ? out_w - 1 - i : i) * 3; }
 
@@ -145,6 +137,14 @@ static void horizontal_scalar(const uint8_t *src, ptrdiff_t stride, int rows, ui
 }
 
 #ifdef HDML_X86_SIMD
+/* Outputs [0, n) whose taps end before the row's last pixel, so that a 4-byte load per tap
+   stays inside the row (taps only move right along the row). */
+static int outputs_with_spare_byte(const Taps *taps, int out_w, int in_w) {
+    int n = out_w;
+    while (n > 0 && taps->first[n - 1] + taps->count[n - 1] >= in_w) n--;
+    return n;
+}
+
 /* One output pixel per 128-bit vector: each tap loads 4 bytes (RGB plus the next pixel's red,
    whose lane is ignored), widens them to int32 and adds them times the tap's weight. Two rows go
    together, sharing each weight (25% faster than one; a 256-bit version, two output pixels per

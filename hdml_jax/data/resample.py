@@ -29,8 +29,6 @@ import numpy as np
 from PIL import Image
 
 _BILINEAR = Image.Resampling.BILINEAR
-
-
 _ABI_VERSION = 1  # hdml_resample_abi_version() of the _resample.c this file calls
 
 

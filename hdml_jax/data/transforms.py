@@ -355,16 +355,23 @@ def _draw_flip(rng: np.random.Generator) -> bool:
     return rng.random() < 0.5
 
 
-def _jpeg_shape(data: bytes) -> tuple[int, int] | None:
-    """A JPEG's ``(height, width)`` from its frame header, read by simplejpeg (a tenth of the
-    time Pillow's ``open`` takes, which parses every marker in Python); None for anything else."""
+def _jpeg_header(data: bytes) -> tuple[int, int, str] | None:
+    """A JPEG's ``(height, width, colorspace)`` from its frame header, read by simplejpeg (a tenth
+    of the time Pillow's ``open`` takes, which parses every marker in Python); None for anything
+    else, or without simplejpeg."""
     if _simplejpeg is None or not data.startswith(b"\xff\xd8"):
         return None
     try:
-        height, width, _, _ = _simplejpeg.decode_jpeg_header(data)
+        height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
-    return (height, width) if height > 0 and width > 0 else None
+    return (height, width, colorspace) if height > 0 and width > 0 else None
+
+
+def _jpeg_shape(data: bytes) -> tuple[int, int] | None:
+    """A JPEG's ``(height, width)`` (``_jpeg_header``); None for anything else."""
+    header = _jpeg_header(data)
+    return None if header is None else header[:2]
 
 
 def _decode_jpeg_into_array(data: bytes, reduction: int, whole: bytes) -> np.ndarray | None:
@@ -376,14 +383,10 @@ def _decode_jpeg_into_array(data: bytes, reduction: int, whole: bytes) -> np.nda
     the end of ``whole``) goes to Pillow, which reports it. CMYK, YCCK and RGB JPEGs go to
     Pillow too: their colour conversion is Pillow's own.
     """
-    if _simplejpeg is None or not whole.endswith(b"\xff\xd9") or not data.startswith(b"\xff\xd8"):
+    header = _jpeg_header(data) if whole.endswith(b"\xff\xd9") else None
+    if header is None or header[2] not in ("YCbCr", "Gray"):
         return None
-    try:
-        height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        return None
-    if colorspace not in ("YCbCr", "Gray"):
-        return None
+    height, width, _ = header
     expected = (-(-height // reduction), -(-width // reduction))
     scaling = (
         {}
