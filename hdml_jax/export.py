@@ -4,14 +4,16 @@
 Writes (each file atomically)::
 
     DIR/model.jax_export   the serialized ``jax.export.Exported``: uint8 (B, S, S, 3) RGB images in,
-                           float32 (B, d) L2-normalised embeddings out; the weights are constants
-                           inside, and so is the backbone's normalisation (as in training:
-                           ImageNet mean/std on RGB for ResNet; BGR, 0-255, mean only for
-                           BN-Inception)
-    DIR/metadata.json      S, d, the batch size (or "symbolic"), the platforms, the host-side
-                           preprocessing recipe (the run's eval transform, in words and numbers),
-                           the normalisation (backbone, channel order, range, mean/std), step,
-                           source workdir, checkpoint id, JAX version
+                           values 0-255 as decoded (not rescaled, not normalised), float32 (B, d)
+                           L2-normalised embeddings out; the weights are constants inside, and so
+                           is the backbone's normalisation (as in training: ImageNet mean/std on
+                           RGB for ResNet; BGR, mean only for BN-Inception)
+    DIR/metadata.json      S, d, the batch size (or "symbolic"), the platforms, the input (dtype,
+                           channel order, value range 0-255), the host-side preprocessing recipe
+                           (the run's eval transform, in words and numbers), the normalisation
+                           applied inside (backbone, channel order, value range and mean/std, all
+                           on the input's 0-255 scale), step, source workdir, checkpoint id,
+                           JAX version
 
 Running it needs JAX only (no hdml_jax, no Flax)::
 
@@ -85,7 +87,11 @@ def metadata(
         "input": {
             "shape": ["B" if batch_size is None else batch_size, size, size, 3],
             "dtype": "uint8",
-            "layout": "NHWC, RGB, 0-255; preprocess each image on the host as in 'preprocessing'",
+            "channel_order": "RGB",
+            "value_range": [0, 255],
+            "layout": "NHWC, RGB, 0-255 pixel values as decoded; resize/crop each image on the host as "
+            "in 'preprocessing', and neither rescale nor normalise it: the artifact applies "
+            "'normalization' itself",
         },
         "output": {
             "shape": ["B" if batch_size is None else batch_size, dim],
@@ -97,7 +103,8 @@ def metadata(
         "embedding_dim": dim,
         "platforms": list(platforms),
         "preprocessing": describe_transform(embedder.transform),
-        # The backbone's input convention (hdml_jax.models.preprocessing), applied inside.
+        # The backbone's input convention (hdml_jax.models.preprocessing), applied inside, on the
+        # same 0-255 scale as the input.
         "normalization": {"backbone": backbone, **preprocessing.convention(backbone).describe()},
         "step": embedder.step,
         "workdir": str(embedder.workdir),

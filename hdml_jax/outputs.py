@@ -102,4 +102,5 @@ def write_retrieval_picture(
         query_split.labels[chosen],
         [[gallery_split.source[int(j)]["image"] for j in row] for row in neighbours],
         gallery_split.labels[neighbours],
+        np.take_along_axis(similarity, neighbours, axis=1),  # cosine: the embeddings are unit vectors
     )

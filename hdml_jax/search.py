@@ -10,9 +10,10 @@ images (cosine similarity, the embeddings are unit vectors) are printed::
        rank  similarity  path  [label]
           1      0.9731  /data/gallery/b.jpg  [class_3]
 
-``--picture`` draws every query with its top-k (``visualize.plot_retrieval``). Neighbours are
-framed green (same label) or red only where the query's label is known — the query is itself a
-labelled gallery image; otherwise every frame is neutral.
+``--picture`` draws every query with its top-k (``visualize.plot_retrieval``): each neighbour
+titled with its rank, cosine similarity and label (where the gallery has labels), the query with
+its label where known. Neighbours are framed green (same label) or red only where the query's
+label is known — the query is itself a labelled gallery image; otherwise every frame is neutral.
 """
 
 from __future__ import annotations
@@ -138,9 +139,12 @@ def write_picture(
     query_images: Sequence[np.ndarray],
     gallery: dict[str, Any],
     order: np.ndarray,
+    similarity: np.ndarray | None = None,
 ) -> None:
-    """``output`` (PNG, atomic): each query and its top-k; green/red frames only where the query's
-    label is known (it is a gallery image with a label), neutral frames otherwise."""
+    """``output`` (PNG, atomic): each query and its top-k (``order``, best first) with their
+    cosine similarities (``similarity``, as ``nearest`` gives them; None: not shown) and gallery
+    labels; green/red frames only where the query's label is known (it is a gallery image with a
+    label), neutral frames otherwise."""
     from hdml_jax import visualize
     from hdml_jax.workdir import atomic_write
 
@@ -150,9 +154,10 @@ def write_picture(
     for row, path in zip(order, query_paths, strict=True):
         known = labels is not None and path in index
         query_labels.append(labels[index[path]] if known else _Unknown())
-        neighbour_labels.append([labels[j] if known else _Unknown() for j in row])
+        neighbour_labels.append([_Unknown() if labels is None else labels[j] for j in row])
     cache: dict[str, np.ndarray] = {}
     neighbours = [[_picture_image(embedder, gallery["paths"][j], cache) for j in row] for row in order]
+    scores = {} if similarity is None else {"similarities": np.asarray(similarity)}
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(
         output,
@@ -162,6 +167,7 @@ def write_picture(
             np.array(query_labels, dtype=object),
             neighbours,
             np.array(neighbour_labels, dtype=object),
+            **scores,
         ),
     )
 
@@ -222,7 +228,7 @@ def run(args) -> int:
             label = f"  {labels[j]}" if labels is not None else ""
             print(f"  {rank:5d}  {s:10.4f}  {gallery['paths'][j]}{label}")
     if picture is not None:
-        write_picture(picture, embedder, query_paths, list(images), gallery, order)
+        write_picture(picture, embedder, query_paths, list(images), gallery, order, similarity)
         print(f"wrote {picture}", file=sys.stderr)
     return 0
 

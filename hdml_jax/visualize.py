@@ -6,6 +6,7 @@ fine for the few thousand points that are plotted), so no extra dependency is ne
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -137,12 +138,26 @@ def _scatter_by_class(ax, xy: np.ndarray, labels: np.ndarray, kind: str) -> str:
     return f"{len(classes)} {plural}, each its own colour/marker"
 
 
-def tsne_figure(xy: np.ndarray, labels: np.ndarray, coarse_labels: np.ndarray | None = None):
+def embedding_count(drawn: int, total: int | None = None) -> str:
+    """``"1,000 of 1,920 test embeddings"`` for a sample, ``"1,920 test embeddings"`` for all."""
+    if total is None or total <= drawn:
+        return f"{drawn:,} test embeddings"
+    return f"{drawn:,} of {total:,} test embeddings"
+
+
+def tsne_figure(
+    xy: np.ndarray,
+    labels: np.ndarray,
+    coarse_labels: np.ndarray | None = None,
+    total: int | None = None,
+):
     """The figure of ``tsne.png`` from 2-D points: one panel by class, one by coarse group if given.
 
     Every class gets its own colour/marker combination (``class_styles``) while there are enough;
     past that the title says that they repeat. With at most ``LEGEND_MAX_CLASSES`` classes (or
     groups) a legend, outside the panel, names them. The coarse panel is drawn the same way.
+    ``total``: how many test embeddings there were when ``xy`` is a sample of them (the title then
+    says "N of total"); None or ``len(xy)``: all of them were drawn.
     """
     panels = [("class", np.asarray(labels))]
     if coarse_labels is not None:
@@ -154,7 +169,7 @@ def tsne_figure(xy: np.ndarray, labels: np.ndarray, coarse_labels: np.ndarray | 
     for ax, (kind, values) in zip(axes[0], panels, strict=True):
         note = _scatter_by_class(ax, xy, values, kind)
         what = "class" if kind == "class" else "coarse group"
-        ax.set_title(f"t-SNE of {len(xy)} test embeddings, by {what}\n({note})", fontsize=10)
+        ax.set_title(f"t-SNE of {embedding_count(len(xy), total)}, by {what}\n({note})", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
     return fig
@@ -169,47 +184,121 @@ def plot_tsne(
     *,
     max_points: int = 2000,
 ) -> None:
-    """``tsne.png``: t-SNE of up to ``max_points`` embeddings (see ``tsne_figure``)."""
+    """``tsne.png``: t-SNE of up to ``max_points`` embeddings, a seeded uniform sample of them when
+    there are more (the title says how many of how many; see ``tsne_figure``)."""
     rng = np.random.default_rng(0)
     index = np.sort(rng.permutation(len(embeddings))[:max_points])
     xy = tsne(embeddings[index], key)
     coarse = None if coarse_labels is None else np.asarray(coarse_labels)[index]
-    fig = tsne_figure(xy, np.asarray(labels)[index], coarse)
+    fig = tsne_figure(xy, np.asarray(labels)[index], coarse, total=len(embeddings))
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
 
 
 # ----------------------------------------------------------------------------- retrieval
 
+FRAME_CORRECT, FRAME_WRONG, FRAME_NEUTRAL = "limegreen", "red", "black"
+RETRIEVAL_FONTSIZE = 8.5
 
-def plot_retrieval(
-    path: str | Path,
+
+def _known(label: Any) -> bool:
+    """False for None and for a label that compares as unknown (``label == label`` gives None:
+    how ``hdml_jax.search`` marks a query whose label it does not know)."""
+    return label is not None and (label == label) is not None
+
+
+def label_text(label: Any, max_chars: int = 18) -> str | None:
+    """How a retrieval tile names a class: ``"class 3"`` for an integer label, a name as it is
+    (shortened to ``max_chars`` with "…"); None for an unknown label (``_known``)."""
+    if not _known(label):
+        return None
+    text = f"class {int(label)}" if isinstance(label, int | np.integer) else str(label)
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def _same_class(neighbour: Any, query: Any) -> bool | None:
+    """Whether a neighbour has the query's class; None where either label is unknown."""
+    if not (_known(neighbour) and _known(query)):
+        return None
+    same = neighbour == query
+    return None if same is None else bool(same)
+
+
+def retrieval_figure(
     query_images: Sequence[np.ndarray],
-    query_labels: np.ndarray,
+    query_labels: Sequence[Any],
     neighbour_images: Sequence[Sequence[np.ndarray]],
-    neighbour_labels: np.ndarray,
-) -> None:
-    """``retrieval.png``: each row a query and its top-k, correct ones framed green, wrong red."""
+    neighbour_labels: Sequence[Sequence[Any]],
+    similarities: np.ndarray | None = None,
+    *,
+    similarity_name: str = "cosine",
+):
+    """The figure of ``retrieval.png``: each row a query and its top-k, best first.
+
+    Each neighbour's title gives its rank and ``similarities[r][j]`` (the score the ranking used,
+    ``similarity_name``) above its class (``label_text``); the query's gives its class. A neighbour
+    is framed green when its label equals the query's, red when it differs, and neutral (thin,
+    black) when either label is unknown (None, or ``==`` gives None).
+    """
     plt = _pyplot()
     rows, k = len(query_images), len(neighbour_images[0])
-    fig, axes = plt.subplots(rows, k + 1, figsize=(1.6 * (k + 1), 1.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, k + 1, figsize=(1.75 * (k + 1), 2.0 * rows + 0.45), squeeze=False, layout="constrained"
+    )
+    judged = False
     for r in range(rows):
-        cells = [(query_images[r], "query", None)] + [
-            (neighbour_images[r][j], f"#{j + 1}", neighbour_labels[r][j] == query_labels[r]) for j in range(k)
-        ]
+        query_class = label_text(query_labels[r])
+        cells = [(query_images[r], "query" + (f"\n{query_class}" if query_class else ""), None)]
+        for j in range(k):
+            score = "" if similarities is None else f" · {similarity_name} {float(similarities[r][j]):.3f}"
+            neighbour_class = label_text(neighbour_labels[r][j])
+            title = f"#{j + 1}{score}" + (f"\n{neighbour_class}" if neighbour_class else "")
+            correct = _same_class(neighbour_labels[r][j], query_labels[r])
+            judged |= correct is not None
+            cells.append((neighbour_images[r][j], title, correct))
         for c, (image, title, correct) in enumerate(cells):
             ax = axes[r][c]
             ax.imshow(image)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(title, fontsize=8)
-            colour = "black" if correct is None else ("limegreen" if correct else "red")
+            ax.set_title(title, fontsize=RETRIEVAL_FONTSIZE, linespacing=1.15)
+            colour = FRAME_NEUTRAL if correct is None else (FRAME_CORRECT if correct else FRAME_WRONG)
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(1 if correct is None else 4)
-    fig.tight_layout()
+    notes = [f"top-{k} of each query, best first"]
+    if similarities is not None:
+        notes.append(f"{similarity_name}: similarity to the query, the ranking's score")
+    if judged:
+        notes.append("frame green: the query's class, red: another")
+    # Wrapped to the figure's width (about 14 characters an inch at this size).
+    width = max(20, int(14 * fig.get_figwidth()))
+    fig.suptitle(textwrap.fill("; ".join(notes), width), fontsize=RETRIEVAL_FONTSIZE)
+    return fig
+
+
+def plot_retrieval(
+    path: str | Path,
+    query_images: Sequence[np.ndarray],
+    query_labels: Sequence[Any],
+    neighbour_images: Sequence[Sequence[np.ndarray]],
+    neighbour_labels: Sequence[Sequence[Any]],
+    similarities: np.ndarray | None = None,
+    *,
+    similarity_name: str = "cosine",
+) -> None:
+    """``retrieval.png``: each row a query and its top-k with their similarities and classes,
+    correct ones framed green, wrong red (``retrieval_figure``)."""
+    fig = retrieval_figure(
+        query_images,
+        query_labels,
+        neighbour_images,
+        neighbour_labels,
+        similarities,
+        similarity_name=similarity_name,
+    )
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 # ----------------------------------------------------------------------------- curves
@@ -220,11 +309,14 @@ _NOT_METRICS = frozenset({"step", "kind", "epoch"})
 
 # What each logged loss term is (``steps.compute_loss``): HPL's total is Σ_l w_l·L_l over the
 # fine level (the per-class proxies, L_0) and the coarse levels; CGD's is triplet + w·classification.
+# Short legend labels; subscripts in matplotlib mathtext ($...$).
 LOSS_TERM_LABELS = {
-    "fine": "fine level (HPL L_0, unweighted)",
-    "triplet": "triplet (CGD ranking term)",
-    "classification": "classification (CGD, before its weight)",
+    "fine": r"fine level $L_0$ (unweighted)",
+    "triplet": "triplet term",
+    "classification": "classification (unweighted)",
 }
+HPL_TOTAL_LABEL = r"weighted total $\Sigma_l\, w_l L_l$"
+CGD_TOTAL_LABEL = "total: triplet + w·classification"
 
 # Evaluation series: colour, line style and marker each cycle, so every series has its own
 # combination and series that coincide stay visible (hollow markers, some lines dashed or absent).
@@ -251,9 +343,9 @@ def read_metrics(metrics_jsonl: str | Path) -> tuple[list[dict[str, Any]], list[
 
 def _total_loss_label(terms: list[str]) -> str:
     if "fine" in terms:
-        return "total Σ_l w_l·L_l (HPL, all levels)"
+        return HPL_TOTAL_LABEL
     if "triplet" in terms or "classification" in terms:
-        return "total: triplet + w·classification (CGD)"
+        return CGD_TOTAL_LABEL
     return "loss"
 
 
@@ -268,8 +360,21 @@ def _same(a: tuple[list[int], list[float]], b: tuple[list[int], list[float]]) ->
     return a[0] == b[0] and np.allclose(a[1], b[1], rtol=0.0, atol=1e-6)
 
 
-def _legend_outside(ax) -> None:
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
+def _legend_below(ax, entries: int, max_columns: int = 4) -> None:
+    """A compact legend under the axes, below the tick labels and the x label (off the data, and
+    the plot keeps the figure's width): up to ``max_columns`` entries a row."""
+    from matplotlib.transforms import offset_copy
+
+    ax.legend(
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        bbox_transform=offset_copy(ax.transAxes, fig=ax.figure, y=-34, units="points"),
+        ncol=max(1, min(entries, max_columns)),
+        fontsize=8.5,
+        frameon=False,
+        handlelength=2.6,
+        columnspacing=1.6,
+    )
 
 
 def curves_figure(metrics_jsonl: str | Path):
@@ -277,12 +382,12 @@ def curves_figure(metrics_jsonl: str | Path):
 
     Each evaluation metric has its own colour, line style and marker; a metric whose values
     equal an earlier one's (precision@1 and recall@1 whenever every query has a match) is drawn
-    with markers only and labelled ``(= that metric)``, so neither hides the other. Legends sit
-    outside the panels, off the data.
+    with markers only and labelled ``(= that metric)``, so neither hides the other. Compact
+    legends sit under the panels, off the data (the plots get the figure's width).
     """
     train, evals = read_metrics(metrics_jsonl)
     plt = _pyplot()
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(15, 4.8), layout="constrained")
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(14, 5.2), layout="constrained")
 
     terms = sorted({k for r in train for k in r} - _NOT_LOSS_TERMS)
     if train:
@@ -295,7 +400,7 @@ def curves_figure(metrics_jsonl: str | Path):
                 linewidth=1.3,
                 label=LOSS_TERM_LABELS.get(term, term),
             )
-        _legend_outside(ax_loss)
+        _legend_below(ax_loss, 1 + len(terms))
     ax_loss.set_xlabel("step")
     ax_loss.set_title("training loss")
 
@@ -321,7 +426,7 @@ def curves_figure(metrics_jsonl: str | Path):
     ax_eval.set_xlabel("step")
     ax_eval.set_title("test metrics (%)")
     if names:
-        _legend_outside(ax_eval)
+        _legend_below(ax_eval, len(names))
     return fig
 
 

@@ -54,16 +54,25 @@ class InputConvention:
         return np.array(self.std, np.float32) * (255 / self.value_range)
 
     def describe(self) -> dict[str, Any]:
-        """The convention in words and numbers (``metadata.json`` of an exported model)."""
+        """The convention as ``normalize`` applies it, in words and numbers (``metadata.json`` of an
+        exported model): ``value_range`` is that of the uint8 input ``x``, and ``mean`` and ``std``
+        are on that same 0–255 scale, listed in ``channel_order``."""
         reorder = "reordered RGB → BGR, then " if self.channel_order == "BGR" else ""
-        return {
-            "where": "inside the exported function, on the uint8 RGB input: "
-            f"{reorder}(x - mean) / std on 0-255 values, per {self.channel_order} channel",
+        result: dict[str, Any] = {
+            "where": "inside the exported function, on its uint8 RGB input x (0-255, not rescaled): "
+            f"{reorder}(x - mean) / std per {self.channel_order} channel, x, mean and std all on the "
+            "0-255 scale",
             "channel_order": self.channel_order,
-            "value_range": [0, self.value_range],
+            "value_range": [0, 255],
             "mean": [round(float(v), 6) for v in self.mean_uint8],
             "std": [round(float(v), 6) for v in self.std_uint8],
         }
+        if self.value_range != 255.0:  # the recipe as usually written, on the backbone's own scale
+            result["equivalent"] = (
+                f"x / {255 / self.value_range:g} (a 0-{self.value_range:g} scale), then "
+                f"(x - {list(self.mean)}) / {list(self.std)} on that scale"
+            )
+        return result
 
 
 PREPROCESSING: dict[str, InputConvention] = {
@@ -106,14 +115,17 @@ def backbone_of(module: Any) -> str:
     return getattr(module, "preprocessing", "resnet")
 
 
-def normalize(images: jax.Array, backbone: str = "resnet") -> jax.Array:
+def normalize(images: jax.Array, backbone: str = "resnet", dtype: Any = jnp.float32) -> jax.Array:
     """uint8 ``(..., 3)`` RGB → float32 in ``backbone``'s convention (NumPy or JAX arrays).
 
     ``(x - mean) / std`` with the mean and std on the 0–255 scale: for ``resnet`` exactly the
-    float32 arithmetic of ``hdml_jax.data.transforms.normalize``, bit for bit.
+    float32 arithmetic of ``hdml_jax.data.transforms.normalize``, bit for bit. ``dtype``: the
+    arithmetic's (and the result's) dtype; float64 (with JAX's x64 mode) serves a float64 model,
+    whose input would otherwise carry float32's rounding. The mean and std stay the float32
+    constants above in every dtype, so the same images give the same numbers up to rounding.
     """
     spec = convention(backbone)
-    x = images.astype(jnp.float32)
+    x = images.astype(dtype)
     if spec.channel_order == "BGR":
         x = x[..., ::-1]
     return (x - spec.mean_uint8) / spec.std_uint8
