@@ -45,7 +45,13 @@ def list_images(directory: str | Path) -> list[Path]:
     """The image files under ``directory`` (recursively, by extension), sorted by path."""
     root = Path(directory).expanduser()
     if not root.is_dir():
-        raise ImageListError(f"--images {directory} is not a folder.")
+        if not root.exists():
+            hint = " (nothing exists there)."
+        elif root.suffix.lower() in (".csv", ".tsv"):
+            hint = f": it is a file. To embed the images a CSV lists, use --csv {directory}."
+        else:
+            hint = ": it is a file. --images takes a folder of images, --csv a CSV with a 'path' column."
+        raise ImageListError(f"--images {directory} is not a folder{hint}")
     found = sorted(
         path.resolve()
         for path in root.rglob("*")

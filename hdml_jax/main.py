@@ -108,6 +108,11 @@ def describe_flag_error(error: BaseException, argv: list[str]) -> str:
             return _last_exception_line(str(candidate))
     if isinstance(error, flags.IllegalFlagValueError):  # names the flag and the value
         return str(error).splitlines()[0]
+    if isinstance(error, flags.UnrecognizedFlagError):
+        return (
+            f"unknown flag --{error.flagname}.{misspelt_flag_hint(error.flagname)} "
+            "python -m hdml_jax.main --help lists the flags."
+        )
     for candidate in chain:
         if isinstance(candidate, (AttributeError, KeyError)):  # an unknown --config.FIELD
             text = str(candidate).strip("'\"").replace("\\n", "\n").replace("\\'", "'")
@@ -123,6 +128,39 @@ def describe_flag_error(error: BaseException, argv: list[str]) -> str:
     return " ".join(lines[-2:]) if lines else type(chain[-1]).__name__
 
 
+# The flags of this command that take a value (absl's own, such as --verbosity, are left to absl).
+VALUE_FLAGS = ("config", "workdir", "coordinator_address", "num_processes", "process_id")
+
+
+def _check_flag_values(argv: list[str]) -> None:
+    """``--workdir`` as the last argument, or followed by another flag: absl would consume the next
+    flag as the value or fail deep inside ml_collections; say which flag lacks its value."""
+    for index, arg in enumerate(argv[1:], start=1):
+        name = arg[2:] if arg.startswith("--") else None
+        if name not in VALUE_FLAGS:
+            continue
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if following is None or following.startswith("--"):
+            example = {"config": "configs/cub.py", "workdir": "runs/my_run"}.get(name, "VALUE")
+            raise ConfigError(f"--{name} needs a value: --{name}={example} (or --{name} {example}).")
+
+
+def known_flag_names() -> list[str]:
+    """Every flag this command accepts, as typed: ``workdir``, ``config``, ``verbosity``, ..."""
+    return sorted(FLAGS)
+
+
+def misspelt_flag_hint(name: str) -> str:
+    """`` Did you mean --config.seed?`` for ``confg.seed``; empty when nothing is close."""
+    import difflib
+
+    head, dot, rest = name.partition(".")
+    if dot and difflib.get_close_matches(head, ["config"], n=1, cutoff=0.6):
+        return f" Did you mean --config.{rest}?"
+    close = difflib.get_close_matches(name, known_flag_names(), n=1, cutoff=0.75)
+    return f" Did you mean --{close[0]}?" if close else ""
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing with ``--help`` that exits 0 and errors in one line."""
     if any(arg in HELP_FLAGS for arg in argv[1:]):
@@ -130,7 +168,11 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(0)
     if not any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
         argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
-    _check_config_file(argv)
+    try:
+        _check_flag_values(argv)
+    except ConfigError as error:
+        exit_with_message(error)
+    argv = _resolve_config_file(argv)
     try:
         remaining = FLAGS(argv)
         FLAGS.config.method  # noqa: B018 — ml_collections defers a config file's errors until here
@@ -138,23 +180,41 @@ def parse_flags(argv: list[str]) -> list[str]:
     except Exception as error:
         if debug_enabled():
             raise
-        exit_with_message(ConfigError(describe_flag_error(error, argv)), "config error")
+        exit_with_message(ConfigError(describe_flag_error(error, argv)))
         raise  # unreachable: exit_with_message exits
 
 
-def _check_config_file(argv: list[str]) -> None:
-    """A missing ``--config`` file, named with the ones that exist."""
+def find_config_file(path: str) -> Path | None:
+    """A ``--config`` file: as given (relative to the working directory), else relative to the
+    repository (``configs/cub.py`` from anywhere), else in its ``configs/`` (``cub.py``)."""
+    given = Path(path).expanduser()
+    candidates = [given] if given.is_absolute() else [given, ROOT / given, ROOT / "configs" / given]
+    return next((candidate.resolve() for candidate in candidates if candidate.is_file()), None)
+
+
+def _resolve_config_file(argv: list[str]) -> list[str]:
+    """``argv`` with the ``--config`` file's path made absolute (``find_config_file``); a missing
+    file ends in one line that names the folders searched and the configs there."""
+    resolved = list(argv)
     for index, arg in enumerate(argv):
         if arg == "--config" and index + 1 < len(argv):
-            value = argv[index + 1]
+            position, value, form = index + 1, argv[index + 1], "{}"
         elif arg.startswith("--config="):
-            value = arg.split("=", 1)[1]
+            position, value, form = index, arg.split("=", 1)[1], "--config={}"
         else:
             continue
-        path = value.split(":", 1)[0]
-        if not Path(path).is_file():
+        path, colon, method_arg = value.partition(":")
+        found = find_config_file(path)
+        if found is None:
             available = ", ".join(f"configs/{p.name}" for p in _config_files())
-            exit_with_message(ConfigError(f"config file {path} not found; available: {available}."), "config error")
+            exit_with_message(
+                ConfigError(
+                    f"config file {path} not found in the working directory ({Path.cwd()}) or in "
+                    f"{ROOT}; the repository's configs: {available}."
+                )
+            )
+        resolved[position] = form.format(f"{found}{colon}{method_arg}")
+    return resolved
 
 
 def _multi_process() -> bool:
@@ -198,14 +258,16 @@ def main(argv: list[str]) -> int:
     except train.TrainingInterruptedError as stop:
         print(f"\n{stop}", file=sys.stderr)
         return interrupts.exit_code(stop.signum)
-    except ConfigError as error:
-        exit_with_message(error, "config error")
     except UserError as error:
         exit_with_message(error)
     except train.TrainingDivergedError as error:
         exit_with_message(error)
     if jax.process_index() == 0:
-        print(f"done: recall@1 {100 * final['recall@1']:.2f} — results in {storage.display(workdir)}")
+        results = storage.as_path(workdir) / "final_metrics.json"
+        print(
+            f"done: recall@1 {100 * final['recall@1']:.2f} % — results in {storage.display(workdir)}; "
+            f"{storage.display(results)} holds the metrics as fractions ({final['recall@1']:.4f})"
+        )
     return 0
 
 

@@ -51,7 +51,7 @@ from jax.sharding import PartitionSpec as P
 
 from hdml_jax import checkpoints, evaluate, interrupts, optim, parallel, steps, storage
 from hdml_jax.config import HIERARCHICAL_METHODS, validate
-from hdml_jax.data import pipeline, sampling, transforms
+from hdml_jax.data import fits, pipeline, sampling, transforms
 from hdml_jax.data.base import MetricDataset, Split
 from hdml_jax.errors import ConfigError, UserError
 from hdml_jax.losses import hierarchy_from_labels, xbm_init
@@ -149,8 +149,14 @@ def coarse_group_sizes(config: ml_collections.ConfigDict, dataset: MetricDataset
     for size in config.loss.num_coarse_groups:
         size = int(size) or max(2, round(num_classes / 8))
         if not 1 <= size < (sizes[-1] if sizes else num_classes):
+            if num_classes < 3:
+                raise ConfigError(
+                    f"{config.method} needs at least 3 training classes for a coarse level of groups; "
+                    f"{dataset.name} has {num_classes}: use its base loss (e.g. :method=proxy_anchor)."
+                )
             raise ConfigError(
-                f"loss.num_coarse_groups {tuple(config.loss.num_coarse_groups)} must decrease below {num_classes} classes."
+                f"loss.num_coarse_groups {tuple(config.loss.num_coarse_groups)} must decrease below the "
+                f"{num_classes} training classes: e.g. --config.loss.num_coarse_groups='({max(2, num_classes // 4)},)'."
             )
         sizes.append(size)
     return tuple(sizes)
@@ -325,6 +331,18 @@ def _config_changes(path: storage.AnyPath, config: ml_collections.ConfigDict) ->
     ]
 
 
+def _target_step_note(config: ml_collections.ConfigDict, step: int, num_steps: int) -> str:
+    """Where the resumed run now goes, and what ``num_steps = 0`` means: a changed ``num_steps`` or
+    ``num_epochs`` moves the end of the run."""
+    if config.num_steps > 0:
+        target = f"num_steps {config.num_steps}"
+    else:
+        target = f"num_steps 0: num_epochs {config.num_epochs} × {num_steps // max(1, config.num_epochs)} steps per epoch"
+    if step >= num_steps:
+        return f"The run now ends at step {num_steps} ({target}); it is at step {step} already."
+    return f"The run goes on from step {step} to step {num_steps} ({target})."
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
@@ -382,6 +400,7 @@ def train_and_evaluate(
                 "(the same command without --config.eval_only) or point --workdir at a trained run."
             )
         dataset = load_data(config) if dataset is None else dataset
+        fits.check_dataset_fits(config, dataset, jax.device_count())
         steps_per_epoch = optim.steps_per_epoch(config, len(dataset.train))
         num_steps = optim.total_steps(config, steps_per_epoch)
         interrupts.stop_point()
@@ -547,11 +566,6 @@ def _prepare(
     model = steps.build_model(config, dataset.train.num_classes, coarse_sizes, jax.device_count())
     mesh = make_mesh()
     batch_sharding = NamedSharding(mesh, P("data"))
-    if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
-        raise ConfigError(
-            f"batch_size {config.batch_size} and eval_batch_size {config.eval_batch_size} must be "
-            f"multiples of the {jax.device_count()} devices."
-        )
     params_shape = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8 * 32, 8 * 32, 3)), train=False)
     )["params"]
@@ -613,7 +627,9 @@ def _restore(
         changes = _config_changes(workdir / "config.json", config) if restored is not None else []
         if changes:
             print(
-                "note: this run's config differs from the saved one: " + "; ".join(changes), file=sys.stderr
+                "note: this run's config differs from the saved one: " + "; ".join(changes) + ". "
+                + _target_step_note(config, step, num_steps),
+                file=sys.stderr,
             )
         atomic_write_text(workdir / "config.json", _config_json(config))
         if restored is not None:

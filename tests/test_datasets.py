@@ -165,6 +165,10 @@ def test_missing_data_error_says_what_to_do(name, tmp_path, caplog, capfd):
     # The README's install command, for the prepare extra (pyproject's [prepare]).
     assert ("pip install -e '.[prepare]'" in message) == DATASETS[name].needs_tensorflow
     assert "pip install tensorflow-cpu" not in message
+    # Each fact once: where to put the files, what preparing needs, the one command.
+    lines = message.splitlines()
+    assert len(lines) == len(set(lines)) and message.count(str(manual_dir)) == 2  # the folder, the command
+    assert message.count("Preparing needs") == 1 and message.count("hdml_jax.data.prepare") == 1
     # The error is the only message: no TFDS "Variant folder .../2.1.0 has no dataset_info.json".
     assert not [r for r in caplog.records if "Variant folder" in r.getMessage()]
     assert "Variant folder" not in capfd.readouterr().err

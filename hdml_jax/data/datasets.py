@@ -219,24 +219,24 @@ def prepare_command(
 
 
 def missing_data_message(name: str, data_dir: str | os.PathLike | None, where: str) -> str:
-    """Which files to obtain, where to put them and which command prepares them."""
+    """What is missing, which files to obtain and where to put them, and the one command that
+    prepares them; each fact once."""
     spec = DATASETS[name]
     data_dir = os.fspath(data_dir) if data_dir is not None else default_data_dir()
     manual_dir = os.path.join(data_dir, "downloads", "manual")
-    tf_note = (
-        f"Preparing needs TensorFlow (reading does not): {PREPARE_INSTALL} in the hdml_jax checkout "
-        f"(it installs {PREPARE_PACKAGES}).\n"
+    install = (
+        f"Install that first: {PREPARE_INSTALL} in the hdml_jax checkout ({PREPARE_PACKAGES}; "
+        "reading needs none of them).\n"
         if spec.needs_tensorflow
         else ""
     )
     return (
-        f"{name}: no prepared TFDS data ({spec.tfds_name}, array_record) at {where}.\n"
-        f"It cannot be downloaded automatically. Obtain these files:\n"
-        f"  {'  '.join(spec.manual_files)}\n"
-        f"{spec.instructions}"
-        f"Put them into a folder, the manual_dir (e.g. {manual_dir}), then prepare once with:\n"
-        f"  {prepare_command(name, data_dir, manual_dir)}\n"
-        f"{tf_note}"
+        f"{name} is not prepared (no {spec.tfds_name} TFDS data in array_record format at {where}) "
+        "and cannot be downloaded automatically.\n"
+        f"{spec.instructions.replace('`manual_dir`', manual_dir)}"
+        f"{install}"
+        f"Then prepare it once:\n  {prepare_command(name, data_dir, manual_dir)}\n"
+        "(To try the trainer first, python -m hdml_jax.main runs on generated data; nothing to download.)"
     )
 
 

@@ -702,7 +702,15 @@ def load_synthetic(data_dir: str | None = None, config: SyntheticConfig | None =
 
     config = config or SyntheticConfig()
     builder = synthetic_builder.make_builder(data_dir or default_data_dir(), config)
-    builder.download_and_prepare()
+    if not (builder.data_path / "dataset_info.json").exists():  # builder.is_prepared() warns
+        from tensorflow_datasets.core.utils import tqdm_utils
+
+        shown = tqdm_utils._active  # no public getter; restored below
+        tqdm_utils.display_progress_bar(False)
+        try:
+            builder.download_and_prepare()
+        finally:
+            tqdm_utils.display_progress_bar(shown)
     sources = builder.as_data_source()
     labels = synthetic_builder.stored_labels(builder, sources)
     return _metric_dataset(config, lambda split: sources[split], labels)

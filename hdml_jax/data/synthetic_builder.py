@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from typing import Any, ClassVar
 
 import numpy as np
@@ -103,6 +104,22 @@ class HdmlSynthetic(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,
             metadata=tfds.core.MetadataDict(),
         )
+
+    # TFDS prints "Downloading and preparing dataset ..." (to stdout, on purpose, so a user can
+    # cancel a large download) and shows download and shuffling progress bars. Nothing is
+    # downloaded here: an offline first run must not read as a download. One line of our own
+    # says what happens instead (``load_synthetic`` turns the progress bars off).
+    def _log_download_bytes(self) -> None:
+        config = self.synthetic_config
+        print(
+            f"generating the synthetic data set once ({config.num_classes} classes, nothing to "
+            f"download) into {self.data_dir} ...",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         del dl_manager  # nothing to download
