@@ -113,11 +113,18 @@ def build_model(
     )
 
 
-def normalize_images(images: jax.Array, backbone: str = "resnet") -> jax.Array:
-    """uint8 NHWC RGB → float32 in the backbone's input convention (done on device: uint8 is 4×
-    less to transfer). ``resnet``: ImageNet mean/std on [0, 1] RGB; ``bn_inception``: BGR, 0–255,
-    mean subtracted (``hdml_jax.models.preprocessing.PREPROCESSING``)."""
-    return preprocessing.normalize(images, backbone)
+def normalize_images(images: jax.Array, backbone: str = "resnet", dtype: Any = jnp.float32) -> jax.Array:
+    """uint8 NHWC RGB → float32 (or ``dtype``) in the backbone's input convention (done on device:
+    uint8 is 4× less to transfer). ``resnet``: ImageNet mean/std on [0, 1] RGB; ``bn_inception``:
+    BGR, 0–255, mean subtracted (``hdml_jax.models.preprocessing.PREPROCESSING``)."""
+    return preprocessing.normalize(images, backbone, dtype)
+
+
+def input_dtype(backbone: Any) -> Any:
+    """The dtype images are normalised in for ``backbone``: float32, or its compute dtype where that
+    is wider (a float64 model under JAX's x64 mode). bfloat16 models still get float32 inputs,
+    which they round once themselves (``images.astype(dtype)``)."""
+    return jnp.promote_types(jnp.float32, getattr(backbone, "dtype", None) or jnp.float32)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -271,7 +278,9 @@ def loss_and_grads(
     ``backbone_frozen`` the backbone's features pass through ``stop_gradient`` (its gradient is
     not even computed).
     """
-    images = normalize_images(batch["image"], preprocessing.backbone_of(model.backbone))
+    images = normalize_images(
+        batch["image"], preprocessing.backbone_of(model.backbone), input_dtype(model.backbone)
+    )
     labels = batch["label"].astype(jnp.int32)
     mask = batch.get("mask", jnp.ones(labels.shape, bool))
 

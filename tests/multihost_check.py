@@ -19,7 +19,8 @@ def main(port: str, process_id: str, workdir: str) -> None:
     from tests.test_train import tiny_config
     from tests.tiny_data import tiny_dataset
 
-    final = train.train_and_evaluate(tiny_config("hpl_pa"), workdir, dataset=tiny_dataset())
+    config = tiny_config("hpl_pa", log_every_steps=1)  # as tests/test_multihost.py's one-process run
+    final = train.train_and_evaluate(config, workdir, dataset=tiny_dataset())
     print("recall@1", final["recall@1"], flush=True)
     jax.distributed.shutdown()
 

@@ -12,9 +12,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def xla_flags_with_devices(count: int | None) -> str:
+    """This process's ``XLA_FLAGS`` with the simulated device count set to ``count`` (left out for
+    None). The other flags pass on: a check run under ``--xla_cpu_max_isa=...`` compares its
+    programs under that instruction set, not the machine's widest."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    return " ".join([*kept, *([f"--xla_force_host_platform_device_count={count}"] if count else [])])
+
+
 def run_on_eight_devices(module: str, *args: str) -> dict:
     """``python -m tests.<module> ARGS`` with ``--xla_force_host_platform_device_count=8``."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "XLA_FLAGS": xla_flags_with_devices(8), "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-m", f"tests.{module}", *args],
         cwd=ROOT,

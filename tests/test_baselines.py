@@ -7,6 +7,8 @@ which parameters and rates. A whole training run of two of them is in ``test_tra
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 from hdml_jax import baselines, losses, optim, steps
 from hdml_jax.config import PROXY_ANCHOR_FAMILY, validate
 from hdml_jax.errors import ConfigError
+from tests.numerics import assert_close
 from tests.test_train import load_config_module
 
 CONFIGS = ("cub", "cars", "sop", "inshop", "synthetic", "synthetic_sop", "custom")
@@ -138,7 +141,9 @@ def test_the_train_step_computes_the_methods_loss_with_its_parameters(method):
             expected = fn(x, y, weights, mask=mask, **kwargs)
     loss, _ = steps.compute_loss(c, {"embedding": x}, y, params, hierarchy, mask)
     assert np.isfinite(float(loss)) and float(loss) != 0.0
-    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+    # The same operations, eagerly, on the same arrays (a level weight 1·0.1 is the float32 0.1 of
+    # the direct call): the same bits.
+    assert float(loss) == float(expected)
 
 
 def test_learned_loss_parameters_get_their_own_rate_and_no_decay():
@@ -150,10 +155,14 @@ def test_learned_loss_parameters_get_their_own_rate_and_no_decay():
     np.testing.assert_array_equal(params["margin_beta"], np.full(7, c.loss.kwargs.beta, np.float32))
     assert optim.parameter_groups(params)["margin_beta"] == "loss_params"
     settings = optim.group_settings(c)
-    assert settings["loss_params"].lr_multiplier * c.optimizer.lr == pytest.approx(2.65e-4)  # MLRC CUB
+    # (rate / lr) · lr in float64: two roundings, at most 2u + u² < 2ε relative.
+    two_roundings = 2 * np.finfo(np.float64).eps
+    loss_params_lr = settings["loss_params"].lr_multiplier * c.optimizer.lr
+    assert loss_params_lr == pytest.approx(2.65e-4, rel=two_roundings, abs=0)  # MLRC CUB
     assert settings["loss_params"].weight_decay == 0.0 and settings["head"].weight_decay == 1e-4
     cosface = baseline_config("cub", "cosface")
-    assert optim.group_settings(cosface)["proxies"].lr_multiplier * cosface.optimizer.lr == pytest.approx(2.53e-3)
+    proxy_lr = optim.group_settings(cosface)["proxies"].lr_multiplier * cosface.optimizer.lr
+    assert proxy_lr == pytest.approx(2.53e-3, rel=two_roundings, abs=0)
 
 
 def test_soft_triple_pads_whole_classes_when_its_centers_are_sharded():
@@ -173,7 +182,11 @@ def test_soft_triple_pads_whole_classes_when_its_centers_are_sharded():
         baseline_config("synthetic", "soft_triple"), {"embedding": x}, y, {"proxies": weights}, {}, mask, num_classes=50
     )
     direct = losses.soft_triple_loss(x, y, weights[:50], mask=mask, **kwargs)
-    np.testing.assert_allclose(float(padded), float(direct), rtol=1e-6)
+    # 60 center rows (10 masked) against 50: two shapes, two orders; 12 rows × 60 rows × 4 dims.
+    # The logits λ(S - δ) with S's slope in the cosines at most 1 + 2/γ, plus log C.
+    scale = kwargs["la"] * (1 + kwargs["margin"]) * (1 + 2 / kwargs["gamma"]) + math.log(5)
+    eps = float(np.finfo(np.float32).eps)
+    assert_close(float(padded), float(direct), n_terms=12 * 60 * 4, scale=scale, eps=eps)
 
 
 def test_the_train_step_pairs_the_batch_with_the_cross_batch_memory():
@@ -189,6 +202,6 @@ def test_the_train_step_pairs_the_batch_with_the_cross_batch_memory():
     expected, expected_memory = losses.xbm_loss(
         functools.partial(losses.multi_similarity_loss, **c.loss.kwargs.to_dict()), x, y, memory, mask=mask, miner=miner
     )
-    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+    assert float(loss) == float(expected)  # the same operations, eagerly, on the same arrays
     assert int(after.position) == int(expected_memory.position) == 23  # 12 rows, then 11 (one masked)
     assert float(loss) != float(steps.pair_loss(c, x, y, {}, mask)[0])  # the memory takes part

@@ -40,7 +40,8 @@ from hdml_jax.models import (
     weights,
 )
 from hdml_jax.models import bn_inception as bn_module
-from tests.torch_bn_inception import TorchBNInception, cadene_state_dict, randomized
+from tests.numerics import assert_close
+from tests.torch_bn_inception import BLOCKS, TorchBNInception, cadene_state_dict, randomized
 from tests.torch_resnet import TorchResNet
 
 CADENE_MEAN_BGR = (104.0, 117.0, 128.0)
@@ -68,8 +69,22 @@ def variables(cadene_file) -> dict:
     return convert.load_bn_inception(cadene_file.path)
 
 
-def _relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
-    return float(np.max(np.abs(np.asarray(ours) - reference)) / np.max(np.abs(reference)))
+def _longest_path() -> tuple[int, int]:
+    """``(stages, longest)`` of the network's longest path to a pooled feature: the stem's three
+    convolutions, each block's double-3×3 branch (reduce, 3×3, 3×3), then the global pooling over
+    the 7×7 map; and the most terms any of its convolutions sums (``k_h·k_w·C_in``).
+
+    Comparing two implementations (XLA against oneDNN), each stage adds its own reduction's
+    round-off and passes on its input's relative error unamplified (BatchNorm, ReLU and a
+    well-conditioned kernel keep it at the activations' size). Independent round-off of chained
+    stages adds in quadrature like the terms of one reduction: a pooled feature carries that of
+    ``n = stages × longest`` terms.
+    """
+    longest = max(
+        max(cin, 9 * reduce3, 9 * reduce_double, 9 * double_1)
+        for cin, _, reduce3, _, reduce_double, double_1, *_ in BLOCKS.values()
+    )
+    return 3 + 3 * len(BLOCKS) + 1, max(7 * 7 * 3, 9 * 64, longest)
 
 
 def _torch_input(images: np.ndarray) -> torch.Tensor:
@@ -94,8 +109,10 @@ def test_pooled_features_match_torch(torch_net, variables, size, frozen_bn):
         reference = torch_net.features(_torch_input(images))
         gap = torch.nn.functional.adaptive_avg_pool2d(reference, 1).flatten(1).numpy()
         gmp = torch.nn.functional.adaptive_max_pool2d(reference, 1).flatten(1).numpy()
-    assert _relative_error(jnp.mean(features, axis=(1, 2)), gap) <= 1e-4
-    assert _relative_error(gap_gmp(features), gap + gmp) <= 1e-4  # Proxy-Anchor's pooled feature
+    stages, longest = _longest_path()
+    assert (stages, longest) == (34, 2304)  # 4e's second 3×3 convolution: 3×3×256 terms
+    assert_close(jnp.mean(features, axis=(1, 2)), gap, n_terms=stages * longest)
+    assert_close(gap_gmp(features), gap + gmp, n_terms=stages * longest)  # Proxy-Anchor's pooled feature
 
 
 @pytest.mark.parametrize(
@@ -121,7 +138,11 @@ def test_pooling_matches_torch(kind, kernel, stride, padding, ceil_mode, count_i
             layer = torch.nn.AvgPool2d(kernel, stride, padding, ceil_mode, count_include_pad)
         expected = layer(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
         assert ours.shape == expected.shape, (height, ours.shape, expected.shape)
-        np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6, err_msg=f"height {height}")
+        if kind == "max":  # either way one of the inputs: a maximum rounds nothing
+            np.testing.assert_array_equal(ours, expected, err_msg=f"height {height}")
+        else:  # a window's sum of signed values, divided: Σ|t_i| ≤ max|x| whatever the divisor
+            scale = np.abs(x).max()
+            assert_close(ours, expected, n_terms=kernel * kernel, scale=scale, err_msg=f"height {height}")
     grad = jax.grad(lambda v: bn_module.max_pool(v, 3, 2).sum() + bn_module.avg_pool(v, 3, 1, 1).sum())
     assert np.isfinite(np.asarray(grad(jnp.asarray(x)))).all()  # both reductions are differentiable
 
@@ -532,8 +553,11 @@ def test_export_metadata_states_the_convention(backbone):
     normalization = export.metadata(embedder, None, ["cpu"], None)["normalization"]
     if isinstance(backbone, ResNet):
         assert normalization["backbone"] == "resnet" and normalization["channel_order"] == "RGB"
-        np.testing.assert_allclose(normalization["mean"], [123.675, 116.28, 103.53], atol=1e-4)
-        np.testing.assert_allclose(normalization["std"], [58.395, 57.12, 57.375], atol=1e-4)
+        # 255 × the float32 constant, rounded twice (the constant, the product: ≤ ε together),
+        # then to 6 decimals (5e-7, far inside): k = 2 in float32's ε of the largest value.
+        f32 = float(np.finfo(np.float32).eps)
+        assert_close(normalization["mean"], [123.675, 116.28, 103.53], n_terms=1, k=2.0, eps=f32)
+        assert_close(normalization["std"], [58.395, 57.12, 57.375], n_terms=1, k=2.0, eps=f32)
     else:
         assert normalization["backbone"] == "bn_inception" and normalization["channel_order"] == "BGR"
         assert normalization["mean"] == [104.0, 117.0, 128.0] and normalization["std"] == [1.0, 1.0, 1.0]

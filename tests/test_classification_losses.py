@@ -4,6 +4,10 @@ Against slow float64 per-sample references (``tests/reference_classification_los
 float64 finite-difference gradients, both computation paths (concrete hyperparameters: written-out
 gradient; traced ones: autodiff), masks, padded weight rows, dtypes, jit / vmap and errors. A last
 test compares with pytorch-metric-learning itself and is skipped when it is not installed.
+
+Two evaluations that may round differently (float32 against float64, two programs, two shapes,
+PyTorch) agree up to the round-off of ``tests/numerics.py``: ``n`` = rows × weight rows × dims
+(``_n_terms``), ``scale`` from the logits' size and condition (``_scales``).
 """
 
 from __future__ import annotations
@@ -30,8 +34,12 @@ from hdml_jax.losses.normalized_softmax import (
 )
 from hdml_jax.losses.soft_triple import _SoftTripleSpec, soft_triple_loss
 from tests import reference_classification_losses as ref
+from tests.numerics import assert_close, rounding_atol
 
 BATCH, DIM, CLASSES, CENTERS = 8, 5, 4, 3
+# The losses compute in float32: their round-off, explicitly (a Python float of a float32 result
+# would pass for float64).
+EPS32 = float(np.finfo(np.float32).eps)
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,58 @@ def _numeric_grad(fn: Callable[..., float], arrays: list[np.ndarray], h: float =
     return grads
 
 
+def _n_terms(case: Case, batch: int = BATCH) -> int:
+    """The chained reductions: a DIM-term cosine per (row, weight row), summed over both."""
+    return batch * case.rows * DIM
+
+
+def _scales(case: Case, x, labels, w) -> tuple[float, float]:
+    """``(value scale, condition)`` at these inputs. A cosine rounds by ~ε; the logits turn that
+    into an error of ε times their slope in the cosine, the condition (also the relative error of
+    the softmax weights, hence of the gradients); the value's terms are the logits, plus log C."""
+    hyper = {**PML_DEFAULTS[case.loss], **case.kwargs}
+    log_classes = math.log(CLASSES)
+    if case.loss is normalized_softmax_loss:
+        slope = 1.0 / hyper["temperature"]
+        return slope + log_classes, slope
+    if case.loss is cosface_loss:
+        largest = hyper["scale"] * (1.0 + hyper["margin"])
+        return largest + log_classes, largest
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    x_hat = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    cosines = x_hat @ (w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)).T
+    if case.loss is arcface_loss:
+        # s·cos(θ + m) of the own class has slope s·sin(θ + m)/sin θ in cos θ, unbounded as θ → 0
+        # (test_arcface_branches_and_the_angle_singularity), s past θ = π - m; |s(cos θ - m sin m)|
+        # reaches s(1 + m sin m).
+        s, m = hyper["scale"], math.radians(hyper["margin"])
+        theta = np.arccos(np.clip(cosines[np.arange(len(labels)), labels], -1.0, 1.0))
+        slopes = np.where(theta <= math.pi - m, np.sin(theta + m) / np.sin(theta), 1.0)
+        largest = s * max(1.0 + m * math.sin(m), float(np.max(slopes)))
+        return largest + log_classes, largest
+    # SoftTriple: S_c = Σ_k p_k cos_k with p = softmax(cos / γ) over the class's centers has slope
+    # Σ_k p_k (1 + |cos_k - S_c| / γ) (at least 1, at most 1 + 2/γ); the logits are λ(S_c - δ). The
+    # weights p carry 2ε/γ relative error on top.
+    la, gamma, delta = hyper["la"], hyper["gamma"], hyper["margin"]
+    per_class = cosines.reshape(len(x), -1, case.centers)
+    p = np.exp((per_class - per_class.max(axis=-1, keepdims=True)) / gamma)
+    p /= p.sum(axis=-1, keepdims=True)
+    relaxed = np.sum(p * per_class, axis=-1, keepdims=True)
+    slope = la * float(np.max(np.sum(p * (1.0 + np.abs(per_class - relaxed) / gamma), axis=-1)))
+    return max(la * (1.0 + delta), slope) + log_classes, slope + 2.0 / gamma
+
+
+def _assert_value_close(case: Case, got, want, x, labels, w, err_msg: str = "") -> None:
+    scale = _scales(case, x, labels, w)[0]
+    assert_close(got, want, n_terms=_n_terms(case, len(x)), scale=scale, eps=EPS32, err_msg=err_msg)
+
+
+def _assert_grad_close(case: Case, got, want, x, labels, w, err_msg: str = "") -> None:
+    """A gradient: round-off of its largest entry, times the logits' condition."""
+    scale = _scales(case, x, labels, w)[1] * float(np.max(np.abs(np.asarray(want))))
+    assert_close(got, want, n_terms=_n_terms(case, len(x)), scale=scale, eps=EPS32, err_msg=err_msg)
+
+
 def _edge_inputs(case: Case, seed: int):
     """A masked row, a row past ArcFace's θ = π - m, a row close to its own class vector."""
     rng = np.random.default_rng(seed)
@@ -141,7 +201,7 @@ def test_value_matches_reference(case: Case):
     x, labels, w, mask = _edge_inputs(case, 1)
     for m in (None, mask):
         value, _, _ = _value_and_grad(case, x, labels, w, m)
-        np.testing.assert_allclose(value, case.ref(x, labels, w, m), rtol=2e-5, atol=2e-5)
+        _assert_value_close(case, value, case.ref(x, labels, w, m), x, labels, w)
 
 
 @all_cases
@@ -150,10 +210,10 @@ def test_gradients_match_finite_differences_of_reference(case: Case):
     x, labels, w, mask = _edge_inputs(case, 2)
     want = _numeric_grad(lambda a, b: case.ref(a, labels, b, mask), [x, w])
     _, gx, gw = _value_and_grad(case, x, labels, w, mask)
+    # The float64 central differences are off by ~ε64·|L|/h + h²·|L‴|, far below float32's round-off.
     for got, expected in ((gx, want[0]), (gw, want[1])):
-        scale = float(np.max(np.abs(expected)))
-        assert scale > 1e-3  # a real gradient, not a vacuous 0 == 0
-        np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-4 * max(scale, 1.0))
+        assert float(np.max(np.abs(expected))) > 1e-3  # a real gradient, not a vacuous 0 == 0
+        _assert_grad_close(case, got, expected, x, labels, w)
     assert np.all(gx[6] == 0.0)  # the masked row
 
 
@@ -164,6 +224,44 @@ PML_DEFAULTS = {
     arcface_loss: {"margin": 28.6, "scale": 64.0},
     soft_triple_loss: {"la": 20.0, "gamma": 0.1, "margin": 0.01},
 }
+
+
+def _hyperparameter_terms(case: Case, x, labels, w, hyper: dict[str, float]) -> dict[str, float]:
+    """``mean_i Σ_c |softmax(z)_ic - onehot_ic|·|∂z_ic/∂θ|`` per hyperparameter θ, in float64: the
+    terms that ``∂L/∂θ`` sums, each weight rounded like a gradient (the condition of ``_scales``)."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    x_hat = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cosines = x_hat @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    onehot = np.eye(CLASSES)[labels]
+    if case.loss is normalized_softmax_loss:
+        t = hyper["temperature"]
+        z, slopes = cosines / t, {"temperature": -cosines / t**2}
+    elif case.loss is cosface_loss:
+        s, m = hyper["scale"], hyper["margin"]
+        z = s * (cosines - m * onehot)
+        slopes = {"margin": -s * onehot, "scale": cosines - m * onehot}
+    elif case.loss is arcface_loss:
+        s, m = hyper["scale"], math.radians(hyper["margin"])
+        theta = np.arccos(np.clip(cosines, -1.0, 1.0))
+        arc = theta <= math.pi - m
+        psi = np.where(arc, np.cos(theta + m), cosines - m * math.sin(m))
+        z = s * np.where(onehot > 0, psi, cosines)
+        dpsi = np.where(arc, -np.sin(theta + m), -(math.sin(m) + m * math.cos(m))) * math.pi / 180.0
+        slopes = {"margin": s * dpsi * onehot, "scale": z / s}
+    else:
+        la, gamma, delta = hyper["la"], hyper["gamma"], hyper["margin"]
+        per_class = cosines.reshape(len(x), CLASSES, case.centers)
+        p = np.exp((per_class - per_class.max(axis=-1, keepdims=True)) / gamma)
+        p /= p.sum(axis=-1, keepdims=True)
+        relaxed = np.sum(p * per_class, axis=-1)
+        z = la * (relaxed - delta * onehot)
+        spread = np.sum(p * per_class * (per_class - relaxed[..., None]), axis=-1)
+        slopes = {"la": relaxed - delta * onehot, "gamma": -la * spread / gamma**2, "margin": -la * onehot}
+    q = np.exp(z - z.max(axis=1, keepdims=True))
+    q /= q.sum(axis=1, keepdims=True)
+    return {
+        name: float(np.mean(np.sum(np.abs(q - onehot) * np.abs(d), axis=1))) for name, d in slopes.items()
+    }
 
 
 @functools.cache
@@ -190,16 +288,22 @@ def test_traced_hyperparameters_take_the_autodiff_path_and_agree(case: Case):
     x, labels, w, mask = _edge_inputs(case, 3)
     value, (gx, gw, gh) = _traced(case.loss, x, labels, w, mask)
     direct, dgx, dgw = _value_and_grad(case, x, labels, w, mask)
-    np.testing.assert_allclose(float(value), direct, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(gx), dgx, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(dgx).max()))
-    np.testing.assert_allclose(np.asarray(gw), dgw, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(dgw).max()))
+    _assert_value_close(case, float(value), direct, x, labels, w)
+    _assert_grad_close(case, np.asarray(gx), dgx, x, labels, w)
+    _assert_grad_close(case, np.asarray(gw), dgw, x, labels, w)
     hyper = PML_DEFAULTS[case.loss]
     static = {k: v for k, v in case.all_kwargs().items() if k not in hyper}
+    condition = _scales(case, x, labels, w)[1]
+    terms = _hyperparameter_terms(case, x[mask], labels[mask], w, hyper)
     for name, v in hyper.items():
         h = 1e-5 * max(1.0, abs(v))
         plus = case.reference(x, labels, w, mask=mask, **static, **{**hyper, name: v + h})
         minus = case.reference(x, labels, w, mask=mask, **static, **{**hyper, name: v - h})
-        np.testing.assert_allclose(float(gh[name]), (plus - minus) / (2 * h), rtol=2e-3, atol=1e-4)
+        # The float64 central differences are off by ~1e-9 of it.
+        scale = condition * terms[name]
+        assert_close(
+            float(gh[name]), (plus - minus) / (2 * h), n_terms=_n_terms(case), scale=scale, eps=EPS32
+        )
 
 
 def test_arcface_branches_and_the_angle_singularity():
@@ -212,9 +316,13 @@ def test_arcface_branches_and_the_angle_singularity():
     x[4] = w[labels[4]]  # exactly on it: PML's arccos has an infinite derivative here
     value, gx, gw = _value_and_grad(case, x, labels, w)
     assert np.isfinite(value) and np.all(np.isfinite(gx)) and np.all(np.isfinite(gw))
-    # At θ = 0 a float32 rounding of the cosine (~6e-8) moves θ by ~3e-4 and s·ψ by ~1e-2 (PML
-    # alike): only a loose comparison makes sense there.
-    np.testing.assert_allclose(value, case.ref(x, labels, w), rtol=2e-3)
+    # At θ = 0 a rounding δ of the cosine moves θ by √(2δ) and s·ψ by s·sin(m)·√(2δ) (PML alike):
+    # δ = the cosine's round-off (terms ≤ 1, DIM of them), the row's share of the mean 1/BATCH,
+    # on top of the other rows' ordinary round-off.
+    rows = np.arange(BATCH) != 4
+    ordinary = rounding_atol(_scales(case, x[rows], labels[rows], w)[0], _n_terms(case), eps=EPS32)
+    singular = 64.0 * math.sin(math.radians(28.6)) * math.sqrt(2 * rounding_atol(1.0, DIM, eps=EPS32)) / BATCH
+    np.testing.assert_allclose(value, case.ref(x, labels, w), rtol=0, atol=ordinary + singular)
 
 
 def test_margins_and_units():
@@ -232,9 +340,11 @@ def test_margins_and_units():
     plain = cos(margin=0.0, scale=16.0)
     assert cos(margin=0.3, scale=16.0) > plain + 1.0
     assert abs(arc(margin=0.5, scale=16.0) - plain) < 0.2 < arc(margin=math.degrees(0.5), scale=16.0) - plain
-    np.testing.assert_allclose(arc(margin=0.0, scale=16.0), plain, rtol=1e-6)
+    # The same logits 16·cos from three programs: the round-off of CosFace's at s = 16, m = 0.
+    tolerance = {"n_terms": BATCH * CLASSES * DIM, "scale": 16.0 + math.log(CLASSES), "eps": EPS32}
+    assert_close(arc(margin=0.0, scale=16.0), plain, **tolerance)
     nsl = float(_traced(normalized_softmax_loss, x, labels, w, temperature=1 / 16)[0])
-    np.testing.assert_allclose(nsl, plain, rtol=1e-6)
+    assert_close(nsl, plain, **tolerance)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +366,7 @@ def test_masked_garbage_rows_change_nothing(case: Case):
     mask = np.ones(BATCH, bool)
     mask[[2, 5]] = False
     clean = _value_and_grad(case, x, labels, w, mask)
-    np.testing.assert_allclose(clean[0], case.ref(x, labels, w, mask), rtol=2e-5)
+    _assert_value_close(case, clean[0], case.ref(x, labels, w, mask), x, labels, w)
     for garbage in (np.nan, np.inf, 1e30):
         dirty = x.copy()
         dirty[2] = garbage
@@ -283,7 +393,7 @@ def test_padded_classes_change_nothing_and_get_zero_gradient(case: Case):
     if k > 1:
         proxy_mask[[2, 3 * k]] = False  # and one center of classes 0 and 3
     clean = _value_and_grad(case, x, labels, w, proxy_mask=proxy_mask)
-    np.testing.assert_allclose(clean[0], case.ref(x, labels, w, proxy_mask=proxy_mask), rtol=2e-5)
+    _assert_value_close(case, clean[0], case.ref(x, labels, w, proxy_mask=proxy_mask), x, labels, w)
     assert np.all(clean[2][~proxy_mask] == 0.0)
     dirty = w.copy()
     dirty[k : 2 * k] = 3.0 * x[:k]  # on top of embeddings
@@ -296,11 +406,13 @@ def test_padded_classes_change_nothing_and_get_zero_gradient(case: Case):
     np.testing.assert_array_equal(gw, clean[2])
     finite = np.where(np.isfinite(dirty), dirty, 0.0)
     unmasked = _value_and_grad(case, x, labels, finite)[0]
-    assert abs(unmasked - clean[0]) > 1e-5 * abs(clean[0])  # unmasked, the padding counts
+    # Unmasked, the padding counts, far beyond the round-off.
+    tolerance = rounding_atol(_scales(case, x, labels, finite)[0], _n_terms(case), eps=EPS32)
+    assert abs(unmasked - clean[0]) > 10 * tolerance
     if case.name in ("normsoftmax", "softtriple"):
         want = _numeric_grad(lambda a, b: case.ref(a, labels, b, proxy_mask=proxy_mask), [x, w])
-        np.testing.assert_allclose(clean[1], want[0], rtol=2e-3, atol=2e-4)
-        np.testing.assert_allclose(clean[2], want[1], rtol=2e-3, atol=2e-4)
+        _assert_grad_close(case, clean[1], want[0], x, labels, w)
+        _assert_grad_close(case, clean[2], want[1], x, labels, w)
 
 
 def test_soft_triple_per_class_proxy_mask_is_per_center_repeated():
@@ -319,8 +431,8 @@ def test_masked_rows_may_carry_any_label_and_jit_ignores_bad_targets():
     mask[[3, 5]] = False
     bad = labels.copy()
     bad[3], bad[5] = -1, 99
-    np.testing.assert_allclose(
-        _value_and_grad(case, x, bad, w, mask)[0], case.ref(x, labels, w, mask), rtol=2e-5
+    _assert_value_close(
+        case, _value_and_grad(case, x, bad, w, mask)[0], case.ref(x, labels, w, mask), x, labels, w
     )
     with pytest.raises(ValueError, match=r"found \[-1, 99\]"):
         case.value(x, bad, w)
@@ -330,7 +442,7 @@ def test_masked_rows_may_carry_any_label_and_jit_ignores_bad_targets():
     z = 8.0 * unit.astype(np.float64) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
     lse = np.log(np.exp(z).sum(axis=1))
     expected = (case.ref(x, labels, w, mask) * mask.sum() + lse[3] + lse[5]) / BATCH
-    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    _assert_value_close(case, value, expected, x, labels, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,11 +454,12 @@ def test_soft_triple_centers_are_class_major_rows():
     x, labels, w = case.make(np.random.default_rng(17))
     base = _value_and_grad(case, x, labels, w)[0]
     within = w.copy()
-    within[[0, 1, 2]] = w[[2, 0, 1]]  # permute class 0's own centers: nothing changes
-    np.testing.assert_allclose(_value_and_grad(case, x, labels, within)[0], base, rtol=1e-6)
+    within[[0, 1, 2]] = w[[2, 0, 1]]  # permute class 0's own centers: nothing changes but the order
+    _assert_value_close(case, _value_and_grad(case, x, labels, within)[0], base, x, labels, w)
     across = w.copy()
     across[[2, 3]] = w[[3, 2]]  # swap a center of class 0 with one of class 1: it changes
-    assert abs(_value_and_grad(case, x, labels, across)[0] - base) > 1e-3
+    tolerance = rounding_atol(_scales(case, x, labels, w)[0], _n_terms(case), eps=EPS32)
+    assert abs(_value_and_grad(case, x, labels, across)[0] - base) > 10 * tolerance
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,11 +474,11 @@ def test_vmap_equals_loop(name: str):
     values, (gxs, gws) = jax.jit(
         jax.vmap(jax.value_and_grad(lambda a, b: case.value(a, labels, b), argnums=(0, 1)), in_axes=(0, None))
     )(xs, w)
-    for k in range(3):
+    for k in range(3):  # two programs
         value, gx, gw = _value_and_grad(case, xs[k], labels, w)
-        np.testing.assert_allclose(float(values[k]), value, rtol=1e-6)
-        np.testing.assert_allclose(gxs[k], gx, rtol=1e-5, atol=1e-6 * np.abs(gx).max())
-        np.testing.assert_allclose(gws[k], gw, rtol=1e-5, atol=1e-6 * np.abs(gw).max())
+        _assert_value_close(case, float(values[k]), value, xs[k], labels, w)
+        _assert_grad_close(case, gxs[k], gx, xs[k], labels, w)
+        _assert_grad_close(case, gws[k], gw, xs[k], labels, w)
 
 
 def test_bf16_inputs_give_float32_close_to_float32():
@@ -378,12 +491,21 @@ def test_bf16_inputs_give_float32_close_to_float32():
     assert value.dtype == jnp.float32 and gx.dtype == gw.dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(gx, np.float32))) and np.all(np.isfinite(np.asarray(gw, np.float32)))
     # The math is float32: the same as float32 on the bf16-rounded inputs (gradients rounded to bf16).
-    upcast = _value_and_grad(case, np.asarray(x16, np.float32), labels, np.asarray(w16, np.float32))
-    np.testing.assert_allclose(float(value), upcast[0], rtol=1e-6)
-    np.testing.assert_allclose(
-        np.asarray(gx, np.float32), upcast[1], rtol=1e-2, atol=1e-2 * np.abs(upcast[1]).max()
-    )
-    np.testing.assert_allclose(float(value), _value_and_grad(case, x, labels, w)[0], rtol=5e-2, atol=5e-2)
+    x_up, w_up = np.asarray(x16, np.float32), np.asarray(w16, np.float32)
+    upcast = _value_and_grad(case, x_up, labels, w_up)
+    _assert_value_close(case, float(value), upcast[0], x_up, labels, w_up)  # two programs
+    # The gradient, rounded to bf16 once (≤ ε_bf16/2 of its largest entry), on top of the float32
+    # round-off of two programs.
+    eps_bf16 = float(jnp.finfo(jnp.bfloat16).eps)
+    largest = float(np.abs(upcast[1]).max())
+    float32_part = rounding_atol(_scales(case, x_up, labels, w_up)[1] * largest, _n_terms(case), eps=EPS32)
+    atol = eps_bf16 / 2 * largest + float32_part
+    np.testing.assert_allclose(np.asarray(gx, np.float32), upcast[1], rtol=0, atol=atol)
+    # Against the unrounded inputs: rounding every input v to bf16 (relative error ≤ ε_bf16/2)
+    # moves the loss by at most ε_bf16/2 · Σ|∂L/∂v|·|v|, to first order.
+    value32, gx32, gw32 = _value_and_grad(case, x, labels, w)
+    first_order = float(np.sum(np.abs(gx32 * x)) + np.sum(np.abs(gw32 * w)))
+    assert_close(float(value), value32, n_terms=1, scale=first_order, eps=eps_bf16)
 
 
 def test_forward_mode_matches_reverse_mode():
@@ -405,7 +527,10 @@ def test_forward_mode_matches_reverse_mode():
     for case, params, dparams, tangent in ((arc, w, dw, got[0]), (st, centers, dc, got[1])):
         _, gx, gp = _value_and_grad(case, x, labels, params)
         want = float(np.vdot(gx, dx) + np.vdot(gp, dparams))
-        np.testing.assert_allclose(float(tangent), want, rtol=1e-4, atol=1e-5)
+        # Σ g·dv over every input: terms |g|·|dv|, each g rounded like a gradient (the condition).
+        terms = float(np.sum(np.abs(gx * dx)) + np.sum(np.abs(gp * dparams)))
+        scale = _scales(case, x, labels, params)[1] * terms
+        assert_close(float(tangent), want, n_terms=_n_terms(case), scale=scale, eps=EPS32)
 
 
 @default_cases
@@ -447,15 +572,19 @@ def test_scale_invariance_huge_norms_zero_rows_and_one_class(case: Case):
     def blow_up(a):
         return (a * 2.0 ** rng.choice([-20, 0, 64, 120], size=(len(a), 1))).astype(np.float32)
 
-    np.testing.assert_allclose(_value_and_grad(case, blow_up(x), labels, blow_up(w))[0], base, rtol=1e-6)
+    # Exact powers of two, but normalised in another order.
+    _assert_value_close(case, _value_and_grad(case, blow_up(x), labels, blow_up(w))[0], base, x, labels, w)
     x[0] = 0.0
     w[1] = 0.0
     value, gx, gw = _value_and_grad(case, x, labels, w)
     assert np.isfinite(value) and np.all(np.isfinite(gx)) and np.all(np.isfinite(gw))
-    np.testing.assert_allclose(value, case.ref(x, labels, w), rtol=2e-5)
+    scale = _scales(case, x, labels, w)[0]
+    assert_close(value, case.ref(x, labels, w), n_terms=_n_terms(case), scale=scale, eps=EPS32)
     only_first = np.arange(case.rows) < case.centers
     value, gx, gw = _value_and_grad(case, x, np.zeros(BATCH, np.int32), w, proxy_mask=only_first)
-    assert abs(value) < 1e-5 and np.all(np.isfinite(gx)) and np.all(np.isfinite(gw))
+    # log Σ exp over the one class left minus its own logit: 0 up to the round-off of that logit.
+    assert abs(value) <= rounding_atol(scale, _n_terms(case), eps=EPS32)
+    assert np.all(np.isfinite(gx)) and np.all(np.isfinite(gw))
 
 
 def test_empty_batch_gives_zero():
@@ -481,7 +610,9 @@ def test_fixed_shifts_are_exact_at_the_edge_of_their_range():
     assert _SoftTripleSpec(10, 50.0, 0.01, 0.1).class_shift() is None
     # Logits at the far end of the range: the fixed shift gives the row maximum's result.
     logits = jnp.asarray([[-40.0, -40.0, -jnp.inf], [40.0, -40.0, 0.0]], jnp.float32)
-    np.testing.assert_allclose(_row_logsumexp(logits, 40.0), _row_logsumexp(logits), rtol=1e-6)
+    # Two shifts of 3-term sums of logits up to 40 (and their log-sum-exp, up to 40 + log 3).
+    got, want = _row_logsumexp(logits, 40.0), _row_logsumexp(logits)
+    assert_close(got, want, n_terms=3, scale=40.0 + math.log(3.0), eps=EPS32)
     # CosFace at s (2 + m) = 80 exactly, every cosine -1 (all classes on one direction): every
     # logit lies 80 or s below the shift, and the value is still that of the reference.
     case = BY_NAME["cosface_edge"]
@@ -492,7 +623,8 @@ def test_fixed_shifts_are_exact_at_the_edge_of_their_range():
     x = np.zeros_like(x)
     x[:, 0] = -1.0
     value, gx, gw = _value_and_grad(case, x, labels, w)
-    np.testing.assert_allclose(value, case.ref(x, labels, w), rtol=1e-6)
+    scale = case.kwargs["scale"] * (1.0 + 0.35) + math.log(CLASSES)  # (x and w are one direction)
+    assert_close(value, case.ref(x, labels, w), n_terms=_n_terms(case), scale=scale, eps=EPS32)
     assert np.all(np.isfinite(gx)) and np.all(np.isfinite(gw))
 
 
@@ -592,6 +724,7 @@ def test_matches_pytorch_metric_learning(name: str):
     value_t = loss(xt, torch.tensor(labels, dtype=torch.long))
     value_t.backward()
     value, gx, gw = _value_and_grad(case, x, labels, w)
-    np.testing.assert_allclose(value, value_t.item(), rtol=1e-5)
-    np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(gw, param.grad.numpy().T, rtol=1e-4, atol=1e-6)
+    # PyTorch in float32 too: two libraries' orders.
+    _assert_value_close(case, value, value_t.item(), x, labels, w)
+    _assert_grad_close(case, gx, xt.grad.numpy(), x, labels, w)
+    _assert_grad_close(case, gw, param.grad.numpy().T, x, labels, w)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from hdml_jax.data import custom
 from tests.custom_data import save_image, tiny_csv_dataset, write_csv
+from tests.numerics import assert_close
 from tests.tiny_data import tiny_split
 
 
@@ -106,9 +107,10 @@ def test_bounding_boxes_in_pixels_crop_the_image(tmp_path):
     np.testing.assert_array_equal(dataset.train.source[0]["image"], _solid(20, 30, (10, 200, 10)))
     np.testing.assert_array_equal(dataset.train.source[1]["image"], image)  # no box: the whole image
     uncropped = custom.load_custom(path, cache_dir=tmp_path / "cache")
-    np.testing.assert_allclose(
-        uncropped.train.source[0]["bbox"], [10 / 40, 20 / 60, 30 / 40, 50 / 60], rtol=1e-6
-    )
+    # Float64 quotients rounded once to float32: at most u = ε/2 of each value (k = 2 for margin).
+    expected = [10 / 40, 20 / 60, 30 / 40, 50 / 60]
+    f32 = float(np.finfo(np.float32).eps)
+    assert_close(uncropped.train.source[0]["bbox"], expected, n_terms=1, k=2.0, eps=f32)
 
 
 def test_every_problem_is_listed_at_once_and_nothing_is_kept(tmp_path):

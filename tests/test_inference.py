@@ -23,10 +23,20 @@ from hdml_jax import embed, export, inference, search
 from hdml_jax.data import custom
 from hdml_jax.data.base import MetricDataset
 from tests.custom_data import tiny_csv_dataset
+from tests.numerics import assert_best_within, assert_close, rounding_atol
+from tests.test_train import tiny_network_terms
 
 # Test-split images written as files: a few of each of the six classes (index → class index // 8).
 CHOSEN = (0, 1, 2, 8, 9, 10, 16, 17, 24, 25, 32, 40)
 RGBA_INDEX = 9  # saved with an alpha channel (dropped on loading, as transforms.as_rgb does)
+DIM = 16  # the run's embedding size
+F32 = float(np.finfo(np.float32).eps)
+
+
+def assert_same_embeddings(actual: np.ndarray, desired: np.ndarray) -> None:
+    """Unit embeddings of the same images by two programs (another batch shape or padding, an
+    exported function): equal up to the round-off of the run's network (``tiny_network_terms``)."""
+    assert_close(actual, desired, n_terms=tiny_network_terms(), scale=1.0)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,11 +139,12 @@ def test_embed_folder_equals_the_trainers_embeddings(workspace, image_folder, em
     embeddings = result["embeddings"]
     assert embeddings.dtype == np.float32 and embeddings.shape == (13, 16)
     trainer = np.load(root / "run" / "test_embeddings.npy")
-    np.testing.assert_allclose(embeddings[:12], trainer[list(CHOSEN)], atol=1e-5, rtol=0)
+    assert_same_embeddings(embeddings[:12], trainer[list(CHOSEN)])
     grey = dataset.test.source[3]["image"][:, :, 1]
     want = embedder.embed(embedder.preprocess(np.repeat(grey[:, :, None], 3, axis=2))[None], pad_to=8)
-    np.testing.assert_allclose(embeddings[12], want[0], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    assert_same_embeddings(embeddings[12], want[0])  # same padded shape, another row of the batch
+    # Unit vectors: 1 to the round-off of two 16-term sums of squares (the normalisation's, this one's).
+    assert_close(np.linalg.norm(embeddings, axis=1), np.ones(13, np.float32), n_terms=2 * DIM)
 
 
 def test_embedder_defaults_to_the_best_checkpoint_and_pads_for_the_devices(embedder, workspace):
@@ -141,7 +152,7 @@ def test_embedder_defaults_to_the_best_checkpoint_and_pads_for_the_devices(embed
     assert embedder.step == json.loads((root / "run" / "final_metrics.json").read_text())["best"]["step"] == 8
     images = np.stack([embedder.preprocess(dataset.test.source[i]["image"]) for i in range(5)])
     trainer = np.load(root / "run" / "test_embeddings.npy")
-    np.testing.assert_allclose(embedder.embed(images, pad_to=8), trainer[:5], atol=1e-5, rtol=0)
+    assert_same_embeddings(embedder.embed(images, pad_to=8), trainer[:5])
     assert embedder.embed(images[:0]).shape == (0, 16)
     with pytest.raises(ValueError, match="preprocess"):
         embedder.embed(images.astype(np.float32))
@@ -164,7 +175,8 @@ def test_export_runs_with_jax_alone(run_dir, embedder, workspace, tmp_path):
     assert meta["platforms"] == ["cpu", "cuda", "tpu"] and "note" not in meta
     assert meta["preprocessing"]["name"] == "Resize" and "32×32" in meta["preprocessing"]["description"]
     assert meta["workdir"] == str(run_dir.resolve()) and meta["jax_version"]
-    np.testing.assert_allclose(meta["normalization"]["mean"], [123.675, 116.28, 103.53], atol=1e-4)
+    # 255 × the float32 constant: two float32 roundings (≤ ε), then 6 decimals (5e-7, far inside).
+    assert_close(meta["normalization"]["mean"], [123.675, 116.28, 103.53], n_terms=1, k=2.0, eps=F32)
     fixed = json.loads((tmp_path / "fixed" / "metadata.json").read_text())
     assert (fixed["batch_size"], fixed["input"]["shape"], fixed["platforms"]) == (4, [4, 32, 32, 3], ["cpu"])
 
@@ -191,8 +203,8 @@ print(json.dumps({"imported": sorted(m for m in sys.modules if m.split(".")[0] i
     assert report == {"imported": [], "fixed": ["(4, 32, 32, 3)"]}
     want = embedder.embed(images, pad_to=8)
     with np.load(tmp_path / "out.npz") as out:
-        np.testing.assert_allclose(out["three"], want[:3], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(out["five"], want, atol=1e-5, rtol=0)
+        assert_same_embeddings(out["three"], want[:3])
+        assert_same_embeddings(out["five"], want)
 
 
 def test_search_prints_the_nearest_gallery_images_and_draws_them(
@@ -207,16 +219,24 @@ def test_search_prints_the_nearest_gallery_images_and_draws_them(
     assert code == 0, err
     blocks = out.split("query ")[1:]
     assert len(blocks) == 2
+    # The query is embedded again (another batch than the gallery's): its cosines to the gallery
+    # carry √d × the embeddings' round-off (Σ|g_i| ≤ √d for a unit g), plus the product's own.
+    embedding_atol = rounding_atol(1.0, tiny_network_terms(), eps=F32)
+    similarity_atol = np.sqrt(DIM) * embedding_atol + rounding_atol(1.0, DIM, eps=F32)
     for block, query in zip(blocks, queries, strict=True):
         lines = block.strip().splitlines()
         assert lines[0].endswith(f": {query.resolve()}")
         rows = [line.split() for line in lines[2:]]
         assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
         self_index = paths.index(str(query.resolve()))
-        want = np.argsort(-(gallery @ gallery[self_index]), kind="stable")[:4]
-        assert [r[2] for r in rows] == [paths[j] for j in want]
-        assert [r[3] for r in rows] == [labels[j] for j in want]
-        assert rows[0][2] == str(query.resolve()) and float(rows[0][1]) > 0.9999  # itself, at ~1
+        similarity = gallery @ gallery[self_index]
+        listed = np.array([paths.index(r[2]) for r in rows])
+        assert len(set(listed)) == 4
+        # The 4 nearest in order, up to round-off: a near-tie may list either image first.
+        assert_best_within(listed, similarity, atol=similarity_atol)
+        assert [r[3] for r in rows] == [labels[j] for j in listed]
+        # Itself, at ~1: for unit vectors q·g = 1 - ‖q - g‖²/2, second order in the round-off.
+        assert rows[0][2] == str(query.resolve()) and float(rows[0][1]) > 0.9999
         assert all(float(a[1]) >= float(b[1]) for a, b in itertools.pairwise(rows))
     assert picture.stat().st_size > 0 and Image.open(picture).format == "PNG"
 
@@ -230,7 +250,8 @@ def test_step_picks_that_checkpoint_and_search_keeps_to_the_gallerys(
     assert code == 0, err
     with np.load(early) as a, np.load(labelled_gallery) as b:
         assert int(a["step"]) == 4 and a["checkpoint_id"] != b["checkpoint_id"]
-        assert np.abs(a["embeddings"] - b["embeddings"]).max() > 1e-3  # other weights
+        # Other weights: far beyond the round-off of one network's embeddings (assert_same_embeddings).
+        assert np.abs(a["embeddings"] - b["embeddings"]).max() > 1e-3
     query = image_folder / "class_2" / "16.png"
     code, out, err = run_cli(
         capsys, search.main, "--workdir", run_dir, "--gallery", early, "--query", query, "-k", 1

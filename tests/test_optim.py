@@ -113,8 +113,16 @@ def hasattr_count(node) -> bool:
 
 @pytest.mark.parametrize("name", ["rmsprop", "adam", "adamw"])
 def test_optimizer_trajectories_equal_torch_optim(name):
-    """Ten steps on a quadratic-plus-noise objective: the parameters after each step agree with
-    ``torch.optim``'s (RMSprop: α 0.99, momentum 0.9, L2 weight decay; MLRC's trunk optimizer)."""
+    """Ten steps on a quartic objective: the parameters after each step agree with
+    ``torch.optim``'s (RMSprop: α 0.99, momentum 0.9, L2 weight decay; MLRC's trunk optimizer).
+
+    Both sides run in float64 (JAX's x64 mode, torch doubles), so the comparison does not depend
+    on how one CPU rounds float32. Each step is elementwise arithmetic (the gradient 2(p - t)³,
+    the moments, a square root, a division, the decay): a few roundings of ε₆₄ relative to the
+    parameter and the step, k = 8 (tests/numerics.py), and an earlier step's difference is carried
+    along unamplified (the lr·|∂u/∂p| feedback of these steps is below 1), so the bound after step
+    s is (s + 1)·8·ε₆₄·(max|p| + lr).
+    """
     config = load_config_module("synthetic").get_config("method=proxy_anchor")
     config.optimizer.name = name
     config.optimizer.lr = 1e-2
@@ -122,22 +130,25 @@ def test_optimizer_trajectories_equal_torch_optim(name):
     config.optimizer.grad_clip_value = 0.0
     config.optimizer.decay_epochs = ()
     rng = np.random.default_rng(0)
-    start = rng.standard_normal((4, 3)).astype(np.float32)
-    targets = rng.standard_normal((10, 4, 3)).astype(np.float32)
-    params = {"head": {"dense": {"kernel": jnp.asarray(start)}}}
-    optimizer = optim.make_optimizer(config, params, steps_per_epoch=100)
-    state = optimizer.init(params)
-    weight = torch.nn.Parameter(torch.tensor(start))
+    start = rng.standard_normal((4, 3))
+    targets = rng.standard_normal((10, 4, 3))
+    weight = torch.nn.Parameter(torch.tensor(start, dtype=torch.float64))
     torch_class = {"rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
     extra = {"momentum": 0.9} if name == "rmsprop" else {}
     reference = torch_class([weight], lr=1e-2, weight_decay=1e-2, eps=config.optimizer.eps, **extra)
-    for target in targets:
-        grads = {"head": {"dense": {"kernel": 2 * (params["head"]["dense"]["kernel"] - target) ** 3}}}
-        updates, state = optimizer.update(grads, state, params)
-        params = jax.tree.map(lambda p, u: p + u, params, updates)
-        reference.zero_grad()
-        (0.5 * ((weight - torch.tensor(target)) ** 4).sum()).backward()
-        reference.step()
-        np.testing.assert_allclose(
-            np.asarray(params["head"]["dense"]["kernel"]), weight.detach().numpy(), rtol=2e-5, atol=2e-6
-        )
+    eps64 = float(np.finfo(np.float64).eps)
+    with jax.enable_x64(True):
+        params = {"head": {"dense": {"kernel": jnp.asarray(start, jnp.float64)}}}
+        optimizer = optim.make_optimizer(config, params, steps_per_epoch=100)
+        state = optimizer.init(params)
+        for step, target in enumerate(targets):
+            grads = {"head": {"dense": {"kernel": 2 * (params["head"]["dense"]["kernel"] - target) ** 3}}}
+            updates, state = optimizer.update(grads, state, params)
+            params = jax.tree.map(lambda p, u: p + u, params, updates)
+            reference.zero_grad()
+            (0.5 * ((weight - torch.tensor(target)) ** 4).sum()).backward()
+            reference.step()
+            ours, theirs = np.asarray(params["head"]["dense"]["kernel"]), weight.detach().numpy()
+            assert ours.dtype == theirs.dtype == np.float64
+            atol = (step + 1) * 8 * eps64 * (float(np.abs(theirs).max()) + 1e-2)
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=atol, err_msg=f"step {step}")

@@ -10,7 +10,9 @@ import pytest
 
 from hdml_jax.data import pipeline, sampling, transforms
 from hdml_jax.data.base import Split
+from tests.numerics import assert_close
 
+F32 = float(np.finfo(np.float32).eps)
 NUM_CLASSES, PER_CLASS, HEIGHT, WIDTH = 10, 7, 30, 40
 
 
@@ -213,9 +215,11 @@ def test_normalize():
     images = np.full((2, 4, 4, 3), 255, np.uint8)
     out = transforms.normalize(images)
     assert out.dtype == np.float32
-    np.testing.assert_allclose(
-        out[0, 0, 0], (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-5
-    )
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    # (255 - 255·mean) / (255·std) in float32: the constants' and the two operations' roundings
+    # (k = 8 covers them), on the scale of the subtraction's terms, (1 + mean) / std.
+    scale = float(np.max((1 + mean) / std))
+    assert_close(out[0, 0, 0], (1 - mean) / std, n_terms=1, scale=scale, eps=F32)
 
 
 # ----------------------------------------------------------------------------- train pipeline

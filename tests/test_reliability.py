@@ -140,7 +140,8 @@ def test_rerunning_a_finished_run_changes_nothing_and_eval_only_records_nothing(
     assert "holds a complete run" in capsys.readouterr().err
     assert again["recall@1"] == finished[1]["recall@1"]
     evaluated = train.train_and_evaluate(config(eval_only=True), path, dataset=dataset)
-    assert evaluated == pytest.approx(finished[1])
+    # The same compiled evaluation of the bit-identical restored step-16 state: the same metrics.
+    assert evaluated == finished[1]
     after = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.name != ".lock"}
     for name in ("metrics.jsonl", "config.json"):
         assert after[name] == before[name], name

@@ -225,6 +225,7 @@ def test_network_failures_explain_the_manual_route(server, tmp_path, monkeypatch
     assert str(tmp_path / "resnet50-0676ba61.pth") in message
     assert "python -m hdml_jax.models.convert FILE --depth 50 --output DIR" in message
     assert "--config.model.pretrained=DIR" in message
+    assert message.rstrip().endswith("--config.model.pretrained=none")  # what works at once, offline
     assert _files_under(tmp_path) == []
 
 

@@ -37,6 +37,16 @@ NORM_EPS = 1e-12
 # float32 anyway, so results and speed there do not change.
 FULL_PRECISION = jax.lax.Precision.HIGHEST
 
+# The dtype the losses compute in and return: float32 whatever the inputs' dtype (bfloat16 is
+# widened, float64 rounded), so a loss's value does not depend on its caller's precision. A float64
+# reference computation (JAX's x64 mode: the trainer's step-by-step parity with a float64 PyTorch
+# loop, where float32 rounding of the loss would swamp the comparison) sets it to ``jnp.float64``
+# for its whole process before anything is traced; it is read while tracing, so a loss traced
+# before the change stays float32. Honoured by the losses of those parity runs
+# (``proxy_anchor_loss``, ``proxy_nca_loss``, ``batch_hard_triplet_loss``,
+# ``softmax_cross_entropy``); the others compute in float32 regardless.
+MATH_DTYPE = jnp.float32
+
 
 def is_concrete(x) -> bool:
     """True when ``x`` holds actual values (not a tracer inside jit/grad/vmap)."""

@@ -65,10 +65,10 @@ def softmax_cross_entropy(
     )
     mask = _common.resolve_mask(mask, logits.shape[0])
 
-    z = _common.zero_masked_rows(logits.astype(jnp.float32), mask) / temperature
+    z = _common.zero_masked_rows(logits.astype(_common.MATH_DTYPE), mask) / temperature
     log_probs = jax.nn.log_softmax(z, axis=1)
     targets = (1.0 - label_smoothing) * jax.nn.one_hot(
-        labels, num_classes, dtype=jnp.float32
+        labels, num_classes, dtype=z.dtype
     ) + label_smoothing / num_classes
     per_row = -jnp.sum(targets * log_probs, axis=1)
     return _common.masked_mean(per_row, mask)

@@ -97,8 +97,8 @@ def proxy_anchor_loss(
     mask = _common.resolve_mask(mask, embeddings.shape[0])
     proxy_mask = _common.resolve_proxy_mask(proxy_mask, num_classes)
 
-    x = _common.l2_normalize(_common.zero_masked_rows(embeddings.astype(jnp.float32), mask))
-    proxies = proxies.astype(jnp.float32)
+    x = _common.l2_normalize(_common.zero_masked_rows(embeddings.astype(_common.MATH_DTYPE), mask))
+    proxies = proxies.astype(_common.MATH_DTYPE)
     labels = jnp.asarray(labels)
     if _direct_sums_are_safe(alpha, margin, embeddings.shape[0]):
         return _proxy_anchor_direct(x, proxies, labels, mask, proxy_mask, float(alpha), float(margin))
@@ -127,9 +127,9 @@ def _proxy_anchor_shifted(x, proxies, labels, mask, proxy_mask, alpha, margin) -
     neg_term = _common.masked_logsumexp_plus_one(alpha * (cos + margin), negative, axis=0)  # (C,)
 
     has_positive = jnp.any(positive, axis=0)
-    num_with_positive = jnp.sum(has_positive.astype(jnp.float32))
+    num_with_positive = jnp.sum(has_positive.astype(x.dtype))
     pos_loss = jnp.sum(pos_term) / jnp.maximum(num_with_positive, 1.0)
-    neg_loss = jnp.sum(neg_term) / jnp.maximum(jnp.sum(proxy_mask.astype(jnp.float32)), 1.0)
+    neg_loss = jnp.sum(neg_term) / jnp.maximum(jnp.sum(proxy_mask.astype(x.dtype)), 1.0)
     return pos_loss + neg_loss
 
 
@@ -192,7 +192,7 @@ class _ProxyAnchorTerms(NamedTuple):
         neg_exp = jnp.where(negative, jnp.exp(alpha * (cos + margin)), 0.0)
         # Column sums as a matrix-vector product: on CPU a reduction fused with the exp above
         # runs many times slower than this.
-        neg_sum = jnp.matmul(jnp.ones((batch_size,), jnp.float32), neg_exp, precision=_common.FULL_PRECISION)
+        neg_sum = jnp.matmul(jnp.ones((batch_size,), neg_exp.dtype), neg_exp, precision=_common.FULL_PRECISION)
 
         # Each row has at most one positive pair, (i, y_i): gather it instead of masking (B, C).
         label_index = jnp.clip(labels, 0, num_classes - 1)
@@ -204,12 +204,12 @@ class _ProxyAnchorTerms(NamedTuple):
         # all-reduced over every class.
         same_class = (labels[:, None] == labels[None, :]) & valid_positive[None, :]
         # (B,): Σ over the row's class
-        pos_sum = jnp.matmul(same_class.astype(jnp.float32), pos_exp, precision=_common.FULL_PRECISION)
+        pos_sum = jnp.matmul(same_class.astype(pos_exp.dtype), pos_exp, precision=_common.FULL_PRECISION)
         earlier_same = jnp.any(same_class & jnp.tri(batch_size, k=-1, dtype=bool), axis=1)
         first_of_class = valid_positive & ~earlier_same  # one row per class in P⁺
 
-        num_with_positive = jnp.maximum(jnp.sum(first_of_class.astype(jnp.float32)), 1.0)
-        num_proxies = jnp.maximum(jnp.sum(proxy_mask.astype(jnp.float32)), 1.0)
+        num_with_positive = jnp.maximum(jnp.sum(first_of_class.astype(x.dtype)), 1.0)
+        num_proxies = jnp.maximum(jnp.sum(proxy_mask.astype(x.dtype)), 1.0)
         pos_loss = jnp.sum(jnp.where(first_of_class, jnp.log1p(pos_sum), 0.0)) / num_with_positive
         value = pos_loss + jnp.sum(jnp.log1p(neg_sum)) / num_proxies
         return cls(
@@ -234,7 +234,7 @@ class _ProxyAnchorTerms(NamedTuple):
         grad_sim = grad_cos * self.proxy_inv_norm[None, :]  # ∂L/∂(x̂·p) (B, C)
 
         grad_x = jnp.matmul(grad_sim, self.proxies, precision=_common.FULL_PRECISION)
-        ones = jnp.ones((self.x.shape[0],), jnp.float32)
+        ones = jnp.ones((self.x.shape[0],), self.x.dtype)
         # t_c = Σ_i G_ic cos_ic, a column sum again
         radial = jnp.matmul(ones, grad_cos * self.cos, precision=_common.FULL_PRECISION)
         # Below the normalisation epsilon p̂ = p/ε is linear in p: no radial part to remove.

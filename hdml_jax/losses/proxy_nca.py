@@ -94,15 +94,15 @@ def proxy_nca_loss(
     if not include_target_in_denominator and num_classes < 2:
         raise ValueError("the classic Proxy-NCA form needs at least 2 proxies (its denominator is empty).")
 
-    x = _common.l2_normalize(_common.zero_masked_rows(embeddings.astype(jnp.float32), mask))
+    x = _common.l2_normalize(_common.zero_masked_rows(embeddings.astype(_common.MATH_DTYPE), mask))
     concrete_scale = _concrete(scale)
     if include_target_in_denominator and concrete_scale is not None:
-        count = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+        count = jnp.maximum(jnp.sum(mask.astype(x.dtype)), 1.0)
         row_weight = jnp.where(mask, 1.0 / count, 0.0)
         spec = _NcaSpec(concrete_scale, padded)
-        p = proxies.astype(jnp.float32)
+        p = proxies.astype(_common.MATH_DTYPE)
         return _nca_direct(x, p, jnp.asarray(labels), mask, row_weight, proxy_mask, spec)
-    p = _common.l2_normalize(proxies.astype(jnp.float32))
+    p = _common.l2_normalize(proxies.astype(_common.MATH_DTYPE))
     # -σ‖x̂ - p̂‖² = σ(2 x̂·p̂ - ‖p̂‖²) - σ‖x̂‖². The last term is the same for every class of a row,
     # so it cancels exactly in both forms (target logit minus normaliser): dropping it saves a
     # full (B, C) pass. ‖p̂‖² is kept (it is 1 except for a zero proxy), so the loss stays exact.

@@ -81,7 +81,7 @@ def batch_hard_triplet_loss(
     )
     mask = _common.resolve_mask(mask, embeddings.shape[0])
 
-    x = _common.zero_masked_rows(embeddings.astype(jnp.float32), mask)
+    x = _common.zero_masked_rows(embeddings.astype(_common.MATH_DTYPE), mask)
     sq_dist = pairwise_squared_distances(x)
     dist = sq_dist if squared else safe_sqrt(sq_dist)
 

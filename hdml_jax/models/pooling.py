@@ -9,7 +9,8 @@ With ``x`` clipped at ``eps`` first (GeM only, so the power is defined)::
     MAC+LN    (f - mean_c f) / sqrt(var_c f + 1e-5), f = MAC   (ProxyNCA++: max pooling, then
               LayerNorm without affine parameters, euwern/proxynca_pp networks.py:15-22, 38-39)
 
-All reductions run in float32 whatever the feature map's dtype.
+All reductions run in float32 whatever the feature map's dtype, or in float64 for a float64 map
+(a float64 model under JAX's x64 mode): ``at_least_float32``.
 """
 
 from __future__ import annotations
@@ -21,14 +22,19 @@ import jax.numpy as jnp
 GEM_EPS = 1e-6
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """``x`` in float32 if it is narrower (bfloat16 maps are pooled in float32), else as it is."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def spoc(x: jax.Array) -> jax.Array:
     """Sum-pooled (average) convolutional features."""
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return jnp.mean(at_least_float32(x), axis=(1, 2))
 
 
 def mac(x: jax.Array) -> jax.Array:
     """Maximum activations of convolutions."""
-    return jnp.max(x.astype(jnp.float32), axis=(1, 2))
+    return jnp.max(at_least_float32(x), axis=(1, 2))
 
 
 def gem(x: jax.Array, p: float | jax.Array = 3.0, eps: float = GEM_EPS) -> jax.Array:
@@ -37,7 +43,7 @@ def gem(x: jax.Array, p: float | jax.Array = 3.0, eps: float = GEM_EPS) -> jax.A
     Evaluated as ``m · (mean (x/m)^p)^{1/p}`` with ``m`` the per-channel maximum, which is the
     same number but cannot overflow for large activations or a large (learned) ``p``.
     """
-    x = jnp.maximum(x.astype(jnp.float32), eps)
+    x = jnp.maximum(at_least_float32(x), eps)
     peak = jax.lax.stop_gradient(jnp.max(x, axis=(1, 2), keepdims=True))
     return peak[:, 0, 0, :] * jnp.mean((x / peak) ** p, axis=(1, 2)) ** (1.0 / p)
 

@@ -36,6 +36,13 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
+def statistics_dtype(x: jax.Array) -> jnp.dtype:
+    """The dtype BatchNorm normalises in: float32 for float32 and narrower (bfloat16) inputs, so that
+    mixed precision keeps float32 statistics, and the input's own dtype when it is wider (a float64
+    model under JAX's x64 mode, whose every layer would otherwise round to float32)."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 class FrozenBatchNorm(nn.Module):
     """BatchNorm whose statistics never change: always normalises with the running mean/var.
 
@@ -58,7 +65,7 @@ class FrozenBatchNorm(nn.Module):
         var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         multiplier = scale * jax.lax.rsqrt(var.value + self.epsilon)
         dtype = self.dtype or x.dtype
-        y = (x.astype(jnp.float32) - mean.value) * multiplier + bias
+        y = (x.astype(statistics_dtype(x)) - mean.value) * multiplier + bias
         return y.astype(dtype)
 
 
@@ -68,7 +75,8 @@ class BatchNorm(nn.Module):
     Training normalises with the batch mean and the *biased* batch variance, and updates the
     running variance with the *unbiased* one (``n / (n - 1)``, ``n`` values per channel), as
     PyTorch does; Flax's ``nn.BatchNorm`` uses the biased one there, which for a 1-d BatchNorm on
-    a batch of 32 is 3% off. The variance is computed in two passes (mean first), in float32.
+    a batch of 32 is 3% off. The variance is computed in two passes (mean first), in float32
+    (float64 for a float64 model: ``statistics_dtype``).
     Same variables as ``nn.BatchNorm``. ``momentum`` in Flax's convention (PyTorch 0.1 = 0.9).
     """
 
@@ -85,7 +93,7 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         running_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(statistics_dtype(x))
         if self.use_running_average:
             mean, var = running_mean.value, running_var.value
         else:

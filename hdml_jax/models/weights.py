@@ -101,7 +101,9 @@ def _manual_steps(url: str, destination: Path, depth: int | None, arch: str = "r
         f"Without network access here, download {url} on another machine and either copy it to "
         f"{destination} (the next run converts it) or copy it anywhere and convert it once with\n"
         f"  python -m hdml_jax.models.convert FILE {arch_args} --output DIR\n"
-        "then pass --config.model.pretrained=DIR."
+        "then pass --config.model.pretrained=DIR.\n"
+        "Or train from scratch at once (lower accuracy than from ImageNet weights): "
+        "--config.model.pretrained=none"
     )
 
 
