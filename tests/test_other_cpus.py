@@ -22,19 +22,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The modules whose assertions compare two floating-point evaluations of one formula: losses
-# against per-sample references and across shapes, the trainer's steps against PyTorch loops,
-# the networks against PyTorch forwards, the metrics against NumPy. Each runs in full.
+# The modules whose assertions compare two float32 evaluations of one formula: the losses against
+# per-sample references and across shapes, the networks against PyTorch forwards, the metrics
+# against NumPy. (The trainer's and the optimizers' parity with PyTorch run in float64, where the
+# instruction set moves nothing near their bounds: test_parity.py, test_optim.py.)
 NUMERICS_MODULES = (
     "tests/test_losses.py",
     "tests/test_classification_losses.py",
     "tests/test_pair_losses.py",
     "tests/test_xbm.py",
     "tests/test_metrics.py",
-    "tests/test_optim.py",
-    "tests/test_parity.py",
     "tests/test_models.py",
     "tests/test_bn_inception.py",
+)
+# Of those, the tests that compare two programs (another shape, library, formulation or jit):
+# their names say so. Left out: the rest of each module (errors, shapes, training runs), which no
+# summation order changes, and the 8-device metrics (test_sharding's subprocess pattern; their
+# tolerance is test_metrics' own, checked here on one device). About 2 minutes on 2 cores.
+COMPARISONS = (
+    "(match or equal or agree or change_nothing or garbage or reference or torch or pml or close)"
+    " and not sharded"
 )
 
 
@@ -65,7 +72,7 @@ def test_numerics_hold_with_another_cpus_summation_order(isa):
     flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), f"--xla_cpu_max_isa={isa}"]))
     env = {**os.environ, "XLA_FLAGS": flags, "HDML_JAX_OTHER_CPU": isa}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *NUMERICS_MODULES],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", COMPARISONS, *NUMERICS_MODULES],
         cwd=ROOT,
         env=env,
         capture_output=True,
