@@ -20,16 +20,21 @@ def xla_flags_with_devices(count: int | None) -> str:
     return " ".join([*kept, *([f"--xla_force_host_platform_device_count={count}"] if count else [])])
 
 
-def run_on_eight_devices(module: str, *args: str) -> dict:
-    """``python -m tests.<module> ARGS`` with ``--xla_force_host_platform_device_count=8``."""
-    env = {**os.environ, "XLA_FLAGS": xla_flags_with_devices(8), "PYTHONPATH": str(ROOT)}
+def run_check_module(module: str, *args: str, env: dict[str, str], timeout: int = 600) -> dict:
+    """``python -m tests.<module> ARGS`` in a fresh interpreter with ``env`` added to this one's
+    environment; returns the JSON report the module prints on its last stdout line."""
     result = subprocess.run(
         [sys.executable, "-m", f"tests.{module}", *args],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_on_eight_devices(module: str, *args: str) -> dict:
+    """``python -m tests.<module> ARGS`` with ``--xla_force_host_platform_device_count=8``."""
+    return run_check_module(module, *args, env={"XLA_FLAGS": xla_flags_with_devices(8)})

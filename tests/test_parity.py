@@ -17,20 +17,15 @@ above it, and every element can be held to a bound derived from float64's round-
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.float64_parity_check import BATCH, NUM_STEPS, SIZE
 from tests.numerics import assert_close
+from tests.simulated_devices import run_check_module
 
-ROOT = Path(__file__).resolve().parents[1]
 EPS = float(np.finfo(np.float64).eps)
 
 # Round-off of a value the network computes (the loss, a gradient, a BatchNorm statistic), in the
@@ -62,17 +57,9 @@ def runs(request, tmp_path_factory) -> dict[str, tuple[np.lib.npyio.NpzFile, dic
         {scenario_of(item) for item in request.session.items if item.module is request.module} - {None}
     )
     out = tmp_path_factory.mktemp("float64_parity")
-    env = {**os.environ, "JAX_ENABLE_X64": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.float64_parity_check", str(out), *names],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    report = run_check_module(
+        "float64_parity_check", str(out), *names, env={"JAX_ENABLE_X64": "1"}, timeout=1200
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
     return {name: (np.load(out / f"{name}.npz"), report[name]) for name in names}
 
 
