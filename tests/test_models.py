@@ -184,6 +184,22 @@ def test_train_mode_updates_batch_stats_and_frozen_bn_freezes():
             assert all(stats_changed) and all(bn_changed)
 
 
+def test_mac_gradient_goes_to_the_first_maximum_of_each_channel():
+    """One position per (image, channel) gets the cotangent, the first maximum in row-major
+    (h, w) order, as PyTorch's max pooling; ties (a channel of ReLU zeros) do not split it."""
+    x = np.random.default_rng(1).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    x[1, :, :, 2] = 0.0  # a dead channel: every position ties
+    x[0, 2, 3, 4] = x[0, 0, 1, 4] = x[0, :, :, 4].max() + 1.0  # two tied maxima
+    cotangent = np.random.default_rng(2).normal(size=(2, 5)).astype(np.float32)
+    grad = np.asarray(jax.grad(lambda v: jnp.sum(mac(v) * cotangent))(jnp.asarray(x)))
+    expected = np.zeros_like(x)
+    for n in range(2):
+        for c in range(5):
+            first = np.argmax(x[n, :, :, c].ravel())  # NumPy's argmax: the first maximum
+            expected[n, first // 4, first % 4, c] = cotangent[n, c]
+    np.testing.assert_array_equal(grad, expected)  # a copy of the cotangent, nothing rounds
+
+
 def test_pooling_formulas_against_numpy():
     x = np.random.default_rng(0).normal(size=(2, 5, 4, 3)).astype(np.float32)
     positions = 5 * 4  # every descriptor reduces over the 20 positions of a channel

@@ -33,8 +33,18 @@ def spoc(x: jax.Array) -> jax.Array:
 
 
 def mac(x: jax.Array) -> jax.Array:
-    """Maximum activations of convolutions."""
-    return jnp.max(at_least_float32(x), axis=(1, 2))
+    """Maximum activations of convolutions.
+
+    Taken as a gather at each channel's argmax (the first on ties), so the gradient flows to that
+    one position, as PyTorch's max pooling routes it. ``jnp.max``'s own gradient instead finds the
+    maximum again by comparing the operand with the result, and a compiler that evaluates the
+    operand twice with different rounding (XLA:CPU without optimisation does, on ResNet features)
+    finds no position equal: 0/0, a NaN gradient for the whole backbone.
+    """
+    x = at_least_float32(x)
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    index = jax.lax.stop_gradient(jnp.argmax(flat, axis=1))
+    return jnp.take_along_axis(flat, index[:, None, :], axis=1)[:, 0, :]
 
 
 def gem(x: jax.Array, p: float | jax.Array = 3.0, eps: float = GEM_EPS) -> jax.Array:
