@@ -17,6 +17,15 @@ settings.load_profile("hdml")
 import os  # noqa: E402
 import tempfile  # noqa: E402
 
+# The suite compiles its programs without XLA's backend optimisation (LLVM -O0): the tiny networks'
+# compilation, not their execution, is most of its time, and -O0 compiles 2-3x faster. The
+# tolerances are error bounds for any evaluation order, so they hold for this code as for the
+# optimised one, which test_other_cpus runs (HDML_JAX_OPTIMIZED_COMPILE=1) on the comparisons.
+# Set before JAX creates its CPU backend; the subprocesses inherit it.
+OPTIMIZATION_FLAG = "--xla_backend_optimization_level=0"
+if os.environ.get("HDML_JAX_OPTIMIZED_COMPILE") != "1" and OPTIMIZATION_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), OPTIMIZATION_FLAG]))
+
 import jax  # noqa: E402
 
 JIT_CACHE = os.environ.get("HDML_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "hdml_jax_jit_cache"))

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import OPTIMIZATION_FLAG
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The modules whose assertions compare two float32 evaluations of one formula: the losses against
@@ -38,10 +40,12 @@ NUMERICS_MODULES = (
 # Of those, the tests that compare two programs (another shape, library, formulation or jit):
 # their names say so. Left out: the rest of each module (errors, shapes, training runs), which no
 # summation order changes, and the 8-device metrics (test_sharding's subprocess pattern; their
-# tolerance is test_metrics' own, checked here on one device). About 2 minutes on 2 cores.
+# tolerance is test_metrics' own, checked here on one device) and bfloat16 against float32, whose
+# bound is bfloat16's rounding (2⁻⁸), 65,000 times float32's: no summation order comes near it.
+# About 2 minutes on 2 cores.
 COMPARISONS = (
     "(match or equal or agree or change_nothing or garbage or reference or torch or pml or close)"
-    " and not sharded"
+    " and not sharded and not bfloat16"
 )
 
 
@@ -69,8 +73,11 @@ def _capped_instruction_sets() -> list[str]:
 )
 @pytest.mark.parametrize("isa", _capped_instruction_sets())
 def test_numerics_hold_with_another_cpus_summation_order(isa):
-    flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), f"--xla_cpu_max_isa={isa}"]))
-    env = {**os.environ, "XLA_FLAGS": flags, "HDML_JAX_OTHER_CPU": isa}
+    # The optimised compilation users run (the rest of the suite compiles at -O0, see conftest),
+    # under another instruction set: both change the evaluation order the tolerances must cover.
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if f != OPTIMIZATION_FLAG]
+    flags = " ".join([*kept, f"--xla_cpu_max_isa={isa}"])
+    env = {**os.environ, "XLA_FLAGS": flags, "HDML_JAX_OTHER_CPU": isa, "HDML_JAX_OPTIMIZED_COMPILE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", COMPARISONS, *NUMERICS_MODULES],
         cwd=ROOT,
