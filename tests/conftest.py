@@ -37,6 +37,28 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JIT_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per CPU this process may use, at most 4 and one per 6 GiB of memory
+    (a worker peaks near 6 GiB: JAX, PyTorch and a test's subprocess), none (run in this process)
+    where that leaves one. Compilation, most of the suite's time, is single-threaded, so two
+    workers on 2 cores take about 2/3 of the time of one (10 rather than 15 minutes cold)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    memory = _memory_bytes()
+    by_memory = 4 if memory is None else memory // (6 * 2**30)
+    workers = max(1, min(4, cpus, by_memory))
+    return workers if workers > 1 else 0
+
+
 @pytest.fixture
 def convert_fails(capsys):
     """``convert_fails(*argv)``: ``python -m hdml_jax.models.convert ARGV`` exits with status 2 and

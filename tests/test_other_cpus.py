@@ -79,7 +79,7 @@ def test_numerics_hold_with_another_cpus_summation_order(isa):
     flags = " ".join([*kept, f"--xla_cpu_max_isa={isa}"])
     env = {**os.environ, "XLA_FLAGS": flags, "HDML_JAX_OTHER_CPU": isa, "HDML_JAX_OPTIMIZED_COMPILE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", COMPARISONS, *NUMERICS_MODULES],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", "-k", COMPARISONS, *NUMERICS_MODULES],
         cwd=ROOT,
         env=env,
         capture_output=True,
