@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from hdml_jax import methods
 from hdml_jax.checkpoints import steps_in
 from hdml_jax.cluster import normalized_mutual_info
-from hdml_jax.config import HIERARCHICAL_METHODS
 
 
 def purity(true: np.ndarray, groups: np.ndarray) -> float:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{workdir!s:<64} skipped: no config.json")
             continue
         config = json.loads(config_file.read_text())
-        if config["method"] not in HIERARCHICAL_METHODS:
+        if not methods.get(config["method"]).hierarchical:
             print(f"{workdir!s:<64} skipped: method {config['method']} has no hierarchy")
             continue
         key = (config["dataset"]["name"], config["dataset"].get("data_dir"))

@@ -6,7 +6,7 @@
 Prepare the data once: ``python -m hdml_jax.data.prepare cub200 --data_dir ~/tensorflow_datasets``.
 The backbone starts from torchvision's ImageNet ResNet-50 (downloaded once; ``model.pretrained``).
 
-Recipes, with their sources (commits in ``hdml_jax.config.apply_method``; PA =
+Recipes, with their sources (commits in ``hdml_jax.methods``; PA =
 Proxy-Anchor-CVPR2020, NCA++ = proxynca_pp, CGD-port = leftthomas/CGD):
 
 * Proxy-Anchor family (``proxy_anchor``, ``proxy_nca``, ``hpl_pa``, ``hpl_nca``): the official
@@ -26,7 +26,7 @@ Proxy-Anchor-CVPR2020, NCA++ = proxynca_pp, CGD-port = leftthomas/CGD):
   ``hpl_normalized_softmax``/``hpl_cosface``/``hpl_arcface``): this config's Proxy-Anchor-family recipe
   with MLRC's best loss hyper-parameters for CUB: KevinMusgrave/powerful-benchmarker,
   metric-learning branch, docs/papers/mlrc.md l.35-50 (values and per-row lines in
-  ``hdml_jax.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
+  ``hdml_jax.methods.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
 """
 
 from hdml_jax.config import apply_proxy_anchor_command, base_config, parse_arg, use_backbone

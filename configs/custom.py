@@ -25,7 +25,7 @@ halved every 10 and 1 warm-up epoch (our choices; tune ``num_epochs``, ``optimiz
   ``hpl_normalized_softmax``/``hpl_cosface``/``hpl_arcface``): this config's Proxy-Anchor-family recipe
   with MLRC's best loss hyper-parameters for CUB (borrowed): KevinMusgrave/powerful-benchmarker,
   metric-learning branch, docs/papers/mlrc.md l.35-50 (values and per-row lines in
-  ``hdml_jax.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
+  ``hdml_jax.methods.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
 """
 
 from hdml_jax.config import apply_proxy_anchor_command, base_config, parse_arg

@@ -25,7 +25,7 @@ Recipes (sources as in ``configs/cub.py``):
   ``hpl_normalized_softmax``/``hpl_cosface``/``hpl_arcface``): this config's Proxy-Anchor-family recipe
   with MLRC's best loss hyper-parameters for SOP (In-Shop has no MLRC numbers: SOP's are borrowed): KevinMusgrave/powerful-benchmarker,
   metric-learning branch, docs/papers/mlrc.md l.35-50 (values and per-row lines in
-  ``hdml_jax.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
+  ``hdml_jax.methods.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
 """
 
 from hdml_jax.config import (

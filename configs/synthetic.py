@@ -15,7 +15,7 @@ for a CPU, large enough that the methods separate from an untrained network.
   ``hpl_normalized_softmax``/``hpl_cosface``/``hpl_arcface``): this config's Proxy-Anchor-family recipe
   with MLRC's best loss hyper-parameters for CUB (borrowed: MLRC has no numbers for generated data): KevinMusgrave/powerful-benchmarker,
   metric-learning branch, docs/papers/mlrc.md l.35-50 (values and per-row lines in
-  ``hdml_jax.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
+  ``hdml_jax.methods.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
 """
 
 from hdml_jax.config import apply_small_cpu_recipe, base_config, parse_arg

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hdml_jax.finite import check_finite
 from hdml_jax.losses._common import FULL_PRECISION
 
 
@@ -163,7 +164,7 @@ def kmeans(
       cluster indices. Under ``jax.jit`` (traced points) a NaN or inf point makes centroids NaN.
 
     Raises:
-      NonFiniteEmbeddingsError (``hdml_jax.metrics``): concrete points with a NaN or inf row
+      NonFiniteEmbeddingsError (``hdml_jax.finite``): concrete points with a NaN or inf row
         (their assignments would be arbitrary).
       ValueError: a bad shape, ``num_clusters``, ``num_iters``, ``tol`` or ``block_size``.
     """
@@ -182,7 +183,6 @@ def kmeans(
         raise ValueError(
             f"tol must be a number >= 0 (the largest squared centroid shift to stop at), got {tol!r}."
         )
-    from hdml_jax.metrics import check_finite  # metrics imports this module
 
     check_finite(points, "k-means point")
     block_size = int(min(block_size, num_points))

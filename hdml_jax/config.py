@@ -5,8 +5,8 @@ set needs. The method is picked on the command line big_vision style::
 
     python -m hdml_jax.main --config configs/cars.py:method=hpl_pa --config.optimizer.lr=2e-4
 
-Methods and their recipes (``apply_method`` cites the official code line by line; the data-set
-configs set the per-data-set numbers of the official commands):
+Methods and their recipes (each method's record in ``hdml_jax.methods`` cites the official code
+line by line; the data-set configs set the per-data-set numbers of the official commands):
 
 =============  =====================================================================
 proxy_anchor   GAP+GMP → Dense → L2; Proxy-Anchor (α=32, δ=0.1); AdamW 1e-4, wd 1e-4,
@@ -28,7 +28,7 @@ baselines      pytorch-metric-learning's pair and classification losses (contras
                triplet_margin, multi_similarity, margin, ntxent, lifted_structure,
                circle, normalized_softmax, cosface, arcface, soft_triple, and HPL around
                the first three classification ones): MLRC's best loss hyper-parameters
-               on the Proxy-Anchor recipe (``hdml_jax.baselines``).
+               on the Proxy-Anchor recipe (``hdml_jax.methods.baselines``).
 =============  =====================================================================
 """
 
@@ -39,8 +39,10 @@ import os
 
 import ml_collections
 
-from hdml_jax import baselines
+from hdml_jax import methods
 from hdml_jax.errors import ConfigError
+from hdml_jax.methods import baselines
+from hdml_jax.methods.registry import GROUP_FIELDS
 from hdml_jax.models.heads import (
     ARCHITECTURES,
     COMBINES,
@@ -51,29 +53,6 @@ from hdml_jax.models.heads import (
 from hdml_jax.models.pooling import POOLINGS
 from hdml_jax.models.preprocessing import BACKBONES, check_named_weights
 
-METHODS = (
-    "proxy_anchor",
-    "proxy_nca",
-    "proxy_nca_pp",
-    "hpl_pa",
-    "hpl_nca",
-    "cgd",
-    *baselines.BASELINE_METHODS,
-)
-# Methods with class vectors at params['proxies'] (the classification losses' weights are too).
-PROXY_METHODS = (
-    "proxy_anchor",
-    "proxy_nca",
-    "proxy_nca_pp",
-    "hpl_pa",
-    "hpl_nca",
-    *baselines.CLASSIFICATION_METHODS,
-    *baselines.HPL_CLASSIFICATION_METHODS,
-)
-HIERARCHICAL_METHODS = ("hpl_pa", "hpl_nca", *baselines.HPL_CLASSIFICATION_METHODS)
-# Trained with the Proxy-Anchor repository's recipe (its train.py runs Proxy_Anchor and Proxy_NCA);
-# the baselines share it so that every method is compared under one protocol.
-PROXY_ANCHOR_FAMILY = ("proxy_anchor", "proxy_nca", "hpl_pa", "hpl_nca", *baselines.BASELINE_METHODS)
 DATASET_NAMES = ("synthetic", "synthetic_sop", "cub200", "cars196", "sop", "inshop", "custom")
 TRANSFORMS = ("proxy_anchor", "proxynca_pp", "cgd", "mlrc", "synthetic")
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
@@ -186,7 +165,7 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.loss.label_smoothing = 0.1  # CGD classifier ε
     c.loss.triplet_margin = 0.1  # CGD batch-hard triplet margin
     c.loss.classification_weight = 1.0
-    # The baselines (hdml_jax.baselines): the loss's keywords under PML's names, a miner for the
+    # The baselines (hdml_jax.methods.baselines): the loss's keywords under PML's names, a miner for the
     # pair losses and its keywords, and a cross-batch memory of xbm_size embeddings (0: none).
     c.loss.kwargs = ml_collections.ConfigDict()
     c.loss.miner = "none"
@@ -261,76 +240,15 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
 
 
 def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
-    """Overwrite ``c`` with ``method``'s recipe; every number cites its source.
+    """Overwrite ``c`` with ``method``'s recipe (``Method.recipe``; every number cites its source).
 
-    Sources (commits read): PA = tjddus9597/Proxy-Anchor-CVPR2020 @51db570; NCA++ =
-    euwern/proxynca_pp @217233d; CGD-port = leftthomas/CGD @c9cd98f (a reimplementation, not
-    the authors' code). The data-set configs (``configs/*.py``) set the per-data-set numbers.
+    The base config is Proxy-Anchor's recipe; each method's record changes what differs from it
+    (``hdml_jax.methods``). The data-set configs set the per-data-set numbers.
     """
     c.method = method  # an unknown name is reported by validate(), after flag parsing, in one line
-    # The base config is Proxy-Anchor's recipe: AdamW (PA train.py:60-62, 254), lr 1e-4 (l.63-65),
-    # wd 1e-4 on every group (l.66-68), proxies ×100 (l.241-242), clip_grad_value_ 10 on the model
-    # and the proxies (l.298-300), 60 epochs (l.43-46), α 32 / δ 0.1 (l.75-80), embedding 512
-    # (l.35-38), GAP+GMP → Linear (kaiming fan_out, bias 0) → L2 (net/resnet.py:144-147, 183-194),
-    # proxies kaiming_normal_ fan_out (losses.py:30-31), StepLR per epoch (train.py:256, 313).
-    if method in ("proxy_nca", "hpl_nca"):
-        # PA's Proxy-NCA baseline: PML ProxyNCALoss, softmax_scale 32 (PA losses.py:63, 68); its
-        # proxies train at the base lr (train.py:243-244) and are not clipped (l.299-300); PML
-        # initialises them N(0, 1) (pytorch-metric-learning >= 0.9.90, losses/mixins.py:13-14).
-        c.loss.scale = 32.0
-        c.optimizer.proxy_lr_multiplier = 1.0
-        c.optimizer.clip_proxies = False
-        c.model.proxy_init = "normal"
-    if method == "proxy_nca_pp":
-        # ProxyNCA++ (NCA++ config/cub.json; the data-set configs scale lr and batch for SOP/In-Shop).
-        c.loss.scale = 9.0  # scale 3 on both vectors before a squared distance (loss.py:60-65; cub.json:7)
-        c.model.proxy_init = "normal_over_8"  # randn / 8 (loss.py:55)
-        c.model.embedding_dim = 2048  # sz_embedding (cub.json:24)
-        c.model.pooling = "mac_layernorm"  # Feat_resnet50_max_n: max pool + LayerNorm (networks.py:51-53)
-        c.model.embedding_init = "torch_default"  # nn.Linear(2048, 2048) left at its init (train.py:101)
-        c.model.frozen_bn = False  # no BatchNorm freezing anywhere in the repository
-        c.dataset.transform = "proxynca_pp"  # RandomResizedCrop 256; eval Resize 288 + CenterCrop 256
-        c.dataset.image_size = 256  # (dataset/config.json:85-92, dataset/utils.py:57-74)
-        c.optimizer.name = "adam"  # cub.json:33
-        c.optimizer.lr = 4e-3  # base lr (cub.json:46)
-        c.optimizer.eps = 1.0  # base eps, inherited by every group (cub.json:47; train.py:287, 311)
-        c.optimizer.proxy_eps = None
-        c.optimizer.weight_decay = 0.0  # every group (cub.json:35-44)
-        c.optimizer.proxy_lr_multiplier = 1e5  # proxies lr 4e2 = 4e-3 × 1e5 (cub.json:43)
-        c.optimizer.clip_proxies = False  # clip_grad_value_(model.parameters(), 10) only (train.py:416, 451)
-        c.optimizer.warmup_epochs = 5  # warmup_k default (train.py:39), backbone lr 0 (l.263-288)
-        c.optimizer.fresh_state_after_warmup = True  # a new Adam after warm-up (train.py:290-312)
-        # Train mode picks lr drops by ReduceLROnPlateau on a validation half of the training
-        # classes; trainval replays them (train.py:118-124, 329-339). Without that validation run
-        # there is no drop (the trainval default lr_steps [1000], train.py:31).
-        c.optimizer.decay_epochs = ()
-        c.num_epochs = 45  # 5 warm-up epochs + nb_epochs 40 (cub.json:22; warm-up not counted, l.406, 420)
-        c.sampler = "pk"  # BalancedBatchSampler, 8 classes × 4 (cub.json:23-27; train.py:226)
-        c.classes_per_batch, c.samples_per_class = 8, 4
-        c.batch_size = 32
-    if method == "cgd":
-        # CGD (Jun et al. 2019, arXiv 1903.10663) as reference.md §2 summarises the paper; where
-        # the paper is silent, the CGD-port's defaults.
-        c.model.last_stride = 1  # the paper: no downsampling between stages 3 and 4 (layer4)
-        c.model.frozen_bn = False
-        c.model.embedding_dim = 1536  # CGD-port train.py:77
-        c.model.descriptors = "SG"  # CGD-port train.py:74-76
-        c.dataset.transform = "cgd"  # resize 252, random crop 224, flip; eval resize 224 (utils.py:19-24)
-        c.optimizer.name = "adam"  # Adam(model.parameters(), lr=1e-4), no decay (CGD-port train.py:116)
-        c.optimizer.weight_decay = 0.0
-        c.optimizer.warmup_epochs = 0
-        c.optimizer.grad_clip_value = 0.0
-        c.optimizer.decay_factor = 0.1  # MultiStepLR gamma 0.1 (train.py:117)
-        c.optimizer.decay_every = False
-        c.optimizer.decay_epochs = (12, 16)  # milestones 0.6 / 0.8 × 20 epochs (train.py:117; README:54-55)
-        c.num_epochs = 20  # CGD-port train.py:84
-        c.sampler = "pk"  # MPerClassSampler, m = 4 (utils.py:109-137)
-        c.classes_per_batch = 32
-        c.samples_per_class = 4
-        c.batch_size = 128  # CGD-port train.py:83
-    if method in baselines.BASELINE_METHODS:
-        baselines.apply_baseline_recipe(c, method)
-        baselines.use_pk_batches(c)
+    record = methods.find(method)
+    if record is not None:
+        record.recipe(c)
 
 
 def apply_small_cpu_recipe(c: ml_collections.ConfigDict, image_size: int) -> None:
@@ -345,9 +263,10 @@ def apply_small_cpu_recipe(c: ml_collections.ConfigDict, image_size: int) -> Non
     c.dataset.transform = "synthetic"
     c.model.depth = 18
     c.model.width = 16
-    c.model.last_stride = 1 if c.method == "cgd" else 2
     c.model.frozen_bn = False
-    c.model.embedding_dim = 48 if c.method == "cgd" else 64
+    record = methods.find(c.method)
+    # CGD's descriptors split the embedding: 48 divides among 1, 2 or 3 of them.
+    c.model.embedding_dim = 48 if record is not None and record.head == "cgd" else 64
     c.optimizer.warmup_epochs = 0
     c.optimizer.lr = 1e-3
     c.optimizer.decay_every = False
@@ -375,7 +294,7 @@ def apply_proxy_anchor_command(
     no README command passes ``--IPC``, so batches are shuffled (l.141-150). Other methods keep
     their own recipe.
     """
-    if c.method not in PROXY_ANCHOR_FAMILY:
+    if _family(c) != "proxy_anchor":
         return
     c.batch_size = batch_size
     c.optimizer.lr = lr
@@ -396,7 +315,8 @@ def use_backbone(c: ml_collections.ConfigDict, backbone: str) -> None:
     one_of(backbone, BACKBONES, "backbone (after the config file's colon)")
     if backbone == "resnet":
         return
-    if c.method in ("cgd", "proxy_nca_pp"):
+    record = methods.find(c.method)
+    if record is not None and backbone not in record.backbones:
         raise ConfigError(
             f"backbone=bn_inception: {c.method}'s recipe is defined on ResNet-50 (its last stride, "
             "its pooling); use it with the Proxy-Anchor family or a baseline."
@@ -415,7 +335,7 @@ def apply_proxynca_pp_config(
     epochs: int,
 ) -> None:
     """A ProxyNCA++ ``config/<dataset>.json``'s numbers (``epochs`` includes the 5 warm-up epochs)."""
-    if c.method != "proxy_nca_pp":
+    if _family(c) != "proxynca_pp":
         return
     c.optimizer.lr = lr
     c.optimizer.proxy_lr_multiplier = proxy_lr / lr
@@ -424,45 +344,12 @@ def apply_proxynca_pp_config(
     c.num_epochs = epochs
 
 
-# Fields that only some methods (or the P×K sampler) read. Overriding one of them for a method
-# that ignores it is an error (``unused_overrides``): the run would not be what was asked for.
-_CGD = ("cgd",)
-_PROXY_ANCHOR_LOSS = ("proxy_anchor", "hpl_pa")
-_NCA_LOSS = ("proxy_nca", "proxy_nca_pp", "hpl_nca")
-_EMBEDDING_HEAD = PROXY_METHODS
-METHOD_FIELDS: dict[str, tuple[str, ...]] = {
-    "model.descriptors": _CGD,
-    "model.combine": _CGD,
-    "model.architecture": _CGD,
-    "model.learnable_gem_p": _CGD,
-    "model.pooling": _EMBEDDING_HEAD,
-    "model.embedding_init": _EMBEDDING_HEAD,
-    "model.proxy_init": PROXY_METHODS,
-    "loss.margin": _PROXY_ANCHOR_LOSS,
-    "loss.alpha": _PROXY_ANCHOR_LOSS,
-    "loss.scale": _NCA_LOSS,
-    "loss.level_weights": HIERARCHICAL_METHODS,
-    "loss.num_coarse_groups": HIERARCHICAL_METHODS,
-    "loss.hierarchy_build_epoch": HIERARCHICAL_METHODS,
-    "loss.hierarchy_refresh_epochs": HIERARCHICAL_METHODS,
-    "loss.coarse_from_labels": HIERARCHICAL_METHODS,
-    "loss.coarse_proxies": HIERARCHICAL_METHODS,
-    "loss.kmeans_normalize": HIERARCHICAL_METHODS,
-    "loss.temperature": _CGD,
-    "loss.label_smoothing": _CGD,
-    "loss.triplet_margin": _CGD,
-    "loss.classification_weight": _CGD,
-    "optimizer.proxy_lr_multiplier": PROXY_METHODS,
-    "optimizer.proxy_eps": PROXY_METHODS,
-    "optimizer.clip_proxies": PROXY_METHODS,
-    "optimizer.proxy_lr": PROXY_METHODS,
-    "loss.kwargs": baselines.BASELINE_METHODS,
-    "loss.miner": baselines.PAIR_METHODS,
-    "loss.miner_kwargs": baselines.PAIR_METHODS,
-    "loss.xbm_size": baselines.PAIR_METHODS,
-    "optimizer.loss_params_lr": ("margin",),
-    "optimizer.loss_params_weight_decay": ("margin",),
-}
+def _family(c: ml_collections.ConfigDict) -> str | None:
+    """Whose official commands set ``c``'s method's per-data-set numbers (None: unknown method)."""
+    record = methods.find(c.method)
+    return None if record is None else record.family
+
+
 _PK_FIELDS = ("classes_per_batch", "samples_per_class")
 _RESNET_FIELDS = ("model.depth", "model.width", "model.last_stride")
 
@@ -470,16 +357,19 @@ _RESNET_FIELDS = ("model.depth", "model.width", "model.last_stride")
 def unused_overrides(c: ml_collections.ConfigDict, overridden: list[str] | tuple[str, ...]) -> list[str]:
     """Messages for the overridden fields (dotted names) that ``c``'s method or sampler never reads."""
     messages = []
+    specific = methods.method_specific_fields()
+    record = methods.get(c.method)
     for name in overridden:
         group = name.rsplit(".", 1)[0]
-        users = METHOD_FIELDS.get(group if group in ("loss.kwargs", "loss.miner_kwargs") else name)
-        if users is not None and c.method not in users:
+        field = group if group in GROUP_FIELDS else name
+        if field in specific and field not in record.config_fields():
+            users = methods.users_of(field)
             messages.append(f"{name} has no effect with method {c.method} (used by: {', '.join(users)})")
         if name in _PK_FIELDS and c.sampler != "pk":
             messages.append(f"{name} has no effect with sampler={c.sampler!r} (used by sampler='pk')")
         if name in _RESNET_FIELDS and c.model.backbone != "resnet":
             messages.append(f"{name} has no effect with model.backbone={c.model.backbone!r} (ResNet only)")
-        if name == "model.gem_p" and c.method != "cgd" and c.model.pooling != "gem":
+        if name == "model.gem_p" and record.head != "cgd" and c.model.pooling != "gem":
             messages.append(
                 f"model.gem_p has no effect with model.pooling={c.model.pooling!r} (used by cgd and 'gem')"
             )
@@ -514,14 +404,16 @@ def _check_keywords(given, function, what: str, fixed: tuple[str, ...]) -> None:
         )
 
 
-def _validate_baseline(c: ml_collections.ConfigDict) -> None:
-    """The baselines' loss / miner keywords and the cross-batch memory size."""
+def _validate_loss_keywords(c: ml_collections.ConfigDict, record: methods.Method) -> None:
+    """``loss.kwargs`` (methods that read it), the miner's keywords and the cross-batch memory size
+    (pair losses), the absolute rates of the loss's own parameters."""
     from hdml_jax import losses  # here, not at the top: the configs stay importable without JAX
 
     fixed = ("mask", "proxy_mask", "pos_mask", "neg_mask", "triplet_mask", "num_classes")
-    loss_name = baselines.LOSS_FUNCTIONS[c.method]
-    _check_keywords(c.loss.kwargs.to_dict(), getattr(losses, loss_name), f"loss.kwargs ({loss_name})", fixed)
-    if c.method in baselines.PAIR_METHODS:
+    if "loss.kwargs" in record.config_fields():
+        loss_name = record.loss_name()
+        _check_keywords(c.loss.kwargs.to_dict(), record.loss_function(), f"loss.kwargs ({loss_name})", fixed)
+    if record.form == "pair":
         one_of(c.loss.miner, baselines.MINERS, "loss.miner")
         if c.loss.miner != "none":
             miner = baselines.MINER_FUNCTIONS[c.loss.miner]
@@ -535,8 +427,8 @@ def _validate_baseline(c: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 f"loss.xbm_size must be 0 (no cross-batch memory) or at least batch_size {c.batch_size}, got {xbm}."
             )
-        if xbm and (c.method == "lifted_structure" or c.loss.kwargs.get("swap", False)):
-            what = "lifted_structure" if c.method == "lifted_structure" else "triplet_margin with swap=True"
+        if xbm and (record.loss_name() == "lifted_structure_loss" or c.loss.kwargs.get("swap", False)):
+            what = c.method if record.loss_name() == "lifted_structure_loss" else "triplet_margin with swap=True"
             raise ConfigError(
                 f"loss.xbm_size: {what} has no cross-batch form (its terms pair two batch rows "
                 "with each other); pick another pair loss or set loss.xbm_size=0."
@@ -558,7 +450,8 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
     ``overridden``: the dotted names set on the command line; one the method ignores is an error.
     """
 
-    one_of(c.method, METHODS, "method")
+    one_of(c.method, methods.names(), "method")
+    record = methods.get(c.method)
     unused = unused_overrides(c, overridden)
     if unused:
         raise ConfigError("; ".join(unused) + ". Remove the override or pick a method that uses it.")
@@ -576,11 +469,11 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
     one_of(c.model.pooling, tuple(POOLINGS), "model.pooling")
     one_of(c.model.embedding_init, tuple(EMBEDDING_INITS), "model.embedding_init")
     one_of(c.model.proxy_init, tuple(PROXY_INITS), "model.proxy_init")
-    if c.method == "cgd":
+    if record.head == "cgd":
         one_of(c.model.combine, COMBINES, "model.combine")
         one_of(c.model.architecture, ARCHITECTURES, "model.architecture")
         parse_descriptors(c.model.descriptors, c.model.embedding_dim, c.model.combine)
-    if c.method in HIERARCHICAL_METHODS:
+    if record.hierarchical:
         one_of(c.loss.coarse_proxies, COARSE_PROXIES, "loss.coarse_proxies")
         levels = len(tuple(c.loss.num_coarse_groups)) + 1
         if len(tuple(c.loss.level_weights)) != levels:
@@ -588,8 +481,7 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
                 f"loss.level_weights has {len(tuple(c.loss.level_weights))} entries for {levels} proxy levels "
                 f"(1 fine + {levels - 1} coarse from loss.num_coarse_groups); give one weight per level."
             )
-    if c.method in baselines.BASELINE_METHODS:
-        _validate_baseline(c)
+    _validate_loss_keywords(c, record)
     if c.sampler == "pk" and c.batch_size != c.classes_per_batch * c.samples_per_class:
         raise ConfigError(
             f"batch_size {c.batch_size} must equal classes_per_batch × samples_per_class = "
@@ -613,12 +505,11 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
         raise ConfigError(f"optimizer.lr must be positive, got {c.optimizer.lr}.")
     one_of(c.best_metric, BEST_METRICS, "best_metric")
     if c.mlrc.enabled:
-        from hdml_jax.mlrc import NOT_IN_PROTOCOL
-
-        if c.method in NOT_IN_PROTOCOL:
+        if "mlrc" not in record.protocols:
+            taking_part = [m.name for m in methods.registered() if "mlrc" in m.protocols]
             raise ConfigError(
                 f"method {c.method!r} is not part of the MLRC comparison (its recipe replaces the "
-                f"network and head); MLRC configs take the other methods: {', '.join(m for m in METHODS if m not in NOT_IN_PROTOCOL)}."
+                f"network and head); MLRC configs take the other methods: {', '.join(taking_part)}."
             )
         if c.mlrc.num_folds < 2 or not -1 <= c.mlrc.fold < c.mlrc.num_folds:
             raise ConfigError(

@@ -46,7 +46,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hdml_jax import baselines, checkpoints, steps, storage
+from hdml_jax import checkpoints, methods, steps, storage
 from hdml_jax.data import transforms
 from hdml_jax.errors import UserError, exit_with_message
 
@@ -289,12 +289,13 @@ def _model_sizes(config: ml_collections.ConfigDict, params: Any) -> tuple[int, t
 
     Proxy methods: the fine proxies' rows (padding included: the model is rebuilt without
     ``shard_proxies`` so that it has exactly these rows). CGD: the auxiliary classifier's outputs.
-    The margin loss: its β per class.
+    A loss's own parameters (the margin loss's β): one value per class.
     """
+    loss_params = sorted(methods.loss_parameter_names() & set(params))
     if "proxies" in params:  # SoftTriple: K rows per class
-        num_classes = int(params["proxies"].shape[0]) // baselines.centers_per_class(config)
-    elif "margin_beta" in params:  # the margin loss's β per class
-        num_classes = int(params["margin_beta"].shape[0])
+        num_classes = int(params["proxies"].shape[0]) // methods.of(config).rows_per_class(config)
+    elif loss_params:
+        num_classes = int(params[loss_params[0]].shape[0])
     else:
         head = params.get("head", {})
         num_classes = int(head["auxiliary_fc"]["kernel"].shape[-1]) if "auxiliary_fc" in head else 0

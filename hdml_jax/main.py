@@ -48,7 +48,7 @@ def _config_files() -> list[Path]:
 
 def usage() -> str:
     """``--help``: the command, the config files, the methods and where every field is documented."""
-    from hdml_jax.config import METHODS
+    from hdml_jax import methods
 
     configs = []
     for path in _config_files():
@@ -65,8 +65,8 @@ def usage() -> str:
             "configs (default: configs/synthetic.py, generated data, no download):",
             *configs,
             "",
-            f"methods (FILE:method=NAME): {', '.join(METHODS)}",
-            "  recipes and their sources: hdml_jax/config.py (module docstring and apply_method)",
+            "methods (FILE:method=NAME; each recipe and its sources: hdml_jax/methods/):",
+            *(f"  {m.name:<23} {m.summary}" for m in methods.registered()),
             "",
             "flags:",
             "  --workdir DIR              checkpoints, metrics.jsonl, final_metrics.json, pictures",

@@ -60,6 +60,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hdml_jax import cluster
+from hdml_jax.finite import NonFiniteEmbeddingsError, _count_non_finite_rows, check_finite
 from hdml_jax.losses._common import FULL_PRECISION, is_concrete, l2_normalize
 
 # Default chunk size: one chunk's similarity block near 32M floats (128 MiB), at most 1024 queries.
@@ -71,33 +72,6 @@ _MAX_CHUNK = 1024
 # rows to a multiple of it): a group's maximum lets the top-k look only at the few groups that
 # can hold the k nearest.
 _GROUP = 64
-
-
-class NonFiniteEmbeddingsError(ValueError):
-    """Embeddings with NaN or inf rows were given to a metric: there is no score to report.
-
-    Attributes:
-      num_non_finite: rows holding at least one NaN or inf.
-      num_rows: rows in total.
-      name: which rows, as in the message (``"embedding"``, ``"query embedding"`` ...).
-    """
-
-    def __init__(self, num_non_finite: int, num_rows: int, name: str = "embedding") -> None:
-        self.num_non_finite, self.num_rows, self.name = int(num_non_finite), int(num_rows), name
-        super().__init__(
-            f"{self.num_non_finite} of {self.num_rows} {name} rows are not finite (NaN or inf), so no "
-            "metric of them means anything; training likely diverged (lower the learning rate or "
-            "clip gradients, and evaluate an earlier checkpoint)."
-        )
-
-    def __reduce__(self):
-        return type(self), (self.num_non_finite, self.num_rows, self.name)
-
-
-@jax.jit
-def _count_non_finite_rows(x: jax.Array) -> jax.Array:
-    """``Σ_i [row i holds a NaN or inf]`` of a ``(N, d)`` array, as int32."""
-    return jnp.sum(~jnp.all(jnp.isfinite(x), axis=1), dtype=jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("rows",))
@@ -119,25 +93,6 @@ def _require_concrete(function: str, *arrays) -> None:
             f"{function} returns Python floats computed on the host, so it needs concrete arrays; "
             "call it outside jax.jit / grad / vmap."
         )
-
-
-def check_finite(embeddings, name: str = "embedding") -> None:
-    """Raise ``NonFiniteEmbeddingsError`` if a concrete ``(N, d)`` array has a NaN or inf row.
-
-    NumPy arrays are checked on the host, JAX arrays on their device (no transfer). A traced
-    array cannot be checked here and passes (the losses and normalisation propagate NaN).
-    """
-    if not is_concrete(embeddings) or np.size(embeddings) == 0:
-        return
-    if isinstance(embeddings, jax.Array):
-        bad = int(_count_non_finite_rows(embeddings.reshape(embeddings.shape[0], -1)))
-    else:
-        values = np.asarray(embeddings)
-        if not np.issubdtype(values.dtype, np.floating):
-            return  # integers cannot be NaN; other dtypes are the caller's error
-        bad = int(np.sum(~np.isfinite(values.reshape(values.shape[0], -1)).all(axis=1)))
-    if bad:
-        raise NonFiniteEmbeddingsError(bad, np.shape(embeddings)[0], name)
 
 
 def _integer_labels(labels, name: str) -> np.ndarray:

@@ -33,6 +33,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from hdml_jax import methods
 from hdml_jax.errors import UserError
 
 # Per data set: (evaluation interval in epochs, early-stopping patience in epochs).
@@ -47,8 +48,6 @@ PROXY_NCA_BEST = {
     "sop": {"proxy_lr": 5.28e-4, "scale": 10.73},
 }
 
-# Methods outside MLRC's comparison: their recipes replace the network and head wholesale.
-NOT_IN_PROTOCOL = ("cgd", "proxy_nca_pp")
 METRICS = ("map@r", "precision@1", "r_precision")
 RESULTS_FILE = "mlrc_results.json"
 
@@ -61,7 +60,7 @@ def apply_protocol(c: ml_collections.ConfigDict, column: str) -> None:
     """Make ``c`` (a data-set config with its method applied) MLRC's; ``column``: cub, cars, sop.
 
     Every number is PB's unless marked. The loss's own hyper-parameters are MLRC's best ones
-    (``hdml_jax.baselines.MLRC_BEST``, applied with the method; ``PROXY_NCA_BEST`` here).
+    (``hdml_jax.methods.baselines.MLRC_BEST``, applied with the method; ``PROXY_NCA_BEST`` here).
     """
     every, patience = SCHEDULES[column]
     c.mlrc.enabled = True
@@ -99,11 +98,13 @@ def apply_protocol(c: ml_collections.ConfigDict, column: str) -> None:
     c.optimizer.clip_proxies = False
     c.optimizer.backbone_lr_multiplier = 1.0
     c.optimizer.head_lr_multiplier = 1.0
-    if c.method in ("proxy_nca", "hpl_nca"):
+    # MLRC's numbers are per loss: ProxyNCA's for the methods built on it (HPL-NCA too).
+    loss = methods.get(c.method).loss_name()
+    if loss == "proxy_nca_loss":
         best = PROXY_NCA_BEST[column]
         c.loss.scale = best["scale"]
         c.optimizer.proxy_lr = best["proxy_lr"]
-    elif c.method in ("proxy_anchor", "hpl_pa"):
+    elif loss == "proxy_anchor_loss":
         # (unconfirmed) MLRC did not run Proxy-Anchor: α 32, δ 0.1 are the method's own; the
         # proxies take the rate MLRC found best for ProxyNCA's proxies (same optimizer, same
         # kind of parameter).

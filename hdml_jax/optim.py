@@ -44,11 +44,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from hdml_jax.config import HIERARCHICAL_METHODS
+from hdml_jax import methods
 from hdml_jax.models import batchnorm_mask
 
 GROUPS = ("backbone", "backbone_bn", "head", "proxies", "coarse_proxies", "loss_params")
-LOSS_PARAMS = ("margin_beta",)  # top-level params that belong to the loss
 PROXY_GROUPS = ("proxies", "coarse_proxies")
 
 
@@ -62,6 +61,7 @@ class OptimizerState(NamedTuple):
 def parameter_groups(params: Any) -> Any:
     """A pytree of group labels (``GROUPS``) with the structure of ``params``."""
     is_bn = batchnorm_mask(params)
+    loss_params = methods.loss_parameter_names()  # top-level params that belong to the loss
 
     def label(path, _, bn: bool) -> str:
         top = path[0].key
@@ -69,7 +69,7 @@ def parameter_groups(params: Any) -> Any:
             return "proxies"
         if top.startswith("coarse_proxies"):
             return "coarse_proxies"
-        if top in LOSS_PARAMS:
+        if top in loss_params:
             return "loss_params"
         if top == "backbone":
             return "backbone_bn" if bn else "backbone"
@@ -106,7 +106,7 @@ def frozen_groups(
         frozen |= {"backbone", "backbone_bn"}
     elif config.model.frozen_bn and warm == 0 and not config.model.get("frozen_bn_trains_affine", False):
         frozen.add("backbone_bn")
-    if config.method in HIERARCHICAL_METHODS and not hierarchy_active:
+    if methods.of(config).hierarchical and not hierarchy_active:
         frozen.add("coarse_proxies")
     return frozenset(frozen)
 

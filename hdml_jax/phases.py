@@ -27,8 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from hdml_jax import optim, parallel, steps
-from hdml_jax.config import HIERARCHICAL_METHODS
+from hdml_jax import methods, optim, parallel, steps
 from hdml_jax.losses import build_hierarchy, refresh_assignments
 
 StepFunction = Callable[[steps.State, dict[str, jax.Array]], tuple[steps.State, dict[str, jax.Array]]]
@@ -76,7 +75,7 @@ class Phases:
         self.steps_per_epoch, self.coarse_sizes = steps_per_epoch, coarse_sizes
         self.state_sharding, self.batch_sharding = state_sharding, batch_sharding
         self.hierarchy_active = hierarchy_active
-        self.hierarchical = config.method in HIERARCHICAL_METHODS and not config.loss.coarse_from_labels
+        self.hierarchical = methods.of(config).hierarchical and not config.loss.coarse_from_labels
         self.warm_steps = optim.warmup_steps(config, steps_per_epoch)
         self.build_step = hierarchy_build_step(config, steps_per_epoch)
         self.refresh_steps = int(config.loss.hierarchy_refresh_epochs) * steps_per_epoch

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from hdml_jax import baselines, losses, parallel
-from hdml_jax.config import HIERARCHICAL_METHODS, PROXY_METHODS
+from hdml_jax import losses, methods, parallel
+from hdml_jax.methods import baselines
 from hdml_jax.models import (
     BNInception,
     CGDHead,
@@ -62,8 +62,9 @@ def build_model(
     ``num_devices`` (see ``hdml_jax.parallel``); SoftTriple's ``K`` rows per class are padded by
     whole classes.
     """
-    proxy_method = config.method in PROXY_METHODS
-    rows_per_class = baselines.centers_per_class(config)
+    method = methods.of(config)
+    proxy_method = method.learns_proxies
+    rows_per_class = method.rows_per_class(config)
     num_proxies = num_classes * rows_per_class if proxy_method else 0
     padding = 0
     if proxy_method and config.shard_proxies:
@@ -86,7 +87,7 @@ def build_model(
         raise ValueError(
             f"unknown model.backbone {backbone_name!r}; valid: {', '.join(preprocessing.BACKBONES)}."
         )
-    if config.method == "cgd":
+    if method.head == "cgd":
         head = CGDHead(
             m.descriptors,
             m.embedding_dim,
@@ -105,11 +106,12 @@ def build_model(
         head,
         num_proxies=num_proxies,
         proxy_padding=padding,
-        coarse_groups=coarse_groups if config.method in HIERARCHICAL_METHODS else (),
+        coarse_groups=coarse_groups if method.hierarchical else (),
         proxy_init=m.proxy_init,
-        loss_params=(("margin_beta", num_classes, float(config.loss.kwargs.beta)),)
-        if config.method == "margin"
-        else (),
+        # A loss's own per-class parameters start at their keyword's value (the margin loss's β).
+        loss_params=tuple(
+            (p.name, num_classes, float(config.loss.kwargs[p.keyword])) for p in method.loss_parameters
+        ),
     )
 
 
@@ -144,17 +146,15 @@ def compute_loss(
     ``num_classes``: the real classes when ``params['proxies']`` has padding rows beyond them
     (sharded proxies); the padding is masked out of the loss.
     """
-    method, lc = config.method, config.loss
+    method, lc = methods.of(config), config.loss
     embeddings = outputs["embedding"]
-    if method in baselines.PAIR_METHODS:
+    if method.form == "pair":
         return pair_loss(config, embeddings, labels, params, mask)[0], {}
-    if method == "cgd":
-        ranking = losses.batch_hard_triplet_loss(embeddings, labels, margin=lc.triplet_margin, mask=mask)
+    base, kwargs = method.loss_function(), method.keywords(config)
+    if method.form == "cgd":
+        ranking = base(embeddings, labels, mask=mask, **kwargs)
         if "branch_embeddings" in outputs and config.model.architecture == "A":
-            ranking = sum(
-                losses.batch_hard_triplet_loss(b, labels, margin=lc.triplet_margin, mask=mask)
-                for b in outputs["branch_embeddings"]
-            )
+            ranking = sum(base(b, labels, mask=mask, **kwargs) for b in outputs["branch_embeddings"])
         classification = losses.softmax_cross_entropy(
             outputs["logits"],
             labels,
@@ -165,15 +165,9 @@ def compute_loss(
         total = ranking + lc.classification_weight * classification
         return total, {"triplet": ranking, "classification": classification}
 
-    if method in ("proxy_anchor", "hpl_pa"):
-        base, kwargs = losses.proxy_anchor_loss, {"margin": lc.margin, "alpha": lc.alpha}
-    elif method in baselines.LOSS_FUNCTIONS:  # the classification baselines and HPL around them
-        base, kwargs = getattr(losses, baselines.LOSS_FUNCTIONS[method]), lc.kwargs.to_dict()
-    else:
-        base, kwargs = losses.proxy_nca_loss, {"scale": lc.scale}
     num_proxies = params["proxies"].shape[0]
     proxy_mask = parallel.fine_proxy_mask(num_proxies, num_proxies if num_classes is None else num_classes)
-    if method not in HIERARCHICAL_METHODS:
+    if not method.hierarchical:
         fine_kwargs = kwargs if proxy_mask is None else {**kwargs, "proxy_mask": proxy_mask}
         return base(embeddings, labels, params["proxies"], mask=mask, **fine_kwargs), {}
     weights = tuple(lc.level_weights)
@@ -205,18 +199,17 @@ def pair_loss(
     mask: jax.Array,
     memory: losses.CrossBatchMemory | None = None,
 ) -> tuple[jax.Array, losses.CrossBatchMemory | None]:
-    """A pair-based baseline's loss (``hdml_jax.baselines``) and the cross-batch memory after it.
+    """A pair loss (``Method.form == "pair"``, ``hdml_jax.methods.baselines``) and the cross-batch memory after it.
 
     Mined if ``loss.miner`` says so. With a ``memory`` (``loss.xbm_size > 0``) the batch is
     written into it first and every anchor of the batch is paired with the memory's rows (PML's
     ``CrossBatchMemory``; ``losses.xbm_loss``); without, pairs are within the batch.
     """
-    lc = config.loss
-    loss_fn = getattr(losses, baselines.LOSS_FUNCTIONS[config.method])
-    kwargs = lc.kwargs.to_dict()
-    if config.method == "margin":
-        kwargs.pop("beta")  # the initial value; the learned β is a parameter
-        loss_fn = functools.partial(loss_fn, beta=params["margin_beta"])
+    lc, method = config.loss, methods.of(config)
+    loss_fn, kwargs = method.loss_function(), method.keywords(config)
+    for parameter in method.loss_parameters:  # the keyword's value was the initial one
+        kwargs.pop(parameter.keyword)
+        loss_fn = functools.partial(loss_fn, **{parameter.keyword: params[parameter.name]})
     miner = None
     if lc.miner != "none":
         miner_fn = getattr(losses, baselines.MINER_FUNCTIONS[lc.miner])

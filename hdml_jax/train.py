@@ -49,8 +49,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hdml_jax import checkpoints, evaluate, interrupts, optim, parallel, steps, storage
-from hdml_jax.config import HIERARCHICAL_METHODS, validate
+from hdml_jax import checkpoints, evaluate, interrupts, methods, optim, parallel, steps, storage
+from hdml_jax.config import validate
 from hdml_jax.data import fits, pipeline, sampling, transforms
 from hdml_jax.data.base import MetricDataset, Split
 from hdml_jax.errors import ConfigError, UserError
@@ -128,7 +128,7 @@ def load_data(config: ml_collections.ConfigDict) -> MetricDataset:
             crop_to_bbox=config.dataset.crop_to_bbox,
             recall_ks=tuple(config.dataset.recall_ks),
             requirements=custom.Requirements(
-                pairs_in_train=config.method == "cgd", boxes=config.dataset.crop_to_bbox
+                pairs_in_train=methods.of(config).two_images_per_class, boxes=config.dataset.crop_to_bbox
             ),
         )
     from hdml_jax.data import datasets
@@ -138,7 +138,7 @@ def load_data(config: ml_collections.ConfigDict) -> MetricDataset:
 
 def coarse_group_sizes(config: ml_collections.ConfigDict, dataset: MetricDataset) -> tuple[int, ...]:
     """Sizes of the coarse proxy levels: configured, the known taxonomy, or about C/8."""
-    if config.method not in HIERARCHICAL_METHODS:
+    if not methods.of(config).hierarchical:
         return ()
     if config.loss.coarse_from_labels:
         if dataset.train.coarse_labels is None:
@@ -198,7 +198,7 @@ def init_state(
             batch_stats["backbone"], pretrained["batch_stats"], "batch_stats"
         )
     hierarchy: dict[str, Any] = {}
-    if config.method in HIERARCHICAL_METHODS:
+    if methods.of(config).hierarchical:
         levels = (params["proxies"].shape[0], *coarse_sizes)  # padded fine proxies included
         hierarchy = {
             "assignments": tuple(jnp.zeros((levels[i],), jnp.int32) for i in range(len(coarse_sizes))),

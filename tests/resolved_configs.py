@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help=f"rewrite {FIXTURE.relative_to(ROOT)}")
     args = parser.parse_args(argv)
-    from hdml_jax.config import METHODS
+    from hdml_jax import methods
 
-    record = resolve_all(METHODS)
+    record = resolve_all(methods.names())
     if args.write:
         FIXTURE.parent.mkdir(parents=True, exist_ok=True)
         # One line per combination: a recipe change shows as the lines of the configs it changed.

@@ -182,9 +182,11 @@ def test_unknown_name():
 def test_synthetic_is_dispatched_lazily(monkeypatch):
     calls = []
     fake = types.ModuleType("hdml_jax.data.synthetic")
-    fake.load_synthetic = lambda **kwargs: calls.append(kwargs) or "dataset"
     fake.SOP_SHAPED = "sop-shaped parameters"
+    fake_builder = types.ModuleType("hdml_jax.data.synthetic_builder")
+    fake_builder.load_synthetic = lambda **kwargs: calls.append(kwargs) or "dataset"
     monkeypatch.setitem(sys.modules, "hdml_jax.data.synthetic", fake)
+    monkeypatch.setitem(sys.modules, "hdml_jax.data.synthetic_builder", fake_builder)
     assert load_dataset("synthetic", data_dir="/x", config={"a": 1}) == "dataset"
     assert load_dataset("synthetic_sop") == "dataset"
     assert calls == [

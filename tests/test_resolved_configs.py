@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 
-from hdml_jax.config import METHODS
+from hdml_jax import methods
 from tests.resolved_configs import FIXTURE, resolve_all
 
 
 def test_every_config_file_method_and_backbone_resolves_as_recorded():
     recorded = json.loads(FIXTURE.read_text())
-    resolved = resolve_all(METHODS)
+    resolved = resolve_all(methods.names())
     assert sorted(resolved) == sorted(recorded), "the set of (config, method, backbone) changed"
     changed = [key for key in recorded if resolved[key] != recorded[key]]
     details = []

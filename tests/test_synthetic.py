@@ -101,7 +101,7 @@ def test_tfds_round_trip_equals_in_memory(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     from hdml_jax.data import synthetic_builder
 
-    loaded = sy.load_synthetic(str(tmp_path), SMALL)
+    loaded = synthetic_builder.load_synthetic(str(tmp_path), SMALL)
     _check_contract(loaded)
     memory = sy.synthetic_in_memory(SMALL)
     for name in ("train", "test"):

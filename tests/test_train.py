@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from hdml_jax import train
-from hdml_jax.config import HIERARCHICAL_METHODS, METHODS, validate
+from hdml_jax import methods, train
+from hdml_jax.config import validate
 from tests.numerics import assert_best_within, assert_close, rounding_atol
 from tests.tiny_data import shrink, tiny_dataset
 
@@ -78,7 +78,7 @@ DEFAULT_RUNS = ("hpl_pa", "hpl_nca", "proxy_nca_pp", "cgd", "margin", "soft_trip
 
 
 @pytest.mark.parametrize(
-    "method", [m if m in DEFAULT_RUNS else pytest.param(m, marks=pytest.mark.exhaustive) for m in METHODS]
+    "method", [m if m in DEFAULT_RUNS else pytest.param(m, marks=pytest.mark.exhaustive) for m in methods.names()]
 )
 def test_each_method_trains_and_evaluates(method, dataset, tmp_path):
     # margin runs with a cross-batch memory of 2 batches (it wraps every 2 steps); the memory is a
@@ -98,7 +98,7 @@ def test_each_method_trains_and_evaluates(method, dataset, tmp_path):
     assert [r["step"] for r in records if r["kind"] == "eval"] == [8, 16]
     assert json.loads((tmp_path / "final_metrics.json").read_text())["step"] == 16
     assert np.load(tmp_path / "test_embeddings.npy").shape == (48, 16)
-    if method in HIERARCHICAL_METHODS:
+    if methods.get(method).hierarchical:
         assert all("fine" in r for r in train_records)
     if method == "cgd":
         assert all("triplet" in r and "classification" in r for r in train_records)
@@ -384,7 +384,7 @@ def test_centroid_coarse_proxies_and_raw_kmeans_reach_the_loss_and_the_refresh()
 
 def test_synthetic_sop_config_is_valid_for_every_method():
     module = load_config_module("synthetic_sop")
-    for method in METHODS:
+    for method in methods.names():
         config = module.get_config(f"method={method},seed=3")
         validate(config)
         assert (config.dataset.name, config.seed, config.dataset.image_size) == ("synthetic_sop", 3, 32)

@@ -7,7 +7,7 @@ with the small network of ``configs/synthetic.py`` instead of BN-Inception (no I
 here, and 227-px images are beyond a CPU): ResNet-18 width 16 from scratch on 48-px images,
 RMSprop at 1e-3 (MLRC's 1e-6 fine-tunes pretrained weights; from scratch it would not move),
 30-step epochs, validation every epoch, patience 3, at most 15 epochs per fold. Our choices for
-this data set, from no paper; CUB's MLRC loss hyper-parameters (borrowed, ``hdml_jax.baselines``).
+this data set, from no paper; CUB's MLRC loss hyper-parameters (borrowed, ``hdml_jax.methods.baselines``).
 """
 
 from hdml_jax.config import apply_small_cpu_recipe

@@ -39,8 +39,12 @@ import numpy as np
 
 from hdml_jax import storage
 from hdml_jax.data.base import MetricDataset, Split, SubsetSource, remap_labels
+from hdml_jax.data.errors import (  # noqa: F401 — the two manual-files errors are re-exported
+    BadManualFilesError,
+    DatasetNotFoundError,
+    ManualFilesError,
+)
 from hdml_jax.data.transforms import EncodedImage, as_rgb, crop_to_bbox
-from hdml_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -185,18 +189,6 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 NAMES = (*DATASETS, "synthetic", "synthetic_sop")
-
-
-class DatasetNotFoundError(UserError, FileNotFoundError):
-    """The prepared TFDS data of a data set is not in ``data_dir``; the message says how to make it."""
-
-
-class ManualFilesError(UserError, FileNotFoundError):
-    """A file that preparing needs is missing: from ``manual_dir``, or from inside its archives."""
-
-
-class BadManualFilesError(UserError, ValueError):
-    """A file in ``manual_dir`` is there but unusable: not the expected archive, format or content."""
 
 
 # What installs everything that preparing needs (pyproject's ``prepare`` extra), as the README says.
@@ -527,7 +519,8 @@ def load_dataset(
         archives, the ``manual_dir`` and the ``prepare`` command.
     """
     if name in ("synthetic", "synthetic_sop"):
-        from hdml_jax.data.synthetic import SOP_SHAPED, load_synthetic
+        from hdml_jax.data.synthetic import SOP_SHAPED
+        from hdml_jax.data.synthetic_builder import load_synthetic
 
         if crop_to_bbox:
             raise ValueError(f"{name}: crop_to_bbox is not supported.")

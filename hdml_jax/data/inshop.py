@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from hdml_jax.data.datasets import BadManualFilesError, ManualFilesError
+from hdml_jax.data.errors import BadManualFilesError, ManualFilesError
 
 SPLIT_STATUSES = ("train", "query", "gallery")
 

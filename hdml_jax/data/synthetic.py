@@ -57,8 +57,8 @@ Entry points
   classes of every family on each side). See its comment for the statistics it follows.
 * ``generate(config)``: the raw arrays of both splits.
 * ``synthetic_in_memory(config)``: a ``MetricDataset`` over in-memory arrays.
-* ``load_synthetic(data_dir, config)``: the same examples through a TFDS ``array_record`` data
-  set (built on first use, see ``hdml_jax.data.synthetic_builder``).
+* ``synthetic_builder.load_synthetic(data_dir, config)``: the same examples through a TFDS
+  ``array_record`` data set, built on first use (``hdml_jax.data.synthetic_builder``).
 * ``save_preview(path, config)``: a PNG grid, one row per family, one column per fine class.
 """
 
@@ -670,7 +670,7 @@ def _metric_dataset(
 
 
 def synthetic_in_memory(config: SyntheticConfig | None = None) -> MetricDataset:
-    """The data set rendered into memory (no TFDS): the same examples as ``load_synthetic``.
+    """The data set rendered into memory (no TFDS): the same examples as ``synthetic_builder.load_synthetic``.
 
     Args:
       config: the generator parameters (default ``SyntheticConfig()``).
@@ -685,35 +685,6 @@ def synthetic_in_memory(config: SyntheticConfig | None = None) -> MetricDataset:
 def default_data_dir() -> str:
     """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets``."""
     return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-
-
-def load_synthetic(data_dir: str | None = None, config: SyntheticConfig | None = None) -> MetricDataset:
-    """The data set as TFDS ``array_record`` sources, generated into ``data_dir`` on first use.
-
-    Labels come from the data set's stored metadata (written when it was built), so no image is
-    decoded; a data set without them is read once instead.
-
-    Args:
-      data_dir: TFDS data directory (default ``default_data_dir()``); the data lands in
-        ``data_dir/hdml_synthetic/<config name>/<version>``.
-      config: the generator parameters (default ``SyntheticConfig()``).
-    """
-    from hdml_jax.data import synthetic_builder
-
-    config = config or SyntheticConfig()
-    builder = synthetic_builder.make_builder(data_dir or default_data_dir(), config)
-    if not (builder.data_path / "dataset_info.json").exists():  # builder.is_prepared() warns
-        from tensorflow_datasets.core.utils import tqdm_utils
-
-        shown = tqdm_utils._active  # no public getter; restored below
-        tqdm_utils.display_progress_bar(False)
-        try:
-            builder.download_and_prepare()
-        finally:
-            tqdm_utils.display_progress_bar(shown)
-    sources = builder.as_data_source()
-    labels = synthetic_builder.stored_labels(builder, sources)
-    return _metric_dataset(config, lambda split: sources[split], labels)
 
 
 # ----------------------------------------------------------------------------------------------

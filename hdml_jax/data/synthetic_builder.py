@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from hdml_jax.data import synthetic
+from hdml_jax.data.base import MetricDataset
 
 _LABEL_KEYS = ("label", "coarse_label", "fine_class")
 
@@ -179,3 +180,30 @@ def stored_labels(builder: HdmlSynthetic, sources: dict[str, Any]) -> dict[str, 
             )
         result[split] = arrays
     return result
+
+
+def load_synthetic(data_dir: str | None = None, config: synthetic.SyntheticConfig | None = None) -> MetricDataset:
+    """The data set as TFDS ``array_record`` sources, generated into ``data_dir`` on first use.
+
+    Labels come from the data set's stored metadata (written when it was built), so no image is
+    decoded; a data set without them is read once instead.
+
+    Args:
+      data_dir: TFDS data directory (default ``default_data_dir()``); the data lands in
+        ``data_dir/hdml_synthetic/<config name>/<version>``.
+      config: the generator parameters (default ``synthetic.SyntheticConfig()``).
+    """
+    config = config or synthetic.SyntheticConfig()
+    builder = make_builder(data_dir or synthetic.default_data_dir(), config)
+    if not (builder.data_path / "dataset_info.json").exists():  # builder.is_prepared() warns
+        from tensorflow_datasets.core.utils import tqdm_utils
+
+        shown = tqdm_utils._active  # no public getter; restored below
+        tqdm_utils.display_progress_bar(False)
+        try:
+            builder.download_and_prepare()
+        finally:
+            tqdm_utils.display_progress_bar(shown)
+    sources = builder.as_data_source()
+    labels = stored_labels(builder, sources)
+    return synthetic._metric_dataset(config, lambda split: sources[split], labels)
