@@ -77,7 +77,7 @@ def usage() -> str:
             "  --coordinator_address, --num_processes, --process_id   multi-host without auto-detection",
             "",
             "Ctrl-C or SIGTERM: checkpoint at the next step and exit (130 / 0); twice: exit at once.",
-            "HDML_JAX_DEBUG=1 shows tracebacks of user errors.  More: README.md",
+            "HDML_JAX_DEBUG=1 shows tracebacks of user errors.  More: README.md and its guides in docs/",
         ]
     )
 
