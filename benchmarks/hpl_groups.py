@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from hdml_jax import methods
-from hdml_jax.checkpoints import steps_in
-from hdml_jax.cluster import normalized_mutual_info
+from hdml_jax.evaluation.cluster import normalized_mutual_info
+from hdml_jax.training.checkpoints import steps_in
 
 
 def purity(true: np.ndarray, groups: np.ndarray) -> float:
@@ -58,7 +58,7 @@ def class_groups(workdir: Path) -> tuple[np.ndarray, int] | None:
 def true_coarse(dataset_name: str, data_dir: str | None) -> np.ndarray | None:
     """The train split's class → coarse label map (None without coarse labels)."""
     from hdml_jax.data.datasets import load_dataset
-    from hdml_jax.train import class_to_coarse
+    from hdml_jax.training.train import class_to_coarse
 
     split = load_dataset(dataset_name, data_dir=data_dir).train
     return None if split.coarse_labels is None else class_to_coarse(split)

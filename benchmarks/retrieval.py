@@ -194,7 +194,7 @@ def run_worker(method: str, args) -> dict:
     if method == "hdml_jax":
         import jax
 
-        from hdml_jax import metrics as metrics_module
+        from hdml_jax.evaluation import metrics as metrics_module
 
         result["device"] = str(jax.devices())
         result["rss_before_mib"] = _timing.current_rss_mib()

@@ -85,7 +85,8 @@ def time_jax(method: str, batch: int, args: argparse.Namespace) -> dict[str, Any
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from hdml_jax import optim, parallel, steps, train
+    from hdml_jax import parallel
+    from hdml_jax.training import optim, steps, train
 
     config = jax_config(method, args)
     config.batch_size = batch

@@ -188,7 +188,7 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.optimizer.loss_params_weight_decay = ml_collections.FieldReference(None, field_type=float)
     c.optimizer.head_lr_multiplier = 1.0
     c.optimizer.backbone_lr_multiplier = 1.0
-    c.optimizer.warmup_epochs = 1  # backbone frozen: only head and proxies train (hdml_jax.optim)
+    c.optimizer.warmup_epochs = 1  # backbone frozen: only head and proxies train (hdml_jax.training.optim)
     c.optimizer.decay_epochs = (10,)  # ×decay_factor at these epochs (every decay_epochs[0] if decay_every)
     c.optimizer.decay_every = True  # StepLR: decay at every multiple of decay_epochs[0]
     c.optimizer.decay_steps = ()  # absolute steps instead of epochs (CGD: 400, 800)
@@ -225,7 +225,7 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2  # the last N checkpoints; the best by best_metric is kept too
     c.best_metric = "recall@1"  # which evaluation is "best" (final_metrics.json's best, kept checkpoint)
     c.nmi = True
-    # The MLRC protocol (hdml_jax.mlrc; configs/mlrc/*.py set it up): 4-fold cross-validation
+    # The MLRC protocol (hdml_jax.protocols.mlrc; configs/mlrc/*.py set it up): 4-fold cross-validation
     # on the first half of the classes, test on the second. fold -1: every fold in turn, then
     # the test; F: only fold F (one job per fold, then python -m hdml_jax.mlrc_report).
     c.mlrc = ml_collections.ConfigDict()
@@ -428,7 +428,9 @@ def _validate_loss_keywords(c: ml_collections.ConfigDict, record: methods.Method
                 f"loss.xbm_size must be 0 (no cross-batch memory) or at least batch_size {c.batch_size}, got {xbm}."
             )
         if xbm and (record.loss_name() == "lifted_structure_loss" or c.loss.kwargs.get("swap", False)):
-            what = c.method if record.loss_name() == "lifted_structure_loss" else "triplet_margin with swap=True"
+            what = (
+                c.method if record.loss_name() == "lifted_structure_loss" else "triplet_margin with swap=True"
+            )
             raise ConfigError(
                 f"loss.xbm_size: {what} has no cross-batch form (its terms pair two batch rows "
                 "with each other); pick another pair loss or set loss.xbm_size=0."

@@ -238,14 +238,14 @@ def main(argv: list[str]) -> int:
     if _multi_process():
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
-    from hdml_jax import train
+    from hdml_jax.training import train
 
     config = FLAGS.config
     overridden = tuple(config_flags.get_override_values(FLAGS["config"]))
     workdir = FLAGS.workdir or config.workdir or f"runs/{config.dataset.name}_{config.method}"
     try:
         if config.mlrc.enabled:
-            from hdml_jax import mlrc
+            from hdml_jax.protocols import mlrc
 
             results = mlrc.run(config, workdir, overridden=overridden)
             if results is not None and jax.process_index() == 0:

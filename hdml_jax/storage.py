@@ -11,7 +11,7 @@ local path. The two are handled apart, because they promise different things:
   a reader sees the old object or the new one, never half of one. So every small file is written
   whole to a local temporary file and uploaded in one piece (``write_via_local``), and what grows
   during a run (``metrics.jsonl``, TensorBoard's event files) is kept in a local staging folder
-  and mirrored to the bucket (``hdml_jax.reporting``).
+  and mirrored to the bucket (``hdml_jax.training.reporting``).
 
 Never pass a remote path through ``pathlib.Path``: it collapses ``gs://b/x`` into the *local*
 path ``gs:/b/x``. ``as_path`` keeps each kind in its own type; ``resolve`` and ``display`` are the

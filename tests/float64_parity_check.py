@@ -45,9 +45,10 @@ import torch.nn.functional as F  # noqa: N812
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hdml_jax import optim, parallel, phases, steps, train
+from hdml_jax import parallel
 from hdml_jax.losses import _common as loss_common
 from hdml_jax.models import preprocessing, torchvision_resnet_to_flax
+from hdml_jax.training import optim, phases, steps, train
 from tests.test_train import tiny_config
 from tests.tiny_data import tiny_dataset
 from tests.torch_resnet import TorchResNet, randomized

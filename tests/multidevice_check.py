@@ -21,7 +21,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hdml_jax import optim, parallel, phases, steps, train
+from hdml_jax import parallel
+from hdml_jax.training import optim, phases, steps, train
 from tests.test_train import tiny_config
 from tests.tiny_data import tiny_dataset
 

@@ -15,7 +15,7 @@ def main(port: str, process_id: str, workdir: str) -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id))
     assert jax.process_count() == 2 and jax.device_count() == 2, jax.devices()
 
-    from hdml_jax import train
+    from hdml_jax.training import train
     from tests.test_train import tiny_config
     from tests.tiny_data import tiny_dataset
 

@@ -15,7 +15,7 @@ import json
 import jax
 import numpy as np
 
-from hdml_jax import metrics
+from hdml_jax.evaluation import metrics
 
 
 def clustered(rng, sizes, dim, noise):

@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdml_jax import baselines, losses, methods, optim, steps
+from hdml_jax import losses, methods
 from hdml_jax.config import validate
 from hdml_jax.errors import ConfigError
+from hdml_jax.methods import baselines
+from hdml_jax.training import optim, steps
 from tests.numerics import assert_close
 from tests.test_train import load_config_module
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from hdml_jax import config as config_lib
-from hdml_jax import export, optim, steps
 from hdml_jax.data import transforms
 from hdml_jax.errors import ConfigError, UserError
+from hdml_jax.inference import export
 from hdml_jax.models import (
     PREPROCESSING,
     BNInception,
@@ -40,6 +40,7 @@ from hdml_jax.models import (
     weights,
 )
 from hdml_jax.models import bn_inception as bn_module
+from hdml_jax.training import optim, steps
 from tests.numerics import assert_close
 from tests.torch_bn_inception import BLOCKS, TorchBNInception, cadene_state_dict, randomized
 from tests.torch_resnet import TorchResNet

@@ -16,11 +16,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hdml_jax import embed, train
 from hdml_jax.data import fits
 from hdml_jax.data.base import MetricDataset, Split
 from hdml_jax.data.synthetic import ArraySource
 from hdml_jax.errors import ConfigError
+from hdml_jax.inference import embed
+from hdml_jax.training import train
 from tests.custom_data import tiny_csv_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -58,6 +58,8 @@ def python_invocations(command: str) -> list[list[str]]:
         if len(words) < 2 or words[0] not in PYTHONS:
             continue
         args = [w for w in words[1:] if w not in ELLIPSES]
+        if args[:1] == ["-m"] and len(args) < 2:  # "python -m" alone, in prose
+            continue
         if (args[0] == "-m" and args[1].startswith("hdml_jax")) or words[0] == ".venv/bin/python":
             found.append(args)
     return found

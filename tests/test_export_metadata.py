@@ -20,9 +20,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hdml_jax import export, inference, steps
 from hdml_jax.data import transforms
+from hdml_jax.inference import embedder as inference
+from hdml_jax.inference import export
 from hdml_jax.models import EmbeddingHead, EmbeddingModel, preprocessing
+from hdml_jax.training import steps
 
 SIZE, DIM = 16, 8
 

@@ -1,4 +1,4 @@
-"""Using a trained run: hdml_jax.inference and the embed / search / export command-line tools.
+"""Using a trained run: hdml_jax.inference.embedder and the embed / search / export command-line tools.
 
 One tiny run is trained once for the module, on a CSV data set of generated images through
 ``python -m hdml_jax.main --config tests/tiny_custom_config.py`` (``configs/custom.py`` shrunk;
@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hdml_jax import embed, export, inference, search
 from hdml_jax.data import custom
 from hdml_jax.data.base import MetricDataset
+from hdml_jax.inference import embed, export, search
+from hdml_jax.inference import embedder as inference
 from tests.custom_data import tiny_csv_dataset
 from tests.numerics import assert_best_within, assert_close, rounding_atol
 from tests.test_train import tiny_network_terms
@@ -369,7 +370,7 @@ def test_picture_frames_are_neutral_where_the_query_label_is_unknown(tmp_path, m
     (``plot_retrieval`` draws a neutral frame when a label comparison gives None)."""
     from types import SimpleNamespace
 
-    from hdml_jax import visualize
+    from hdml_jax.evaluation import visualize
 
     drawn = []
 

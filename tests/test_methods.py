@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hdml_jax import embed, export, losses, main, methods, train
+from hdml_jax import losses, main, methods
 from hdml_jax.config import unused_overrides, validate
 from hdml_jax.errors import ConfigError
+from hdml_jax.inference import embed, export
 from hdml_jax.methods import Method, proxy
+from hdml_jax.training import train
 from tests.numerics import assert_close
 from tests.test_train import tiny_config, tiny_network_terms
 from tests.tiny_data import tiny_dataset
@@ -108,7 +110,7 @@ def test_unregistered_and_duplicate_methods_are_refused(doubled):
 @pytest.mark.parametrize("name", methods.names())
 def test_each_built_in_record_is_what_the_trainer_builds(name):
     """A record's parts against the model the train step builds from its config."""
-    from hdml_jax import steps
+    from hdml_jax.training import steps
 
     record = methods.get(name)
     c = tiny_config(name)

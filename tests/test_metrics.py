@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from hdml_jax import cluster, evaluate, metrics
+from hdml_jax.evaluation import cluster, evaluate, metrics
 from tests.numerics import assert_close, rounding_atol
 from tests.simulated_devices import run_on_eight_devices
 

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from hdml_jax import mlrc, mlrc_report, optim, train
 from hdml_jax.config import validate
 from hdml_jax.data import folds
 from hdml_jax.errors import ConfigError
+from hdml_jax.protocols import mlrc, mlrc_report
+from hdml_jax.training import optim, train
 from tests.test_train import load_config_module, shrink
 from tests.tiny_data import tiny_dataset
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hdml_jax import train
+from hdml_jax.training import train
 from tests.numerics import assert_close, rounding_atol
 from tests.simulated_devices import xla_flags_with_devices
 from tests.test_train import tiny_config, tiny_network_terms

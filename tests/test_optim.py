@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from hdml_jax import optim
 from hdml_jax.models import EmbeddingHead, EmbeddingModel, ResNet
+from hdml_jax.training import optim
 from tests.test_train import load_config_module
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdml_jax import cluster, metrics
+from hdml_jax.evaluation import cluster, metrics
 from hdml_jax.losses import (
     _common,
     batch_hard_triplet_loss,

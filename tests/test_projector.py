@@ -9,8 +9,9 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from PIL import Image
 
-from hdml_jax import outputs, projector, visualize
 from hdml_jax.data.base import MetricDataset, Split
+from hdml_jax.evaluation import projector, visualize
+from hdml_jax.training import outputs
 
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255]], np.uint8)
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hdml_jax import checkpoints, interrupts, train, workdir
+from hdml_jax import interrupts, workdir
 from hdml_jax.errors import ConfigError, UserError
+from hdml_jax.training import checkpoints, train
 from tests.test_train import tiny_config
 from tests.tiny_data import tiny_dataset
 

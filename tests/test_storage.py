@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 from etils import epath
 
-from hdml_jax import checkpoints, reporting, storage, train, workdir
+from hdml_jax import storage, workdir
 from hdml_jax.data import datasets
 from hdml_jax.errors import ConfigError, UserError
+from hdml_jax.training import checkpoints, reporting, train
 from tests import fake_remote
 from tests.test_train import tiny_config
 from tests.tiny_data import tiny_dataset

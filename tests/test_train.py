@@ -15,8 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from hdml_jax import methods, train
+from hdml_jax import methods
 from hdml_jax.config import validate
+from hdml_jax.training import train
 from tests.numerics import assert_best_within, assert_close, rounding_atol
 from tests.tiny_data import shrink, tiny_dataset
 
@@ -106,7 +107,7 @@ def test_each_method_trains_and_evaluates(method, dataset, tmp_path):
         saved = sorted((tmp_path / "checkpoints").glob("*/state/_METADATA"))
         assert saved and all("xbm" in path.read_text() for path in saved)
     if method in ("margin", "soft_triple"):  # loss parameters the embedder must leave out
-        from hdml_jax import inference
+        from hdml_jax.inference import embedder as inference
 
         embedder = inference.load_embedder(tmp_path, step=16)
         images = np.stack([embedder.preprocess(dataset.test.source[i]["image"]) for i in range(4)])
@@ -224,7 +225,8 @@ import sys
 sys.path.insert(0, {root!r})
 from tests.test_train import tiny_config
 from tests.tiny_data import shrink, tiny_dataset
-from hdml_jax import interrupts, train
+from hdml_jax import interrupts
+from hdml_jax.training import train
 config = tiny_config("proxy_anchor", num_epochs=400, log_every_steps=1)
 try:
     train.train_and_evaluate(config, {workdir!r}, dataset=tiny_dataset())
@@ -266,7 +268,7 @@ def test_hpl_hierarchy_is_built_when_warmup_ends_refreshed_on_schedule_and_never
     """Warm-up 1 epoch (4 steps): k-means at step 4, refresh every epoch (8, 12); a run stopped at
     step 6 and resumed builds nothing again. Right after the build the coarse proxies are the
     k-means centroids of the fine proxies of that moment, and their optimizer state is fresh."""
-    from hdml_jax import phases
+    from hdml_jax.training import phases
 
     events = []
     build, refresh = phases.Phases.build_hierarchy, phases.Phases.refresh_hierarchy
@@ -325,8 +327,8 @@ def test_centroid_coarse_proxies_and_raw_kmeans_reach_the_loss_and_the_refresh()
     ``loss.kmeans_normalize=False`` makes that nearest by Euclidean distance. No model compiled."""
     from types import SimpleNamespace
 
-    from hdml_jax import phases, steps
     from hdml_jax.losses import coarse_centroids, hierarchical_proxy_loss, proxy_anchor_loss
+    from hdml_jax.training import phases, steps
 
     rng = np.random.default_rng(3)
     fine = rng.normal(size=(6, 4)).astype(np.float32)  # 5 classes + 1 padding row

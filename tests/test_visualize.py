@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hdml_jax import outputs, search, visualize
+from hdml_jax.evaluation import visualize
+from hdml_jax.inference import search
+from hdml_jax.training import outputs
 
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "precision@1", "r_precision", "map@r", "nmi")
 

@@ -12,7 +12,7 @@ Published (HPL, WACV 2022, MLRC protocol, MAP@R / P@1 / R-Precision, concatenate
 unconfirmed — reference.md §4): Proxy-Anchor 26.47 / 67.64 / 37.29, HPL-PA 26.72 / 68.25 / 37.57.
 """
 
-from hdml_jax.mlrc import mlrc_config
+from hdml_jax.protocols.mlrc import mlrc_config
 
 
 def get_config(arg: str | None = None):

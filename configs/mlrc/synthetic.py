@@ -2,7 +2,7 @@
 
     python -m hdml_jax.main --config configs/mlrc/synthetic.py:method=hpl_pa --workdir runs/mlrc_synthetic
 
-MLRC's folds, early stopping, model selection and concatenated/separated test (``hdml_jax.mlrc``)
+MLRC's folds, early stopping, model selection and concatenated/separated test (``hdml_jax.protocols.mlrc``)
 with the small network of ``configs/synthetic.py`` instead of BN-Inception (no ImageNet weights
 here, and 227-px images are beyond a CPU): ResNet-18 width 16 from scratch on 48-px images,
 RMSprop at 1e-3 (MLRC's 1e-6 fine-tunes pretrained weights; from scratch it would not move),
@@ -11,7 +11,7 @@ this data set, from no paper; CUB's MLRC loss hyper-parameters (borrowed, ``hdml
 """
 
 from hdml_jax.config import apply_small_cpu_recipe
-from hdml_jax.mlrc import mlrc_config
+from hdml_jax.protocols.mlrc import mlrc_config
 
 
 def get_config(arg: str | None = None):

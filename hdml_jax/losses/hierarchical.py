@@ -14,7 +14,7 @@ Choices the paper leaves open, and the defaults here:
   * when to build and how often to refresh is the trainer's business (default there: build after
     warm-up, refresh every few epochs).
 
-Similarity products run at HIGHEST precision: the base losses, k-means (``hdml_jax.cluster``) and
+Similarity products run at HIGHEST precision: the base losses, k-means (``hdml_jax.evaluation.cluster``) and
 the nearest-proxy search of ``refresh_assignments`` all use ``_common.FULL_PRECISION``.
 """
 
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdml_jax import cluster
+from hdml_jax.evaluation import cluster
 from hdml_jax.losses import _common
 from hdml_jax.losses.proxy_anchor import proxy_anchor_loss
 

@@ -1,7 +1,7 @@
 """What each backbone expects of its input images: channel order, value range, mean and std.
 
 The data pipeline ships ``uint8`` RGB images; the model normalises them on device
-(``normalize``, called by ``hdml_jax.steps``) with its backbone's convention, so the same pipeline,
+(``normalize``, called by ``hdml_jax.training.steps``) with its backbone's convention, so the same pipeline,
 exported artifact and embedding tools serve every backbone and a config only names the backbone:
 
 =============  =======  =========  ========================  ========================

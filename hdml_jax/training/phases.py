@@ -27,8 +27,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from hdml_jax import methods, optim, parallel, steps
+from hdml_jax import methods, parallel
 from hdml_jax.losses import build_hierarchy, refresh_assignments
+from hdml_jax.training import optim, steps
 
 StepFunction = Callable[[steps.State, dict[str, jax.Array]], tuple[steps.State, dict[str, jax.Array]]]
 

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from hdml_jax import metrics
 from hdml_jax.data.base import MetricDataset, Split
+from hdml_jax.evaluation import metrics
 
 
 def embed_batches(

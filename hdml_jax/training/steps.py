@@ -1,7 +1,7 @@
 """The pieces of one training step: model, loss, and the step itself.
 
-The optimizer (parameter groups, PyTorch semantics) is ``hdml_jax.optim``; which groups train
-at a step, and the state changes between phases, are ``hdml_jax.phases``.
+The optimizer (parameter groups, PyTorch semantics) is ``hdml_jax.training.optim``; which groups train
+at a step, and the state changes between phases, are ``hdml_jax.training.phases``.
 
 The step is a pure function ``(state, batch) -> (state, metrics)`` compiled once per phase with ``jax.jit``;
 the batch is sharded over the ``'data'`` axis of a device mesh and the state replicated, so the

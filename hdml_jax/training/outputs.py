@@ -9,8 +9,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from hdml_jax import checkpoints, interrupts, optim, projector, storage, visualize
+from hdml_jax import interrupts, storage
 from hdml_jax.data.base import MetricDataset
+from hdml_jax.evaluation import projector, visualize
+from hdml_jax.training import checkpoints, optim
 from hdml_jax.workdir import atomic_write, atomic_write_text
 
 

@@ -163,9 +163,10 @@ def run(
     results (``report``'s) once every fold is complete, else None (other folds run elsewhere:
     ``python -m hdml_jax.mlrc_report`` tests when they are).
     """
-    from hdml_jax import storage, train
+    from hdml_jax import storage
     from hdml_jax.config import validate
     from hdml_jax.data import folds
+    from hdml_jax.training import train
 
     validate(config, overridden)  # before the data are read (each fold validates again)
     workdir = storage.as_path(workdir)
@@ -192,7 +193,7 @@ def incomplete_folds(workdir, num_folds: int) -> list[int]:
 
 def scores(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """MAP@R, P@1, R-Precision of self-retrieval (query excluded), as percentages."""
-    from hdml_jax import metrics
+    from hdml_jax.evaluation import metrics
 
     result = metrics.retrieval_metrics(embeddings, labels, ks=(1,))
     return {name: 100.0 * result[name] for name in METRICS}
@@ -247,8 +248,11 @@ def report(workdir, dataset=None) -> dict[str, Any]:
     ``dataset``: the data set the folds were made of (default: the one fold 0's config names).
     Raises ``hdml_jax.errors.UserError`` subclasses for missing or unfinished folds.
     """
-    from hdml_jax import evaluate, inference, storage, train
+    from hdml_jax import storage
     from hdml_jax.data import folds
+    from hdml_jax.evaluation import evaluate
+    from hdml_jax.inference import embedder as inference
+    from hdml_jax.training import train
     from hdml_jax.workdir import atomic_write_text
 
     workdir = storage.as_path(workdir)

@@ -8,7 +8,7 @@ The three command-line tools build on this module:
 
 From your own code::
 
-    from hdml_jax import inference
+    from hdml_jax.inference import embedder as inference
 
     embedder = inference.load_embedder("runs/cub200_hpl_pa")       # best checkpoint by Recall@1
     image = embedder.preprocess(inference.load_image("bird.jpg"))    # uint8 (S, S, 3)
@@ -46,9 +46,10 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hdml_jax import checkpoints, methods, steps, storage
+from hdml_jax import methods, storage
 from hdml_jax.data import transforms
 from hdml_jax.errors import UserError, exit_with_message
+from hdml_jax.training import checkpoints, steps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
@@ -82,6 +83,24 @@ class UnreadableImageError(UserError, OSError):
 
 class UsageError(UserError, ValueError):
     """A bad command line (argparse's complaint, in one ``error:`` line)."""
+
+
+def run_command(
+    build_parser: Callable[[], argparse.ArgumentParser],
+    run: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None,
+    interrupted: str,
+) -> int:
+    """The ``main`` of ``embed``, ``search`` and ``export``: parse ``argv``, ``run``; a user mistake
+    ends in one ``error:`` line (exit 2, via ``SystemExit``), Ctrl-C in ``interrupted`` (exit 130)."""
+    try:
+        return run(build_parser().parse_args(argv))
+    except UserError as error:
+        exit_with_message(error)
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        return 130
+    return 1  # pragma: no cover (exit_with_message exits)
 
 
 class CliParser(argparse.ArgumentParser):

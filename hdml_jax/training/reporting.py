@@ -24,7 +24,8 @@ from typing import Any
 
 import jax
 
-from hdml_jax import evaluate, storage
+from hdml_jax import storage
+from hdml_jax.evaluation import evaluate
 from hdml_jax.workdir import storage_errors
 
 LOG_NAME = "metrics.jsonl"

@@ -1,6 +1,6 @@
 """Embeddings must be finite before anything is scored or clustered: the shared check.
 
-``hdml_jax.metrics`` (every retrieval metric) and ``hdml_jax.cluster`` (k-means, NMI) call
+``hdml_jax.metrics`` (every retrieval metric) and ``hdml_jax.evaluation.cluster`` (k-means, NMI) call
 ``check_finite``; both re-export it with its error, ``NonFiniteEmbeddingsError``.
 """
 

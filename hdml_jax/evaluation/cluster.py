@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdml_jax.finite import check_finite
+from hdml_jax.evaluation.finite import check_finite
 from hdml_jax.losses._common import FULL_PRECISION
 
 
@@ -164,7 +164,7 @@ def kmeans(
       cluster indices. Under ``jax.jit`` (traced points) a NaN or inf point makes centroids NaN.
 
     Raises:
-      NonFiniteEmbeddingsError (``hdml_jax.finite``): concrete points with a NaN or inf row
+      NonFiniteEmbeddingsError (``hdml_jax.evaluation.finite``): concrete points with a NaN or inf row
         (their assignments would be arbitrary).
       ValueError: a bad shape, ``num_clusters``, ``num_iters``, ``tol`` or ``block_size``.
     """
