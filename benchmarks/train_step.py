@@ -86,18 +86,18 @@ def time_jax(method: str, batch: int, args: argparse.Namespace) -> dict[str, Any
     from jax.sharding import PartitionSpec as P
 
     from hdml_jax import parallel
-    from hdml_jax.training import optim, steps, train
+    from hdml_jax.training import optim, setup, steps
 
     config = jax_config(method, args)
     config.batch_size = batch
     coarse = tuple(int(g) for g in config.loss.num_coarse_groups) if method == "hpl_pa" else ()
-    mesh = train.make_mesh()
+    mesh = setup.make_mesh()
     model = steps.build_model(config, args.classes, coarse, jax.device_count())
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, args.size, args.size, 3)), train=False)
     )["params"]
     optimizer = optim.make_optimizer(config, steps.unfreeze(shapes), steps_per_epoch=100)
-    state = train.init_state(config, model, None, optimizer, coarse)
+    state = setup.init_state(config, model, None, optimizer, coarse)
     if coarse:  # the hierarchy active, classes spread over the coarse groups
         rng = np.random.default_rng(0)
         state["hierarchy"] = {

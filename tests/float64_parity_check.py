@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 from hdml_jax import parallel
 from hdml_jax.losses import _common as loss_common
 from hdml_jax.models import preprocessing, torchvision_resnet_to_flax
-from hdml_jax.training import optim, phases, steps, train
+from hdml_jax.training import optim, phases, setup, steps
 from tests.test_train import tiny_config
 from tests.tiny_data import tiny_dataset
 from tests.torch_resnet import TorchResNet, randomized
@@ -291,7 +291,7 @@ def jax_setup(config, torch_model, torch_proxies: torch.Tensor | None):
         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3))))["params"]
     )
     optimizer = optim.make_optimizer(config, params_shape, STEPS_PER_EPOCH)
-    state = train.init_state(config, model, dataset, optimizer, ())
+    state = setup.init_state(config, model, dataset, optimizer, ())
     theirs = jax.tree.map(jnp.asarray, in_our_layout(torch_model, torch_proxies))
     for collection in ("params", "batch_stats"):
         assert jax.tree.structure(theirs[collection]) == jax.tree.structure(state[collection])

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hdml_jax import parallel
-from hdml_jax.training import optim, phases, steps, train
+from hdml_jax.training import optim, phases, setup, steps, train
 from tests.test_train import tiny_config
 from tests.tiny_data import tiny_dataset
 
@@ -34,7 +34,7 @@ def one_step(method: str, devices, shard_proxies: bool, pad_proxies: bool) -> di
     if method == "cgd":
         config.classes_per_batch, config.samples_per_class = 8, 4
     dataset = tiny_dataset()
-    coarse = train.coarse_group_sizes(config, dataset)
+    coarse = setup.coarse_group_sizes(config, dataset)
     # Padding for 8 devices in both runs, so the two compute the same function.
     model = steps.build_model(config, dataset.train.num_classes, coarse, num_devices=8)
     mesh = jax.make_mesh(
@@ -45,7 +45,7 @@ def one_step(method: str, devices, shard_proxies: bool, pad_proxies: bool) -> di
         "params"
     ]
     optimizer = optim.make_optimizer(config, steps.unfreeze(params_shape), 4)
-    state = train.init_state(config, model, dataset, optimizer, coarse)
+    state = setup.init_state(config, model, dataset, optimizer, coarse)
     state_sharding = parallel.state_sharding(state, mesh, shard_proxies)
     state = jax.device_put(state, state_sharding)
     if method in ("hpl_pa", "hpl_nca"):  # an active hierarchy, so the coarse level contributes
@@ -53,7 +53,7 @@ def one_step(method: str, devices, shard_proxies: bool, pad_proxies: bool) -> di
             config, model, steps.unfreeze(params_shape), 4, coarse, state_sharding, sharded, False
         )
         state = hierarchy.build_hierarchy(state, 4)
-    iterator = train.make_train_iterator(config, dataset.train)
+    iterator = setup.make_train_iterator(config, dataset.train)
     local = next(iterator)
     batch = {k: jax.device_put(np.asarray(local[k]), sharded) for k in ("image", "label")}
     fn = jax.jit(

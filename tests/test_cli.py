@@ -21,7 +21,7 @@ from hdml_jax.data.base import MetricDataset, Split
 from hdml_jax.data.synthetic import ArraySource
 from hdml_jax.errors import ConfigError
 from hdml_jax.inference import embed
-from hdml_jax.training import train
+from hdml_jax.training import setup
 from tests.custom_data import tiny_csv_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,10 +143,10 @@ def test_embed_images_given_a_csv_points_to_csv(tmp_path):
 
 def test_the_rerun_note_says_where_the_run_now_ends():
     by_epochs = ml_collections.ConfigDict({"num_steps": 0, "num_epochs": 50})
-    assert train._target_step_note(by_epochs, 200, 1000) == (
+    assert setup._target_step_note(by_epochs, 200, 1000) == (
         "The run goes on from step 200 to step 1000 (num_steps 0: num_epochs 50 × 20 steps per epoch)."
     )
     by_steps = ml_collections.ConfigDict({"num_steps": 150, "num_epochs": 50})
-    assert "ends at step 150 (num_steps 150); it is at step 200 already" in train._target_step_note(
+    assert "ends at step 150 (num_steps 150); it is at step 200 already" in setup._target_step_note(
         by_steps, 200, 150
     )

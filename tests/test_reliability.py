@@ -18,7 +18,8 @@ import pytest
 
 from hdml_jax import interrupts, workdir
 from hdml_jax.errors import ConfigError, UserError
-from hdml_jax.training import checkpoints, train
+from hdml_jax.training import checkpoints, reporting, setup, train
+from hdml_jax.training import run as training_run
 from tests.test_train import tiny_config
 from tests.tiny_data import tiny_dataset
 
@@ -57,7 +58,7 @@ def evaluation_records(path: Path) -> list[dict]:
 def signal_during_evaluation(monkeypatch, which: int) -> None:
     """Send SIGINT to this process when the ``which``-th evaluation (1-based) starts."""
     calls = []
-    original = train.make_eval_batches
+    original = training_run.make_eval_batches
 
     def make_eval_batches(config, split):
         calls.append(split)
@@ -65,7 +66,7 @@ def signal_during_evaluation(monkeypatch, which: int) -> None:
             os.kill(os.getpid(), signal.SIGINT)
         return original(config, split)
 
-    monkeypatch.setattr(train, "make_eval_batches", make_eval_batches)
+    monkeypatch.setattr(training_run, "make_eval_batches", make_eval_batches)
 
 
 def flip_a_bit(checkpoint: Path) -> None:
@@ -169,7 +170,7 @@ def test_a_save_cut_short_by_a_hard_kill_is_ignored_and_cleaned_up(finished, dat
 
 def test_divergence_messages_name_only_checkpoints_that_exist(tmp_path):
     manager = checkpoints.manager(tmp_path / "checkpoints")
-    assert train._last_good(manager) == "; no checkpoint had been saved yet"
+    assert training_run._last_good(manager) == "; no checkpoint had been saved yet"
     manager.close()
 
 
@@ -209,7 +210,7 @@ def test_a_full_disk_during_a_save_names_the_intact_checkpoint(dataset, tmp_path
 
 
 def test_a_full_disk_while_logging_is_one_error(tmp_path):
-    reporter = train.Reporter(tmp_path, 10, 4)
+    reporter = reporting.Reporter(tmp_path, 10, 4)
 
     class FullFile:
         def write(self, text):
@@ -230,7 +231,7 @@ def test_resume_drops_log_records_the_checkpoint_does_not_know(tmp_path):
         {"kind": "eval", "step": 12}, {"kind": "train", "step": 12},
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tr')
-    train._validate_resume_log(tmp_path, 12, [{"step": 8}])  # the evaluation of 12 was cut short
+    setup._validate_resume_log(tmp_path, 12, [{"step": 8}])  # the evaluation of 12 was cut short
     assert workdir.read_log(tmp_path / "metrics.jsonl") == [records[0], records[1], records[2], records[4]]
 
 

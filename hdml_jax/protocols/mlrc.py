@@ -252,7 +252,8 @@ def report(workdir, dataset=None) -> dict[str, Any]:
     from hdml_jax.data import folds
     from hdml_jax.evaluation import evaluate
     from hdml_jax.inference import embedder as inference
-    from hdml_jax.training import train
+    from hdml_jax.training import run as training_run
+    from hdml_jax.training import setup, train
     from hdml_jax.workdir import atomic_write_text
 
     workdir = storage.as_path(workdir)
@@ -278,7 +279,7 @@ def report(workdir, dataset=None) -> dict[str, Any]:
             embedder = inference.load_embedder(fold_workdir(workdir, fold), verbose=False)
         except UserError as error:
             raise IncompleteProtocolError(f"fold {fold}: {error}") from None
-        batches = train.stoppable(train.make_eval_batches(embedder.config, test))
+        batches = training_run.stoppable(setup.make_eval_batches(embedder.config, test))
         embeddings = evaluate.embed_batches(batches, embedder.embed_global, embedder.batch_sharding, len(test))
         per_model.append(embeddings)
         checkpoints_used.append({"fold": fold, "step": embedder.step, "checkpoint": embedder.checkpoint_id})
