@@ -9,6 +9,8 @@ configs (``configs/*.py``) set the per-data-set numbers of the official commands
 
 from __future__ import annotations
 
+import dataclasses
+
 from hdml_jax.methods.registry import Config, Method
 
 
@@ -100,23 +102,13 @@ PROXY_NCA_PP = Method(
     protocols=(),  # its recipe replaces the network and head
     backbones=("resnet",),
 )
-HPL_PA = Method(
+# HPL around each: the same record with coarse proxy levels (HPL has no recipe of its own).
+HPL_PA = dataclasses.replace(
+    PROXY_ANCHOR,
     name="hpl_pa",
     summary="HPL around Proxy-Anchor: fine + k-means coarse proxy levels, w = (1.0, 0.1)",
-    loss="proxy_anchor_loss",
-    form="proxy",
-    recipe=proxy_anchor_recipe,
-    keywords=proxy_anchor_keywords,
     hierarchical=True,
-    fields=PROXY_ANCHOR_FIELDS,
 )
-HPL_NCA = Method(
-    name="hpl_nca",
-    summary="HPL around Proxy-NCA (σ 32)",
-    loss="proxy_nca_loss",
-    form="proxy",
-    recipe=proxy_nca_recipe,
-    keywords=proxy_nca_keywords,
-    hierarchical=True,
-    fields=PROXY_NCA_FIELDS,
+HPL_NCA = dataclasses.replace(
+    PROXY_NCA, name="hpl_nca", summary="HPL around Proxy-NCA (σ 32)", hierarchical=True
 )
