@@ -59,7 +59,7 @@ import PIL.features
 from _timing import cpu_count, describe_environment, print_table, time_call, time_interleaved
 from PIL import Image
 
-from hdml_jax.data import jpeg, pipeline, resample, sampling, transforms
+from hdml_jax.data import encoded, jpeg, pipeline, resample, sampling, transforms
 from hdml_jax.data.base import Split
 
 BATCH, P, K, SIZE = 64, 16, 4, 224
@@ -106,7 +106,7 @@ class JpegSource:
             return {"image": np.asarray(image.convert("RGB")), "label": int(self.labels[index])}
 
     def encoded(self, index: int) -> dict:
-        return {"image": transforms.EncodedImage(self.files[index]), "label": int(self.labels[index])}
+        return {"image": encoded.EncodedImage(self.files[index]), "label": int(self.labels[index])}
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -206,10 +206,10 @@ def per_core(
 
     calls = {
         "train ours": lambda: [
-            pair.train(transforms.EncodedImage(files[i]), r) for i, r in enumerate(rngs())
+            pair.train(encoded.EncodedImage(files[i]), r) for i, r in enumerate(rngs())
         ],
         "train reference": lambda: [reference_train(files[i], r) for i, r in enumerate(rngs())],
-        "eval ours": lambda: [pair.eval(transforms.EncodedImage(files[i])) for i in range(BATCH)],
+        "eval ours": lambda: [pair.eval(encoded.EncodedImage(files[i])) for i in range(BATCH)],
         "eval reference": lambda: [reference_eval(files[i]) for i in range(BATCH)],
     }
     # The decode alone, at full scale: with no DCT reduction (see "decode scale" above) any
@@ -222,7 +222,7 @@ def per_core(
     # libjpeg-based decoder pays it whatever it skips (a block's variable-length codes are found
     # only by decoding those before it), so reference / this bounds any such CPU pipeline at these crops.
     def entropy_floor(data: bytes, rng: np.random.Generator) -> None:
-        height, width = transforms.EncodedImage(data).shape[:2]
+        height, width = encoded.EncodedImage(data).shape[:2]
         top, _, h, _ = pair.train.crop_params(height, width, rng)
         with Image.open(io.BytesIO(jpeg.truncated(data, top + h) or data)) as image:
             image.draft("RGB", (image.width // 8, image.height // 8))
@@ -232,9 +232,9 @@ def per_core(
 
     # Our decode alone: the rows down to the train crop's bottom, as the transform decodes them.
     def rows_decode(data: bytes, rng: np.random.Generator) -> None:
-        image = transforms.EncodedImage(data)
+        image = encoded.EncodedImage(data)
         top, left, h, w = pair.train.crop_params(*image.shape[:2], rng)
-        image._decode_top(transforms.rows_reached((left, top, left + w, top + h), SIZE, 1), 1)
+        image._decode_top(encoded.rows_reached((left, top, left + w, top + h), SIZE, 1), 1)
 
     calls[ROWS_DECODE] = lambda: [rows_decode(files[i], r) for i, r in enumerate(rngs())]
     # A decoder that skips the inverse DCT and colour conversion outside the crop as well
@@ -244,14 +244,14 @@ def per_core(
     if tf is not None:
 
         def crop_window(data: bytes, rng: np.random.Generator):
-            height, width = transforms.EncodedImage(data).shape[:2]
+            height, width = encoded.EncodedImage(data).shape[:2]
             window = pair.train.crop_params(height, width, rng)
             return tf.io.decode_and_crop_jpeg(data, window, channels=3, dct_method="INTEGER_ACCURATE").numpy()
 
         calls[CROP_WINDOW] = lambda: [crop_window(files[i], r) for i, r in enumerate(rngs())]
     # Neither simplejpeg nor the native resize kernel: what an install without them runs.
     calls[PILLOW_ONLY] = lambda: pillow_only(
-        lambda: [pair.train(transforms.EncodedImage(files[i]), r) for i, r in enumerate(rngs())]
+        lambda: [pair.train(encoded.EncodedImage(files[i]), r) for i, r in enumerate(rngs())]
     )
     # PIL's full decode, then the transform on the array: what a source without ``encoded`` gives.
     calls["train ours (decoded input)"] = lambda: [
@@ -319,12 +319,12 @@ def per_core(
 
 def pillow_only(run):
     """``run()`` with neither simplejpeg nor the native resize kernel (Pillow decodes and resizes)."""
-    saved = transforms._simplejpeg, resample._NATIVE
-    transforms._simplejpeg, resample._NATIVE = None, None
+    saved = encoded._simplejpeg, resample._NATIVE
+    encoded._simplejpeg, resample._NATIVE = None, None
     try:
         return run()
     finally:
-        transforms._simplejpeg, resample._NATIVE = saved
+        encoded._simplejpeg, resample._NATIVE = saved
 
 
 def resize_kernels(files: list[bytes], repeats: int) -> list[list[str]]:
@@ -336,7 +336,7 @@ def resize_kernels(files: list[bytes], repeats: int) -> list[list[str]]:
         pixels = np.asarray(reference_load(data))
         top, left, h, w = pair.train.crop_params(*pixels.shape[:2], rng)
         box = (float(left), float(top), float(left + w), float(top + h))
-        work.append((pixels[: transforms.rows_reached(box, SIZE, 1)], box))
+        work.append((pixels[: encoded.rows_reached(box, SIZE, 1)], box))
     size = (SIZE, SIZE)
     calls = {
         "Pillow, one resize call (the reference's)": lambda: [
@@ -364,16 +364,16 @@ def draft_fractions(files: list[bytes], count: int = 2000) -> str:
     rng = np.random.default_rng(0)
     counts = {1: 0, 2: 0, 4: 0, 8: 0}
     for i in range(count):
-        image = transforms.EncodedImage(files[i % len(files)])
+        image = encoded.EncodedImage(files[i % len(files)])
         height, width = image.shape[:2]
         _, _, h, w = pair.train.crop_params(height, width, rng)
-        counts[transforms.draft_scale(w, h, SIZE, SIZE)] += 1
+        counts[encoded.draft_scale(w, h, SIZE, SIZE)] += 1
     eval_counts = {1: 0, 2: 0, 4: 0, 8: 0}
     for data in files:
-        height, width = transforms.EncodedImage(data).shape[:2]
+        height, width = encoded.EncodedImage(data).shape[:2]
         frame = transforms.resized_shorter_side(height, width, pair.eval.resize_shorter)
         side = SIZE * min(height / frame[0], width / frame[1])
-        eval_counts[transforms.draft_scale(side, side, SIZE, SIZE)] += 1
+        eval_counts[encoded.draft_scale(side, side, SIZE, SIZE)] += 1
     fmt = lambda c, n: ", ".join(f"1/{s}: {v / n:.0%}" for s, v in c.items() if v)  # noqa: E731
     return f"decode scale, train crops: {fmt(counts, count)}; eval: {fmt(eval_counts, len(files))}"
 
@@ -431,7 +431,7 @@ def main() -> None:
     files = synthetic_jpegs(args.images, scale=args.scale)
     labels = np.arange(args.images) % 30
     split = Split(JpegSource(files, labels), labels, name="synthetic-jpeg")
-    sides = sorted({transforms.EncodedImage(f).shape[:2] for f in files})
+    sides = sorted({encoded.EncodedImage(f).shape[:2] for f in files})
     print(
         describe_environment(
             [
@@ -443,7 +443,7 @@ def main() -> None:
                 f"ours: resize {resample.BACKEND}, JPEG decode "
                 + (
                     f"simplejpeg {importlib.metadata.version('simplejpeg')}"
-                    if transforms._simplejpeg
+                    if encoded._simplejpeg
                     else "Pillow"
                 ),
             ]

@@ -40,3 +40,9 @@ def exit_with_message(error: BaseException, prefix: str = "error") -> None:
     message = str(error) or type(error).__name__
     print(f"{prefix}: {message}", file=sys.stderr, flush=True)
     sys.exit(getattr(error, "exit_code", 1))
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name when it has none), to quote in ours."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -36,6 +36,7 @@ from hdml_jax.models import (
     load_pretrained,
     preprocessing,
     resolve_pretrained,
+    torch_pickle,
     torchvision_resnet_to_flax,
     weights,
 )
@@ -255,8 +256,8 @@ def _write_old_legacy_file(path: Path, arrays: dict[str, np.ndarray]) -> None:
     state["view_of_last"] = _OldTensor((storages[last], (1, 2)), 0, (2,), (1,))
     with open(path, "wb") as f:
         for header in (
-            convert.LEGACY_MAGIC_NUMBER,
-            convert.LEGACY_PROTOCOL_VERSION,
+            torch_pickle.LEGACY_MAGIC_NUMBER,
+            torch_pickle.LEGACY_PROTOCOL_VERSION,
             {
                 "protocol_version": 1001,
                 "little_endian": True,
@@ -317,7 +318,7 @@ def test_malformed_legacy_files_are_one_line_errors(cadene_file, tmp_path):
             return (print, (f"touch {marker}",))
 
     with open(evil, "wb") as f:
-        for header in (convert.LEGACY_MAGIC_NUMBER, convert.LEGACY_PROTOCOL_VERSION, {}):
+        for header in (torch_pickle.LEGACY_MAGIC_NUMBER, torch_pickle.LEGACY_PROTOCOL_VERSION, {}):
             pickle.dump(header, f, protocol=2)
         pickle.dump({"weight": Payload()}, f, protocol=2)
         pickle.dump([], f, protocol=2)

@@ -32,7 +32,7 @@ from hdml_jax.data.datasets import (
     ManualFilesError,
     load_dataset,
 )
-from hdml_jax.data.transforms import EncodedImage
+from hdml_jax.data.encoded import EncodedImage
 from hdml_jax.errors import UserError
 from tests import fake_archives as fa
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hdml_jax.data import resample, transforms
-from hdml_jax.data.transforms import EncodedImage
+from hdml_jax.data import encoded, resample, transforms
+from hdml_jax.data.encoded import EncodedImage
 from tests.test_transforms import _JPEG_KINDS, encode, photo_like
 
 NATIVE = importlib.util.find_spec("hdml_jax.data._resample")
@@ -124,9 +124,9 @@ def test_simplejpeg_and_pillow_decode_give_the_same_outputs(monkeypatch):
     """Every preset, at full and reduced DCT scales (crops of 32–120 px for 16 and 32 px outputs),
     with and without a bounding box: identical outputs whichever library decodes; simplejpeg
     takes the YCbCr and grey files, Pillow the others."""
-    if transforms._simplejpeg is None:
+    if encoded._simplejpeg is None:
         pytest.skip("simplejpeg is not installed")
-    real = transforms._decode_jpeg_into_array
+    real = encoded._decode_jpeg_into_array
     taken = []
 
     def counting(data, reduction, whole):
@@ -139,7 +139,7 @@ def test_simplejpeg_and_pillow_decode_give_the_same_outputs(monkeypatch):
     outputs = {}
     for use_simplejpeg in (True, False):
         monkeypatch.setattr(
-            transforms, "_decode_jpeg_into_array", counting if use_simplejpeg else lambda *a, **k: None
+            encoded, "_decode_jpeg_into_array", counting if use_simplejpeg else lambda *a, **k: None
         )
         for name in sorted(transforms.TRANSFORMS):
             for size in (16, 32):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hdml_jax.data import jpeg, pipeline, sampling, transforms
+from hdml_jax.data import encoded, jpeg, pipeline, sampling, transforms
 from hdml_jax.data.base import Split
-from hdml_jax.data.transforms import EncodedImage
+from hdml_jax.data.encoded import EncodedImage
 
 
 def photo_like(height: int, width: int, seed: int) -> np.ndarray:
@@ -82,15 +82,15 @@ def _reference_crop(height, width, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
 
 
 def test_draft_scale_never_leaves_fewer_pixels_than_the_output():
-    assert transforms.draft_scale(447.9, 1000, 224, 224) == 1
-    assert transforms.draft_scale(448, 448, 224, 224) == 2
-    assert transforms.draft_scale(900, 1000, 224, 224) == 4
-    assert transforms.draft_scale(1792, 5000, 224, 224) == 8
-    assert transforms.draft_scale(5000, 5000, 224, 224) == 8  # libjpeg goes no lower than 1/8
-    assert transforms.draft_scale(100, 100, 224, 224) == 1  # upsampling: full decode, as always
+    assert encoded.draft_scale(447.9, 1000, 224, 224) == 1
+    assert encoded.draft_scale(448, 448, 224, 224) == 2
+    assert encoded.draft_scale(900, 1000, 224, 224) == 4
+    assert encoded.draft_scale(1792, 5000, 224, 224) == 8
+    assert encoded.draft_scale(5000, 5000, 224, 224) == 8  # libjpeg goes no lower than 1/8
+    assert encoded.draft_scale(100, 100, 224, 224) == 1  # upsampling: full decode, as always
     rng = np.random.default_rng(0)
     for w, h in rng.uniform(1, 3000, (500, 2)):
-        s = transforms.draft_scale(w, h, 224, 160)
+        s = encoded.draft_scale(w, h, 224, 160)
         assert s == 1 or (w / s >= 224 and h / s >= 160)
         if s < 8:  # the largest such scale
             assert w / (2 * s) < 224 or h / (2 * s) < 160

@@ -30,6 +30,7 @@ from hdml_jax.models import (
     convert,
     load_pretrained,
     resolve_pretrained,
+    torch_pickle,
     torchvision_resnet_to_flax,
     weights,
 )
@@ -89,11 +90,11 @@ def test_zip_reader_matches_torch_load_on_a_resnet18(resnet18_file):
 
 
 def test_malformed_strides_are_refused_before_reading_memory():
-    storage = convert._Storage(np.arange(6, dtype=np.float32))
+    storage = torch_pickle._Storage(np.arange(6, dtype=np.float32))
     with pytest.raises(ValueError, match="malformed"):
-        convert._rebuild_tensor(storage, 0, (3, 3), (3, 1))
+        torch_pickle._rebuild_tensor(storage, 0, (3, 3), (3, 1))
     with pytest.raises(ValueError, match="malformed"):
-        convert._rebuild_tensor(storage, 0, (2,), (-1,))
+        torch_pickle._rebuild_tensor(storage, 0, (2,), (-1,))
 
 
 class _Payload:

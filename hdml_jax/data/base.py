@@ -10,7 +10,7 @@ Example dict returned by ``split.source[i]``::
      "bbox": float32 (4,) [ymin, xmin, ymax, xmax] in [0, 1] (only when known)}
 
 A source of encoded images may also have ``source.encoded(i)``: the same example with its image
-still encoded (a ``transforms.EncodedImage``), which the input pipeline prefers, since the
+still encoded (a ``encoded.EncodedImage``), which the input pipeline prefers, since the
 transform then decodes only what it needs (a JPEG at a reduced scale when the output allows).
 ``source[i]`` keeps returning pixels for everything else (pictures, tests, tools).
 """

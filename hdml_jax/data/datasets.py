@@ -39,12 +39,13 @@ import numpy as np
 
 from hdml_jax import storage
 from hdml_jax.data.base import MetricDataset, Split, SubsetSource, remap_labels
+from hdml_jax.data.encoded import EncodedImage
 from hdml_jax.data.errors import (  # noqa: F401 — the two manual-files errors are re-exported
     BadManualFilesError,
     DatasetNotFoundError,
     ManualFilesError,
 )
-from hdml_jax.data.transforms import EncodedImage, as_rgb, crop_to_bbox
+from hdml_jax.data.transforms import as_rgb, crop_to_bbox
 
 log = logging.getLogger(__name__)
 
