@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from hdml_jax.data import fits
-from hdml_jax.data.base import MetricDataset, Split
-from hdml_jax.data.synthetic import ArraySource
+from hdml_jax.data.base import ArraySource, MetricDataset, Split
 from hdml_jax.errors import ConfigError
 from hdml_jax.inference import embed
 from hdml_jax.training import setup

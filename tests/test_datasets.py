@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hdml_jax.data import datasets, folds, inshop, prepare, transforms
+from hdml_jax.data import datasets, folds, inshop, label_features, prepare, transforms
 from hdml_jax.data.datasets import (
     DATASETS,
     BadManualFilesError,
@@ -298,15 +298,15 @@ def test_label_cache(tmp_path, monkeypatch):
         "cars196", data_dir, fa.fake_classification_examples("cars196", _expand(CARS_COUNTS))
     )
     _load("cars196", data_dir, cache_labels=False)
-    cache = next(data_dir.glob(f"cars196/*/{datasets.LABELS_CACHE}"), None)
+    cache = next(data_dir.glob(f"cars196/*/{label_features.LABELS_CACHE}"), None)
     assert cache is None
     first = _load("cars196", data_dir)
-    assert next(data_dir.glob(f"cars196/*/{datasets.LABELS_CACHE}")).exists()
+    assert next(data_dir.glob(f"cars196/*/{label_features.LABELS_CACHE}")).exists()
 
     def fail(*args):
         raise AssertionError("labels read again")
 
-    monkeypatch.setattr(datasets, "_read_features", fail)
+    monkeypatch.setattr(label_features, "_read_features", fail)
     second = _load("cars196", data_dir)
     np.testing.assert_array_equal(first.train.labels, second.train.labels)
     np.testing.assert_array_equal(first.test.labels, second.test.labels)
@@ -316,8 +316,8 @@ def test_label_reading_paths_agree(sop_dir):
     """The fast raw-record parse gives what TFDS's own decoding gives."""
     builder = datasets.tfds_builder("sop", sop_dir)
     keys = ("class_id", "super_class_id")
-    fast = datasets._read_features_raw(builder, "train+test", keys)
-    slow = datasets._read_features_decoded(builder, "train+test", keys, ())
+    fast = label_features._read_features_raw(builder, "train+test", keys)
+    slow = label_features._read_features_decoded(builder, "train+test", keys, ())
     for key in keys:
         np.testing.assert_array_equal(np.asarray(fast[key]), np.asarray(slow[key]))
 

@@ -24,7 +24,7 @@ import pytest
 from etils import epath
 
 from hdml_jax import storage, workdir
-from hdml_jax.data import datasets
+from hdml_jax.data import datasets, label_features
 from hdml_jax.errors import ConfigError, UserError
 from hdml_jax.training import checkpoints, reporting, train
 from tests import fake_remote
@@ -175,13 +175,13 @@ def test_a_data_dir_in_a_bucket_reaches_tfds_unmangled(store, monkeypatch):
     (version / "cub-train.array_record-00000-of-00001").write_bytes(b"12345")
     (version / "dataset_info.json").write_text("{}")
     builder = types.SimpleNamespace(data_path=version)
-    assert json.loads(datasets._shard_fingerprint(builder)) == [["cub-train.array_record-00000-of-00001", 5]]
+    assert json.loads(label_features._shard_fingerprint(builder)) == [["cub-train.array_record-00000-of-00001", 5]]
     labels = {"label": np.arange(4)}
-    monkeypatch.setattr(datasets, "_read_features", lambda *args: labels)
-    assert datasets.read_label_features(builder, "train", ("label",))["label"].tolist() == [0, 1, 2, 3]
-    assert store.uploads[f"{version}/{datasets.LABELS_CACHE}"] == 1  # the cache, uploaded whole
-    monkeypatch.setattr(datasets, "_read_features", lambda *args: pytest.fail("the cache was not read"))
-    assert datasets.read_label_features(builder, "train", ("label",))["label"].tolist() == [0, 1, 2, 3]
+    monkeypatch.setattr(label_features, "_read_features", lambda *args: labels)
+    assert label_features.read_label_features(builder, "train", ("label",))["label"].tolist() == [0, 1, 2, 3]
+    assert store.uploads[f"{version}/{label_features.LABELS_CACHE}"] == 1  # the cache, uploaded whole
+    monkeypatch.setattr(label_features, "_read_features", lambda *args: pytest.fail("the cache was not read"))
+    assert label_features.read_label_features(builder, "train", ("label",))["label"].tolist() == [0, 1, 2, 3]
     with pytest.raises(datasets.DatasetNotFoundError, match="gs://bucket/tfds"):
         datasets.load_dataset("cub200", data_dir="gs://bucket/tfds")  # TFDS looked in the bucket
     custom = tiny_config("proxy_anchor")

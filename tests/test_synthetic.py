@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hdml_jax.data import synthetic as sy
+from hdml_jax.data import synthetic_preview
 from hdml_jax.data.base import MetricDataset, Split
 
 SMALL = sy.SyntheticConfig(
@@ -167,7 +168,7 @@ def test_save_preview(tmp_path):
     from PIL import Image
 
     path = tmp_path / "preview.png"
-    sy.save_preview(path, SMALL, zoom=1)
+    synthetic_preview.save_preview(path, SMALL, zoom=1)
     with Image.open(path) as image:
         width, height = image.size
     assert width > SMALL.classes_per_family * SMALL.image_size

@@ -137,3 +137,31 @@ def remap_labels(labels: np.ndarray) -> np.ndarray:
     """Map arbitrary label values to ``0..C-1`` in sorted order of the original values."""
     _, dense = np.unique(np.asarray(labels), return_inverse=True)
     return dense.astype(np.int64)
+
+
+class ArraySource:
+    """A random-access source over in-memory arrays; ``source[i]`` is the example dict of row ``i``."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], name: str = ""):
+        self._arrays = {key: value.view() for key, value in arrays.items()}
+        for value in self._arrays.values():
+            value.flags.writeable = False  # examples are views: keep callers from editing the data set
+        self._name = name
+        self._len = len(arrays["label"])
+        if any(len(a) != self._len for a in arrays.values()):
+            raise ValueError(f"{name}: arrays of different lengths.")
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not -self._len <= index < self._len:
+            raise IndexError(f"{self._name}: index {index} out of range for {self._len} examples.")
+        return {
+            key: value[index] if value.ndim > 1 else int(value[index])
+            for key, value in sorted(self._arrays.items())
+        }
+
+    def __repr__(self) -> str:
+        return f"ArraySource({self._name}, {self._len} examples)"

@@ -59,7 +59,8 @@ Entry points
 * ``synthetic_in_memory(config)``: a ``MetricDataset`` over in-memory arrays.
 * ``synthetic_builder.load_synthetic(data_dir, config)``: the same examples through a TFDS
   ``array_record`` data set, built on first use (``hdml_jax.data.synthetic_builder``).
-* ``save_preview(path, config)``: a PNG grid, one row per family, one column per fine class.
+* ``synthetic_preview.save_preview(path, config)``: a PNG grid, one row per family, one column per
+  fine class.
 """
 
 from __future__ import annotations
@@ -73,26 +74,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from hdml_jax.data.base import MetricDataset, Split
-
-FAMILY_NAMES = (
-    "disc",
-    "ring",
-    "square",
-    "triangle",
-    "cross",
-    "star",
-    "stripes",
-    "checker",
-    "ellipse",
-    "l_shape",
-    "arrow",
-    "hexagon",
-    "crescent",
-    "frame",
-    "clover",
-    "wave",
-)
+from hdml_jax.data.base import ArraySource, MetricDataset, Split
+from hdml_jax.data.synthetic_shapes import FAMILY_NAMES, family_sdf, hsv_to_rgb, over
 
 # Cue bits of fine class k: bit 0 hue, bit 1 texture, bit 2 proportion.
 _CUE_ORDER = (0b000, 0b011, 0b101, 0b110, 0b111, 0b100, 0b010, 0b001)
@@ -239,150 +222,7 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
 
 
 # ----------------------------------------------------------------------------------------------
-# Signed distance functions (negative inside), in the shape's local units (radius about 1).
-
-
-def _circle(u, v, r):
-    return np.hypot(u, v) - r
-
-
-def _box(u, v, hx, hy):
-    qx, qy = np.abs(u) - hx, np.abs(v) - hy
-    return np.hypot(np.maximum(qx, 0), np.maximum(qy, 0)) + np.minimum(np.maximum(qx, qy), 0)
-
-
-def _star(u, v, r, n, m):
-    """Regular ``n``-pointed star of outer radius ``r``; ``m = 2`` gives the regular polygon (iq)."""
-    an, en = math.pi / n, math.pi / m
-    acs, ecs = (math.cos(an), math.sin(an)), (math.cos(en), math.sin(en))
-    bn = np.mod(np.arctan2(u, v), 2 * an) - an
-    rho = np.hypot(u, v)
-    px = rho * np.cos(bn) - r * acs[0]
-    py = rho * np.abs(np.sin(bn)) - r * acs[1]
-    t = np.clip(-(px * ecs[0] + py * ecs[1]), 0.0, r * acs[1] / ecs[1])
-    px, py = px + ecs[0] * t, py + ecs[1] * t
-    return np.hypot(px, py) * np.sign(px)
-
-
-def _convex(u, v, vertices):
-    """Convex polygon (vertices counter-clockwise): the largest signed distance to an edge line."""
-    d = None
-    for (ax, ay), (bx, by) in zip(vertices, vertices[1:] + vertices[:1], strict=True):
-        ex, ey = bx - ax, by - ay
-        edge = ((u - ax) * ey - (v - ay) * ex) / math.hypot(ex, ey)
-        d = edge if d is None else np.maximum(d, edge)
-    return d
-
-
-def _checker_sign(x):
-    """Signed distance to the nearest cell boundary (cells of width 1), positive in even cells."""
-    t = np.mod(x, 2.0) - 1.0
-    return -np.sign(t + 1e-9) * (0.5 - np.abs(np.abs(t) - 0.5))
-
-
-def _mix(a: float, b: float, p: float) -> float:
-    """``a`` at ``p = 0``, ``b`` at ``p = 1`` (both exactly), linear in between."""
-    return a * (1 - p) + b * p
-
-
-def _family_sdf(family: int, u, v, p: float):
-    """The shape of ``family`` with proportion ``p``, as a signed distance in local units.
-
-    ``p`` is the proportion bit (0 or 1) or, for ``"continuous"`` classes, a number in
-    ``[0, 1]``: shapes with a continuous detail (widths, corner radius, aspect, offset)
-    interpolate it, discrete ones (point, bar, cell and lobe counts, two triangle and hexagon
-    variants, the disc's cut) take the variant nearer to ``p``.
-    """
-    name = FAMILY_NAMES[family]
-    bit = int(p >= 0.5)
-    if name == "disc":  # full disc vs. disc with a flat cut
-        d = _circle(u, v, 0.95)
-        return d if bit == 0 else np.maximum(d, u - 0.45)
-    if name == "ring":  # thin vs. thick
-        w = _mix(0.11, 0.24, p)
-        return np.abs(_circle(u, v, 0.95 - w)) - w
-    if name == "square":  # sharp vs. rounded corners
-        r = _mix(0.0, 0.32, p)
-        return _box(u, v, 0.78 - r, 0.78 - r) - r
-    if name == "triangle":  # equilateral vs. tall isosceles
-        if bit == 0:
-            return _convex(u, v + 0.25, [(-0.95, -0.55), (0.95, -0.55), (0.0, 1.1)])
-        return _convex(u, v + 0.2, [(-0.6, -0.75), (0.6, -0.75), (0.0, 1.15)])
-    if name == "cross":  # thin vs. thick arms
-        w = _mix(0.19, 0.34, p)
-        return np.minimum(_box(u, v, 0.95, w), _box(u, v, w, 0.95))
-    if name == "star":  # 5 vs. 6 points
-        n = (5, 6)[bit]
-        return _star(u, v, 1.05, n, 0.42 * n)
-    if name == "stripes":  # 3 vs. 4 bars in a square window
-        k = (3, 4)[bit]
-        period = 1.7 / k
-        bars = np.abs(np.mod(u + 0.85, period) - period / 2) - period / 4
-        return np.maximum(_box(u, v, 0.85, 0.85), bars)
-    if name == "checker":  # 3×3 vs. 4×4 cells
-        k = (3, 4)[bit]
-        cell = 1.7 / k
-        su, sv = _checker_sign((u + 0.85) / cell) * cell, _checker_sign((v + 0.85) / cell) * cell
-        cells = -np.sign(su * sv) * np.minimum(np.abs(su), np.abs(sv))
-        return np.maximum(_box(u, v, 0.85, 0.85), cells)
-    if name == "ellipse":  # aspect 1.7 vs. 2.4
-        a, b = 1.0, _mix(0.6, 0.42, p)
-        return (np.hypot(u / a, v / b) - 1.0) * b
-    if name == "l_shape":  # thin vs. thick legs
-        w = _mix(0.3, 0.5, p)
-        u, v = u - 0.3, v - 0.3
-        vertical = _box(u + 0.8 - w / 2, v, w / 2, 0.8)
-        horizontal = _box(u, v + 0.8 - w / 2, 0.8, w / 2)
-        return np.minimum(vertical, horizontal)
-    if name == "arrow":  # narrow vs. wide head
-        hw = _mix(0.42, 0.68, p)
-        shaft = _box(u + 0.35, v, 0.55, 0.14)
-        head = _convex(u, v, [(0.15, -hw), (0.95, 0.0), (0.15, hw)])
-        return np.minimum(shaft, head)
-    if name == "hexagon":  # regular vs. elongated
-        if bit == 0:
-            return _star(u, v, 0.95, 6, 2.0)
-        return _star(u / 1.25, v / 0.8, 0.9, 6, 2.0) * 0.8
-    if name == "crescent":  # thin vs. thick
-        offset = _mix(0.42, 0.65, p)
-        return np.maximum(_circle(u, v, 0.95), -_circle(u - offset, v, 0.85))
-    if name == "frame":  # thin vs. thick border
-        w = _mix(0.16, 0.32, p)
-        return np.maximum(_box(u, v, 0.8, 0.8), -_box(u, v, 0.8 - w, 0.8 - w))
-    if name == "clover":  # 3 vs. 4 lobes
-        k = (3, 4)[bit]
-        d = _circle(u, v, 0.3)
-        for i in range(k):
-            angle = 2 * math.pi * i / k
-            d = np.minimum(d, _circle(u - 0.5 * math.cos(angle), v - 0.5 * math.sin(angle), 0.45))
-        return d
-    if name == "wave":  # 1 vs. 1.5 periods
-        omega = 2 * math.pi * _mix(1.0, 1.5, p) / 1.8
-        amp = 0.35
-        slope = amp * omega * np.cos(omega * u)
-        band = np.abs(v - amp * np.sin(omega * u)) / np.sqrt(1 + slope * slope) - 0.15
-        return np.maximum(band, np.abs(u) - 0.9)
-    raise ValueError(f"unknown family {family}")
-
-
-# ----------------------------------------------------------------------------------------------
 # Rendering.
-
-
-def _hsv_to_rgb(h, s, v):
-    """Vectorised HSV → RGB; inputs broadcast, output has a trailing axis of 3."""
-    h6 = np.asarray(h, np.float32)[..., None] * 6.0
-    k = np.mod(np.array([5.0, 3.0, 1.0], np.float32) + h6, 6.0)
-    f = np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
-    v = np.asarray(v, np.float32)[..., None]
-    s = np.asarray(s, np.float32)[..., None]
-    return v - v * s * f
-
-
-def _over(image, alpha, colour):
-    """Alpha-composite ``colour`` (broadcast to image) onto ``image`` with coverage ``alpha``."""
-    a = alpha[..., None]
-    return image * (1.0 - a) + colour * a
 
 
 def family_hues(config: SyntheticConfig) -> np.ndarray:
@@ -409,7 +249,7 @@ class ClassIdentity(NamedTuple):
     Attributes:
       hue: the shape's hue, in turns.
       texture: 1 for diagonal hatching, 0 for a solid fill.
-      proportion: the family's structural detail, 0/1 or in ``[0, 1]`` (see ``_family_sdf``).
+      proportion: the family's structural detail, 0/1 or in ``[0, 1]`` (see ``family_sdf``).
       aspect: width / height of the shape before rotation (1 for ``"cues"`` classes).
     """
 
@@ -477,7 +317,7 @@ def render_class(config: SyntheticConfig, family: int, fine: int) -> np.ndarray:
     pixel = f32(size)
 
     # Background: a dull colour with a linear gradient.
-    bg = _hsv_to_rgb(uniform(0, 1), uniform(0.0, 0.35), uniform(0.12, 0.6))  # (n, 3)
+    bg = hsv_to_rgb(uniform(0, 1), uniform(0.0, 0.35), uniform(0.12, 0.6))  # (n, 3)
     angle, amp = uniform(0, 2 * math.pi)[:, None, None], uniform(0.0, 0.3)[:, None, None]
     ramp = amp * ((x - 0.5) * np.cos(angle) + (y - 0.5) * np.sin(angle))  # (n, S, S)
     image = bg[:, None, None, :] * (1.0 + ramp)[..., None]  # (n, S, S, 3)
@@ -489,7 +329,7 @@ def render_class(config: SyntheticConfig, family: int, fine: int) -> np.ndarray:
         cx, cy = uniform(0, 1, (num_blobs,)), uniform(0, 1, (num_blobs,))
         ra, rb = uniform(0.03, 0.13, (num_blobs,)), uniform(0.03, 0.13, (num_blobs,))
         rot = uniform(0, math.pi, (num_blobs,))
-        colours = _hsv_to_rgb(
+        colours = hsv_to_rgb(
             uniform(0, 1, (num_blobs,)), uniform(0.2, 0.9, (num_blobs,)), uniform(0.25, 0.9, (num_blobs,))
         )
         opacity = uniform(0.4, 0.9, (num_blobs,)) * present
@@ -499,7 +339,7 @@ def render_class(config: SyntheticConfig, family: int, fine: int) -> np.ndarray:
         dist = (np.hypot(pu, pv) - 1.0) * col(np.minimum(ra, rb)) * pixel
         alpha = np.clip(0.5 - dist, 0.0, 1.0) * col(opacity)
         for k in range(num_blobs):
-            image = _over(image, alpha[:, k], colours[:, k, None, None, :])
+            image = over(image, alpha[:, k], colours[:, k, None, None, :])
 
     # The shape.
     radius = uniform(*config.scale_range)
@@ -514,12 +354,12 @@ def render_class(config: SyntheticConfig, family: int, fine: int) -> np.ndarray:
     stretch = f32(1.0)
     if identity.aspect != 1.0:  # narrower along u; distances shrink by at most the aspect
         u, stretch = u / f32(identity.aspect), f32(identity.aspect)
-    dist = _family_sdf(family, u, v, identity.proportion) * r * pixel * stretch
+    dist = family_sdf(family, u, v, identity.proportion) * r * pixel * stretch
     alpha = np.clip(0.5 - dist, 0.0, 1.0)
 
     # float64 like the family hue table (a weak Python float would round the sum to float32).
     hue = np.mod(np.float64(identity.hue) + uniform(-config.hue_jitter, config.hue_jitter), 1.0)
-    fill = _hsv_to_rgb(hue, uniform(0.6, 0.95), uniform(0.75, 1.0))[:, None, None, :]
+    fill = hsv_to_rgb(hue, uniform(0.6, 0.95), uniform(0.75, 1.0))[:, None, None, :]
     light, angle = uniform(0.0, 0.35)[:, None, None], uniform(0, 2 * math.pi)[:, None, None]
     gradient = (dx * np.cos(angle) + dy * np.sin(angle)) / r  # along the light, in shape radii
     shading = 0.9 * (1.0 + light * gradient)
@@ -529,7 +369,7 @@ def render_class(config: SyntheticConfig, family: int, fine: int) -> np.ndarray:
         wave = np.cos(2 * math.pi * ((u + v) / (period * math.sqrt(2)) + phase))
         hatch = np.clip(0.5 + wave * (period * r * pixel / (2 * math.pi)), 0.0, 1.0)
         shading = shading * (1.0 - config.texture_contrast * hatch)
-    image = _over(image, alpha, fill * shading[..., None])
+    image = over(image, alpha, fill * shading[..., None])
 
     # Clutter in front: thin lines of random colours.
     num_lines = math.ceil(2 * config.clutter)
@@ -540,7 +380,7 @@ def render_class(config: SyntheticConfig, family: int, fine: int) -> np.ndarray:
         length = uniform(0.2, 0.6, (num_lines,))
         bx_, by_ = ax_ + length * np.cos(direction), ay_ + length * np.sin(direction)
         width = uniform(0.5, 1.2, (num_lines,)) / pixel
-        colours = _hsv_to_rgb(
+        colours = hsv_to_rgb(
             uniform(0, 1, (num_lines,)), uniform(0.0, 0.9, (num_lines,)), uniform(0.2, 1.0, (num_lines,))
         )
         opacity = uniform(0.5, 0.9, (num_lines,)) * present
@@ -550,7 +390,7 @@ def render_class(config: SyntheticConfig, family: int, fine: int) -> np.ndarray:
         dist = (np.hypot(px - t * ex, py - t * ey) - col(width)) * pixel
         alpha = np.clip(0.5 - dist, 0.0, 1.0) * col(opacity)
         for k in range(num_lines):
-            image = _over(image, alpha[:, k], colours[:, k, None, None, :])
+            image = over(image, alpha[:, k], colours[:, k, None, None, :])
 
     if config.noise:
         image = image + rng.standard_normal(image.shape, dtype=f32) * f32(config.noise)
@@ -615,34 +455,6 @@ def _image_shape(config: SyntheticConfig) -> tuple[int, int, int]:
     return (config.image_size, config.image_size, 3)
 
 
-class ArraySource:
-    """A random-access source over in-memory arrays; ``source[i]`` is the example dict of row ``i``."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], name: str = ""):
-        self._arrays = {key: value.view() for key, value in arrays.items()}
-        for value in self._arrays.values():
-            value.flags.writeable = False  # examples are views: keep callers from editing the data set
-        self._name = name
-        self._len = len(arrays["label"])
-        if any(len(a) != self._len for a in arrays.values()):
-            raise ValueError(f"{name}: arrays of different lengths.")
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = int(index)
-        if not -self._len <= index < self._len:
-            raise IndexError(f"{self._name}: index {index} out of range for {self._len} examples.")
-        return {
-            key: value[index] if value.ndim > 1 else int(value[index])
-            for key, value in sorted(self._arrays.items())
-        }
-
-    def __repr__(self) -> str:
-        return f"ArraySource({self._name}, {self._len} examples)"
-
-
 def dataset_name(config: SyntheticConfig) -> str:
     """``"synthetic_sop"`` for ``SOP_SHAPED``, else ``"synthetic"``."""
     return "synthetic_sop" if config == SOP_SHAPED else "synthetic"
@@ -653,7 +465,7 @@ def recall_ks(config: SyntheticConfig) -> tuple[int, ...]:
     return SOP_RECALL_KS if config.images_per_class_mean is not None else RECALL_KS
 
 
-def _metric_dataset(
+def metric_dataset(
     config: SyntheticConfig, make_source: Callable[[str], Any], labels: dict[str, dict[str, np.ndarray]]
 ) -> MetricDataset:
     name = dataset_name(config)
@@ -677,7 +489,7 @@ def synthetic_in_memory(config: SyntheticConfig | None = None) -> MetricDataset:
     """
     data = generate(config)
     name = dataset_name(config or SyntheticConfig())
-    return _metric_dataset(
+    return metric_dataset(
         config or SyntheticConfig(), lambda split: ArraySource(data[split], f"{name}/{split}"), data
     )
 
@@ -685,54 +497,3 @@ def synthetic_in_memory(config: SyntheticConfig | None = None) -> MetricDataset:
 def default_data_dir() -> str:
     """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets``."""
     return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-
-
-# ----------------------------------------------------------------------------------------------
-# Preview.
-
-
-def preview_grid(
-    config: SyntheticConfig | None = None, per_class: int = 1, gap: int = 2, max_classes: int = 16
-) -> np.ndarray:
-    """One row per family, ``per_class`` images of each fine class side by side; uint8 RGB.
-
-    Only the first ``max_classes`` classes of every family are shown. Test classes are marked
-    by a white bar under their images.
-    """
-    config = config or SyntheticConfig()
-    size, per_class = config.image_size, min(per_class, int(_class_sizes(config).min()))
-    shown = min(config.classes_per_family, max_classes)
-    cell = size + gap
-    rows, cols = config.num_families, shown * per_class
-    grid = np.full((rows * (cell + gap) + gap, cols * cell + gap * shown, 3), 40, np.uint8)
-    is_train = train_classes(config)
-    for family in range(rows):
-        for fine in range(shown):
-            images = render_class(config, family, fine)[:per_class]
-            top = gap + family * (cell + gap)
-            for j, img in enumerate(images):
-                left = gap + fine * (per_class * cell + gap) + j * cell
-                grid[top : top + size, left : left + size] = img
-            if not is_train[family, fine]:
-                left = gap + fine * (per_class * cell + gap)
-                grid[top + size + 1 : top + size + gap + 1, left : left + per_class * cell - gap] = 255
-    return grid
-
-
-def save_preview(
-    path: str | os.PathLike, config: SyntheticConfig | None = None, per_class: int = 1, zoom: int = 2
-) -> None:
-    """Write ``preview_grid(config, per_class)`` as a PNG, enlarged ``zoom`` times (nearest neighbour).
-
-    Args:
-      path: the PNG file to write.
-      config: the generator parameters (default ``SyntheticConfig()``).
-      per_class: images shown per fine class.
-      zoom: integer enlargement.
-    """
-    from PIL import Image
-
-    grid = preview_grid(config, per_class)
-    if zoom > 1:
-        grid = grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
-    Image.fromarray(grid).save(os.fspath(path))

@@ -206,4 +206,4 @@ def load_synthetic(data_dir: str | None = None, config: synthetic.SyntheticConfi
             tqdm_utils.display_progress_bar(shown)
     sources = builder.as_data_source()
     labels = stored_labels(builder, sources)
-    return synthetic._metric_dataset(config, lambda split: sources[split], labels)
+    return synthetic.metric_dataset(config, lambda split: sources[split], labels)
