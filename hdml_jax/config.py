@@ -1,4 +1,4 @@
-"""Configuration: the methods, their published recipes, and up-front validation.
+"""Configuration: the methods and their published recipes (validation: ``config_checks``).
 
 A config file in ``configs/`` calls ``base_config(dataset, method)`` and overrides what its data
 set needs. The method is picked on the command line big_vision style::
@@ -34,32 +34,28 @@ baselines      pytorch-metric-learning's pair and classification losses (contras
 
 from __future__ import annotations
 
-import inspect
+__all__ = [
+    "apply_method",
+    "apply_proxy_anchor_command",
+    "apply_proxynca_pp_config",
+    "apply_small_cpu_recipe",
+    "base_config",
+    "default_loader_threads",
+    "parse_arg",
+    "unused_overrides",
+    "use_backbone",
+    "validate",
+]
+
 import os
 
 import ml_collections
 
 from hdml_jax import methods
+from hdml_jax.config_checks import method_family, one_of, unused_overrides, validate
 from hdml_jax.errors import ConfigError
 from hdml_jax.methods import baselines
-from hdml_jax.methods.registry import GROUP_FIELDS
-from hdml_jax.models.heads import (
-    ARCHITECTURES,
-    COMBINES,
-    EMBEDDING_INITS,
-    PROXY_INITS,
-    parse_descriptors,
-)
-from hdml_jax.models.pooling import POOLINGS
-from hdml_jax.models.preprocessing import BACKBONES, check_named_weights
-
-DATASET_NAMES = ("synthetic", "synthetic_sop", "cub200", "cars196", "sop", "inshop", "custom")
-TRANSFORMS = ("proxy_anchor", "proxynca_pp", "cgd", "mlrc", "synthetic")
-OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
-DTYPES = ("float32", "bfloat16")
-# Higher is better for each; the kept "best" checkpoint and final_metrics.json's "best" use one.
-BEST_METRICS = ("recall@1", "map@r", "r_precision")
-COARSE_PROXIES = ("learned", "centroids")  # HPL: how the coarse proxies are obtained
+from hdml_jax.models.preprocessing import BACKBONES
 
 
 def parse_arg(arg: str | None, keys: tuple[str, ...] = ("method",)) -> dict[str, str]:
@@ -294,7 +290,7 @@ def apply_proxy_anchor_command(
     no README command passes ``--IPC``, so batches are shuffled (l.141-150). Other methods keep
     their own recipe.
     """
-    if _family(c) != "proxy_anchor":
+    if method_family(c) != "proxy_anchor":
         return
     c.batch_size = batch_size
     c.optimizer.lr = lr
@@ -335,7 +331,7 @@ def apply_proxynca_pp_config(
     epochs: int,
 ) -> None:
     """A ProxyNCA++ ``config/<dataset>.json``'s numbers (``epochs`` includes the 5 warm-up epochs)."""
-    if _family(c) != "proxynca_pp":
+    if method_family(c) != "proxynca_pp":
         return
     c.optimizer.lr = lr
     c.optimizer.proxy_lr_multiplier = proxy_lr / lr
@@ -344,188 +340,3 @@ def apply_proxynca_pp_config(
     c.num_epochs = epochs
 
 
-def _family(c: ml_collections.ConfigDict) -> str | None:
-    """Whose official commands set ``c``'s method's per-data-set numbers (None: unknown method)."""
-    record = methods.find(c.method)
-    return None if record is None else record.family
-
-
-_PK_FIELDS = ("classes_per_batch", "samples_per_class")
-_RESNET_FIELDS = ("model.depth", "model.width", "model.last_stride")
-
-
-def unused_overrides(c: ml_collections.ConfigDict, overridden: list[str] | tuple[str, ...]) -> list[str]:
-    """Messages for the overridden fields (dotted names) that ``c``'s method or sampler never reads."""
-    messages = []
-    specific = methods.method_specific_fields()
-    record = methods.get(c.method)
-    for name in overridden:
-        group = name.rsplit(".", 1)[0]
-        field = group if group in GROUP_FIELDS else name
-        if field in specific and field not in record.config_fields():
-            users = methods.users_of(field)
-            messages.append(f"{name} has no effect with method {c.method} (used by: {', '.join(users)})")
-        if name in _PK_FIELDS and c.sampler != "pk":
-            messages.append(f"{name} has no effect with sampler={c.sampler!r} (used by sampler='pk')")
-        if name in _RESNET_FIELDS and c.model.backbone != "resnet":
-            messages.append(f"{name} has no effect with model.backbone={c.model.backbone!r} (ResNet only)")
-        if name == "model.gem_p" and record.head != "cgd" and c.model.pooling != "gem":
-            messages.append(
-                f"model.gem_p has no effect with model.pooling={c.model.pooling!r} (used by cgd and 'gem')"
-            )
-    return messages
-
-
-def _validate_backbone_weights(m: ml_collections.ConfigDict) -> None:
-    """The named ImageNet weights exist for one backbone each (a directory is checked when loaded)."""
-    check_named_weights(str(m.pretrained or "").strip().lower(), m.backbone)
-
-
-def _validate_custom_dataset(d: ml_collections.ConfigDict) -> None:
-    """``configs/custom.py``'s fields: a path to read, sensible Recall@K."""
-    if not d.get("path"):
-        raise ConfigError(
-            "dataset.path is empty: set --config.dataset.path=/path/to/items.csv (an Open Metric "
-            "Learning CSV: label, path, split) or an image folder (<split>/<class>/<image>)."
-        )
-    ks = tuple(d.get("recall_ks", (1,)))
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-        raise ConfigError(f"dataset.recall_ks must be positive integers, got {ks}.")
-
-
-def _check_keywords(given, function, what: str, fixed: tuple[str, ...]) -> None:
-    """``given``'s names must be keyword parameters of ``function`` (other than ``fixed``)."""
-    positional = ("embeddings", "labels", "weights")  # the arrays the trainer passes
-    accepted = [name for name in inspect.signature(function).parameters if name not in (*positional, *fixed)]
-    unknown = sorted(set(given) - set(accepted))
-    if unknown:
-        raise ConfigError(
-            f"{what} has no keyword {', '.join(map(repr, unknown))}; it takes: {', '.join(accepted)}."
-        )
-
-
-def _validate_loss_keywords(c: ml_collections.ConfigDict, record: methods.Method) -> None:
-    """``loss.kwargs`` (methods that read it), the miner's keywords and the cross-batch memory size
-    (pair losses), the absolute rates of the loss's own parameters."""
-    from hdml_jax import losses  # here, not at the top: the configs stay importable without JAX
-
-    fixed = ("mask", "proxy_mask", "pos_mask", "neg_mask", "triplet_mask", "num_classes")
-    if "loss.kwargs" in record.config_fields():
-        loss_name = record.loss_name()
-        _check_keywords(c.loss.kwargs.to_dict(), record.loss_function(), f"loss.kwargs ({loss_name})", fixed)
-    if record.form == "pair":
-        one_of(c.loss.miner, baselines.MINERS, "loss.miner")
-        if c.loss.miner != "none":
-            miner = baselines.MINER_FUNCTIONS[c.loss.miner]
-            _check_keywords(
-                c.loss.miner_kwargs.to_dict(), getattr(losses, miner), f"loss.miner_kwargs ({miner})", fixed
-            )
-        elif c.loss.miner_kwargs.to_dict():
-            raise ConfigError("loss.miner_kwargs is set but loss.miner is 'none'; pick a miner or drop them.")
-        xbm = int(c.loss.xbm_size)
-        if xbm < 0 or (xbm and xbm < c.batch_size):
-            raise ConfigError(
-                f"loss.xbm_size must be 0 (no cross-batch memory) or at least batch_size {c.batch_size}, got {xbm}."
-            )
-        if xbm and (record.loss_name() == "lifted_structure_loss" or c.loss.kwargs.get("swap", False)):
-            what = (
-                c.method if record.loss_name() == "lifted_structure_loss" else "triplet_margin with swap=True"
-            )
-            raise ConfigError(
-                f"loss.xbm_size: {what} has no cross-batch form (its terms pair two batch rows "
-                "with each other); pick another pair loss or set loss.xbm_size=0."
-            )
-    for name in ("proxy_lr", "loss_params_lr"):
-        value = c.optimizer.get(name)
-        if value is not None and not value > 0:
-            raise ConfigError(f"optimizer.{name} must be positive (or None), got {value}.")
-
-
-def one_of(value, valid, what):
-    if value not in valid:
-        raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}.")
-
-
-def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> None:
-    """Check a config before anything is built; one-line ``ConfigError`` listing the valid values.
-
-    ``overridden``: the dotted names set on the command line; one the method ignores is an error.
-    """
-
-    one_of(c.method, methods.names(), "method")
-    record = methods.get(c.method)
-    unused = unused_overrides(c, overridden)
-    if unused:
-        raise ConfigError("; ".join(unused) + ". Remove the override or pick a method that uses it.")
-    one_of(c.dataset.name, DATASET_NAMES, "dataset")
-    if c.dataset.name == "custom":
-        _validate_custom_dataset(c.dataset)
-    one_of(c.dataset.transform, TRANSFORMS, "transform")
-    one_of(c.optimizer.name, OPTIMIZERS, "optimizer")
-    one_of(c.model.dtype, DTYPES, "model.dtype")
-    one_of(c.model.backbone, BACKBONES, "model.backbone")
-    _validate_backbone_weights(c.model)
-    one_of(c.model.depth, (18, 34, 50, 101), "model.depth")
-    one_of(c.model.last_stride, (1, 2), "model.last_stride")
-    one_of(c.sampler, ("pk", "shuffle"), "sampler")
-    one_of(c.model.pooling, tuple(POOLINGS), "model.pooling")
-    one_of(c.model.embedding_init, tuple(EMBEDDING_INITS), "model.embedding_init")
-    one_of(c.model.proxy_init, tuple(PROXY_INITS), "model.proxy_init")
-    if record.head == "cgd":
-        one_of(c.model.combine, COMBINES, "model.combine")
-        one_of(c.model.architecture, ARCHITECTURES, "model.architecture")
-        parse_descriptors(c.model.descriptors, c.model.embedding_dim, c.model.combine)
-    if record.hierarchical:
-        one_of(c.loss.coarse_proxies, COARSE_PROXIES, "loss.coarse_proxies")
-        levels = len(tuple(c.loss.num_coarse_groups)) + 1
-        if len(tuple(c.loss.level_weights)) != levels:
-            raise ConfigError(
-                f"loss.level_weights has {len(tuple(c.loss.level_weights))} entries for {levels} proxy levels "
-                f"(1 fine + {levels - 1} coarse from loss.num_coarse_groups); give one weight per level."
-            )
-    _validate_loss_keywords(c, record)
-    if c.sampler == "pk" and c.batch_size != c.classes_per_batch * c.samples_per_class:
-        raise ConfigError(
-            f"batch_size {c.batch_size} must equal classes_per_batch × samples_per_class = "
-            f"{c.classes_per_batch} × {c.samples_per_class} with sampler='pk'."
-        )
-    for name in (
-        "batch_size",
-        "eval_batch_size",
-        "log_every_steps",
-        "checkpoint_every_steps",
-        "keep_checkpoints",
-    ):
-        if int(c[name]) < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {c[name]}.")
-    for name in ("num_workers", "num_threads"):
-        if int(c.dataset[name]) < 0:
-            raise ConfigError(f"dataset.{name} must be 0 or more, got {c.dataset[name]}.")
-    if c.num_steps <= 0 and c.num_epochs <= 0:
-        raise ConfigError("set num_epochs or num_steps to a positive number.")
-    if c.optimizer.lr <= 0:
-        raise ConfigError(f"optimizer.lr must be positive, got {c.optimizer.lr}.")
-    one_of(c.best_metric, BEST_METRICS, "best_metric")
-    if c.mlrc.enabled:
-        if "mlrc" not in record.protocols:
-            taking_part = [m.name for m in methods.registered() if "mlrc" in m.protocols]
-            raise ConfigError(
-                f"method {c.method!r} is not part of the MLRC comparison (its recipe replaces the "
-                f"network and head); MLRC configs take the other methods: {', '.join(taking_part)}."
-            )
-        if c.mlrc.num_folds < 2 or not -1 <= c.mlrc.fold < c.mlrc.num_folds:
-            raise ConfigError(
-                f"mlrc.num_folds must be >= 2 and mlrc.fold in [-1, {c.mlrc.num_folds}) (-1: all folds), "
-                f"got num_folds {c.mlrc.num_folds}, fold {c.mlrc.fold}."
-            )
-    if c.steps_per_epoch < 0 or c.early_stopping_patience_epochs < 0:
-        raise ConfigError(
-            f"steps_per_epoch ({c.steps_per_epoch}) and early_stopping_patience_epochs "
-            f"({c.early_stopping_patience_epochs}) must be >= 0 (0: off)."
-        )
-    if c.early_stopping_patience_epochs and not c.eval_every_epochs:
-        raise ConfigError(
-            "early_stopping_patience_epochs needs evaluations during training: set eval_every_epochs > 0."
-        )
-    if c.eval_every_epochs < 0:
-        raise ConfigError(f"eval_every_epochs must be >= 0 (0: only at the end), got {c.eval_every_epochs}.")

@@ -21,7 +21,7 @@ from PIL import Image
 
 from hdml_jax.data import custom
 from hdml_jax.data.base import MetricDataset
-from hdml_jax.inference import embed, export, search
+from hdml_jax.inference import embed, export, search, trained_run
 from hdml_jax.inference import embedder as inference
 from tests.custom_data import tiny_csv_dataset
 from tests.numerics import assert_best_within, assert_close, rounding_atol
@@ -346,23 +346,23 @@ def test_help_and_usage_errors(capsys):
 
 
 def test_select_step_prefers_the_best_then_the_newest():
-    assert inference.select_step([4, 8, 12], best=8) == (8, None)
-    step, note = inference.select_step([8, 12], best=4)
+    assert trained_run.select_step([4, 8, 12], best=8) == (8, None)
+    step, note = trained_run.select_step([8, 12], best=4)
     assert step == 12 and "best checkpoint (step 4) is no longer on disk; using the newest, step 12" in note
-    step, note = inference.select_step([8, 12], best=None)
+    step, note = trained_run.select_step([8, 12], best=None)
     assert step == 12 and "no evaluation" in note
-    assert inference.select_step([4, 8], best=8, requested=4) == (4, None)
-    with pytest.raises(inference.StepNotFoundError, match="steps 4, 8"):
-        inference.select_step([4, 8], best=8, requested=6)
+    assert trained_run.select_step([4, 8], best=8, requested=4) == (4, None)
+    with pytest.raises(trained_run.StepNotFoundError, match="steps 4, 8"):
+        trained_run.select_step([4, 8], best=8, requested=6)
 
 
 def test_best_step_reads_the_checkpoints_evaluations_and_final_metrics(tmp_path):
     evaluations = [{"step": 4, "recall@1": 0.5}, {"step": 8, "recall@1": 0.7}, {"step": 12, "recall@1": 0.7}]
-    assert inference.best_step(tmp_path, evaluations, "recall@1") == 8  # a tie goes to the earlier step
+    assert trained_run.best_step(tmp_path, evaluations, "recall@1") == 8  # a tie goes to the earlier step
     final = {"step": 16, "recall@1": 0.9, "best": {"step": 16, "recall@1": 0.9}, "best_by": "recall@1"}
     (tmp_path / "final_metrics.json").write_text(json.dumps(final))
-    assert inference.best_step(tmp_path, evaluations, "recall@1") == 16  # the final evaluation is only there
-    assert inference.best_step(tmp_path / "missing", [], "recall@1") is None
+    assert trained_run.best_step(tmp_path, evaluations, "recall@1") == 16  # the final evaluation is only there
+    assert trained_run.best_step(tmp_path / "missing", [], "recall@1") is None
 
 
 def test_picture_frames_are_neutral_where_the_query_label_is_unknown(tmp_path, monkeypatch):

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from hdml_jax.errors import UserError
-from hdml_jax.inference.embedder import IMAGE_EXTENSIONS, CliParser, UsageError, run_command
+from hdml_jax.inference.cli import IMAGE_EXTENSIONS, CliParser, run_command
+from hdml_jax.inference.errors import UsageError
 
 
 class ImageListError(UserError, ValueError):

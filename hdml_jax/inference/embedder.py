@@ -28,7 +28,6 @@ its checksum (``checkpoints.fingerprint``) can be verified; only ``params['backb
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -36,7 +35,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,98 +47,20 @@ from jax.sharding import PartitionSpec as P
 
 from hdml_jax import methods, storage
 from hdml_jax.data import transforms
-from hdml_jax.errors import UserError, exit_with_message
+from hdml_jax.inference.cli import load_image
+from hdml_jax.inference.errors import (
+    CheckpointMismatchError,
+    NoCheckpointError,
+    UsageError,
+)
+from hdml_jax.inference.trained_run import (
+    available_steps,
+    best_step,
+    read_config,
+    resolve_workdir,
+    select_step,
+)
 from hdml_jax.training import checkpoints, steps
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-class WorkdirNotFoundError(UserError, FileNotFoundError):
-    """``--workdir`` does not exist."""
-
-
-class ConfigNotFoundError(UserError, FileNotFoundError):
-    """The workdir has no (readable) ``config.json``."""
-
-
-class NoCheckpointError(UserError, FileNotFoundError):
-    """The workdir has no checkpoint."""
-
-
-class StepNotFoundError(UserError, ValueError):
-    """``--step N`` names no checkpoint on disk."""
-
-
-class CheckpointMismatchError(UserError, ValueError):
-    """The checkpoint cannot be restored, fails its checksum, or does not fit ``config.json``."""
-
-
-class UnreadableImageError(UserError, OSError):
-    """An image file is missing, truncated or in a format PIL cannot decode."""
-
-
-class UsageError(UserError, ValueError):
-    """A bad command line (argparse's complaint, in one ``error:`` line)."""
-
-
-def run_command(
-    build_parser: Callable[[], argparse.ArgumentParser],
-    run: Callable[[argparse.Namespace], int],
-    argv: Sequence[str] | None,
-    interrupted: str,
-) -> int:
-    """The ``main`` of ``embed``, ``search`` and ``export``: parse ``argv``, ``run``; a user mistake
-    ends in one ``error:`` line (exit 2, via ``SystemExit``), Ctrl-C in ``interrupted`` (exit 130)."""
-    try:
-        return run(build_parser().parse_args(argv))
-    except UserError as error:
-        exit_with_message(error)
-    except KeyboardInterrupt:
-        print(f"\n{interrupted}", file=sys.stderr)
-        return 130
-    return 1  # pragma: no cover (exit_with_message exits)
-
-
-class CliParser(argparse.ArgumentParser):
-    """argparse whose errors end in one ``error: ... (see --help)`` line and exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        exit_with_message(UsageError(f"{message} (see python -m {self.prog} --help)"))
-        raise AssertionError("unreachable")  # exit_with_message exits
-
-
-# ----------------------------------------------------------------------------- images
-
-
-def _load_rgb(path: str | Path) -> np.ndarray:
-    """The custom data sets' decoding (``data.custom.decode_rgb``: 16-bit, palette, RGBA → RGB)."""
-    from hdml_jax.data.custom import decode_rgb
-
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UnreadableImageError(f"{path}: no such image file.") from None
-    except OSError as error:
-        raise UnreadableImageError(f"{path}: cannot read it ({error.strerror or error}).") from None
-    try:
-        return decode_rgb(data)
-    except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UnreadableImageError(
-            f"{path}: not a readable image ({reason}). Remove it or replace it with a valid image file."
-        ) from None
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """An image file as ``uint8 (H, W, 3)`` RGB (grayscale, palette and RGBA converted; alpha dropped).
-
-    Raises:
-      UnreadableImageError: the file is missing or cannot be decoded (the message names it).
-    """
-    return _load_rgb(path)
 
 
 def describe_transform(transform: transforms.ImageTransform) -> dict[str, Any]:
@@ -167,92 +88,6 @@ def describe_transform(transform: transforms.ImageTransform) -> dict[str, Any]:
     )
     recipe["input"] = "RGB uint8 (grayscale/palette/RGBA converted with PIL .convert('RGB'))"
     return recipe
-
-
-# ----------------------------------------------------------------------------- workdir
-
-
-def resolve_workdir(workdir: str | Path) -> storage.AnyPath:
-    """``workdir`` as an absolute path (or a bucket URL, ``hdml_jax.storage``);
-    ``WorkdirNotFoundError`` if it is not a folder."""
-    path = storage.resolve(os.path.expanduser(os.fspath(workdir)))
-    if not path.is_dir():
-        raise WorkdirNotFoundError(
-            f"workdir {workdir} does not exist. Pass --workdir the folder a training run wrote "
-            "(python -m hdml_jax.main --workdir DIR; default runs/<dataset>_<method>)."
-        )
-    return path.resolve()
-
-
-def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    """The run's resolved config from ``<workdir>/config.json``."""
-    workdir = resolve_workdir(workdir)
-    path = workdir / "config.json"
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigNotFoundError(
-            f"{workdir} has no config.json, so it is not a training run's workdir (or the run stopped "
-            "before its first checkpoint). Point --workdir at a trained run, or train one first: "
-            f"python -m hdml_jax.main --workdir {workdir}."
-        ) from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigNotFoundError(
-            f"{path} cannot be read ({error}). Training writes it when a run starts: rerun the run's "
-            "python -m hdml_jax.main command with the same --workdir to write it again."
-        ) from None
-    return ml_collections.ConfigDict(values)
-
-
-def available_steps(workdir: str | Path) -> list[int]:
-    """The checkpoint steps on disk, oldest first."""
-    return checkpoints.steps_in(storage.as_path(workdir) / "checkpoints")
-
-
-def best_step(workdir: Path, evaluations: Sequence[dict[str, Any]], metric: str) -> int | None:
-    """The step of the run's best evaluation by ``metric`` (None: no evaluation yet).
-
-    The candidates are ``evaluations`` (those stored in the newest checkpoint: every evaluation
-    up to it) and ``final_metrics.json``'s last and best evaluations (the final evaluation comes
-    after the last save, so only that file has it). Ties go to the earlier step, as in training.
-    """
-    records = {int(e["step"]): e for e in evaluations if isinstance(e, dict) and "step" in e}
-    try:
-        summary = json.loads((workdir / "final_metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        summary = None
-    if isinstance(summary, dict):
-        last = {k: v for k, v in summary.items() if not isinstance(v, dict)}
-        for record in (summary.get("best"), last):
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                records.setdefault(int(record["step"]), record)
-    best = checkpoints.best_evaluation([records[step] for step in sorted(records)], metric)
-    return None if best is None else int(best["step"])
-
-
-def select_step(
-    available: Sequence[int], best: int | None, requested: int | None = None
-) -> tuple[int, str | None]:
-    """``(step, note)``: ``requested`` if given (``StepNotFoundError`` if absent), else ``best``
-    if on disk, else the newest of ``available`` with a note saying why."""
-    available = sorted(available)
-    listing = ", ".join(map(str, available))
-    if requested is not None:
-        if requested not in available:
-            raise StepNotFoundError(
-                f"no checkpoint of step {requested}; the checkpoints on disk are steps {listing}. "
-                "Pass one of them to --step, or leave --step out for the best."
-            )
-        return requested, None
-    newest = available[-1]
-    if best is None:
-        return newest, f"note: no evaluation recorded yet; using the newest checkpoint, step {newest}."
-    if best not in available:
-        return newest, (
-            f"note: the best checkpoint (step {best}) is no longer on disk; using the newest, step "
-            f"{newest} (on disk: {listing})."
-        )
-    return best, None
 
 
 def checkpoint_id(fingerprint: Sequence[Sequence[int]]) -> str:
@@ -600,7 +435,6 @@ def embed_files(
 
     Files are decoded on a few threads while the devices embed the previous batch.
     """
-    import os
     from concurrent.futures import Future, ThreadPoolExecutor
 
     if batch_size < 1:

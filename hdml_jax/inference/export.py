@@ -35,7 +35,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hdml_jax.inference.embedder import CliParser, Embedder, UsageError, describe_transform, run_command
+from hdml_jax.inference.cli import CliParser, run_command
+from hdml_jax.inference.embedder import Embedder, describe_transform
+from hdml_jax.inference.errors import UsageError
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 MODEL_FILE = "model.jax_export"

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from hdml_jax.errors import UserError
-from hdml_jax.inference.embedder import CliParser, UnreadableImageError, UsageError, run_command
+from hdml_jax.inference.cli import CliParser, load_image, run_command
+from hdml_jax.inference.errors import StepNotFoundError, UnreadableImageError, UsageError
 
 REQUIRED_KEYS = ("embeddings", "paths", "step", "workdir")
 
@@ -121,11 +122,9 @@ class _Unknown:
 
 def _picture_image(embedder, path: str, cache: dict[str, np.ndarray]) -> np.ndarray:
     """The image as the network sees it (eval transform), grey where the file cannot be read."""
-    from hdml_jax.inference import embedder as inference
-
     if path not in cache:
         try:
-            cache[path] = embedder.preprocess(inference.load_image(path))
+            cache[path] = embedder.preprocess(load_image(path))
         except UnreadableImageError as error:
             print(f"note: {error} (drawn grey)", file=sys.stderr)
             cache[path] = np.full((embedder.image_size, embedder.image_size, 3), 128, np.uint8)
@@ -190,25 +189,26 @@ def build_parser() -> CliParser:
 
 def run(args) -> int:
     from hdml_jax.inference import embedder as inference
+    from hdml_jax.inference import trained_run
 
     if args.k < 1:
         raise UsageError(f"-k must be >= 1, got {args.k}.")
     picture = Path(args.picture).expanduser() if args.picture else None
     if picture is not None and picture.is_dir():
         raise UsageError(f"--picture {args.picture} is a folder; name a .png file.")
-    workdir = inference.resolve_workdir(args.workdir)
-    config = inference.read_config(workdir)
+    workdir = trained_run.resolve_workdir(args.workdir)
+    config = trained_run.read_config(workdir)
     gallery = load_gallery(args.gallery)
     source = f"--gallery {args.gallery}"
     check_gallery_fits(gallery, workdir, args.step, int(config.model.embedding_dim), source)
     query_paths = [str(Path(q).expanduser().resolve()) for q in args.query]
-    raw = [inference.load_image(path) for path in query_paths]  # unreadable: an error before any work
+    raw = [load_image(path) for path in query_paths]  # unreadable: an error before any work
     try:
         embedder = inference.load_embedder(workdir, gallery["step"])
-    except inference.StepNotFoundError:
+    except StepNotFoundError:
         raise GalleryError(
             f"{source} was embedded with the checkpoint of step {gallery['step']}, which is no longer "
-            f"on disk (on disk: steps {', '.join(map(str, inference.available_steps(workdir)))}). "
+            f"on disk (on disk: steps {', '.join(map(str, trained_run.available_steps(workdir)))}). "
             "Re-embed the gallery with python -m hdml_jax.embed."
         ) from None
     check_gallery_fits(gallery, workdir, args.step, embedder.embedding_dim, source)

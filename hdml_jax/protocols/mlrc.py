@@ -164,7 +164,7 @@ def run(
     ``python -m hdml_jax.mlrc_report`` tests when they are).
     """
     from hdml_jax import storage
-    from hdml_jax.config import validate
+    from hdml_jax.config_checks import validate
     from hdml_jax.data import folds
     from hdml_jax.training import train
 
@@ -252,6 +252,7 @@ def report(workdir, dataset=None) -> dict[str, Any]:
     from hdml_jax.data import folds
     from hdml_jax.evaluation import evaluate
     from hdml_jax.inference import embedder as inference
+    from hdml_jax.inference.trained_run import read_config
     from hdml_jax.training import run as training_run
     from hdml_jax.training import setup, train
     from hdml_jax.workdir import atomic_write_text
@@ -263,7 +264,7 @@ def report(workdir, dataset=None) -> dict[str, Any]:
             "python -m hdml_jax.main --config configs/mlrc/<dataset>.py --workdir "
             f"{storage.display(workdir)}"
         )
-    config = inference.read_config(fold_workdir(workdir, 0))
+    config = read_config(fold_workdir(workdir, 0))
     num_folds = int(config.mlrc.num_folds)
     missing = incomplete_folds(workdir, num_folds)
     if missing:

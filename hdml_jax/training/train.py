@@ -44,7 +44,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from hdml_jax import interrupts, storage
-from hdml_jax.config import validate
+from hdml_jax.config_checks import validate
 from hdml_jax.data import fits
 from hdml_jax.data.base import MetricDataset
 from hdml_jax.errors import UserError
