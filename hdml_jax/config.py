@@ -110,6 +110,22 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.dataset.crop_to_bbox = False
     c.dataset.image_size = 224
     c.dataset.transform = "proxy_anchor"
+    # What the training transform does besides its crop (hdml_jax.data.transforms.Augmentation):
+    # every preset flips horizontally and does nothing else; None crop fields are the preset's
+    # own (RandomResizedCrop scale 0.08-1 and ratio 3/4-4/3; MLRC's 0.16-1, 0.75-1.33; the
+    # synthetic pad-and-crop's size/8 px).
+    c.dataset.augment = ml_collections.ConfigDict()
+    c.dataset.augment.horizontal_flip = True  # off for text, digits, logos, arrows
+    c.dataset.augment.vertical_flip = False
+    c.dataset.augment.crop_scale = ml_collections.config_dict.placeholder(tuple)
+    c.dataset.augment.crop_ratio = ml_collections.config_dict.placeholder(tuple)
+    c.dataset.augment.crop_padding = ml_collections.config_dict.placeholder(int)
+    c.dataset.augment.brightness = 0.0  # ColorJitter's four, 0 = off
+    c.dataset.augment.contrast = 0.0
+    c.dataset.augment.saturation = 0.0
+    c.dataset.augment.hue = 0.0
+    c.dataset.augment.grayscale = 0.0  # probability
+    c.dataset.augment.rotation = 0.0  # degrees, ±
     # Batches are prepared by num_workers processes, or (num_workers = 0) by num_threads threads
     # of this process; JPEG decode and resize release the GIL, so threads scale with the cores
     # without the processes' start-up and copies (benchmarks/input.py). Same batches either way.

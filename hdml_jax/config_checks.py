@@ -145,6 +145,16 @@ def _validate_loss_keywords(c: ml_collections.ConfigDict, record: methods.Method
             raise ConfigError(f"optimizer.{name} must be positive (or None), got {value}.")
 
 
+def _validate_augment(d: ml_collections.ConfigDict) -> None:
+    """``dataset.augment``: each field in range, and no crop field the transform does not have."""
+    from hdml_jax.data import transforms
+
+    try:
+        transforms.preset(d.transform, d.image_size, augment=d.augment)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from None
+
+
 def one_of(value, valid, what):
     if value not in valid:
         raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}.")
@@ -165,6 +175,7 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
     if c.dataset.name == "custom":
         _validate_custom_dataset(c.dataset)
     one_of(c.dataset.transform, TRANSFORMS, "transform")
+    _validate_augment(c.dataset)
     one_of(c.optimizer.name, OPTIMIZERS, "optimizer")
     one_of(c.model.dtype, DTYPES, "model.dtype")
     one_of(c.model.backbone, BACKBONES, "model.backbone")

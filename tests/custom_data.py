@@ -41,10 +41,13 @@ def tiny_csv_dataset(
     per_class: int = 8,
     size: int = 32,
     query_gallery: bool = False,
+    mixed_flags: bool = False,
 ) -> tuple[Path, list[dict[str, object]]]:
     """``tests.tiny_data``'s images as files (PNG, modes cycling through ``MODES``, a space in every
     folder name) and the CSV that lists them: ``(csv_path, rows)``. Classes ``2g, 2g+1`` share
     category ``g``. ``query_gallery``: the first half of each validation class's images are queries.
+    ``mixed_flags``: Open Metric Learning's mix, validation images in turn both, query-only and
+    gallery-only, except the last validation class, all queries (they have nothing to find).
     """
     rows: list[dict[str, object]] = []
     for split, seed, num_classes in (("train", 0, num_train_classes), ("validation", 1, num_test_classes)):
@@ -64,5 +67,9 @@ def tiny_csv_dataset(
                 query = split == "validation" and i % per_class < per_class // 2
                 row["is_query"] = query if split == "validation" else ""
                 row["is_gallery"] = (not query) if split == "validation" else ""
+            if mixed_flags:
+                role = "query" if label == num_classes - 1 else ("both", "query", "gallery")[i % 3]
+                row["is_query"] = role != "gallery" if split == "validation" else ""
+                row["is_gallery"] = role != "query" if split == "validation" else ""
             rows.append(row)
     return write_csv(folder / "items.csv", rows), rows

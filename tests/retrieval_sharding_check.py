@@ -1,7 +1,7 @@
 """Run under XLA_FLAGS=--xla_force_host_platform_device_count=8 (by tests/test_metrics.py).
 
 ``retrieval_metrics`` with the references split over 8 devices (``mesh=``) must give exactly the
-single-device metrics: self-retrieval and query/gallery, classes of 1 to 100 members, exact ties
+single-device metrics: self-retrieval, query/gallery and mixed query/gallery flags, classes of 1 to 100 members, exact ties
 (±1 vectors: every product is a multiple of 1/16, so many references tie with the best correct
 one and with each other), reference counts that 8 × 64 does not divide, top-R lists longer than a
 device's share of the references, and both top-k paths. Prints one JSON line: per case, the two
@@ -64,6 +64,16 @@ def cases():
     yield "query/gallery, N=1100", (*query, *gallery), {"ks": ks}
     x, y = signs(rng, varied_sizes(rng, 900, 1, 20))
     yield "query/gallery, ±1 ties, N=650", (x[:250], y[:250], x[250:], y[250:]), {"ks": ks, "chunk_size": 64}
+    # Open Metric Learning's flags: rows both, query-only and gallery-only, mixed.
+    x, y = signs(rng, varied_sizes(rng, 800, 1, 20))
+    role = rng.choice(3, size=y.size, p=[0.5, 0.25, 0.25])
+    flags = {"is_query": role != 2, "is_gallery": role != 1}
+    yield "mixed flags, ±1 ties, N=800", (x, y), {"ks": ks, **flags}
+    yield (
+        "mixed flags, ±1 ties, misses, chunk 50",
+        (x, y),
+        {"ks": ks, **flags, "chunk_size": 50, "unmatched_queries": "miss"},
+    )
 
 
 def main() -> None:

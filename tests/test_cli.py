@@ -103,8 +103,13 @@ def test_evaluation_that_can_score_nothing_is_refused_before_training():
     singletons = MetricDataset("tiny", train_split, split([5, 6, 7]))
     with pytest.raises(ConfigError, match="none of the 3 evaluation queries has another image of its class"):
         fits.check_evaluation_fits(singletons)
-    fits.check_evaluation_fits(MetricDataset("tiny", train_split, split([5, 6, 6])))  # one query scores
-    disjoint = MetricDataset("tiny", train_split, split([5, 6, 7, 8]), query=split([5, 6]), gallery=split([7, 8]))
+    note = fits.check_evaluation_fits(MetricDataset("tiny", train_split, split([5, 6, 6])))  # one query scores
+    assert note == (
+        "note: 1 of the 3 evaluation queries have no other gallery image of their class and are left "
+        "out of the retrieval scores."
+    )
+    is_query = np.array([True, True, False, False])
+    disjoint = MetricDataset("tiny", train_split, split([5, 6, 7, 8]), is_query=is_query, is_gallery=~is_query)
     with pytest.raises(ConfigError, match="has a gallery image of its class"):
         fits.check_evaluation_fits(disjoint)
 

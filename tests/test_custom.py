@@ -85,9 +85,11 @@ def test_query_gallery_flags_give_a_query_gallery_evaluation(tmp_path):
     assert (len(dataset.query), len(dataset.gallery), len(dataset.test)) == (6, 6, 12)
     np.testing.assert_array_equal(dataset.query.labels, np.repeat(np.arange(3), 2))
     np.testing.assert_array_equal(dataset.gallery.labels, np.repeat(np.arange(3), 2))
-    np.testing.assert_array_equal(
-        dataset.test.labels, np.concatenate([dataset.query.labels, dataset.gallery.labels])
-    )
+    # ``test`` keeps the CSV's order; the flags say which of its rows are queries.
+    is_query, is_gallery = dataset.roles()
+    np.testing.assert_array_equal(dataset.test.labels, np.repeat(np.arange(3), 4))
+    np.testing.assert_array_equal(is_query, ~is_gallery)
+    np.testing.assert_array_equal(dataset.test.labels[is_query], dataset.query.labels)
 
 
 def test_bounding_boxes_in_pixels_crop_the_image(tmp_path):
@@ -127,7 +129,7 @@ def test_every_problem_is_listed_at_once_and_nothing_is_kept(tmp_path):
         ("b", "b1.png", "validation"),
         ("b", "b2.png", "validation"),
         ("a", "c1.png", "validation"),  # class a in both splits
-        ("d", "d1.png", "validation"),  # one image: nothing to retrieve
+        ("d", "d1.png", "validation"),  # one image: nothing to retrieve, left out of the scores
         ("e", "gone dir/e1.png", "validation"),
         ("e", "junk.jpg", "validation"),
         ("f", "b1.png", "validation"),
@@ -139,18 +141,17 @@ def test_every_problem_is_listed_at_once_and_nothing_is_kept(tmp_path):
         custom.load_custom(path, cache_dir=tmp_path / "cache")
     message = str(caught.value)
     for expected in (
-        "bad.csv: 7 problems; nothing was prepared or trained",
+        "bad.csv: 6 problems; nothing was prepared or trained",
         "empty path cells: line 12",
         "split must be train or validation: line 13 ('test')",
         "paths listed more than once: b1.png",
         "classes in both train and validation (the splits must hold disjoint classes): a",
-        "validation classes with a single image (self-retrieval needs another image of the class to find; "
-        "add images or move the class to train): a, d",
         f"missing files (under {tmp_path}): gone dir/e1.png, x.png",
         "unreadable or truncated images: t.png (",
         "junk.jpg (not an image format Pillow reads)",
     ):
         assert expected in message, message
+    assert "single image" not in message  # a query with nothing to find is no error (OML's semantics)
     assert _leftovers(tmp_path / "cache") == []
 
 
@@ -197,8 +198,12 @@ def test_missing_columns_empty_split_and_pair_requirements(tmp_path):
     )
     problems = custom.check_table(flags)
     assert "is_query must be True or False on validation rows: line 5 ('maybe')" in problems
-    assert any(p.startswith("rows that are both query and gallery next to query-only") for p in problems)
-    assert "query classes with no gallery image (never retrievable): w" in problems
+    # Both-rows next to query-only ones, and a query class with no gallery row: valid (OML's format).
+    assert "is_query must be True or False on validation rows: line 5 ('maybe')" in problems
+    # (line 5's unparsed flag also makes it neither query nor gallery)
+    assert [p for p in problems if "gallery" in p] == [
+        "validation rows that are neither query nor gallery: line 5"
+    ]
 
 
 def test_image_folders_with_and_without_categories(tmp_path):
@@ -247,7 +252,9 @@ def test_sixteen_bit_grayscale_and_interrupted_preparation(tmp_path):
 def test_check_command_prints_a_summary_or_one_error(csv_dataset, tmp_path, capsys):
     path, _ = csv_dataset
     assert custom.main([str(path), "--cache_dir", str(tmp_path)]) == 0
-    assert "items.csv: ok — train 16 images / 4 classes, test 12 images / 3 classes" in capsys.readouterr().out
+    assert (
+        "items.csv: ok — train 16 images / 4 classes, test 12 images / 3 classes" in capsys.readouterr().out
+    )
     with pytest.raises(SystemExit) as exit_info:
         custom.main([str(tmp_path / "missing.csv"), "--cache_dir", str(tmp_path)])
     assert exit_info.value.code == 2

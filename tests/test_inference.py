@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def workspace(tmp_path_factory) -> tuple[Path, MetricDataset]:
     by the command a user runs, ``python -m hdml_jax.main --config ...custom...``, into
     ``root / 'run'``; ``dataset`` is that CSV loaded as the trainer loaded it."""
     root = tmp_path_factory.mktemp("inference")
-    csv_path, _ = tiny_csv_dataset(root / "data")
+    csv_path, _ = tiny_csv_dataset(root / "data", mixed_flags=True)
     cache = root / "cache"
     command = [
         sys.executable, "-m", "hdml_jax.main",
@@ -62,6 +63,8 @@ def workspace(tmp_path_factory) -> tuple[Path, MetricDataset]:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: recall@1" in result.stdout
+    # The last validation class is all queries: 8 of the 35 queries have nothing to find.
+    assert "note: 8 of the 35 evaluation queries have no other gallery image of their class" in result.stderr
     return root, custom.load_custom(csv_path, cache_dir=cache)
 
 
@@ -395,3 +398,74 @@ def test_picture_frames_are_neutral_where_the_query_label_is_unknown(tmp_path, m
         frames = [neighbour_labels[0][j] == query_labels[0] for j in range(2)]
         assert frames == ([True, False] if labels and query == paths[0] else [None, None])
         assert neighbours[0][1].shape == (4, 4, 3)  # an unreadable gallery file is drawn grey
+
+
+def test_evaluate_scores_the_trained_run_on_a_csv_as_the_trainer_did(workspace, capsys, tmp_path):
+    """``python -m hdml_jax.evaluate`` on the training CSV (mixed query/gallery flags, one class of
+    queries only): the same metrics as the run's own final evaluation of that checkpoint, the
+    note about the 8 unmatched queries, every mean and count in the JSON, written atomically."""
+    from hdml_jax.inference import scoring
+
+    root, _ = workspace
+    final = json.loads((root / "run" / "final_metrics.json").read_text())
+    output, picture = tmp_path / "scores" / "items.json", tmp_path / "pictures" / "retrieval.png"
+    code, out, err = run_cli(capsys, scoring.main, "--workdir", root / "run", "--csv", root / "data" / "items.csv",
+                             "--output", output, "--picture", picture, "--batch-size", 16)  # fmt: skip
+    assert code == 0, err
+    assert "note: 8 of the 35 evaluation queries have no other gallery image of their class" in err
+    record = json.loads(output.read_text())
+    assert record["step"] == final["step"] == 8
+    assert (record["images"], record["queries"], record["unmatched_queries"], record["classes"]) == (48, 35, 8, 6)
+    assert record["gallery"] == 27  # the 14 both-rows and 13 gallery-only rows of classes 0-4
+    # Another batch shape than the trainer's: the embeddings agree to round-off, which can swap two
+    # neighbours tied within it; one query's swap moves a mean over the 27 scored queries by ≤ 1/27.
+    for name in ("recall@1", "recall@2", "precision@1", "map@r", "r_precision", "coarse_recall@1"):
+        assert abs(record["metrics"][name] - final[name]) <= 1 / 27 + 1e-12, name
+    assert f"{100 * record['metrics']['recall@1']:6.2f}" in out
+    assert picture.stat().st_size > 0
+    assert not list(output.parent.glob(".*")) and not list(picture.parent.glob(".*"))  # no temporary left
+
+
+def test_evaluate_an_image_folder_and_its_mistakes(workspace, capsys, tmp_path):
+    from hdml_jax.inference import scoring
+
+    root, dataset = workspace
+    folder = tmp_path / "by class"
+    for index in CHOSEN:
+        image = dataset.test.source[index]["image"]
+        target = folder / f"group {dataset.test.coarse_labels[index]}" / f"class {dataset.test.labels[index]}"
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(target / f"{index:02d}.png")
+    code, _, err = run_cli(capsys, scoring.main, "--workdir", root / "run", "--images", folder, "--ks", 1, 3)
+    assert code == 0, err
+    written = root / "run" / "evaluations" / "by class-step8.json"
+    record = json.loads(written.read_text())
+    assert set(record["metrics"]) == {
+        "recall@1", "recall@3", "precision@1", "r_precision", "map@r", "nmi", "coarse_recall@1"
+    }  # fmt: skip
+    assert (record["images"], record["queries"], record["gallery"], record["classes"]) == (12, 12, 12, 6)
+    assert record["unmatched_queries"] == 2  # classes 4 and 5: one image each (32, 40)
+    lone = tmp_path / "lone"
+    for index in (0, 8, 16):  # one image per class: nothing can be scored
+        (lone / f"c{index}").mkdir(parents=True)
+        Image.fromarray(dataset.test.source[index]["image"]).save(lone / f"c{index}" / "a.png")
+    mixed = tmp_path / "mixed depths"
+    (mixed / "c0").mkdir(parents=True)
+    Image.fromarray(dataset.test.source[0]["image"]).save(mixed / "c0" / "a.png")
+    Image.fromarray(dataset.test.source[1]["image"]).save(mixed / "loose.png")
+    no_path = tmp_path / "no_path.csv"
+    no_path.write_text("label,file\na,x.png\n")
+    train_only = tmp_path / "train_only.csv"
+    train_only.write_text("label,path,split\na,x.png,train\n")
+    for argv, message in (
+        (("--images", lone), "none of the 3 queries has another gallery image of its class"),
+        (("--images", mixed), "expected <class>/<image> or <category>/<class>/<image> throughout"),
+        (("--csv", no_path), r"missing column\(s\) path"),
+        (("--csv", train_only), "no row has split=validation .* pass --all-rows"),
+        (("--images", folder, "--step", 5), "no checkpoint of step 5"),
+        (("--images", folder, "--root", tmp_path), "--root and --all-rows go with --csv only"),
+        (("--images", folder, "--picture", tmp_path / "p.jpg"), "name a .png file"),
+    ):
+        code, _, err = run_cli(capsys, scoring.main, "--workdir", root / "run", *argv)
+        assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert re.search(message, err), err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import types
 
 import jax
 import numpy as np
@@ -15,8 +14,11 @@ from tests.numerics import assert_close, rounding_atol
 from tests.simulated_devices import run_on_eight_devices
 
 
-def reference_retrieval(query, query_labels, reference=None, reference_labels=None, ks=(1, 2, 4, 8)):
-    """One query at a time: rank every reference by cosine similarity, then count."""
+def reference_retrieval(
+    query, query_labels, reference=None, reference_labels=None, ks=(1, 2, 4, 8), unmatched_queries="skip"
+):
+    """One query at a time: rank every reference by cosine similarity, then count. A query with no
+    reference of its class (R = 0) is left out (``"skip"``) or scored 0 (``"miss"``)."""
     self_retrieval = reference is None
     if self_retrieval:
         reference, reference_labels = query, query_labels
@@ -34,6 +36,7 @@ def reference_retrieval(query, query_labels, reference=None, reference_labels=No
                 recalls[k] += 1
         r = sum(ranked_relevant)
         if r == 0:
+            scored += unmatched_queries == "miss"
             continue
         scored += 1
         precision_at_1 += ranked_relevant[0]
@@ -44,7 +47,7 @@ def reference_retrieval(query, query_labels, reference=None, reference_labels=No
                 hits += 1
                 ap += hits / position
         average_precision += ap / r
-    result = {f"recall@{k}": recalls[k] / len(query) for k in ks}
+    result = {f"recall@{k}": recalls[k] / max(scored, 1) for k in ks}
     result["precision@1"] = precision_at_1 / max(scored, 1)
     result["r_precision"] = r_precision / max(scored, 1)
     result["map@r"] = average_precision / max(scored, 1)
@@ -179,7 +182,7 @@ def test_sharded_path_on_a_one_device_mesh_and_its_argument_errors():
 
 def test_references_sharded_over_eight_devices_give_the_single_device_metrics():
     report = run_on_eight_devices("retrieval_sharding_check")
-    assert len(report) == 7
+    assert len(report) == 9
     for name, case in report.items():
         assert case["sharded"] == case["single"], name  # exactly, every metric
         assert 0 < case["single"]["map@r"] < 1, name  # neither trivial nor degenerate
@@ -193,17 +196,20 @@ def test_self_is_excluded_by_index_not_by_value():
     assert result["recall@1"] == 1.0 and result["map@r"] == 1.0
 
 
-def test_lone_queries_are_misses_for_recall_and_left_out_of_map_at_r():
+@pytest.mark.parametrize("unmatched_queries", ["skip", "miss"])
+def test_lone_queries_are_left_out_or_scored_as_misses(unmatched_queries):
     x, y = clustered_data(5, 60, 6, 64, 0.3)
     x[0] = np.random.default_rng(5).normal(size=64)  # a class of its own, away from the others
     y = y.copy()
     y[0] = 99
-    result = metrics.retrieval_metrics(x, y, ks=(1, 4))
-    expected = reference_retrieval(x, y, ks=(1, 4))
+    result = metrics.retrieval_metrics(x, y, ks=(1, 4), unmatched_queries=unmatched_queries)
+    expected = reference_retrieval(x, y, ks=(1, 4), unmatched_queries=unmatched_queries)
     assert_metrics_close(result, expected, queries=60, references=60)
-    assert result["recall@4"] <= 59 / 60
-    # Well separated: every scored query is perfect, a mean of APs of exactly 1.
-    assert_close(result["map@r"], 1.0, n_terms=60 * 60, scale=1.0)
+    # Well separated: every scored query is perfect; the lone one is left out, or a miss.
+    perfect = 1.0 if unmatched_queries == "skip" else 59 / 60
+    for name in ("recall@4", "map@r"):
+        assert_close(result[name], perfect, n_terms=60 * 60, scale=1.0, err_msg=name)
+    assert metrics.count_unmatched_queries(y) == (1, 60)
 
 
 def test_large_k_beyond_the_reference_set():
@@ -402,31 +408,22 @@ def test_metrics_refuse_traced_arguments():
         jax.jit(lambda a: metrics.nmi(a, y, jax.random.PRNGKey(0)))(x)
 
 
-@pytest.mark.parametrize("split", ["test", "query", "gallery"])
-def test_evaluate_embeddings_raises_before_scoring(monkeypatch, split):
+@pytest.mark.parametrize("row", [1, 8])  # a query row, a gallery row
+def test_evaluate_embeddings_raises_before_scoring(monkeypatch, row):
+    from hdml_jax.data.base import MetricDataset, Split
+
     def never(*args, **kwargs):
         raise AssertionError("scored non-finite embeddings")
 
     monkeypatch.setattr(metrics, "retrieval_metrics", never)
     monkeypatch.setattr(metrics, "nmi", never)
     x, y = clustered_data(18, 12, 3, 4, 1.0)
-    labels = types.SimpleNamespace(labels=y[:6], coarse_labels=None)
-    dataset = types.SimpleNamespace(
-        recall_ks=(1, 2),
-        query=labels,
-        gallery=labels,
-        test=types.SimpleNamespace(labels=y, coarse_labels=None),
-    )
-    embeddings = {"test": x.copy(), "query": x[:6].copy(), "gallery": x[6:].copy()}
-    embeddings[split][1] = np.nan
-    with pytest.raises(metrics.NonFiniteEmbeddingsError, match=rf"1 of \d+ {split} embedding rows"):
-        evaluate.evaluate_embeddings(
-            dataset,
-            embeddings["test"],
-            query_embeddings=embeddings["query"],
-            gallery_embeddings=embeddings["gallery"],
-            nmi_key=jax.random.PRNGKey(0),
-        )
+    test = Split(source=[{}] * 12, labels=y)
+    is_query = np.arange(12) < 6
+    dataset = MetricDataset("tiny", test, test, recall_ks=(1, 2), is_query=is_query, is_gallery=~is_query)
+    x[row] = np.nan
+    with pytest.raises(metrics.NonFiniteEmbeddingsError, match=r"1 of 12 test embedding rows"):
+        evaluate.evaluate_embeddings(dataset, x, nmi_key=jax.random.PRNGKey(0))
 
 
 def test_huge_embeddings_score_as_their_directions():

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hdml_jax.data.base import MetricDataset, Split
 from hdml_jax.evaluation import visualize
 from hdml_jax.inference import search
 from hdml_jax.training import outputs
@@ -318,8 +319,8 @@ def test_training_picture_gets_the_rankings_cosine_similarities(monkeypatch, tmp
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(10, 4)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    test = SimpleNamespace(source=[{"image": _tile(i)} for i in range(10)], labels=np.arange(10) % 3)
-    dataset = SimpleNamespace(test=test)
+    test = Split(source=[{"image": _tile(i)} for i in range(10)], labels=np.arange(10) % 3)
+    dataset = MetricDataset("tiny", test, test)  # self-retrieval: every row query and gallery
     outputs.write_retrieval_picture(
         tmp_path / "r.png", dataset, {"test": embeddings}, SimpleNamespace(seed=0)
     )

@@ -68,17 +68,57 @@ class Split:
 class MetricDataset:
     """Train and test splits with disjoint classes.
 
-    ``test`` is the self-retrieval evaluation set. Query/gallery data sets (In-Shop) also set
-    ``query`` and ``gallery`` (then ``test`` is their union, for NMI and pictures); evaluation
-    then retrieves queries from the gallery.
+    ``test`` holds every evaluation row. ``is_query`` / ``is_gallery`` (``(len(test),)`` bool,
+    both or neither) say which rows are queries and which gallery items, Open Metric Learning's
+    way: a row may be either or both, and a query is searched among the gallery rows other than
+    its own (``hdml_jax.evaluation.query_gallery``). None: every row both, i.e. self-retrieval
+    (CUB, Cars, SOP). In-Shop's queries and gallery are disjoint rows of ``test``.
     """
 
     name: str
     train: Split
     test: Split
-    query: Split | None = None
-    gallery: Split | None = None
     recall_ks: Sequence[int] = (1, 2, 4, 8)
+    is_query: np.ndarray | None = None
+    is_gallery: np.ndarray | None = None
+
+    def __post_init__(self):
+        if (self.is_query is None) != (self.is_gallery is None):
+            raise ValueError(f"{self.name}: give is_query and is_gallery together, or neither.")
+        for flags in (self.is_query, self.is_gallery):
+            if flags is not None and (np.asarray(flags).dtype != np.bool_ or np.shape(flags) != (len(self.test),)):
+                raise ValueError(
+                    f"{self.name}: is_query and is_gallery need one bool per test row ({len(self.test)})."
+                )
+
+    @property
+    def has_roles(self) -> bool:
+        """Whether some test row is not both a query and a gallery item (not self-retrieval)."""
+        return self.is_query is not None and not (np.all(self.is_query) and np.all(self.is_gallery))
+
+    def roles(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(is_query, is_gallery)`` over the test rows, every row both when none were given."""
+        if self.is_query is None:
+            every = np.ones(len(self.test), bool)
+            return every, every
+        return np.asarray(self.is_query, bool), np.asarray(self.is_gallery, bool)
+
+    @property
+    def query(self) -> Split | None:
+        """The query rows of ``test`` as a split of their own (None in self-retrieval)."""
+        return self._rows(self.is_query, "query") if self.has_roles else None
+
+    @property
+    def gallery(self) -> Split | None:
+        """The gallery rows of ``test`` as a split of their own (None in self-retrieval)."""
+        return self._rows(self.is_gallery, "gallery") if self.has_roles else None
+
+    def _rows(self, flags: np.ndarray, role: str) -> Split:
+        rows = np.flatnonzero(flags)
+        coarse = None if self.test.coarse_labels is None else self.test.coarse_labels[rows]
+        labels = self.test.labels[rows]
+        source = SubsetSource(self.test.source, rows, labels, coarse)
+        return Split(source, labels, coarse, name=f"{self.name}/{role}")
 
 
 class SubsetSource:

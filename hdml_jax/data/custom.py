@@ -15,9 +15,11 @@ path           yes       image file, relative to ``root`` (default: the CSV's fo
                          absolute; spaces allowed; any format PIL reads; grayscale, palette
                          and RGBA images become RGB (alpha dropped)
 split          yes       ``train`` or ``validation``
-is_query,      no        validation rows: ``True``/``False`` (also 1/0, yes/no). Disjoint
-is_gallery               query and gallery sets: queries are retrieved from the gallery. Every
-                         row both query and gallery (or no columns): self-retrieval.
+is_query,      no        validation rows: ``True``/``False`` (also 1/0, yes/no), any mix of
+is_gallery               query-only, gallery-only and both (Open Metric Learning's semantics):
+                         a query is searched among the gallery rows other than its own row.
+                         Every row both (or no columns): self-retrieval. A query whose class
+                         has no other gallery row is left out of the scores, with a note.
 category       no        the coarse class of the row's class (one per class): HPL's coarse
                          level with ``loss.coarse_from_labels`` and ``coarse_recall@1``
 x_1 x_2        no        a bounding box in pixels (left, right, top, bottom; OML's
@@ -31,11 +33,11 @@ image suffixes ``IMAGE_SUFFIXES``; it becomes the same table as a CSV (self-retr
 
 **Checks** (``check_table`` and the image scan), all reported at once before anything is written:
 missing columns, empty cells, unknown split values, an empty split, a class in both splits, a
-class with two categories, rows that are neither query nor gallery, a mix of query-and-gallery
-rows with query- or gallery-only ones, duplicate paths, malformed or out-of-image boxes,
-evaluation classes with a single image (self-retrieval: no positive to find) or queries whose
-class has no gallery image, training classes with a single image when the loss needs pairs,
-missing files, unreadable or truncated images.
+class with two categories, rows that are neither query nor gallery, duplicate paths, malformed or
+out-of-image boxes, training classes with a single image when the loss needs pairs, missing
+files, unreadable or truncated images. (Evaluation queries with nothing to find are no error:
+they are left out of the scores, and the trainer says how many; only when no query can be scored
+does it stop, before training.)
 
 **Prepared form**: every image's file bytes in one ``images.array_record`` (random access, what
 grain reads; no per-image file opens at training time, which matters on network file systems)
@@ -429,19 +431,15 @@ def load_prepared(
 
     train_rows = np.flatnonzero(index["train"])
     test_rows = np.flatnonzero(~index["train"])
-    query = gallery = None
+    roles = {}
     if "is_query" in index:
-        # test = query ∪ gallery (for NMI and pictures), queries first as In-Shop's
-        query_rows, gallery_rows = np.flatnonzero(index["is_query"]), np.flatnonzero(index["is_gallery"])
-        test_rows = np.concatenate([query_rows, gallery_rows])
-        query, gallery = split(query_rows, "query"), split(gallery_rows, "gallery")
+        roles = {"is_query": index["is_query"][test_rows], "is_gallery": index["is_gallery"][test_rows]}
     return MetricDataset(
         name=name,
         train=split(train_rows, "train"),
         test=split(test_rows, "validation"),
-        query=query,
-        gallery=gallery,
         recall_ks=tuple(int(k) for k in recall_ks),
+        **roles,
     )
 
 

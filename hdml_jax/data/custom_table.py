@@ -105,9 +105,14 @@ def _parse_bool(value: str) -> bool | None:
     return None
 
 
-def read_csv(path: str | os.PathLike, root: str | os.PathLike | None = None) -> ImageTable:
+def read_csv(
+    path: str | os.PathLike, root: str | os.PathLike | None = None, *, need_split: bool = True
+) -> ImageTable:
     """The rows of an Open Metric Learning CSV (see the module docstring); nothing is checked
     beyond what parsing needs (``check_table`` does the rest).
+
+    ``need_split=False`` (a CSV to evaluate on, ``python -m hdml_jax.evaluate``): a CSV without a
+    ``split`` column is read as all validation rows.
 
     Raises:
       CustomDataError: the file is missing or unreadable, or lacks a required column.
@@ -124,11 +129,12 @@ def read_csv(path: str | os.PathLike, root: str | os.PathLike | None = None) -> 
         raise CustomDataError(f"{path}: cannot read the CSV ({error}).") from None
     reader = csv.DictReader(io.StringIO(text))
     header = [name.strip() for name in (reader.fieldnames or [])]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    required = [c for c in REQUIRED_COLUMNS if need_split or c != "split"]
+    missing = [c for c in required if c not in header]
     if missing:
         raise CustomDataError(
             f"{path}: missing column(s) {', '.join(missing)} (the header is {','.join(header) or 'empty'}). "
-            f"An Open Metric Learning CSV needs {', '.join(REQUIRED_COLUMNS)}; optional: is_query, "
+            f"An Open Metric Learning CSV needs {', '.join(required)}; optional: is_query, "
             f"is_gallery, category, {', '.join(BBOX_COLUMNS)}."
         )
     reader.fieldnames = header
@@ -155,7 +161,7 @@ def read_csv(path: str | os.PathLike, root: str | os.PathLike | None = None) -> 
         bad = []
         for i, value in enumerate(values):
             flag = _parse_bool(value)
-            if flag is None and records[i].get("split", "").strip() == "validation":
+            if flag is None and (records[i].get("split", "validation") or "").strip() == "validation":
                 bad.append(f"{rows[i]} ({value!r})")
             parsed[i] = bool(flag)
         if bad:
@@ -180,7 +186,7 @@ def read_csv(path: str | os.PathLike, root: str | os.PathLike | None = None) -> 
         root=Path(os.path.expanduser(os.fspath(root))) if root else path.parent,
         paths=column("path"),
         labels=column("label"),
-        splits=column("split"),
+        splits=column("split") if "split" in header else np.full(len(records), "validation", dtype=object),
         rows=rows,
         is_query=is_flag["is_query"],
         is_gallery=is_flag["is_gallery"],
@@ -274,18 +280,8 @@ def eval_mode(table: ImageTable, validation: np.ndarray) -> tuple[str, list[str]
     neither = ~query & ~gallery
     if neither.any():
         problems.append(listing("validation rows that are neither query nor gallery", list(rows[neither])))
-    both = query & gallery
-    if both.all():
-        return "self", problems
-    if both.any():
-        problems.append(
-            listing(
-                "rows that are both query and gallery next to query-only or gallery-only rows (either "
-                "every validation row is both, for self-retrieval, or none is)",
-                list(rows[both]),
-            )
-        )
-    return "query_gallery", problems
+    # Any mix of both, query-only and gallery-only rows is valid (Open Metric Learning's format).
+    return ("self" if (query & gallery).all() else "query_gallery"), problems
 
 
 def _class_problems(
@@ -339,25 +335,8 @@ def check_table(table: ImageTable, requirements: Requirements = Requirements()) 
     if (counts > 1).any():
         problems.append(listing("paths listed more than once", list(paths[counts > 1])))
     problems += _class_problems(table.labels, table.splits, table.categories, table.rows)
-    mode, flag_problems = eval_mode(table, validation)
+    _, flag_problems = eval_mode(table, validation)
     problems += flag_problems
-    if validation.any():
-        if mode == "self":
-            single = _singletons(table.labels[validation])
-            if single:
-                problems.append(
-                    listing(
-                        "validation classes with a single image (self-retrieval needs another image of "
-                        "the class to find; add images or move the class to train)",
-                        single,
-                    )
-                )
-        elif table.is_query is not None and table.is_gallery is not None:
-            query_labels = set(table.labels[validation & table.is_query])
-            gallery_labels = set(table.labels[validation & table.is_gallery])
-            orphan = sorted(query_labels - gallery_labels)
-            if orphan:
-                problems.append(listing("query classes with no gallery image (never retrievable)", orphan))
     if requirements.pairs_in_train and train.any():
         single = _singletons(table.labels[train])
         if single:

@@ -441,7 +441,6 @@ def load_dataset(
     offsets = np.cumsum([0, *sizes.values()])
     ranges = {s: np.arange(offsets[i], offsets[i + 1]) for i, s in enumerate(sizes)}
 
-    query = gallery = None
     if spec.split_rule == "class_halves":
         is_train = raw < spec.num_train_classes
         train_idx, test_idx = np.flatnonzero(is_train), np.flatnonzero(~is_train)
@@ -461,30 +460,12 @@ def load_dataset(
     make = functools.partial(_make_split, source, raw_labels=raw, coarse=coarse, transform=transform)
     train = make(train_idx, name=f"{name}/train")
     test = make(test_idx, name=test_name)
+    roles = {}
     if spec.split_rule == "query_gallery":
-        # Parts of ``test``, keeping its labels: query and gallery share one label space.
-        num_query = sizes["query"]
-        query = _part(test, source, test_idx, np.arange(num_query), transform, f"{name}/query")
-        gallery = _part(
-            test, source, test_idx, np.arange(num_query, len(test_idx)), transform, f"{name}/gallery"
-        )
-
-    dataset = MetricDataset(
-        name=name, train=train, test=test, query=query, gallery=gallery, recall_ks=spec.recall_ks
-    )
+        # ``test`` is the queries, then the gallery: one label space, disjoint roles.
+        roles["is_query"] = np.arange(len(test_idx)) < sizes["query"]
+        roles["is_gallery"] = ~roles["is_query"]
+    dataset = MetricDataset(name=name, train=train, test=test, recall_ks=spec.recall_ks, **roles)
     _check_sizes(dataset, spec, data_dir, where, check_sizes)
     return dataset
 
-
-def _part(
-    parent: Split, source, parent_indices: np.ndarray, positions: np.ndarray, transform, name: str
-) -> Split:
-    """Examples ``positions`` of ``parent`` (whose examples are ``source[parent_indices]``), same labels."""
-    labels = parent.labels[positions]
-    coarse = None if parent.coarse_labels is None else parent.coarse_labels[positions]
-    return Split(
-        source=SubsetSource(source, parent_indices[positions], labels, coarse, transform),
-        labels=labels,
-        coarse_labels=coarse,
-        name=name,
-    )

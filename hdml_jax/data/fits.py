@@ -10,10 +10,10 @@ a value that works, and the workdir is not touched.
 from __future__ import annotations
 
 import ml_collections
-import numpy as np
 
 from hdml_jax.data.base import MetricDataset, Split
 from hdml_jax.errors import ConfigError
+from hdml_jax.evaluation.query_gallery import count_unmatched_queries, unmatched_note
 
 
 def _largest_multiple(limit: int, factor: int) -> int:
@@ -70,37 +70,31 @@ def check_batches_fit(config: ml_collections.ConfigDict, train: Split, num_devic
         )
 
 
-def _scorable_queries(query: Split, gallery: Split | None) -> int:
-    """How many queries have a correct answer to retrieve: another image of their class (self-
-    retrieval, ``gallery=None``) or a gallery image of their class."""
-    query_labels = np.asarray(query.labels)
-    if gallery is None:
-        _, inverse, counts = np.unique(query_labels, return_inverse=True, return_counts=True)
-        return int(np.sum(counts[inverse] >= 2))
-    return int(np.isin(query_labels, np.asarray(gallery.labels)).sum())
-
-
-def check_evaluation_fits(dataset: MetricDataset) -> None:
+def check_evaluation_fits(dataset: MetricDataset) -> str | None:
     """Evaluation must be able to score something: Recall@K and MAP@R need queries that have a
-    correct answer among the other images. Raises ``ConfigError`` when none has one."""
-    if dataset.query is not None and dataset.gallery is not None:
-        query, gallery, what = dataset.query, dataset.gallery, "a gallery image of its class"
-    else:
-        query, gallery, what = dataset.test, None, "another image of its class"
-    if len(query) == 0:
+    correct answer among the other gallery images. Raises ``ConfigError`` when none has one;
+    returns the one-line note about the queries left out of the scores (None: every query scores).
+    """
+    if len(dataset.test) == 0:
         raise ConfigError(
             f"{dataset.name}: the evaluation split is empty; give it images of classes that are not "
             "in the training split (CSV rows with split=validation)."
         )
-    if _scorable_queries(query, gallery) == 0:
+    is_query, is_gallery = dataset.roles()
+    unmatched, queries = count_unmatched_queries(dataset.test.labels, is_query, is_gallery)
+    if queries == 0:
+        raise ConfigError(f"{dataset.name}: no evaluation row is a query; mark some rows is_query=True.")
+    if unmatched == queries:
+        what = "a gallery image of its class" if dataset.has_roles else "another image of its class"
         raise ConfigError(
-            f"{dataset.name}: none of the {len(query)} evaluation queries has {what}, so Recall@K and "
+            f"{dataset.name}: none of the {queries} evaluation queries has {what}, so Recall@K and "
             "MAP@R cannot score any: give each evaluation class at least 2 images "
-            + ("(or mark some of them is_gallery)." if gallery is not None else "(split=validation rows).")
+            + ("(or mark some of them is_gallery)." if dataset.has_roles else "(split=validation rows).")
         )
+    return unmatched_note(unmatched, queries)
 
 
-def check_dataset_fits(config: ml_collections.ConfigDict, dataset: MetricDataset, num_devices: int) -> None:
-    """``check_batches_fit`` on the training split, then ``check_evaluation_fits``."""
+def check_dataset_fits(config: ml_collections.ConfigDict, dataset: MetricDataset, num_devices: int) -> str | None:
+    """``check_batches_fit`` on the training split, then ``check_evaluation_fits`` (its note)."""
     check_batches_fit(config, dataset.train, num_devices)
-    check_evaluation_fits(dataset)
+    return check_evaluation_fits(dataset)

@@ -116,7 +116,7 @@ class Pool:
 
     @classmethod
     def of(cls, dataset: MetricDataset) -> Pool:
-        if dataset.query is not None or dataset.gallery is not None:
+        if dataset.has_roles:
             raise FoldError(
                 f"{dataset.name} is a query/gallery data set; the MLRC protocol is defined for "
                 "self-retrieval data sets (CUB, Cars, SOP and their like)."

@@ -55,6 +55,7 @@ from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from hdml_jax.data import resample
 from hdml_jax.data.encoded import EncodedImage, draft_scale, rows_reached
@@ -148,16 +149,170 @@ def _draw_flip(rng: np.random.Generator) -> bool:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Augmentation:
+    """What a training transform may do besides its crop (``config.dataset.augment``).
+
+    ``None`` in a crop field means the preset's own value (the table in the module docstring).
+    Every other default is what every preset does: a horizontal flip, nothing else.
+
+    Attributes:
+      horizontal_flip: mirror left to right with probability 1/2 (torchvision's
+        ``RandomHorizontalFlip``). Turn it off where a mirror image is another class: text,
+        digits, logos, arrows (``go-next`` vs ``go-previous``).
+      vertical_flip: mirror top to bottom with probability 1/2 (``RandomVerticalFlip``).
+      crop_scale, crop_ratio: ``RandomResizedCrop``'s area fraction range (within (0, 1]) and
+        aspect-ratio range; the random-resized-crop presets only (proxy_anchor, proxynca_pp, mlrc).
+      crop_padding: pad-and-crop's zero padding in pixels; the ``synthetic`` preset only.
+      brightness, contrast, saturation, hue: torchvision's ``ColorJitter``: a factor drawn
+        uniformly from ``[max(0, 1 - b), 1 + b]`` for the first three, a hue shift from
+        ``[-h, h]`` turns (``h ≤ 0.5``), applied in a random order; 0 turns each off.
+      grayscale: probability of ``RandomGrayscale`` (ITU-R 601 luma, in all three channels).
+      rotation: ``RandomRotation(rotation)``: an angle drawn uniformly from ``[-r, r]`` degrees,
+        bilinear, the corners filled black.
+
+    The flips, jitter, greyscale and rotation act on the cropped ``size × size`` output, drawn
+    from the same generator after the crop, in that order; with their defaults nothing more is
+    drawn, so a preset's output is bit for bit what it was without this record.
+    """
+
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
+    crop_scale: tuple[float, float] | None = None
+    crop_ratio: tuple[float, float] | None = None
+    crop_padding: int | None = None
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    grayscale: float = 0.0
+    rotation: float = 0.0
+
+    def __post_init__(self):
+        for name in ("crop_scale", "crop_ratio"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if len(value) != 2 or not all(isinstance(v, (int, float)) for v in value) or value[0] > value[1]:
+                raise ValueError(
+                    f"dataset.augment.{name} must be (low, high) with low <= high, got {value!r}."
+                )
+        if self.crop_scale is not None and not (0 < self.crop_scale[0] and self.crop_scale[1] <= 1):
+            raise ValueError(f"dataset.augment.crop_scale must lie in (0, 1], got {tuple(self.crop_scale)}.")
+        if self.crop_ratio is not None and self.crop_ratio[0] <= 0:
+            raise ValueError(f"dataset.augment.crop_ratio must be positive, got {tuple(self.crop_ratio)}.")
+        if self.crop_padding is not None and (
+            not isinstance(self.crop_padding, int) or self.crop_padding < 0
+        ):
+            raise ValueError(
+                f"dataset.augment.crop_padding must be an integer >= 0, got {self.crop_padding!r}."
+            )
+        for name in ("brightness", "contrast", "saturation", "hue", "grayscale", "rotation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"dataset.augment.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.hue > 0.5:
+            raise ValueError(f"dataset.augment.hue must be at most 0.5 (a turn's half), got {self.hue}.")
+        if self.grayscale > 1:
+            raise ValueError(f"dataset.augment.grayscale is a probability (0 to 1), got {self.grayscale}.")
+        if self.rotation > 180:
+            raise ValueError(f"dataset.augment.rotation must be at most 180 degrees, got {self.rotation}.")
+
+    @property
+    def after_crop(self) -> bool:
+        """Whether anything is drawn after the crop and flip (else the output is the crop's)."""
+        jitter = (self.brightness, self.contrast, self.saturation, self.hue)
+        return self.vertical_flip or any(jitter) or self.grayscale > 0 or self.rotation > 0
+
+    def apply_after_crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The vertical flip, colour jitter, greyscale and rotation of a ``uint8 (S, S, 3)`` crop."""
+        if self.vertical_flip and rng.random() < 0.5:
+            image = image[::-1]
+        if any((self.brightness, self.contrast, self.saturation, self.hue)):
+            image = color_jitter(image, rng, self.brightness, self.contrast, self.saturation, self.hue)
+        if self.grayscale > 0 and rng.random() < self.grayscale:
+            image = np.repeat(_luma(image)[:, :, None], 3, axis=2)
+        if self.rotation > 0:
+            angle = rng.uniform(-self.rotation, self.rotation)
+            image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).rotate(angle, Image.BILINEAR))
+        return image
+
+
+def _luma(image: np.ndarray) -> np.ndarray:
+    """PIL's ``convert("L")``: ``L = (R·299 + G·587 + B·114) / 1000``, rounded (uint8)."""
+    rgb = image.astype(np.uint32)
+    return ((rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16).astype(np.uint8)
+
+
+def _blend(image: np.ndarray, other, factor: float) -> np.ndarray:
+    """PIL's ``ImageEnhance``: ``other + factor · (image - other)``, clipped to 0..255 (float32)."""
+    return np.clip(other + factor * (image - other), 0.0, 255.0)
+
+
+def color_jitter(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+) -> np.ndarray:
+    """torchvision's ``ColorJitter`` on a ``uint8 (H, W, 3)`` image, with its random order.
+
+    Brightness blends with black, contrast with the mean grey level, saturation with the grey
+    image (PIL's ``ImageEnhance`` formulas, as torchvision's PIL path); hue rotates the HSV hue.
+    The order of the four is a random permutation, as ``ColorJitter.get_params`` draws it; each
+    factor is drawn only for an enabled operation.
+    """
+    order = rng.permutation(4)
+    x = image.astype(np.float32)
+    for op in order:
+        if op == 0 and brightness > 0:
+            x = _blend(x, 0.0, rng.uniform(max(0.0, 1 - brightness), 1 + brightness))
+        elif op == 1 and contrast > 0:
+            mean = float(int(np.mean(_luma(np.round(x).astype(np.uint8))) + 0.5))  # PIL's rounding
+            x = _blend(x, mean, rng.uniform(max(0.0, 1 - contrast), 1 + contrast))
+        elif op == 2 and saturation > 0:
+            grey = _luma(np.round(x).astype(np.uint8)).astype(np.float32)[..., None]
+            x = _blend(x, grey, rng.uniform(max(0.0, 1 - saturation), 1 + saturation))
+        elif op == 3 and hue > 0:
+            x = _shift_hue(x, rng.uniform(-hue, hue))
+    return np.round(x).astype(np.uint8)
+
+
+def _shift_hue(x: np.ndarray, shift: float) -> np.ndarray:
+    """RGB (float, 0..255) with its HSV hue turned by ``shift`` turns; value and saturation kept."""
+    r, g, b = (x[..., i] / 255.0 for i in range(3))
+    high, low = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    delta = high - low
+    safe = np.where(delta > 0, delta, 1.0)
+    h = np.where(high == r, (g - b) / safe, np.where(high == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    h = np.where(delta > 0, np.mod(h / 6.0 + shift, 1.0), 0.0)
+    s = np.where(high > 0, delta / np.where(high > 0, high, 1.0), 0.0)
+    i = np.floor(h * 6.0)
+    f = h * 6.0 - i
+    p, q, t = high * (1 - s), high * (1 - s * f), high * (1 - s * (1 - f))
+    i = i.astype(np.int64) % 6
+    channels = [
+        np.choose(i, [high, q, p, p, t, high]),
+        np.choose(i, [t, high, high, q, p, p]),
+        np.choose(i, [p, p, t, high, high, q]),
+    ]
+    return np.stack(channels, axis=-1) * 255.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ImageTransform:
     """Base: RGB conversion and the optional bbox crop, then ``apply``.
 
     Attributes:
       size: output side length (images come out ``(size, size, 3)`` uint8).
       crop_to_bbox: crop to the example's bbox (when it has one) before the transform.
+      after_crop: the vertical flip, colour jitter, greyscale and rotation drawn after the crop
+        (``Augmentation.apply_after_crop``); None: none (every eval transform).
     """
 
     size: int
     crop_to_bbox: bool = False
+    after_crop: Augmentation | None = None
     is_random: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -178,7 +333,10 @@ class ImageTransform:
             image = crop_to_bbox(image, bbox)
         if self.is_random and rng is None:
             raise ValueError(f"{type(self).__name__} is random: pass a numpy Generator.")
-        out = np.ascontiguousarray(self.apply(image, rng))
+        out = self.apply(image, rng)
+        if self.after_crop is not None and self.after_crop.after_crop:
+            out = self.after_crop.apply_after_crop(np.asarray(out), rng)
+        out = np.ascontiguousarray(out)
         if out.shape != (self.size, self.size, 3):  # pragma: no cover (a bug in a subclass)
             raise AssertionError(f"{self} produced {out.shape}.")
         return out
@@ -317,58 +475,119 @@ class TransformPair(NamedTuple):
     eval: ImageTransform
 
 
-def proxy_anchor(size: int = 224, *, crop_to_bbox: bool = False) -> TransformPair:
+def _train_options(augment: Augmentation | None, preset: str, **crop_fields) -> tuple[dict, Augmentation]:
+    """The keyword arguments ``augment`` gives the preset's train transform, and ``augment``.
+
+    ``crop_fields`` maps the crop fields this preset has to its own defaults; a crop field set
+    for a preset that has no such crop is refused (it would silently do nothing).
+    """
+    augment = augment or Augmentation()
+    options = {"flip": augment.horizontal_flip}
+    for field in ("crop_scale", "crop_ratio", "crop_padding"):
+        value = getattr(augment, field)
+        if field in crop_fields:
+            options[crop_fields[field][0]] = crop_fields[field][1] if value is None else value
+        elif value is not None:
+            applies = {
+                "crop_scale": "proxy_anchor, proxynca_pp, mlrc",
+                "crop_ratio": "proxy_anchor, proxynca_pp, mlrc",
+                "crop_padding": "synthetic",
+            }
+            raise ValueError(
+                f"dataset.augment.{field} applies to the {applies[field]} transforms, not {preset!r}; "
+                f"leave it unset (None) for {preset}."
+            )
+    if "scale" in options:
+        options["scale"], options["ratio"] = tuple(options["scale"]), tuple(options["ratio"])
+    return options, augment
+
+
+def proxy_anchor(
+    size: int = 224, *, crop_to_bbox: bool = False, augment: Augmentation | None = None
+) -> TransformPair:
     """Proxy-Anchor (Kim et al. 2020): RandomResizedCrop + flip; eval resize 256/224·size, centre crop."""
+    options, augment = _train_options(
+        augment, "proxy_anchor", crop_scale=("scale", (0.08, 1.0)), crop_ratio=("ratio", (3 / 4, 4 / 3))
+    )
     return TransformPair(
-        train=RandomResizedCrop(
-            size=size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), crop_to_bbox=crop_to_bbox
-        ),
+        train=RandomResizedCrop(size=size, crop_to_bbox=crop_to_bbox, after_crop=augment, **options),
         eval=CenterCrop(size=size, resize_shorter=round(size * 256 / 224), crop_to_bbox=crop_to_bbox),
     )
 
 
-def proxynca_pp(size: int = 256, *, crop_to_bbox: bool = False) -> TransformPair:
+def proxynca_pp(
+    size: int = 256, *, crop_to_bbox: bool = False, augment: Augmentation | None = None
+) -> TransformPair:
     """ProxyNCA++ (Teh et al. 2020): RandomResizedCrop(256) + flip; eval Resize(288) → CenterCrop(256).
 
     euwern/proxynca_pp dataset/config.json:85-92 (sz_crop 256, sz_resize 288), dataset/utils.py:57-74.
     """
+    options, augment = _train_options(
+        augment, "proxynca_pp", crop_scale=("scale", (0.08, 1.0)), crop_ratio=("ratio", (3 / 4, 4 / 3))
+    )
     return TransformPair(
-        train=RandomResizedCrop(
-            size=size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), crop_to_bbox=crop_to_bbox
-        ),
+        train=RandomResizedCrop(size=size, crop_to_bbox=crop_to_bbox, after_crop=augment, **options),
         eval=CenterCrop(size=size, resize_shorter=round(size * 288 / 256), crop_to_bbox=crop_to_bbox),
     )
 
 
-def cgd(size: int = 224, *, crop_to_bbox: bool = False) -> TransformPair:
+def cgd(size: int = 224, *, crop_to_bbox: bool = False, augment: Augmentation | None = None) -> TransformPair:
     """CGD (Jun et al. 2019): square resize 252/224·size, random crop, flip; eval square resize."""
+    options, augment = _train_options(augment, "cgd")
     return TransformPair(
-        train=SquareRandomCrop(size=size, resize_to=round(size * 252 / 224), crop_to_bbox=crop_to_bbox),
+        train=SquareRandomCrop(
+            size=size,
+            resize_to=round(size * 252 / 224),
+            crop_to_bbox=crop_to_bbox,
+            after_crop=augment,
+            **options,
+        ),
         eval=Resize(size=size, crop_to_bbox=crop_to_bbox),
     )
 
 
-def mlrc(size: int = 227, *, crop_to_bbox: bool = False) -> TransformPair:
+def mlrc(
+    size: int = 227, *, crop_to_bbox: bool = False, augment: Augmentation | None = None
+) -> TransformPair:
     """A Metric Learning Reality Check (Musgrave et al. 2020), 227 px by default."""
     shorter = round(size * 256 / 227)
+    options, augment = _train_options(
+        augment, "mlrc", crop_scale=("scale", (0.16, 1.0)), crop_ratio=("ratio", (0.75, 1.33))
+    )
     return TransformPair(
         train=RandomResizedCrop(
-            size=size,
-            scale=(0.16, 1.0),
-            ratio=(0.75, 1.33),
-            resize_shorter=shorter,
-            crop_to_bbox=crop_to_bbox,
+            size=size, resize_shorter=shorter, crop_to_bbox=crop_to_bbox, after_crop=augment, **options
         ),
         eval=CenterCrop(size=size, resize_shorter=shorter, crop_to_bbox=crop_to_bbox),
     )
 
 
-def synthetic(size: int = 32, *, crop_to_bbox: bool = False) -> TransformPair:
+def synthetic(
+    size: int = 32, *, crop_to_bbox: bool = False, augment: Augmentation | None = None
+) -> TransformPair:
     """Small synthetic images: pad-and-crop + flip at native size; eval unchanged."""
+    options, augment = _train_options(augment, "synthetic", crop_padding=("padding", max(1, size // 8)))
     return TransformPair(
-        train=PadRandomCrop(size=size, padding=max(1, size // 8), crop_to_bbox=crop_to_bbox),
+        train=PadRandomCrop(size=size, crop_to_bbox=crop_to_bbox, after_crop=augment, **options),
         eval=Resize(size=size, crop_to_bbox=crop_to_bbox),
     )
+
+
+def augmentation(fields) -> Augmentation:
+    """``config.dataset.augment`` (a mapping of ``Augmentation``'s fields) as an ``Augmentation``;
+    ``ValueError`` names a field out of range."""
+    values = dict(fields)
+    for name in ("crop_scale", "crop_ratio"):
+        if values.get(name) is not None:
+            values[name] = tuple(float(v) for v in values[name])
+    return Augmentation(**values)
+
+
+def preset(name: str, size: int, *, crop_to_bbox: bool = False, augment=None) -> TransformPair:
+    """``TRANSFORMS[name](size, ...)`` with ``augment`` (an ``Augmentation`` or the config's mapping)."""
+    if augment is not None and not isinstance(augment, Augmentation):
+        augment = augmentation(augment)
+    return TRANSFORMS[name](size, crop_to_bbox=crop_to_bbox, augment=augment)
 
 
 TRANSFORMS: dict[str, Callable[..., TransformPair]] = {

@@ -1,10 +1,11 @@
 """Embeddings of an evaluation split → retrieval metrics, the way the papers report them.
 
 * Self-retrieval (CUB, Cars, SOP, synthetic): every test image queries all the others.
-* Query → gallery (In-Shop).
+* Queries and gallery flagged per row (In-Shop; a CSV's ``is_query`` / ``is_gallery``, any mix):
+  each query searches the gallery rows other than its own (``query_gallery``).
 * Always: Recall@K for the data set's Ks, precision@1, R-Precision, MAP@R; NMI (k-means with
   k = number of test classes); and, where coarse labels exist, ``coarse_recall@1`` (is the
-  nearest neighbour in the same coarse group?).
+  nearest gallery neighbour in the same coarse group?).
 """
 
 from __future__ import annotations
@@ -53,39 +54,30 @@ def evaluate_embeddings(
     dataset: MetricDataset,
     test_embeddings: np.ndarray,
     *,
-    query_embeddings: np.ndarray | None = None,
-    gallery_embeddings: np.ndarray | None = None,
     nmi_key: jax.Array | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, float]:
-    """All metrics of one evaluation from already computed embeddings.
+    """All metrics of one evaluation from the embeddings of ``dataset.test`` (in its order).
 
-    ``mesh``: a 1-D mesh of this process's devices over which the retrieval metrics split the
-    reference set (``metrics.retrieval_metrics(..., mesh=...)``); None: the default device.
+    The queries and gallery are the test rows ``dataset.roles()`` flags. ``mesh``: a 1-D mesh of
+    this process's devices over which the retrieval metrics split the reference set
+    (``metrics.retrieval_metrics(..., mesh=...)``); None: the default device.
 
     Raises:
-      metrics.NonFiniteEmbeddingsError: any of the given embeddings has a NaN or inf row; raised
-        before anything is scored, so a diverged run never reports a metric.
+      metrics.NonFiniteEmbeddingsError: a NaN or inf row; raised before anything is scored, so a
+        diverged run never reports a metric.
     """
-    for name, values in (
-        ("test", test_embeddings),
-        ("query", query_embeddings),
-        ("gallery", gallery_embeddings),
-    ):
-        if values is not None:
-            metrics.check_finite(values, f"{name} embedding")
+    metrics.check_finite(test_embeddings, "test embedding")
+    roles = {}
+    if dataset.has_roles:
+        roles["is_query"], roles["is_gallery"] = dataset.roles()
     ks = tuple(dataset.recall_ks)
-    if dataset.query is not None and dataset.gallery is not None:
-        result = metrics.retrieval_metrics(
-            query_embeddings, dataset.query.labels, gallery_embeddings, dataset.gallery.labels, ks=ks, mesh=mesh
-        )
-    else:
-        result = metrics.retrieval_metrics(test_embeddings, dataset.test.labels, ks=ks, mesh=mesh)
+    result = metrics.retrieval_metrics(test_embeddings, dataset.test.labels, ks=ks, mesh=mesh, **roles)
     if nmi_key is not None:
         result["nmi"] = metrics.nmi(test_embeddings, dataset.test.labels, nmi_key)
     if dataset.test.coarse_labels is not None:
         coarse = metrics.retrieval_metrics(
-            test_embeddings, dataset.test.coarse_labels, ks=(1,), mesh=mesh
+            test_embeddings, dataset.test.coarse_labels, ks=(1,), mesh=mesh, **roles
         )
         result["coarse_recall@1"] = coarse["recall@1"]
     return result
@@ -94,14 +86,13 @@ def evaluate_embeddings(
 def embed_dataset(
     dataset: MetricDataset, embed_split: Callable[[Split], np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """``{'test': ..., and for query/gallery data sets 'query', 'gallery'}`` embeddings.
-
-    For query/gallery data sets the test set is their union, so it is not embedded a third time.
-    """
-    if dataset.query is not None and dataset.gallery is not None:
-        query, gallery = embed_split(dataset.query), embed_split(dataset.gallery)
-        return {"query": query, "gallery": gallery, "test": np.concatenate([query, gallery])}
-    return {"test": embed_split(dataset.test)}
+    """``{'test': ...}`` embeddings, and where queries and gallery are flagged their rows of it
+    (``'query'``, ``'gallery'``): every test image is embedded once."""
+    test = embed_split(dataset.test)
+    if not dataset.has_roles:
+        return {"test": test}
+    is_query, is_gallery = dataset.roles()
+    return {"test": test, "query": test[is_query], "gallery": test[is_gallery]}
 
 
 def main_metric(dataset: MetricDataset) -> str:

@@ -1,16 +1,24 @@
 """Retrieval metrics: Recall@K, Precision@1, R-Precision, MAP@R, NMI.
 
-Definitions (cosine similarity on L2-normalised embeddings; in self-retrieval each query is
-removed from its own reference set, by index):
+Who is searched where (Open Metric Learning's semantics, ``query_gallery``): a query is ranked
+against the gallery rows other than its own row. Self-retrieval (every row both) removes each
+query from its own reference set by index; a separate reference set is searched whole; flags
+(``is_query`` / ``is_gallery``) may mix rows that are both with query-only and gallery-only ones.
+Similarity: cosine, on L2-normalised embeddings.
 
-* ``recall@K``: fraction of queries with at least one reference of the same label among their K
-  nearest references (the Recall@K of the retrieval papers; queries whose label has no other
-  reference count as misses).
-* For the rest, queries whose label has no reference (``R = 0``) are left out (MLRC,
-  Musgrave et al. 2020). With ``R`` = number of references sharing the query's label and
-  ``rel_i`` = whether the i-th nearest reference shares it:
-  ``precision@1 = rel_1``, ``r_precision = (Σ_{i≤R} rel_i) / R``,
-  ``map@r = 1/R Σ_{i≤R} P@i · rel_i`` with ``P@i = (Σ_{j≤i} rel_j) / i``.
+Definitions, with ``R`` = the number of gallery rows other than the query that share its label
+and ``rel_i`` = whether the i-th nearest of them does:
+
+* ``recall@K``: whether one of the K nearest shares the label (the Recall@K of the retrieval
+  papers, OML's ``cmc@K``);
+* ``precision@1 = rel_1``, ``r_precision = (Σ_{i≤R} rel_i) / R``,
+  ``map@r = 1/R Σ_{i≤R} P@i · rel_i`` with ``P@i = (Σ_{j≤i} rel_j) / i`` (MLRC, Musgrave et al.
+  2020);
+* a query with ``R = 0`` has nothing to find: by default it is left out of every mean
+  (``unmatched_queries="skip"``; ``count_unmatched_queries`` says how many, and the trainer
+  prints it); ``"miss"`` scores it 0 in every metric, as OML's ``EmbeddingMetrics`` does (it
+  keeps such queries, with a warning). ``tests/test_query_gallery.py`` holds both to OML 4.0's
+  own results.
 
 How it is computed: queries go through in chunks (one loop in one program); for each chunk the
 similarities to every reference are one matmul on device, and that ``(chunk, N)`` block is then
@@ -37,6 +45,10 @@ order, so the merge keeps the tie rule. The results equal the single-device ones
 Ties: a wrong reference exactly as similar as the best correct one is counted as ranked before it
 (the pessimistic choice); in the top-``R_max`` list ties go to the lower reference index.
 
+Flags: the query rows and gallery rows are taken out of the one embedding set; each query carries
+the gallery column that is itself (or -1), which the device program excludes as it excludes the
+diagonal in self-retrieval (where no such column list is even read: that path is unchanged).
+
 Similarity products run at HIGHEST precision: the query × reference matmul passes
 ``precision=FULL_PRECISION`` (and k-means for NMI does the same), so that on TPUs and recent GPUs
 bf16/TF32 rounding (about 1e-3 on a cosine) does not reorder near-tied neighbours.
@@ -61,7 +73,18 @@ from jax.sharding import PartitionSpec as P
 
 from hdml_jax.evaluation import cluster
 from hdml_jax.evaluation.finite import NonFiniteEmbeddingsError, _count_non_finite_rows, check_finite
+from hdml_jax.evaluation.query_gallery import count_unmatched_queries, query_gallery_rows
 from hdml_jax.losses._common import FULL_PRECISION, is_concrete, l2_normalize
+
+__all__ = [
+    "UNMATCHED_QUERIES",
+    "NonFiniteEmbeddingsError",
+    "check_finite",
+    "count_unmatched_queries",
+    "default_chunk_size",
+    "nmi",
+    "retrieval_metrics",
+]
 
 # Default chunk size: one chunk's similarity block near 32M floats (128 MiB), at most 1024 queries.
 # Measured on XLA:CPU (d = 512): 512-1024 queries a chunk run 20-30% faster than 3,000-4,000
@@ -275,6 +298,7 @@ def _all_chunks(
     positive_index,
     reference,
     reference_labels,
+    self_column=None,
     *,
     num_references,
     chunk_size,
@@ -288,7 +312,9 @@ def _all_chunks(
     XLA:CPU), and no step waits on the host. ``query_labels`` has one entry per query (``Q``);
     ``queries`` may have more rows (in self-retrieval it is the padded reference array). The last
     chunk starts at ``Q - chunk_size``, overlapping the one before (its rows are computed twice,
-    identically), so no query array is padded or copied.
+    identically), so no query array is padded or copied. ``self_column`` ``(Q,)``: the reference
+    column that is each query itself (-1: none); None: query ``i`` is reference ``i``
+    (self-retrieval, where it is not read from memory at all).
     """
     num_queries = query_labels.shape[0]
     padded_groups = reference.shape[0] // _GROUP - num_references // _GROUP
@@ -304,7 +330,7 @@ def _all_chunks(
             similarity,
             rows(positive_index),
             rows(query_labels),
-            start + jnp.arange(chunk_size),
+            start + jnp.arange(chunk_size) if self_column is None else rows(self_column),
             reference_labels,
             num_references=num_references,
             padded_groups=padded_groups,
@@ -327,12 +353,13 @@ def default_chunk_size(num_queries: int, num_references: int) -> int:
 
 
 def _positive_lists(
-    query_labels: np.ndarray, reference_labels: np.ndarray, self_retrieval: bool
+    query_labels: np.ndarray, reference_labels: np.ndarray, query_is_reference: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """For every query, the indices of the references sharing its label, and their count R.
 
-    Returns ``(positive_index (Q, width) int32 padded with -1, num_relevant (Q,) int32)``; in
-    self-retrieval the lists include the query itself (removed on device) and R excludes it.
+    Returns ``(positive_index (Q, width) int32 padded with -1, num_relevant (Q,) int32)``. A query
+    that is itself a reference (``query_is_reference``, ``(Q,)`` bool) is in its own list (removed
+    on device), and its R excludes it.
     """
     order = np.argsort(reference_labels, kind="stable")
     sorted_labels = reference_labels[order]
@@ -342,7 +369,7 @@ def _positive_lists(
     offsets = start[:, None] + np.arange(width)[None, :]
     valid = np.arange(width)[None, :] < count[:, None]
     positive_index = np.where(valid, order[np.minimum(offsets, len(order) - 1)], -1).astype(np.int32)
-    num_relevant = (count - (1 if self_retrieval else 0)).clip(min=0).astype(np.int32)
+    num_relevant = (count - query_is_reference.astype(count.dtype)).clip(min=0).astype(np.int32)
     return positive_index, num_relevant
 
 
@@ -357,11 +384,17 @@ def _single_device_statistics(
     query_labels,
     reference_labels,
     positive_index,
+    self_column,
     *,
     chunk_size,
     top_r,
 ):
-    """``(rank (Q,), relevant (Q, top_r) bool)`` on the default device."""
+    """``(rank (Q,), relevant (Q, top_r) bool)`` on the default device.
+
+    ``self_retrieval``: ``query`` is the reference set (normalised once, query ``i`` is reference
+    ``i``). Otherwise ``self_column`` ``(Q,)`` is the reference column of each query itself (-1:
+    none), or None when no query is a reference.
+    """
     num_queries, num_references = query.shape[0], reference.shape[0]
     width = -(-num_references // _GROUP) * _GROUP
     if self_retrieval:
@@ -384,9 +417,10 @@ def _single_device_statistics(
         jnp.asarray(positive_index),
         reference_n,
         jnp.asarray(_pad_rows(reference_labels, width)),
+        None if self_column is None else jnp.asarray(self_column),
         num_references=num_references,
         chunk_size=int(min(chunk_size, num_queries)),
-        exclude_self=self_retrieval,
+        exclude_self=self_retrieval or self_column is not None,
         top_r=top_r,
     )
     return np.asarray(rank), np.asarray(relevant)
@@ -466,6 +500,7 @@ def _sharded_statistics(
     query_labels,
     reference_labels,
     positive_index,
+    self_column,
     *,
     mesh,
     chunk_size,
@@ -500,6 +535,9 @@ def _sharded_statistics(
         chunk_size = default_chunk_size(num_queries, width // num_devices)
     chunk_size = int(min(chunk_size, num_queries))
     query_labels = query_labels.astype(np.int32)
+    exclude_self = self_retrieval or self_column is not None
+    if self_column is None:
+        self_column = np.arange(num_queries, dtype=np.int32)  # read only when exclude_self
 
     def chunk_of(values, start, fill=0):
         rows = _pad_rows(values[start : start + chunk_size], chunk_size, fill)
@@ -512,19 +550,22 @@ def _sharded_statistics(
             _sharded_chunk(
                 queries_n,
                 chunk_of(query_labels, start),
-                jax.device_put(np.arange(start, start + chunk_size, dtype=np.int32), replicated),
+                chunk_of(self_column.astype(np.int32), start, -1),
                 chunk_of(positive_index, start, -1),
                 reference_n,
                 reference_labels_d,
                 mesh=mesh,
                 num_references=num_references,
                 padded_groups=width // _GROUP - num_references // _GROUP,
-                exclude_self=self_retrieval,
+                exclude_self=exclude_self,
                 top_r=top_r,
             )
         )
     rank = np.concatenate([np.asarray(r) for r, _ in outputs])
     return rank, np.concatenate([np.asarray(r) for _, r in outputs])
+
+
+UNMATCHED_QUERIES = ("skip", "miss")
 
 
 def retrieval_metrics(
@@ -533,18 +574,32 @@ def retrieval_metrics(
     reference: jax.Array | None = None,
     reference_labels: jax.Array | None = None,
     *,
+    is_query: np.ndarray | None = None,
+    is_gallery: np.ndarray | None = None,
     ks: Sequence[int] = (1, 2, 4, 8),
+    unmatched_queries: str = "skip",
     chunk_size: int | None = None,
     mesh: Mesh | None = None,
 ) -> dict[str, float]:
     """Recall@K, precision@1, R-Precision and MAP@R of a retrieval (see the module docstring).
 
+    Two forms. ``retrieval_metrics(query, labels, reference, reference_labels)``: the queries are
+    searched in a separate reference set. ``retrieval_metrics(embeddings, labels, is_query=...,
+    is_gallery=...)``: one set of rows, each a query, a gallery item or both (Open Metric Learning's
+    ``is_query``/``is_gallery``; both default to every row, i.e. self-retrieval); a query is
+    searched among the gallery rows other than its own row.
+
     Args:
-      query: ``(Q, d)`` float embeddings (normalised inside).
+      query: ``(Q, d)`` float embeddings (normalised inside); in the second form every row.
       query_labels: ``(Q,)`` integer class ids.
-      reference: ``(N, d)`` or None for self-retrieval (query set = reference set, self excluded).
+      reference: ``(N, d)``, or None for the second form.
       reference_labels: ``(N,)`` integer class ids, given exactly when ``reference`` is.
+      is_query, is_gallery: ``(Q,)`` bool flags of the second form (None: every row).
       ks: the K of Recall@K, any positive ints.
+      unmatched_queries: what a query counts for when no other gallery row shares its class.
+        ``"skip"`` (default): it is left out of every score (``count_unmatched_queries`` counts
+        them). ``"miss"``: it is scored as a failure in every metric, as Open Metric Learning's
+        ``EmbeddingMetrics`` does (it warns and keeps them).
       chunk_size: queries per device step, a positive integer; None: ``default_chunk_size``
         (``chunk_size × N``, or ``× N / D`` per device, near 32M; at most 1024).
       mesh: None (default) computes on the default device. A 1-D ``jax.sharding.Mesh`` of this
@@ -553,19 +608,27 @@ def retrieval_metrics(
         all (see "Sharded references" in the module docstring). The results are the same.
 
     Returns:
-      ``{"recall@K": ..., "precision@1": ..., "r_precision": ..., "map@r": ...}`` as Python floats.
+      ``{"recall@K": ..., "precision@1": ..., "r_precision": ..., "map@r": ...}`` as Python floats
+      (0.0 when no query has a match).
 
     Raises:
       NonFiniteEmbeddingsError: a query or reference row holds a NaN or inf (checked before any
         similarity is computed).
-      ValueError: inconsistent shapes, non-integer labels, a K < 1, a bad ``chunk_size`` or
-        ``mesh``.
+      ValueError: inconsistent shapes, non-integer labels, flags that are not one bool per row, a
+        K < 1, a bad ``chunk_size``, ``mesh`` or ``unmatched_queries``.
       TypeError: traced (jitted) arguments.
     """
     _require_concrete("retrieval_metrics", query, query_labels, reference, reference_labels)
-    self_retrieval = reference is None
-    if self_retrieval != (reference_labels is None):
+    if unmatched_queries not in UNMATCHED_QUERIES:
+        raise ValueError(f"unmatched_queries must be one of {UNMATCHED_QUERIES}, got {unmatched_queries!r}.")
+    self_form = reference is None
+    if self_form != (reference_labels is None):
         raise ValueError("give reference and reference_labels together, or neither (self-retrieval).")
+    if not self_form and (is_query is not None or is_gallery is not None):
+        raise ValueError(
+            "is_query / is_gallery flag the rows of one embedding set; with a separate reference set "
+            "leave them out (or pass every row once, with the flags, and no reference)."
+        )
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1
     ):
@@ -578,15 +641,30 @@ def retrieval_metrics(
             raise ValueError(f"mesh must be a 1-D jax.sharding.Mesh or None, got {mesh!r}.")
         if any(device.process_index != jax.process_index() for device in mesh.devices.flat):
             raise ValueError("mesh must hold only this process's devices (one host).")
+    if jnp.ndim(query) != 2 or (not self_form and jnp.ndim(reference) != 2):
+        shapes = f"{jnp.shape(query)}" + ("" if self_form else f" and {jnp.shape(reference)}")
+        raise ValueError(f"query and reference must be (num, dim); got {shapes}.")
+    query_labels_np = _integer_labels(query_labels, "query_labels")
+    self_column = None
+    self_retrieval = self_form and is_query is None and is_gallery is None
+    if self_form and not self_retrieval:
+        if query_labels_np.shape[0] != query.shape[0]:
+            raise ValueError(
+                f"need one label per embedding: {query.shape[0]} rows, {query_labels_np.shape[0]} labels."
+            )
+        query_rows, gallery_rows, self_column = query_gallery_rows(query.shape[0], is_query, is_gallery)
+        if query_rows.size == query.shape[0] and gallery_rows.size == query.shape[0]:
+            self_retrieval, self_column = True, None  # every row both: the self-retrieval path
+        else:
+            rows = query
+            query, reference = _take_rows(rows, query_rows), _take_rows(rows, gallery_rows)
+            query_labels_np, reference_labels = query_labels_np[query_rows], query_labels_np[gallery_rows]
+            if not np.any(self_column >= 0):
+                self_column = None  # query and gallery rows are disjoint: nothing to exclude
     if self_retrieval:
-        reference, reference_labels = query, query_labels
-    if jnp.ndim(query) != 2 or jnp.ndim(reference) != 2:
-        raise ValueError(
-            f"query and reference must be (num, dim); got {jnp.shape(query)} and {jnp.shape(reference)}."
-        )
+        reference, reference_labels = query, query_labels_np
     if query.shape[1] != reference.shape[1]:
         raise ValueError(f"query dim {query.shape[1]} differs from reference dim {reference.shape[1]}.")
-    query_labels_np = _integer_labels(query_labels, "query_labels")
     reference_labels_np = _integer_labels(reference_labels, "reference_labels")
     if query_labels_np.shape[0] != query.shape[0] or reference_labels_np.shape[0] != reference.shape[0]:
         raise ValueError(
@@ -597,11 +675,18 @@ def retrieval_metrics(
     if any(k < 1 for k in ks):
         raise ValueError(f"every K must be a positive integer, got {ks}.")
     num_queries, num_references = query.shape[0], reference.shape[0]
-    if num_queries == 0 or num_references - (1 if self_retrieval else 0) < 1:
+    if self_retrieval:
+        query_is_reference = np.ones(num_queries, bool)
+    elif self_column is None:
+        query_is_reference = np.zeros(num_queries, bool)
+    else:
+        query_is_reference = self_column >= 0
+    if num_queries == 0 or num_references - int(query_is_reference.all()) < 1:
         raise ValueError("retrieval needs at least one query and one reference other than itself.")
 
-    positive_index, num_relevant = _positive_lists(query_labels_np, reference_labels_np, self_retrieval)
-    top_r = int(min(num_relevant.max(), num_references - (1 if self_retrieval else 0)))
+    positive_index, num_relevant = _positive_lists(query_labels_np, reference_labels_np, query_is_reference)
+    exclude_self = self_retrieval or self_column is not None
+    top_r = int(min(num_relevant.max(), num_references - (1 if exclude_self else 0)))
     statistics = (
         _single_device_statistics if mesh is None else functools.partial(_sharded_statistics, mesh=mesh)
     )
@@ -612,19 +697,32 @@ def retrieval_metrics(
         query_labels_np,
         reference_labels_np,
         positive_index,
+        self_column,
         chunk_size=chunk_size,
         top_r=top_r,
     )
     rank = rank[:num_queries]
     average_precision, r_precision, precision_at_1 = _ranking_terms(relevant[:num_queries], num_relevant)
-    has_relevant = num_relevant > 0
-    rank = np.where(has_relevant, rank, num_references)  # no correct reference: never recalled
-    metrics = {f"recall@{k}": float(np.mean(rank < k)) for k in ks}
-    num_scored = max(int(has_relevant.sum()), 1)
-    metrics["precision@1"] = float(precision_at_1[has_relevant].sum() / num_scored)
-    metrics["r_precision"] = float(r_precision[has_relevant].sum() / num_scored)
-    metrics["map@r"] = float(average_precision[has_relevant].sum() / num_scored)
+    # A query outside the gallery whose class fills it has R = N > top_r (bounded by N - 1 when
+    # other queries are in the gallery): every ranking of the gallery is then perfect.
+    everything_relevant = num_relevant == num_references
+    for terms in (average_precision, r_precision, precision_at_1):
+        terms[everything_relevant] = 1.0
+    matched = num_relevant > 0
+    rank = np.where(matched, rank, num_references)  # no correct reference: never recalled
+    scored = matched if unmatched_queries == "skip" else np.ones(num_queries, bool)
+    num_scored = max(int(scored.sum()), 1)
+    metrics = {f"recall@{k}": float(np.sum((rank < k) & scored) / num_scored) for k in ks}
+    # Unmatched queries have R = 0: all three terms are 0 for them (a miss under "miss").
+    metrics["precision@1"] = float(precision_at_1[matched].sum() / num_scored)
+    metrics["r_precision"] = float(r_precision[matched].sum() / num_scored)
+    metrics["map@r"] = float(average_precision[matched].sum() / num_scored)
     return metrics
+
+
+def _take_rows(x, rows: np.ndarray):
+    """``x[rows]`` on the host for NumPy input, on its device for a JAX array."""
+    return x[jnp.asarray(rows)] if isinstance(x, jax.Array) else np.asarray(x)[rows]
 
 
 def nmi(embeddings: jax.Array, labels: jax.Array, key: jax.Array, *, num_iters: int = 100) -> float:

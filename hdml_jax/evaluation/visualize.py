@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hdml_jax.data.base import Split
+from hdml_jax.evaluation.query_gallery import query_gallery_rows
 from hdml_jax.workdir import read_log
 
 
@@ -435,3 +437,34 @@ def plot_curves(path: str | Path, metrics_jsonl: str | Path) -> None:
     fig = curves_figure(metrics_jsonl)
     fig.savefig(path, dpi=100)
     _pyplot().close(fig)
+
+
+def plot_retrieval_examples(
+    path: Path,
+    split: Split,
+    embeddings: np.ndarray,
+    is_query: np.ndarray,
+    is_gallery: np.ndarray,
+    *,
+    seed: int,
+    num_queries: int = 6,
+    k: int = 5,
+) -> None:
+    """A few queries (drawn with ``seed``) of ``split`` and their ``k`` nearest gallery images, the
+    query's own row excluded; ``embeddings`` are the split's unit rows, in its order."""
+    query_rows, gallery_rows, self_column = query_gallery_rows(len(split), is_query, is_gallery)
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(query_rows), size=min(num_queries, len(query_rows)), replace=False))
+    similarity = embeddings[query_rows[chosen]] @ embeddings[gallery_rows].T
+    itself = self_column[chosen]
+    similarity[np.flatnonzero(itself >= 0), itself[itself >= 0]] = -np.inf
+    neighbours = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    labels, source = split.labels, split.source
+    plot_retrieval(
+        path,
+        [source[int(i)]["image"] for i in query_rows[chosen]],
+        labels[query_rows[chosen]],
+        [[source[int(gallery_rows[j])]["image"] for j in row] for row in neighbours],
+        labels[gallery_rows[neighbours]],
+        np.take_along_axis(similarity, neighbours, axis=1),  # cosine: the embeddings are unit vectors
+    )

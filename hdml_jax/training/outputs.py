@@ -82,27 +82,9 @@ def write_outputs(
     atomic_write_text(workdir / "final_metrics.json", json.dumps(summary, indent=2) + "\n")
 
 
-def write_retrieval_picture(
-    path: Path, dataset: MetricDataset, embeddings, config, num_queries: int = 6, k: int = 5
-) -> None:
-    if "query" in embeddings:
-        queries, query_split = embeddings["query"], dataset.query
-        gallery, gallery_split, exclude_self = embeddings["gallery"], dataset.gallery, False
-    else:
-        queries = gallery = embeddings["test"]
-        query_split = gallery_split = dataset.test
-        exclude_self = True
-    rng = np.random.default_rng(config.seed)
-    chosen = np.sort(rng.choice(len(queries), size=min(num_queries, len(queries)), replace=False))
-    similarity = queries[chosen] @ gallery.T
-    if exclude_self:
-        similarity[np.arange(len(chosen)), chosen] = -np.inf
-    neighbours = np.argsort(-similarity, axis=1)[:, :k]
-    visualize.plot_retrieval(
-        path,
-        [query_split.source[int(i)]["image"] for i in chosen],
-        query_split.labels[chosen],
-        [[gallery_split.source[int(j)]["image"] for j in row] for row in neighbours],
-        gallery_split.labels[neighbours],
-        np.take_along_axis(similarity, neighbours, axis=1),  # cosine: the embeddings are unit vectors
+def write_retrieval_picture(path: Path, dataset: MetricDataset, embeddings, config) -> None:
+    """``retrieval.png`` of a run: ``plot_retrieval_examples`` on its test rows."""
+    is_query, is_gallery = dataset.roles()
+    visualize.plot_retrieval_examples(
+        path, dataset.test, embeddings["test"], is_query, is_gallery, seed=config.seed
     )

@@ -126,8 +126,6 @@ class Run:
         result = evaluate.evaluate_embeddings(
             self.dataset,
             embeddings["test"],
-            query_embeddings=embeddings.get("query"),
-            gallery_embeddings=embeddings.get("gallery"),
             nmi_key=nmi_key,
             mesh=_local_reference_mesh() if self.config.eval_shard_references else None,
         )

@@ -172,8 +172,11 @@ def _checked_replace(current: Any, loaded: Any, what: str) -> Any:
 
 
 def _transform_pair(config: ml_collections.ConfigDict) -> transforms.TransformPair:
-    return transforms.TRANSFORMS[config.dataset.transform](
-        config.dataset.image_size, crop_to_bbox=config.dataset.crop_to_bbox
+    return transforms.preset(
+        config.dataset.transform,
+        config.dataset.image_size,
+        crop_to_bbox=config.dataset.crop_to_bbox,
+        augment=config.dataset.get("augment"),  # absent from configs written before it existed
     )
 
 

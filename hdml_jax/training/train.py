@@ -147,7 +147,9 @@ def train_and_evaluate(
                 "(the same command without --config.eval_only) or point --workdir at a trained run."
             )
         dataset = load_data(config) if dataset is None else dataset
-        fits.check_dataset_fits(config, dataset, jax.device_count())
+        note = fits.check_dataset_fits(config, dataset, jax.device_count())
+        if note and primary:
+            print(note, file=sys.stderr)
         steps_per_epoch = optim.steps_per_epoch(config, len(dataset.train))
         num_steps = optim.total_steps(config, steps_per_epoch)
         interrupts.stop_point()
