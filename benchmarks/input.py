@@ -14,6 +14,9 @@ so background load hits both alike; min and median of ``--repeats`` rounds):
   (normalised on the device); the header line says which decoder and resize ran;
 * train, ours (Pillow decode and resize): the same with neither simplejpeg nor the native kernel,
   what an install without a C compiler runs;
+* train, ours + colour jitter / + everything: the same with ``dataset.augment``'s
+  ``ColorJitter(0.4, 0.4, 0.4, 0.1)``, then also greyscale (p 0.2), a ±10° rotation and a
+  vertical flip, on the 224-px crop: what each costs on top of the default path;
 * train, ours (decoded input): the same transform on an array PIL decoded in full, as a source
   without ``encoded`` feeds it;
 * train, reference: what a torchvision ``ImageFolder`` + ``DataLoader`` worker does per image,
@@ -196,6 +199,16 @@ def _single_threaded_tensorflow():
     return tf
 
 
+# dataset.augment beyond the preset's crop and flip: torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1)
+# (a common choice), then also RandomGrayscale(0.2), RandomRotation(10) and a vertical flip.
+JITTER_AUGMENT = transforms.Augmentation(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+ALL_AUGMENT = transforms.Augmentation(
+    brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale=0.2, rotation=10.0, vertical_flip=True
+)
+JITTER = "train ours + colour jitter (0.4, 0.4, 0.4, 0.1)"
+ALL_AUG = "train ours + jitter, greyscale, rotation, v-flip"
+
+
 def per_core(
     files: list[bytes], split: Split, labels: np.ndarray, repeats: int, use_tf: bool = True
 ) -> list[list[str]]:
@@ -204,10 +217,14 @@ def per_core(
     def rngs():
         return [np.random.default_rng(i) for i in range(BATCH)]
 
+    jittered = transforms.preset("proxy_anchor", SIZE, augment=JITTER_AUGMENT).train
+    everything = transforms.preset("proxy_anchor", SIZE, augment=ALL_AUGMENT).train
     calls = {
         "train ours": lambda: [
             pair.train(encoded.EncodedImage(files[i]), r) for i, r in enumerate(rngs())
         ],
+        JITTER: lambda: [jittered(encoded.EncodedImage(files[i]), r) for i, r in enumerate(rngs())],
+        ALL_AUG: lambda: [everything(encoded.EncodedImage(files[i]), r) for i, r in enumerate(rngs())],
         "train reference": lambda: [reference_train(files[i], r) for i, r in enumerate(rngs())],
         "eval ours": lambda: [pair.eval(encoded.EncodedImage(files[i])) for i in range(BATCH)],
         "eval reference": lambda: [reference_eval(files[i]) for i in range(BATCH)],
@@ -291,6 +308,8 @@ def per_core(
         reference = timings[f"{what} reference"]
         names = [f"{what} ours"] + (
             [
+                JITTER,
+                ALL_AUG,
                 PILLOW_ONLY,
                 "train ours (decoded input)",
                 "decode only (PIL, full scale)",

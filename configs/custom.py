@@ -10,9 +10,22 @@ problem in one message — and prepared once into ``$HDML_JAX_CACHE/datasets/cus
 ``dataset.data_dir``); a changed CSV or image is prepared again. ``python -m hdml_jax.data.custom
 PATH`` checks and prepares without training.
 
-Evaluation: queries against the gallery when the CSV marks them, self-retrieval otherwise, with
+Evaluation: Open Metric Learning's query/gallery semantics when the CSV has ``is_query`` /
+``is_gallery`` (any mix of query-only, gallery-only and both rows; a query never matches its own
+row; queries with nothing to find are left out, with a note), self-retrieval otherwise, with
 ``dataset.recall_ks``. ``category`` gives ``coarse_recall@1`` and, with
-``loss.coarse_from_labels=True``, HPL's coarse level.
+``loss.coarse_from_labels=True``, HPL's coarse level. ``python -m hdml_jax.evaluate --workdir RUN
+--csv OTHER.csv`` scores the trained run on another labelled CSV.
+
+Augmentation (``dataset.augment``, the train transform only; the defaults are the preset's)::
+
+    --config.dataset.augment.horizontal_flip=False      # text, digits, logos, arrows, documents
+    --config.dataset.augment.vertical_flip=True
+    --config.dataset.augment.crop_scale="(0.2, 1.0)"    # RandomResizedCrop's area range, in (0, 1]
+    --config.dataset.augment.crop_ratio="(0.75, 1.33)"  # and its aspect-ratio range
+    --config.dataset.augment.brightness=0.4             # ColorJitter: also contrast, saturation, hue
+    --config.dataset.augment.grayscale=0.2              # probability
+    --config.dataset.augment.rotation=10                # ± degrees
 
 The recipe is our starting point for a small fine-grained data set, not a published one: the
 Proxy-Anchor family uses the official ResNet-50 CUB command (PA README.md:64-75, as

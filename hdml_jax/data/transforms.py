@@ -242,61 +242,42 @@ def _luma(image: np.ndarray) -> np.ndarray:
     return ((rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16).astype(np.uint8)
 
 
-def _blend(image: np.ndarray, other, factor: float) -> np.ndarray:
-    """PIL's ``ImageEnhance``: ``other + factor · (image - other)``, clipped to 0..255 (float32)."""
-    return np.clip(other + factor * (image - other), 0.0, 255.0)
-
-
 def color_jitter(
-    image: np.ndarray,
-    rng: np.random.Generator,
-    brightness: float,
-    contrast: float,
-    saturation: float,
-    hue: float,
+    image: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float, saturation: float, hue: float
 ) -> np.ndarray:
-    """torchvision's ``ColorJitter`` on a ``uint8 (H, W, 3)`` image, with its random order.
+    """torchvision's ``ColorJitter`` on a ``uint8 (H, W, 3)`` image, by its PIL path.
 
-    Brightness blends with black, contrast with the mean grey level, saturation with the grey
-    image (PIL's ``ImageEnhance`` formulas, as torchvision's PIL path); hue rotates the HSV hue.
-    The order of the four is a random permutation, as ``ColorJitter.get_params`` draws it; each
-    factor is drawn only for an enabled operation.
+    The order of the four operations is a random permutation, drawn first as
+    ``ColorJitter.get_params`` draws it; a factor is drawn only for an enabled operation.
+    Brightness, contrast and saturation are PIL's ``ImageEnhance`` (blends with black, with the
+    mean grey level, with the grey image), hue turns the hue channel of PIL's uint8 HSV image by
+    ``round(shift · 255)`` with wrap-around: each what torchvision's ``functional_pil`` calls,
+    with its rounding to uint8 after every step.
     """
+    from PIL import ImageEnhance
+
     order = rng.permutation(4)
-    x = image.astype(np.float32)
+    pil = Image.fromarray(np.ascontiguousarray(image))
     for op in order:
         if op == 0 and brightness > 0:
-            x = _blend(x, 0.0, rng.uniform(max(0.0, 1 - brightness), 1 + brightness))
+            pil = ImageEnhance.Brightness(pil).enhance(rng.uniform(max(0.0, 1 - brightness), 1 + brightness))
         elif op == 1 and contrast > 0:
-            mean = float(int(np.mean(_luma(np.round(x).astype(np.uint8))) + 0.5))  # PIL's rounding
-            x = _blend(x, mean, rng.uniform(max(0.0, 1 - contrast), 1 + contrast))
+            pil = ImageEnhance.Contrast(pil).enhance(rng.uniform(max(0.0, 1 - contrast), 1 + contrast))
         elif op == 2 and saturation > 0:
-            grey = _luma(np.round(x).astype(np.uint8)).astype(np.float32)[..., None]
-            x = _blend(x, grey, rng.uniform(max(0.0, 1 - saturation), 1 + saturation))
+            pil = ImageEnhance.Color(pil).enhance(rng.uniform(max(0.0, 1 - saturation), 1 + saturation))
         elif op == 3 and hue > 0:
-            x = _shift_hue(x, rng.uniform(-hue, hue))
-    return np.round(x).astype(np.uint8)
+            pil = _turn_hue(pil, rng.uniform(-hue, hue))
+    return np.asarray(pil)
 
 
-def _shift_hue(x: np.ndarray, shift: float) -> np.ndarray:
-    """RGB (float, 0..255) with its HSV hue turned by ``shift`` turns; value and saturation kept."""
-    r, g, b = (x[..., i] / 255.0 for i in range(3))
-    high, low = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
-    delta = high - low
-    safe = np.where(delta > 0, delta, 1.0)
-    h = np.where(high == r, (g - b) / safe, np.where(high == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    h = np.where(delta > 0, np.mod(h / 6.0 + shift, 1.0), 0.0)
-    s = np.where(high > 0, delta / np.where(high > 0, high, 1.0), 0.0)
-    i = np.floor(h * 6.0)
-    f = h * 6.0 - i
-    p, q, t = high * (1 - s), high * (1 - s * f), high * (1 - s * (1 - f))
-    i = i.astype(np.int64) % 6
-    channels = [
-        np.choose(i, [high, q, p, p, t, high]),
-        np.choose(i, [t, high, high, q, p, p]),
-        np.choose(i, [p, p, t, high, high, q]),
-    ]
-    return np.stack(channels, axis=-1) * 255.0
+def _turn_hue(image: Image.Image, shift: float) -> Image.Image:
+    """torchvision's ``adjust_hue`` (``functional_pil``): the uint8 hue channel plus
+    ``shift · 255`` truncated to an integer, modulo 256 (torchvision casts the float to uint8 and
+    lets the sum wrap; the modulo is that cast made explicit for negative shifts)."""
+    h, s, v = image.convert("HSV").split()
+    step = np.uint8(int(shift * 255) % 256)
+    turned = np.asarray(h, np.uint8) + step  # uint8 arithmetic: wraps around
+    return Image.merge("HSV", (Image.fromarray(turned, "L"), s, v)).convert("RGB")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
