@@ -193,7 +193,8 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
     if record.hierarchical:
         one_of(c.loss.coarse_proxies, COARSE_PROXIES, "loss.coarse_proxies")
         levels = len(tuple(c.loss.num_coarse_groups)) + 1
-        if len(tuple(c.loss.level_weights)) != levels:
+        # With coarse_from_labels the taxonomy's depth sets the levels: checked once it is read.
+        if not c.loss.coarse_from_labels and len(tuple(c.loss.level_weights)) != levels:
             raise ConfigError(
                 f"loss.level_weights has {len(tuple(c.loss.level_weights))} entries for {levels} proxy levels "
                 f"(1 fine + {levels - 1} coarse from loss.num_coarse_groups); give one weight per level."

@@ -42,12 +42,15 @@ def tiny_csv_dataset(
     size: int = 32,
     query_gallery: bool = False,
     mixed_flags: bool = False,
+    taxonomy: bool = False,
 ) -> tuple[Path, list[dict[str, object]]]:
     """``tests.tiny_data``'s images as files (PNG, modes cycling through ``MODES``, a space in every
     folder name) and the CSV that lists them: ``(csv_path, rows)``. Classes ``2g, 2g+1`` share
     category ``g``. ``query_gallery``: the first half of each validation class's images are queries.
     ``mixed_flags``: Open Metric Learning's mix, validation images in turn both, query-only and
     gallery-only, except the last validation class, all queries (they have nothing to find).
+    ``taxonomy``: a three-level taxonomy, ``category = "dept {label // 4}/aisle {label // 2}"``
+    (department → aisle → class).
     """
     rows: list[dict[str, object]] = []
     for split, seed, num_classes in (("train", 0, num_train_classes), ("validation", 1, num_test_classes)):
@@ -61,7 +64,7 @@ def tiny_csv_dataset(
                 "label": name,
                 "path": relative,
                 "split": split,
-                "category": f"group {label // 2}",
+                "category": f"dept {label // 4}/aisle {label // 2}" if taxonomy else f"group {label // 2}",
             }
             if query_gallery:
                 query = split == "validation" and i % per_class < per_class // 2

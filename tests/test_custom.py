@@ -260,3 +260,120 @@ def test_check_command_prints_a_summary_or_one_error(csv_dataset, tmp_path, caps
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing.csv: no such CSV file" in err and "Traceback" not in err
+
+
+def _taxonomy_rows(paths: dict[str, str]) -> list[dict[str, str]]:
+    """Two images per class; ``paths`` maps a class to its category path (coarsest first)."""
+    split = {"kettle": "train", "toaster": "train", "rake": "train", "hoe": "train"}
+    return [
+        {
+            "label": label,
+            "path": f"{label}{i}.png",
+            "split": split.get(label, "validation"),
+            "category": category,
+        }
+        for label, category in paths.items()
+        for i in range(2)
+    ]
+
+
+def test_a_category_path_is_a_taxonomy_of_any_depth(tmp_path):
+    paths = {
+        "kettle": "home/kitchen/small appliances",
+        "toaster": "home/kitchen/small appliances",
+        "rake": "garden/tools/hand tools",
+        "hoe": "garden/tools/long tools",
+        "pan": "home/kitchen/cookware",
+        "spade": "garden/tools/long tools",
+    }
+    rows = _taxonomy_rows(paths)
+    for row in rows:
+        save_image(tmp_path / row["path"], _solid(8, 8, (len(row["label"]) * 20, 0, 0)))
+    dataset = custom.load_custom(write_csv(tmp_path / "items.csv", rows), cache_dir=tmp_path / "cache")
+    train, test = dataset.train, dataset.test
+    assert len(train.coarse_levels) == len(test.coarse_levels) == 3  # three levels above the classes
+    # Finest first; ids dense over the training split (its categories numbered first).
+    names = {label: i for i, label in enumerate(sorted(["hoe", "kettle", "rake", "toaster"]))}
+    by_class = {
+        int(c): tuple(int(level[i]) for level in train.coarse_levels) for i, c in enumerate(train.labels)
+    }
+    assert by_class[names["kettle"]] == by_class[names["toaster"]]
+    assert (
+        by_class[names["rake"]][1:] == by_class[names["hoe"]][1:]
+        and by_class[names["rake"]][0] != by_class[names["hoe"]][0]
+    )
+    assert by_class[names["kettle"]][2] != by_class[names["rake"]][2]  # home vs garden
+    for level in train.coarse_levels:
+        assert set(level.tolist()) == set(range(level.max() + 1))
+    # "garden/tools/long tools" is the same group in both splits, at every level.
+    spade = int(np.flatnonzero(test.labels == test.labels[-1])[0])
+    hoe = int(np.flatnonzero(train.labels == names["hoe"])[0])
+    assert [int(level[spade]) for level in test.coarse_levels] == [
+        int(level[hoe]) for level in train.coarse_levels
+    ]
+    # The HPL levels from it: class → shelf → aisle → department.
+    from hdml_jax.training import setup
+
+    maps = setup.taxonomy_maps(train)
+    assert [m.shape[0] for m in maps] == [4, 3, 2]
+    for finer, coarser, mapping in zip(
+        (train.labels, *train.coarse_levels[:-1]), train.coarse_levels, maps, strict=True
+    ):
+        np.testing.assert_array_equal(mapping[finer], coarser)
+
+
+def test_taxonomy_mistakes_list_their_rows(tmp_path):
+    for row in _taxonomy_rows({"kettle": "a", "toaster": "b", "rake": "c", "hoe": "d", "pan": "e"}):
+        save_image(tmp_path / row["path"], _solid(4, 4, (1, 2, 3)))
+    rows = _taxonomy_rows(
+        {
+            "kettle": "home/kitchen",
+            "toaster": "home/kitchen",
+            "rake": "garden",
+            "hoe": "garden//tools",
+            "pan": "home/x",
+        }
+    )
+    rows[1]["category"] = "home/bath"  # the second kettle: a class under two parents
+    problems = custom.check_table(custom.read_csv(write_csv(tmp_path / "bad.csv", rows)))
+    assert (
+        "classes with more than one category (a class under two parents): kettle (home/bath, home/kitchen)"
+        in problems
+    )
+    assert "category paths with an empty level (between '/'s): line 8, line 9" in problems
+    assert any(
+        p.startswith("category paths of another depth than the usual 2 levels")
+        and "line 6 ('garden': 1)" in p
+        for p in problems
+    ), problems
+
+
+def test_image_folders_of_any_depth_and_hpl_levels_from_them(tmp_path):
+    import ml_collections
+
+    from hdml_jax.errors import ConfigError
+    from hdml_jax.training import setup
+
+    for split, path, n in [
+        ("train", "home/kitchen/kettle", 2),
+        ("train", "home/bath/towel", 2),
+        ("train", "garden/tools/rake", 2),
+        ("validation", "garden/tools/hoe", 2),
+    ]:
+        for i in range(n):
+            save_image(tmp_path / "tree" / split / path / f"{i}.png", _solid(6, 6, (i * 60, 0, 0)))
+    dataset = custom.load_custom(tmp_path / "tree", cache_dir=tmp_path / "cache")
+    assert [len(np.unique(level)) for level in dataset.train.coarse_levels] == [3, 2]  # aisles, departments
+    config = ml_collections.ConfigDict(
+        {
+            "method": "hpl_pa",
+            "loss": {"coarse_from_labels": True, "level_weights": (1.0, 0.1), "num_coarse_groups": (0,)},
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"level_weights has 2 entries, .* gives 3 levels .*level_weights='\(1.0, 0.1, 0.1\)'",
+    ):
+        setup.coarse_group_sizes(config, dataset)
+    config.loss.level_weights = (1.0, 0.1, 0.05)
+    assert setup.coarse_group_sizes(config, dataset) == (3, 2)

@@ -46,15 +46,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> tuple[Path, MetricDataset]:
-    """``(root, dataset)``: a CSV data set of generated images (``tests.custom_data``), trained on
-    by the command a user runs, ``python -m hdml_jax.main --config ...custom...``, into
-    ``root / 'run'``; ``dataset`` is that CSV loaded as the trainer loaded it."""
+    """``(root, dataset)``: a CSV data set of generated images (``tests.custom_data``: mixed
+    query/gallery flags, a three-level taxonomy), trained on by the command a user runs,
+    ``python -m hdml_jax.main --config ...custom...`` (HPL-PA on the taxonomy's levels, no flips),
+    into ``root / 'run'``; ``dataset`` is that CSV loaded as the trainer loaded it."""
     root = tmp_path_factory.mktemp("inference")
-    csv_path, _ = tiny_csv_dataset(root / "data", mixed_flags=True)
+    csv_path, _ = tiny_csv_dataset(root / "data", mixed_flags=True, taxonomy=True)
     cache = root / "cache"
     command = [
         sys.executable, "-m", "hdml_jax.main",
-        "--config", "tests/tiny_custom_config.py:method=proxy_anchor",
+        # HPL-PA on the CSV's taxonomy (department → aisle → class), flips off.
+        "--config", "tests/tiny_custom_config.py:method=hpl_pa",
+        "--config.loss.coarse_from_labels=True", "--config.loss.level_weights=(1.0, 0.1, 0.1)",
+        "--config.dataset.augment.horizontal_flip=False",
         f"--config.dataset.path={csv_path}", f"--config.dataset.data_dir={cache}",
         "--config.eval_every_epochs=2", "--config.checkpoint_every_steps=4",
         "--config.dataset.num_threads=2",  # loader threads, through the CLI
@@ -364,7 +368,9 @@ def test_best_step_reads_the_checkpoints_evaluations_and_final_metrics(tmp_path)
     assert trained_run.best_step(tmp_path, evaluations, "recall@1") == 8  # a tie goes to the earlier step
     final = {"step": 16, "recall@1": 0.9, "best": {"step": 16, "recall@1": 0.9}, "best_by": "recall@1"}
     (tmp_path / "final_metrics.json").write_text(json.dumps(final))
-    assert trained_run.best_step(tmp_path, evaluations, "recall@1") == 16  # the final evaluation is only there
+    assert (
+        trained_run.best_step(tmp_path, evaluations, "recall@1") == 16
+    )  # the final evaluation is only there
     assert trained_run.best_step(tmp_path / "missing", [], "recall@1") is None
 
 
@@ -406,8 +412,13 @@ def test_evaluate_scores_the_trained_run_on_a_csv_as_the_trainer_did(workspace, 
     note about the 8 unmatched queries, every mean and count in the JSON, written atomically."""
     from hdml_jax.inference import scoring
 
-    root, _ = workspace
+    root, dataset = workspace
     final = json.loads((root / "run" / "final_metrics.json").read_text())
+    # The run trained HPL on the CSV's two levels above the classes, without flips.
+    assert [len(np.unique(level)) for level in dataset.train.coarse_levels] == [4, 2]
+    run_config = json.loads((root / "run" / "config.json").read_text())
+    assert run_config["dataset"]["augment"]["horizontal_flip"] is False
+    assert run_config["loss"]["coarse_from_labels"] is True
     output, picture = tmp_path / "scores" / "items.json", tmp_path / "pictures" / "retrieval.png"
     code, out, err = run_cli(capsys, scoring.main, "--workdir", root / "run", "--csv", root / "data" / "items.csv",
                              "--output", output, "--picture", picture, "--batch-size", 16)  # fmt: skip
@@ -415,12 +426,26 @@ def test_evaluate_scores_the_trained_run_on_a_csv_as_the_trainer_did(workspace, 
     assert "note: 8 of the 35 evaluation queries have no other gallery image of their class" in err
     record = json.loads(output.read_text())
     assert record["step"] == final["step"] == 8
-    assert (record["images"], record["queries"], record["unmatched_queries"], record["classes"]) == (48, 35, 8, 6)
+    assert (record["images"], record["queries"], record["unmatched_queries"], record["classes"]) == (
+        48,
+        35,
+        8,
+        6,
+    )
     assert record["gallery"] == 27  # the 14 both-rows and 13 gallery-only rows of classes 0-4
     # Another batch shape than the trainer's: the embeddings agree to round-off, which can swap two
     # neighbours tied within it; one query's swap moves a mean over the 27 scored queries by ≤ 1/27.
-    for name in ("recall@1", "recall@2", "precision@1", "map@r", "r_precision", "coarse_recall@1"):
+    for name in (
+        "recall@1",
+        "recall@2",
+        "precision@1",
+        "map@r",
+        "r_precision",
+        "coarse_recall@1",
+        "coarse2_recall@1",
+    ):
         assert abs(record["metrics"][name] - final[name]) <= 1 / 27 + 1e-12, name
+    assert "coarse3_recall@1" not in record["metrics"]  # two levels above the classes
     assert f"{100 * record['metrics']['recall@1']:6.2f}" in out
     assert picture.stat().st_size > 0
     assert not list(output.parent.glob(".*")) and not list(picture.parent.glob(".*"))  # no temporary left
@@ -433,7 +458,8 @@ def test_evaluate_an_image_folder_and_its_mistakes(workspace, capsys, tmp_path):
     folder = tmp_path / "by class"
     for index in CHOSEN:
         image = dataset.test.source[index]["image"]
-        target = folder / f"group {dataset.test.coarse_labels[index]}" / f"class {dataset.test.labels[index]}"
+        aisle, dept = (int(level[index]) for level in dataset.test.coarse_levels)
+        target = folder / f"dept {dept}" / f"aisle {aisle}" / f"class {dataset.test.labels[index]}"
         target.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(target / f"{index:02d}.png")
     code, _, err = run_cli(capsys, scoring.main, "--workdir", root / "run", "--images", folder, "--ks", 1, 3)
@@ -441,7 +467,7 @@ def test_evaluate_an_image_folder_and_its_mistakes(workspace, capsys, tmp_path):
     written = root / "run" / "evaluations" / "by class-step8.json"
     record = json.loads(written.read_text())
     assert set(record["metrics"]) == {
-        "recall@1", "recall@3", "precision@1", "r_precision", "map@r", "nmi", "coarse_recall@1"
+        "recall@1", "recall@3", "precision@1", "r_precision", "map@r", "nmi", "coarse_recall@1", "coarse2_recall@1"
     }  # fmt: skip
     assert (record["images"], record["queries"], record["gallery"], record["classes"]) == (12, 12, 12, 6)
     assert record["unmatched_queries"] == 2  # classes 4 and 5: one image each (32, 40)
@@ -459,7 +485,7 @@ def test_evaluate_an_image_folder_and_its_mistakes(workspace, capsys, tmp_path):
     train_only.write_text("label,path,split\na,x.png,train\n")
     for argv, message in (
         (("--images", lone), "none of the 3 queries has another gallery image of its class"),
-        (("--images", mixed), "expected <class>/<image> or <category>/<class>/<image> throughout"),
+        (("--images", mixed), r"expected <class>/<image> or <category>/\.\.\./<class>/<image> throughout"),
         (("--csv", no_path), r"missing column\(s\) path"),
         (("--csv", train_only), "no row has split=validation .* pass --all-rows"),
         (("--images", folder, "--step", 5), "no checkpoint of step 5"),

@@ -39,7 +39,11 @@ class Split:
     Attributes:
       source: random-access examples (see the module docstring).
       labels: ``(N,)`` int64, ``labels[i] == source[i]["label"]``, remapped to ``0..C-1``.
-      coarse_labels: ``(N,)`` int64 or None.
+      coarse_labels: ``(N,)`` int64 or None: the group of each example's class, the taxonomy's
+        first level above the classes.
+      coarser_labels: the levels above that, ``(N,)`` int64 each, finest first (a taxonomy of
+        any depth: ``home/kitchen/kettles`` gives kettles' group, then ``home/kitchen``, then
+        ``home``); empty for one level or none.
       name: for messages, e.g. ``"cub200/train"``.
     """
 
@@ -47,10 +51,18 @@ class Split:
     labels: np.ndarray
     coarse_labels: np.ndarray | None = None
     name: str = ""
+    coarser_labels: tuple[np.ndarray, ...] = ()
 
     def __post_init__(self):
         if len(self.labels) != len(self.source):
             raise ValueError(f"{self.name}: {len(self.labels)} labels for {len(self.source)} examples.")
+        if self.coarser_labels and self.coarse_labels is None:
+            raise ValueError(f"{self.name}: coarser_labels without coarse_labels.")
+
+    @property
+    def coarse_levels(self) -> tuple[np.ndarray, ...]:
+        """Every level above the classes, finest first (``()``: no taxonomy)."""
+        return () if self.coarse_labels is None else (self.coarse_labels, *self.coarser_labels)
 
     @property
     def num_classes(self) -> int:
@@ -118,7 +130,8 @@ class MetricDataset:
         coarse = None if self.test.coarse_labels is None else self.test.coarse_labels[rows]
         labels = self.test.labels[rows]
         source = SubsetSource(self.test.source, rows, labels, coarse)
-        return Split(source, labels, coarse, name=f"{self.name}/{role}")
+        coarser = tuple(level[rows] for level in self.test.coarser_labels)
+        return Split(source, labels, coarse, name=f"{self.name}/{role}", coarser_labels=coarser)
 
 
 class SubsetSource:

@@ -20,8 +20,10 @@ is_gallery               query-only, gallery-only and both (Open Metric Learning
                          a query is searched among the gallery rows other than its own row.
                          Every row both (or no columns): self-retrieval. A query whose class
                          has no other gallery row is left out of the scores, with a note.
-category       no        the coarse class of the row's class (one per class): HPL's coarse
-                         level with ``loss.coarse_from_labels`` and ``coarse_recall@1``
+category       no        the coarse class of the row's class (one per class), or a path of
+                         them, coarsest first (``home/kitchen/kettles``: a taxonomy of any
+                         depth, the same for every class): HPL's coarse levels with
+                         ``loss.coarse_from_labels`` and one ``coarse_recall@1`` per level
 x_1 x_2        no        a bounding box in pixels (left, right, top, bottom; OML's
 y_1 y_2                  convention), all four or none, per row; empty cells: the whole
                          image. Used with ``dataset.crop_to_bbox=True``.
@@ -78,6 +80,7 @@ from hdml_jax.data.custom_table import (
     CustomDataError,
     ImageTable,
     Requirements,
+    category_levels,
     check_table,
     eval_mode,
     listing,
@@ -113,7 +116,7 @@ __all__ = [
     "read_table",
 ]
 
-FORMAT_VERSION = 1  # bump when the prepared form changes
+FORMAT_VERSION = 2  # bump when the prepared form changes (2: a taxonomy's levels)
 
 
 # ----------------------------------------------------------------------------- images
@@ -340,8 +343,11 @@ def _write_index(table: ImageTable, path: Path, sizes: np.ndarray) -> None:
         arrays["is_query"] = table.is_query & ~train
         arrays["is_gallery"] = table.is_gallery & ~train
     if table.categories is not None:
-        arrays["coarse_labels"] = _coarse_ids(table.categories, train)
+        levels = category_levels(table.categories)
+        arrays["coarse_labels"] = _coarse_ids(levels[0], train)
         arrays["category_names"] = table.categories.astype(str)
+        if len(levels) > 1:  # the levels above: (L - 1, N), finest first
+            arrays["coarser_labels"] = np.stack([_coarse_ids(level, train) for level in levels[1:]])
     if table.boxes is not None:
         # pixels (x_1, x_2, y_1, y_2) → [ymin, xmin, ymax, xmax] in [0, 1]; no box: the whole image
         height, width = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
@@ -417,6 +423,7 @@ def load_prepared(
     images = PreparedImages(folder, bboxes)
     transform = ToExample(crop_to_bbox=crop_to_bbox, keep_bbox=bboxes is not None)
     coarse = index.get("coarse_labels")
+    coarser = index.get("coarser_labels", np.zeros((0, len(index["labels"])), np.int64))
     name = f"custom:{Path(str(index['source'])).name}"
 
     def split(rows: np.ndarray, what: str) -> Split:
@@ -427,6 +434,7 @@ def load_prepared(
             labels=labels,
             coarse_labels=coarse_rows,
             name=f"{name}/{what}",
+            coarser_labels=tuple(level[rows] for level in coarser),
         )
 
     train_rows = np.flatnonzero(index["train"])

@@ -197,7 +197,8 @@ def read_csv(
 
 
 def read_folder(root: str | os.PathLike) -> ImageTable:
-    """The rows of an image folder ``root/<split>/[<category>/]<class>/<image>``.
+    """The rows of an image folder ``root/<split>/[<category>/...]<class>/<image>`` (any number of
+    category levels, the same throughout: a taxonomy, coarsest first).
 
     Raises:
       CustomDataError: no such folder, no split folders, or a layout that mixes depths.
@@ -223,14 +224,15 @@ def read_folder(root: str | os.PathLike) -> ImageTable:
             paths.append(file.relative_to(root).as_posix())
             splits.append(split)
             labels.append("/".join(parts[:-1]))  # category/class: unique even if class names repeat
-            categories.append(parts[0] if len(parts) == 3 else "")
+            categories.append("/".join(parts[:-2]))  # the taxonomy's path, coarsest first
     problems = []
-    if depths - {2, 3} or len(depths) > 1:
+    if depths - set(range(2, 64)) or len(depths) > 1:
         problems.append(
             f"images at mixed or unexpected depths under {root} (levels below the split folder: "
-            f"{sorted(depths)}); use <split>/<class>/<image> or <split>/<category>/<class>/<image> throughout"
+            f"{sorted(depths)}); use <split>/<class>/<image> or <split>/<category>/.../<class>/<image>, "
+            "with the same number of category levels throughout"
         )
-    nested = depths == {3}
+    nested = len(depths) == 1 and min(depths) >= 3
     return ImageTable(
         source=str(root),
         root=root,
@@ -305,7 +307,45 @@ def _class_problems(
             problems.append(listing("empty category cells", list(empty)))
         mixed = sorted(f"{label} ({', '.join(sorted(c))})" for label, c in category_of.items() if len(c) > 1)
         if mixed:
-            problems.append(listing("classes with more than one category", mixed))
+            problems.append(listing("classes with more than one category (a class under two parents)", mixed))
+        problems += taxonomy_problems(categories[categories != ""], rows[categories != ""])
+    return problems
+
+
+CATEGORY_SEPARATOR = "/"
+
+
+def category_levels(categories: np.ndarray) -> list[np.ndarray]:
+    """A ``category`` column of paths (``home/kitchen/kettles``, coarsest first) as its levels,
+    finest first: ``[home/kitchen/kettles, home/kitchen, home]`` per row, each level named by its
+    whole path prefix (so ``garden/tools`` and ``home/tools`` stay apart). One level for plain
+    names. The paths must all have the same depth (``taxonomy_problems``)."""
+    parts = [str(c).split(CATEGORY_SEPARATOR) for c in categories]
+    depth = len(parts[0]) if parts else 1
+    return [
+        np.array([CATEGORY_SEPARATOR.join(p[: depth - level]) for p in parts], dtype=object)
+        for level in range(depth)
+    ]
+
+
+def taxonomy_problems(categories: np.ndarray, rows: np.ndarray) -> list[str]:
+    """A category path with an empty level (``home//kettles``), or paths of different depths."""
+    problems = []
+    parts = [str(c).split(CATEGORY_SEPARATOR) for c in categories]
+    empty = [rows[i] for i, p in enumerate(parts) if str(categories[i]) and "" in p]
+    if empty:
+        problems.append(listing(f"category paths with an empty level (between '{CATEGORY_SEPARATOR}'s)", empty))
+    depths = np.array([len(p) for p in parts])
+    if len(depths) and (depths != depths[0]).any():
+        common = int(np.bincount(depths).argmax())
+        odd = [f"{rows[i]} ({categories[i]!r}: {depths[i]})" for i in np.flatnonzero(depths != common)]
+        problems.append(
+            listing(
+                f"category paths of another depth than the usual {common} levels (a taxonomy must "
+                "give every class the same number of levels)",
+                odd,
+            )
+        )
     return problems
 
 

@@ -5,7 +5,8 @@
   each query searches the gallery rows other than its own (``query_gallery``).
 * Always: Recall@K for the data set's Ks, precision@1, R-Precision, MAP@R; NMI (k-means with
   k = number of test classes); and, where coarse labels exist, ``coarse_recall@1`` (is the
-  nearest gallery neighbour in the same coarse group?).
+  nearest gallery neighbour in the same coarse group?), and for a deeper taxonomy one more per
+  level (``coarse2_recall@1``: the group above that, ...).
 """
 
 from __future__ import annotations
@@ -75,12 +76,16 @@ def evaluate_embeddings(
     result = metrics.retrieval_metrics(test_embeddings, dataset.test.labels, ks=ks, mesh=mesh, **roles)
     if nmi_key is not None:
         result["nmi"] = metrics.nmi(test_embeddings, dataset.test.labels, nmi_key)
-    if dataset.test.coarse_labels is not None:
-        coarse = metrics.retrieval_metrics(
-            test_embeddings, dataset.test.coarse_labels, ks=(1,), mesh=mesh, **roles
-        )
-        result["coarse_recall@1"] = coarse["recall@1"]
+    for level, coarse_labels in enumerate(dataset.test.coarse_levels, start=1):
+        coarse = metrics.retrieval_metrics(test_embeddings, coarse_labels, ks=(1,), mesh=mesh, **roles)
+        result[coarse_recall_name(level)] = coarse["recall@1"]
     return result
+
+
+def coarse_recall_name(level: int) -> str:
+    """``coarse_recall@1`` for the taxonomy's first level above the classes, ``coarse2_recall@1``
+    for the one above it, and so on (``level`` counted from the classes up)."""
+    return "coarse_recall@1" if level == 1 else f"coarse{level}_recall@1"
 
 
 def embed_dataset(
@@ -102,7 +107,9 @@ def main_metric(dataset: MetricDataset) -> str:
 
 
 def summary_line(step: int, result: dict[str, Any]) -> str:
-    keys = [k for k in result if k.startswith("recall@")] + [
-        k for k in ("map@r", "r_precision", "nmi", "coarse_recall@1") if k in result
-    ]
+    keys = (
+        [k for k in result if k.startswith("recall@")]
+        + [k for k in ("map@r", "r_precision", "nmi") if k in result]
+        + [k for k in result if k.startswith("coarse") and k.endswith("_recall@1")]
+    )
     return f"eval @ step {step}: " + "  ".join(f"{k} {100 * result[k]:.2f}" for k in keys)

@@ -7,15 +7,16 @@ Input, one of:
   are scored (``--all-rows``: every row; a CSV without a ``split`` column is all validation rows).
   The flags may mix query-only, gallery-only and both rows; without them every row is both
   (self-retrieval).
-* ``--images DIR``: ``DIR/<class>/<image>`` or ``DIR/<category>/<class>/<image>``, every image
-  both query and gallery.
+* ``--images DIR``: ``DIR/<class>/<image>`` or ``DIR/<category>/.../<class>/<image>`` (category
+  folders of any depth, the same throughout), every image both query and gallery.
 
 The images are embedded by the checkpoint ``hdml_jax.inference.embedder`` selects (the best by
 the run's ``best_metric``; ``--step N`` for another), with the run's eval transform, a progress
 line on stderr. Then the retrieval metrics with Open Metric Learning's semantics
 (``hdml_jax.evaluation.query_gallery``: a query is searched among the gallery rows other than its
 own): Recall@K for the run's Ks (``--ks`` for others), precision@1, R-Precision, MAP@R, NMI, and
-``coarse_recall@1`` where the rows have categories. Queries with no other gallery image of their
+``coarse_recall@1`` where the rows have categories (with a category path ``a/b/c``, one per
+level: ``coarse_recall@1``, ``coarse2_recall@1``, ``coarse3_recall@1``). Queries with no other gallery image of their
 class are left out of the scores, with a one-line note.
 
 Written atomically (nothing half-written after Ctrl-C or an error), by default to
@@ -62,9 +63,14 @@ class LabelledImages:
         self.source, self.paths = source, paths
         _, self.labels = np.unique(class_names.astype(str), return_inverse=True)
         self.is_query, self.is_gallery = is_query, is_gallery
-        self.coarse_labels = None
+        # The taxonomy's levels, finest first (a category path ``a/b/c`` gives three).
+        self.coarse_levels: tuple[np.ndarray, ...] = ()
         if categories is not None:
-            self.coarse_labels = np.unique(categories.astype(str), return_inverse=True)[1]
+            from hdml_jax.data.custom_table import category_levels
+
+            self.coarse_levels = tuple(
+                np.unique(level.astype(str), return_inverse=True)[1] for level in category_levels(categories)
+            )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -101,8 +107,13 @@ def read_csv_rows(csv: str | Path, root: str | Path | None, all_rows: bool) -> L
     is_query = every if table.is_query is None else table.is_query[rows]
     is_gallery = every if table.is_gallery is None else table.is_gallery[rows]
     categories = None if table.categories is None else table.categories[rows]
-    if categories is not None and np.any(categories == ""):
-        categories = None  # some rows have no category: no coarse level
+    if categories is not None:
+        from hdml_jax.data.custom_table import taxonomy_problems
+
+        if np.any(categories == ""):
+            categories = None  # some rows have no category: no coarse level
+        elif problems := taxonomy_problems(categories, table.rows[rows]):
+            raise EvaluationSetError(f"{table.source}: {problems[0]}; nothing was scored.")
     paths = [table.resolved(int(i)).resolve() for i in rows]
     return LabelledImages(str(table.source), paths, table.labels[rows], is_query, is_gallery, categories)
 
@@ -114,15 +125,15 @@ def read_folder_rows(folder: str | Path) -> LabelledImages:
         raise EvaluationSetError(f"--images {folder} is not a folder.")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     depths = {len(p.relative_to(root).parts) for p in files}
-    if not files or depths - {2, 3} or len(depths) > 1:
+    if not files or min(depths) < 2 or len(depths) > 1:
         raise EvaluationSetError(
-            f"--images {folder}: expected <class>/<image> or <category>/<class>/<image> throughout "
+            f"--images {folder}: expected <class>/<image> or <category>/.../<class>/<image> throughout "
             f"(image suffixes {', '.join(IMAGE_EXTENSIONS)}); found "
             + (f"images at depths {sorted(depths)}." if files else "no images.")
         )
     parts = [p.relative_to(root).parts for p in files]
     names = np.array(["/".join(q[:-1]) for q in parts], dtype=object)
-    categories = np.array([q[0] for q in parts], dtype=object) if depths == {3} else None
+    categories = np.array(["/".join(q[:-2]) for q in parts], dtype=object) if min(depths) >= 3 else None
     every = np.ones(len(files), bool)
     return LabelledImages(str(root), [p.resolve() for p in files], names, every, every, categories)
 
@@ -132,13 +143,14 @@ def score(rows: LabelledImages, embeddings: np.ndarray, ks: Sequence[int], seed:
     import jax
 
     from hdml_jax.evaluation import metrics
+    from hdml_jax.evaluation.evaluate import coarse_recall_name
 
     flags = {"is_query": rows.is_query, "is_gallery": rows.is_gallery}
     result = metrics.retrieval_metrics(embeddings, rows.labels, ks=tuple(ks), **flags)
     result["nmi"] = metrics.nmi(embeddings, rows.labels, jax.random.PRNGKey(seed))
-    if rows.coarse_labels is not None:
-        coarse = metrics.retrieval_metrics(embeddings, rows.coarse_labels, ks=(1,), **flags)
-        result["coarse_recall@1"] = coarse["recall@1"]
+    for level, coarse_labels in enumerate(rows.coarse_levels, start=1):
+        coarse = metrics.retrieval_metrics(embeddings, coarse_labels, ks=(1,), **flags)
+        result[coarse_recall_name(level)] = coarse["recall@1"]
     unmatched, queries = metrics.count_unmatched_queries(rows.labels, **flags)
     return {
         "metrics": result,

@@ -77,9 +77,18 @@ def coarse_group_sizes(config: ml_collections.ConfigDict, dataset: MetricDataset
     if not methods.of(config).hierarchical:
         return ()
     if config.loss.coarse_from_labels:
-        if dataset.train.coarse_labels is None:
+        levels = dataset.train.coarse_levels
+        if not levels:
             raise ConfigError(f"loss.coarse_from_labels=True but {dataset.name} has no coarse labels.")
-        return (dataset.train.num_coarse_classes,)
+        weights = tuple(config.loss.level_weights)
+        if len(weights) != 1 + len(levels):
+            example = ", ".join(["1.0", *(["0.1"] * len(levels))])
+            raise ConfigError(
+                f"loss.level_weights has {len(weights)} entries, but with loss.coarse_from_labels=True "
+                f"{dataset.name}'s taxonomy gives {1 + len(levels)} levels (the classes and {len(levels)} "
+                f"above them): give one weight per level, e.g. --config.loss.level_weights='({example})'."
+            )
+        return tuple(int(level.max()) + 1 for level in levels)
     num_classes = dataset.train.num_classes
     sizes = []
     for size in config.loss.num_coarse_groups:
@@ -98,11 +107,16 @@ def coarse_group_sizes(config: ml_collections.ConfigDict, dataset: MetricDataset
     return tuple(sizes)
 
 
-def class_to_coarse(split: Split) -> np.ndarray:
-    """The known class → coarse group map of a split (each class has one coarse label)."""
-    mapping = np.zeros(split.num_classes, np.int64)
-    mapping[split.labels] = split.coarse_labels
-    return mapping
+def taxonomy_maps(split: Split) -> tuple[np.ndarray, ...]:
+    """The known taxonomy of a split as parent maps, finest first: class → level-1 group, level-1
+    group → level-2 group, ... (``hierarchy_from_labels``'s arguments)."""
+    maps, finer = [], split.labels
+    for coarser in split.coarse_levels:
+        mapping = np.zeros(int(finer.max()) + 1, np.int64)
+        mapping[finer] = coarser
+        maps.append(mapping)
+        finer = coarser
+    return tuple(maps)
 
 
 def init_state(
@@ -142,9 +156,7 @@ def init_state(
         }
         if config.loss.coarse_from_labels:
             hierarchy = {
-                "assignments": pad_fine_assignment(
-                    hierarchy_from_labels(class_to_coarse(dataset.train)), levels[0]
-                ),
+                "assignments": pad_fine_assignment(hierarchy_from_labels(*taxonomy_maps(dataset.train)), levels[0]),
                 "active": jnp.ones((), jnp.float32),
             }
     state = {
