@@ -62,7 +62,7 @@ import PIL.features
 from _timing import cpu_count, describe_environment, print_table, time_call, time_interleaved
 from PIL import Image
 
-from hdml_jax.data import encoded, jpeg, pipeline, resample, sampling, transforms
+from hdml_jax.data import augment, encoded, jpeg, pipeline, resample, sampling, transforms
 from hdml_jax.data.base import Split
 
 BATCH, P, K, SIZE = 64, 16, 4, 224
@@ -201,8 +201,8 @@ def _single_threaded_tensorflow():
 
 # dataset.augment beyond the preset's crop and flip: torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1)
 # (a common choice), then also RandomGrayscale(0.2), RandomRotation(10) and a vertical flip.
-JITTER_AUGMENT = transforms.Augmentation(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
-ALL_AUGMENT = transforms.Augmentation(
+JITTER_AUGMENT = augment.Augmentation(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+ALL_AUGMENT = augment.Augmentation(
     brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale=0.2, rotation=10.0, vertical_flip=True
 )
 JITTER = "train ours + colour jitter (0.4, 0.4, 0.4, 0.1)"

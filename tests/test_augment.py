@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from hdml_jax import config as config_lib
-from hdml_jax.data import transforms
-from hdml_jax.data.transforms import Augmentation
+from hdml_jax.data import augment, transforms
+from hdml_jax.data.augment import Augmentation
 from hdml_jax.errors import ConfigError
 from tests import transform_outputs
 
@@ -145,7 +145,7 @@ def test_each_colour_jitter_matches_its_formula(jitter, levels):
     image = _image(0, 20, 24)
     values = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, **jitter}
     for seed in range(6):
-        ours = transforms.color_jitter(image, np.random.default_rng(seed), **values)
+        ours = augment.color_jitter(image, np.random.default_rng(seed), **values)
         reference = _reference_jitter(image, np.random.default_rng(seed), **values)
         difference = np.abs(ours.astype(int) - reference)
         assert difference.max() <= levels and difference.mean() <= 1.0, seed
@@ -158,7 +158,7 @@ def test_all_four_jitters_in_torchvisions_random_order():
     orders = set()
     for seed in range(8):
         orders.add(tuple(np.random.default_rng(seed).permutation(4)))
-        ours = transforms.color_jitter(image, np.random.default_rng(seed), **values)
+        ours = augment.color_jitter(image, np.random.default_rng(seed), **values)
         reference = _reference_jitter(image, np.random.default_rng(seed), **values)
         # The steps' differences (≤ 1, 1, 1 and 9 levels) carried through factors ≤ 1.4.
         difference = np.abs(ours.astype(int) - reference)

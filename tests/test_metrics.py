@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from hdml_jax.evaluation import cluster, evaluate, metrics
+from hdml_jax.evaluation import cluster, evaluate, metrics, retrieval_kernels
 from tests.numerics import assert_close, rounding_atol
 from tests.simulated_devices import run_on_eight_devices
 
@@ -128,8 +128,8 @@ def test_grouped_top_k_equals_top_k_with_ties(k):
     similarity = np.stack(rows).astype(np.float32)
     similarity[:, -5:] = 0  # padding columns (zero references), above every entry of the row
     num_valid = 64 * 40 - 5
-    maxima, _ = metrics._group_max_and_count(similarity, np.zeros(9, np.float32), num_valid, 1)
-    values, columns = jax.jit(metrics._top_k, static_argnames="k")(
+    maxima, _ = retrieval_kernels.group_max_and_count(similarity, np.zeros(9, np.float32), num_valid, 1)
+    values, columns = jax.jit(retrieval_kernels.top_k, static_argnames="k")(
         similarity, maxima, k=k, num_valid=num_valid
     )
     expected_values, expected_columns = jax.lax.top_k(similarity[:, :num_valid], k)
@@ -143,7 +143,7 @@ def test_group_max_and_count_equal_a_plain_count_and_max():
     threshold = rng.integers(-4, 5, 7).astype(np.float32)
     num_valid = 64 * 3 + 9  # the last two groups hold padding (zeros), which no result may see
     similarity[:, num_valid:] = 0
-    maxima, counts = metrics._group_max_and_count(similarity, threshold, num_valid, 2)
+    maxima, counts = retrieval_kernels.group_max_and_count(similarity, threshold, num_valid, 2)
     padded = np.where(np.arange(64 * 5) < num_valid, similarity, -np.inf)
     np.testing.assert_array_equal(counts, (padded >= threshold[:, None]).sum(axis=1))
     np.testing.assert_array_equal(maxima, padded.reshape(7, 5, 64).max(axis=2))

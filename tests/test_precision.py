@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdml_jax.evaluation import cluster, metrics
+from hdml_jax.evaluation import cluster, retrieval_kernels, retrieval_sharded
 from hdml_jax.losses import (
     _common,
     batch_hard_triplet_loss,
@@ -141,13 +141,13 @@ def test_refresh_assignments_nearest_proxy_search():
 def _retrieval_programs():
     """The single-device program (every chunk) and the sharded one (a chunk, 1-device mesh)."""
     x, labels, *_ = _inputs()
-    width = 64  # the reference set is padded to a multiple of metrics._GROUP
+    width = 64  # the reference set is padded to a multiple of retrieval_kernels.GROUP
     reference = jnp.pad(x, ((0, width - BATCH), (0, 0)))
     reference_labels = jnp.pad(labels, (0, width - BATCH))
     positives = jnp.zeros((BATCH, 3), jnp.int32)
     index = jnp.arange(BATCH, dtype=jnp.int32)
     common = {"num_references": BATCH, "exclude_self": True, "top_r": 2}
-    single = metrics._all_chunks.lower(
+    single = retrieval_kernels.all_chunks.lower(
         reference, labels, positives, reference, reference_labels, chunk_size=4, **common
     )
     mesh = jax.make_mesh((1,), ("references",))
@@ -155,7 +155,7 @@ def _retrieval_programs():
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     queries = [jax.device_put(a, replicated) for a in (x, labels, index, positives)]
     references = [jax.device_put(a, split) for a in (reference, reference_labels)]
-    sharded = metrics._sharded_chunk.lower(*queries, *references, mesh=mesh, padded_groups=1, **common)
+    sharded = retrieval_sharded.sharded_chunk.lower(*queries, *references, mesh=mesh, padded_groups=1, **common)
     return single, sharded
 
 
