@@ -1,4 +1,4 @@
-"""Backbones (ResNet, BN-Inception), descriptor heads, and ImageNet weight import.
+"""Backbones (ResNet, BN-Inception, the Vision Transformer), descriptor heads, and ImageNet weight import.
 
 The weight-import names are loaded on first access (PEP 562 ``__getattr__``): importing
 ``convert`` here would put it in ``sys.modules`` before ``python -m hdml_jax.models.convert`` runs
@@ -22,6 +22,7 @@ from hdml_jax.models.heads import (
 from hdml_jax.models.pooling import GeM, gap_gmp, gem, mac, spoc
 from hdml_jax.models.preprocessing import BACKBONES, PREPROCESSING, InputConvention
 from hdml_jax.models.resnet import FrozenBatchNorm, ResNet
+from hdml_jax.models.vit import VisionTransformer, vit_from_torch
 
 if TYPE_CHECKING:
     from hdml_jax.models.convert import (
@@ -54,6 +55,7 @@ __all__ = [
     "GeM",
     "InputConvention",
     "ResNet",
+    "VisionTransformer",
     "WeightsUnavailableError",
     "batchnorm_mask",
     "bn_inception_to_flax",
@@ -68,6 +70,7 @@ __all__ = [
     "resolve_pretrained",
     "spoc",
     "torchvision_resnet_to_flax",
+    "vit_from_torch",
 ]
 
 
