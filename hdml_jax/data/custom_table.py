@@ -354,15 +354,24 @@ def _singletons(labels: np.ndarray) -> list[str]:
     return list(names[counts == 1])
 
 
+def empty_cells(table: ImageTable, columns: Sequence[str], among: np.ndarray | None = None) -> list[str]:
+    """One problem per column of ``columns`` (``label``, ``path``, ``split``) with empty cells,
+    listing their rows (only rows where ``among`` is True, when given)."""
+    problems = []
+    for name in columns:
+        values = {"label": table.labels, "path": table.paths, "split": table.splits}[name]
+        empty = (values == "") if among is None else among & (values == "")
+        if empty.any():
+            problems.append(listing(f"empty {name} cells", list(table.rows[empty])))
+    return problems
+
+
 def check_table(table: ImageTable, requirements: Requirements = Requirements()) -> list[str]:
     """Everything wrong with ``table`` that needs no image (the module docstring's list)."""
     problems = list(table.problems)
     if len(table) == 0:
         return [*problems, "no rows"]
-    for name, values in (("label", table.labels), ("path", table.paths), ("split", table.splits)):
-        empty = table.rows[values == ""]
-        if len(empty):
-            problems.append(listing(f"empty {name} cells", list(empty)))
+    problems += empty_cells(table, ("label", "path", "split"))
     unknown = (table.splits != "") & ~np.isin(table.splits, SPLITS)
     if unknown.any():
         shown = [f"{r} ({s!r})" for r, s in zip(table.rows[unknown], table.splits[unknown], strict=True)]

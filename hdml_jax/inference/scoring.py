@@ -81,15 +81,11 @@ class LabelledImages:
 
 def read_csv_rows(csv: str | Path, root: str | Path | None, all_rows: bool) -> LabelledImages:
     """The rows of ``csv`` to score (its validation rows, or all of them), checked."""
-    from hdml_jax.data.custom_table import eval_mode, listing, read_csv
+    from hdml_jax.data.custom_table import empty_cells, eval_mode, read_csv
 
     table = read_csv(csv, root, need_split=False)
     chosen = np.ones(len(table), bool) if all_rows else table.splits == "validation"
-    problems = list(table.problems)
-    for name, values in (("label", table.labels), ("path", table.paths)):
-        empty = table.rows[chosen & (values == "")]
-        if len(empty):
-            problems.append(listing(f"empty {name} cells", list(empty)))
+    problems = [*table.problems, *empty_cells(table, ("label", "path"), among=chosen)]
     if not chosen.any():
         splits = sorted(set(table.splits.tolist()))
         problems.append(
