@@ -38,7 +38,7 @@ def get_config(arg: str | None = None):
     else:
         # PA README.md:101-112 (ResNet-50)
         apply_proxy_anchor_command(c, batch_size=120, lr=1e-4, warm=5, bn_freeze=True, lr_decay_step=10)
-    use_backbone(c, args.get("backbone", "resnet"))
+    use_backbone(c, args.get("backbone", "resnet"), hier_dataset="Cars")
     if c.method == "cgd":
         c.model.descriptors = "SG"
     # HPL's number of coarse groups: a guess (no official code; the paper's ablation varies it).

@@ -41,7 +41,7 @@ def get_config(arg: str | None = None):
     else:
         # PA README.md:64-75 (ResNet-50)
         apply_proxy_anchor_command(c, batch_size=120, lr=1e-4, warm=5, bn_freeze=True, lr_decay_step=5)
-    use_backbone(c, args.get("backbone", "resnet"))
+    use_backbone(c, args.get("backbone", "resnet"), hier_dataset="CUB")
     if c.method == "cgd":
         c.model.descriptors = "MG"
         c.num_steps = 1500

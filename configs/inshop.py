@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
     )
     if c.method == "cgd":
         c.model.descriptors = "GS"
-    use_backbone(c, args.get("backbone", "resnet"))  # the command's own network: backbone=bn_inception
+    use_backbone(c, args.get("backbone", "resnet"), hier_dataset="Inshop")  # the command's own network: backbone=bn_inception
     # HPL's number of coarse groups: a guess (no official code; the paper's ablation varies it).
     c.loss.num_coarse_groups = (400,)
     return c

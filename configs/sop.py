@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
     )
     if c.method == "cgd":
         c.model.descriptors = "SG"
-    use_backbone(c, args.get("backbone", "resnet"))  # the command's own network: backbone=bn_inception
+    use_backbone(c, args.get("backbone", "resnet"), hier_dataset="SOP")  # the command's own network: backbone=bn_inception
     # HPL's number of coarse groups: a guess (no official code; the paper's ablation varies it).
     c.loss.num_coarse_groups = (1000,)
     c.nmi = False  # k-means into 11,316 clusters of 60k points is slow on CPU; enable on accelerators

@@ -35,6 +35,7 @@ baselines      pytorch-metric-learning's pair and classification losses (contras
 from __future__ import annotations
 
 __all__ = [
+    "apply_hier_vit_command",
     "apply_method",
     "apply_proxy_anchor_command",
     "apply_proxynca_pp_config",
@@ -53,9 +54,13 @@ import ml_collections
 
 from hdml_jax import methods
 from hdml_jax.config_checks import method_family, one_of, unused_overrides, validate
+from hdml_jax.config_vit import apply_hier_vit_command, use_vit_weights
 from hdml_jax.errors import ConfigError
 from hdml_jax.methods import baselines
-from hdml_jax.models.preprocessing import BACKBONES
+from hdml_jax.models.vit_weights import VIT_WEIGHTS
+
+# A data-set config's ``backbone=`` values: the two CNNs and the published ViT weights.
+BACKBONE_OPTIONS = ("resnet", "bn_inception", *VIT_WEIGHTS)
 
 
 def parse_arg(arg: str | None, keys: tuple[str, ...] = ("method",)) -> dict[str, str]:
@@ -133,7 +138,7 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.dataset.num_threads = default_loader_threads()
 
     c.model = ml_collections.ConfigDict()
-    c.model.backbone = "resnet"  # or "bn_inception" (then depth/width/last_stride do not apply)
+    c.model.backbone = "resnet"  # "bn_inception" or "vit" (then depth/width/last_stride do not apply)
     c.model.depth = 50
     c.model.width = 64
     c.model.last_stride = 2
@@ -148,13 +153,31 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.model.pretrained = "torchvision"
     c.model.embedding_dim = 512
     c.model.pooling = "gap_gmp"
-    c.model.embedding_init = "kaiming_fan_out"  # or "torch_default" (nn.Linear's own init)
+    c.model.embedding_init = "kaiming_fan_out"  # "torch_default" (nn.Linear's own), "orthogonal"
+    c.model.head_layernorm = False  # LayerNorm (no affine) before the embedding layer: HIER's use_lastnorm
     c.model.descriptors = "SG"
     c.model.combine = "concat"
     c.model.architecture = "cgd"
     c.model.gem_p = 3.0  # GeM's p: CGD fixes it at 3 (CGD-port model.py:17, 62-67)
     c.model.learnable_gem_p = False  # True: p is a parameter of the head (trains with it)
     c.model.proxy_init = "kaiming_fan_out"
+    # The Vision Transformer (model.backbone="vit"; hdml_jax.models.vit). Named ViT weights
+    # (model.pretrained="vit_s16_dino", ...: hdml_jax.models.vit_weights) need their own values,
+    # which a data-set config's backbone= option sets.
+    c.model.vit = ml_collections.ConfigDict()
+    c.model.vit.size = "small"  # "tiny" (192 wide, 3 heads), "small" (384, 6), "base" (768, 12)
+    c.model.vit.depth = ml_collections.config_dict.placeholder(int)  # blocks; None: the size's 12
+    c.model.vit.patch_size = 16
+    # The image size the position embeddings are for (the weights': 224); other sizes resize them.
+    c.model.vit.position_grid_size = 224
+    c.model.vit.distilled = False  # DeiT's distillation token
+    c.model.vit.pooling = "cls"  # "cls", "mean" (patch tokens), "cls+dist" or "deit" (DeiT-distilled)
+    c.model.vit.final_norm = True  # the ViT's last LayerNorm (every published ViT has it)
+    c.model.vit.layer_scale = ml_collections.config_dict.placeholder(float)  # LayerScale's γ₀; None: none
+    c.model.vit.drop_path = 0.0  # stochastic depth of the last block (0 in every recipe)
+    c.model.vit.position_interpolation = "dino"  # or "timm": how pos_embed is resized off 224 px
+    c.model.vit.preprocessing = "vit"  # "vit" (ImageNet mean/std) or "vit_augreg" (0.5/0.5)
+    c.model.vit.freeze_patch_embed = False  # the patch embedding never trains (HIER's, Hyp's freeze(body, 0))
 
     c.loss = ml_collections.ConfigDict()
     c.loss.margin = 0.1  # Proxy-Anchor δ
@@ -201,6 +224,11 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.optimizer.head_lr_multiplier = 1.0
     c.optimizer.backbone_lr_multiplier = 1.0
     c.optimizer.warmup_epochs = 1  # backbone frozen: only head and proxies train (hdml_jax.training.optim)
+    # "freeze" (requires_grad=False: no optimizer state moves) or "zero_lr" (HIER: the backbone's
+    # group at learning rate 0, its Adam moments accumulating).
+    c.optimizer.warmup = "freeze"
+    # > 0: lr is for this global batch and scales linearly with batch_size (HIER: 180); 0: as given.
+    c.optimizer.lr_reference_batch = 0
     c.optimizer.decay_epochs = (10,)  # ×decay_factor at these epochs (every decay_epochs[0] if decay_every)
     c.optimizer.decay_every = True  # StepLR: decay at every multiple of decay_epochs[0]
     c.optimizer.decay_steps = ()  # absolute steps instead of epochs (CGD: 400, 800)
@@ -212,9 +240,9 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.optimizer.fresh_state_after_warmup = False
 
     c.batch_size = 180
-    c.sampler = "shuffle"  # or "pk"
-    c.classes_per_batch = 32  # P (sampler="pk")
-    c.samples_per_class = 4  # K (sampler="pk")
+    c.sampler = "shuffle"  # "pk" (P classes × K images, a pass over the classes) or "unique_class" (HIER's)
+    c.classes_per_batch = 32  # P (sampler="pk" or "unique_class")
+    c.samples_per_class = 4  # K (sampler="pk" or "unique_class")
     c.num_epochs = 40
     c.num_steps = 0  # > 0 overrides num_epochs
     # > 0: an "epoch" (for num_epochs, schedules, evaluation, patience) is this many steps (MLRC:
@@ -320,19 +348,28 @@ def apply_proxy_anchor_command(
     baselines.use_pk_batches(c)  # the pair losses: P×K batches of the same size
 
 
-def use_backbone(c: ml_collections.ConfigDict, backbone: str) -> None:
-    """A data-set config's ``backbone=`` option: ``resnet`` (ResNet-50, torchvision's weights) or
+def use_backbone(c: ml_collections.ConfigDict, backbone: str, hier_dataset: str | None = None) -> None:
+    """A data-set config's ``backbone=`` option: ``resnet`` (ResNet-50, torchvision's weights),
     ``bn_inception`` (BN-Inception, Cadene's weights, what Proxy-Anchor's BN-Inception commands
-    train). CGD and ProxyNCA++ are defined on ResNet-50 only."""
-    one_of(backbone, BACKBONES, "backbone (after the config file's colon)")
+    train) or one of the published ViT weights (``VIT_WEIGHTS``: ``vit_s16_dino``,
+    ``deit_s16_distilled``, ``vit_s16_augreg``, ...; ``use_vit_weights``), which then train with
+    HIER's command for ``hier_dataset`` (``config_vit.apply_hier_vit_command``: "CUB", "Cars",
+    "SOP", "Inshop"). CGD and ProxyNCA++ are defined on ResNet-50 only."""
+    one_of(backbone, BACKBONE_OPTIONS, "backbone (after the config file's colon)")
     if backbone == "resnet":
         return
+    family = "vit" if backbone in VIT_WEIGHTS else backbone
     record = methods.find(c.method)
-    if record is not None and backbone not in record.backbones:
+    if record is not None and family not in record.backbones:
         raise ConfigError(
-            f"backbone=bn_inception: {c.method}'s recipe is defined on ResNet-50 (its last stride, "
+            f"backbone={backbone}: {c.method}'s recipe is defined on ResNet-50 (its last stride, "
             "its pooling); use it with the Proxy-Anchor family or a baseline."
         )
+    if family == "vit":
+        use_vit_weights(c, backbone)
+        if hier_dataset is not None:
+            apply_hier_vit_command(c, hier_dataset, backbone)
+        return
     c.model.backbone = "bn_inception"
     c.model.pretrained = "bninception"
 

@@ -17,6 +17,7 @@ from hdml_jax import methods
 from hdml_jax.errors import ConfigError
 from hdml_jax.methods import baselines
 from hdml_jax.methods.registry import GROUP_FIELDS
+from hdml_jax.models import vit
 from hdml_jax.models.heads import (
     ARCHITECTURES,
     COMBINES,
@@ -26,6 +27,8 @@ from hdml_jax.models.heads import (
 )
 from hdml_jax.models.pooling import POOLINGS
 from hdml_jax.models.preprocessing import BACKBONES, check_named_weights
+from hdml_jax.models.vit_weights import VIT_WEIGHTS
+from hdml_jax.training.optim import WARMUPS
 
 DATASET_NAMES = ("synthetic", "synthetic_sop", "cub200", "cars196", "sop", "inshop", "custom")
 
@@ -53,6 +56,7 @@ def method_family(c: ml_collections.ConfigDict) -> str | None:
 
 
 _PK_FIELDS = ("classes_per_batch", "samples_per_class")
+_CLASS_SAMPLERS = ("pk", "unique_class")  # the samplers that read _PK_FIELDS
 
 
 _RESNET_FIELDS = ("model.depth", "model.width", "model.last_stride")
@@ -69,8 +73,12 @@ def unused_overrides(c: ml_collections.ConfigDict, overridden: list[str] | tuple
         if field in specific and field not in record.config_fields():
             users = methods.users_of(field)
             messages.append(f"{name} has no effect with method {c.method} (used by: {', '.join(users)})")
-        if name in _PK_FIELDS and c.sampler != "pk":
-            messages.append(f"{name} has no effect with sampler={c.sampler!r} (used by sampler='pk')")
+        if name in _PK_FIELDS and c.sampler not in _CLASS_SAMPLERS:
+            messages.append(
+                f"{name} has no effect with sampler={c.sampler!r} (used by sampler='pk' and 'unique_class')"
+            )
+        if name.startswith("model.vit.") and c.model.backbone != "vit":
+            messages.append(f"{name} has no effect with model.backbone={c.model.backbone!r} (ViT only)")
         if name in _RESNET_FIELDS and c.model.backbone != "resnet":
             messages.append(f"{name} has no effect with model.backbone={c.model.backbone!r} (ResNet only)")
         if name == "model.gem_p" and record.head != "cgd" and c.model.pooling != "gem":
@@ -83,6 +91,36 @@ def unused_overrides(c: ml_collections.ConfigDict, overridden: list[str] | tuple
 def _validate_backbone_weights(m: ml_collections.ConfigDict) -> None:
     """The named ImageNet weights exist for one backbone each (a directory is checked when loaded)."""
     check_named_weights(str(m.pretrained or "").strip().lower(), m.backbone)
+
+
+def _validate_vit(c: ml_collections.ConfigDict) -> None:
+    """``model.vit``: known choices, a patch that tiles the image, and the fields named weights need."""
+    v = c.model.vit
+    one_of(v.size, tuple(vit.SIZES), "model.vit.size")
+    one_of(v.pooling, vit.POOLINGS, "model.vit.pooling")
+    one_of(v.position_interpolation, vit.POSITION_INTERPOLATIONS, "model.vit.position_interpolation")
+    one_of(v.preprocessing, ("vit", "vit_augreg"), "model.vit.preprocessing")
+    if c.model.pooling != "none":
+        raise ConfigError(
+            f"model.pooling={c.model.pooling!r} with model.backbone='vit': the ViT pools its own tokens "
+            "(model.vit.pooling); set model.pooling='none'."
+        )
+    for size, what in ((c.dataset.image_size, "dataset.image_size"), (v.position_grid_size, "model.vit.position_grid_size")):
+        if size % v.patch_size:
+            raise ConfigError(f"{what}={size} is not a multiple of model.vit.patch_size={v.patch_size}.")
+    name = str(c.model.pretrained or "").strip().lower()
+    if name in VIT_WEIGHTS:
+        wrong = [
+            f"model.vit.{field}={v.get(field)!r} (they need {value!r})"
+            for field, value in VIT_WEIGHTS[name].config_fields().items()
+            if v.get(field) != value
+        ]
+        if wrong:
+            raise ConfigError(
+                f"model.pretrained={name!r} does not fit {', '.join(wrong)}: choose the weights with the "
+                f"data-set config's backbone option (e.g. configs/cub.py:method=proxy_anchor,backbone={name}), "
+                "which sets these fields."
+            )
 
 
 def _validate_custom_dataset(d: ml_collections.ConfigDict) -> None:
@@ -182,7 +220,14 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
     _validate_backbone_weights(c.model)
     one_of(c.model.depth, (18, 34, 50, 101), "model.depth")
     one_of(c.model.last_stride, (1, 2), "model.last_stride")
-    one_of(c.sampler, ("pk", "shuffle"), "sampler")
+    if c.model.backbone == "vit":
+        _validate_vit(c)
+    one_of(c.sampler, ("pk", "shuffle", "unique_class"), "sampler")
+    one_of(c.optimizer.get("warmup", "freeze"), WARMUPS, "optimizer.warmup")
+    if int(c.optimizer.get("lr_reference_batch", 0)) < 0:
+        raise ConfigError(
+            f"optimizer.lr_reference_batch must be 0 (lr as given) or a batch size, got {c.optimizer.lr_reference_batch}."
+        )
     one_of(c.model.pooling, tuple(POOLINGS), "model.pooling")
     one_of(c.model.embedding_init, tuple(EMBEDDING_INITS), "model.embedding_init")
     one_of(c.model.proxy_init, tuple(PROXY_INITS), "model.proxy_init")
@@ -200,10 +245,10 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
                 f"(1 fine + {levels - 1} coarse from loss.num_coarse_groups); give one weight per level."
             )
     _validate_loss_keywords(c, record)
-    if c.sampler == "pk" and c.batch_size != c.classes_per_batch * c.samples_per_class:
+    if c.sampler in _CLASS_SAMPLERS and c.batch_size != c.classes_per_batch * c.samples_per_class:
         raise ConfigError(
             f"batch_size {c.batch_size} must equal classes_per_batch × samples_per_class = "
-            f"{c.classes_per_batch} × {c.samples_per_class} with sampler='pk'."
+            f"{c.classes_per_batch} × {c.samples_per_class} with sampler={c.sampler!r}."
         )
     for name in (
         "batch_size",

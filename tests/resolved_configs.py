@@ -1,7 +1,8 @@
 """Every config a user can name, resolved: the record that a refactor changes no recipe.
 
 For each config file (``configs/*.py``, ``configs/mlrc/*.py``), each method the project knows and
-each backbone option (none, ``resnet``, ``bn_inception``), the file's ``get_config`` is called as
+each backbone option (none, ``resnet``, ``bn_inception`` and the three ViT weights HIER's
+scripts train: ``vit_s16_dino``, ``deit_s16_distilled``, ``vit_s16_augreg``), the file's ``get_config`` is called as
 ``main`` calls it and the result validated; the record is the resolved config as a plain dict, or
 the one-line error a user would get. ``tests/data/resolved_configs.json`` holds the record;
 ``test_config.py`` compares against it.
@@ -22,7 +23,7 @@ from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "data" / "resolved_configs.json"
-BACKBONE_OPTIONS = (None, "resnet", "bn_inception")
+BACKBONE_OPTIONS = (None, "resnet", "bn_inception", "vit_s16_dino", "deit_s16_distilled", "vit_s16_augreg")
 # default_loader_threads() depends on the CPUs of the machine: fixed while resolving.
 LOADER_THREADS = 4
 

@@ -25,7 +25,9 @@ def test_parameter_groups_label_every_parameter():
     assert labels["head"]["embedding"] == {"kernel": "head", "bias": "head"}
     assert (labels["proxies"], labels["coarse_proxies_1"]) == ("proxies", "coarse_proxies")
     assert labels["margin_beta"] == "loss_params"
-    assert set(jax.tree.leaves(labels)) == set(optim.GROUPS)
+    assert set(jax.tree.leaves(labels)) == set(optim.GROUPS) - {"backbone_fixed"}
+    fixed = optim.parameter_groups(params, fixed=("conv1",))["backbone"]
+    assert fixed["conv1"]["kernel"] == "backbone_fixed" and fixed["bn1"]["scale"] == "backbone_bn"
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ def _pair(seed: int = 0, **options):
         layer_scale=options.get("layer_scale"),
         pooling=options.get("pooling", "cls"),
         final_norm=options.get("final_norm", True),
+        position_interpolation=options.get("position_interpolation", "dino"),
     )
     return torch_model, flax_model, {"params": vit.vit_from_torch(state, DEPTH)}
 
@@ -57,8 +58,9 @@ def assert_features_equal(ours, theirs):
         {"distilled": True, "pooling": "cls+dist"},
         {"distilled": True, "pooling": "cls"},
         {"layer_scale": 0.5},
+        {"position_interpolation": "timm"},
     ],
-    ids=["cls", "mean-no-norm", "deit-distilled", "distilled-cls", "layer-scale"],
+    ids=["cls", "mean-no-norm", "deit-distilled", "distilled-cls", "layer-scale", "timm-resample"],
 )
 @pytest.mark.parametrize("size", [(32, 32), (40, 48), (24, 24), (28, 36)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_features_match_pytorch(options, size):
@@ -84,6 +86,21 @@ def test_interpolation_is_pytorchs_bicubic_by_scale_factor():
         ).numpy()[0, 0, :, 0]
         ours = vit.bicubic_matrix(side, out, scale) @ values[0, 0, :, 0]
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+
+
+def test_timm_resampling_is_pytorchs_antialiased_bicubic_by_size():
+    # Growing and shrinking (where antialiasing widens the kernel), against torch's own.
+    rng = np.random.default_rng(5)
+    for side, out in ((8, 10), (8, 6), (14, 16), (14, 37), (14, 5), (7, 3)):
+        # Three columns kept at three (the identity): torch's antialiased path mishandles width 1.
+        values = rng.normal(size=(1, 1, side, 3)).astype(np.float64)
+        theirs = torch.nn.functional.interpolate(
+            torch.from_numpy(values), size=(out, 3), mode="bicubic", antialias=True
+        ).numpy()[0, 0, :, 0]
+        ours = vit.antialiased_bicubic_matrix(side, out) @ values[0, 0, :, 0]
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+    table = jnp.ones((1, 1 + 64, 2))
+    assert vit.resample_position_embedding(table, 1, (8, 8)) is table
 
 
 def test_same_grid_keeps_the_embedding_and_sizes_check():

@@ -72,9 +72,11 @@ class TorchViT(nn.Module):
         layer_scale: float | None = None,
         pooling: str = "cls",
         final_norm: bool = True,
+        position_interpolation: str = "dino",
     ):
         super().__init__()
         self.patch, self.pooling, self.final_norm = patch, pooling, final_norm
+        self.position_interpolation = position_interpolation
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -85,17 +87,21 @@ class TorchViT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def position_embedding(self, height: int, width: int) -> torch.Tensor:
-        """DINO's interpolate_pos_encoding: bicubic by scale factor (grid + 0.1) / √N."""
+        """DINO's interpolate_pos_encoding: bicubic by scale factor (grid + 0.1) / √N; or timm's
+        resample_abs_pos_embed: bicubic to the new size, antialiased."""
         patches = self.pos_embed.shape[1] - self.num_prefix
         rows, cols = height // self.patch, width // self.patch
         side = math.sqrt(patches)
-        if rows * cols == patches and height == width:
+        if rows * cols == patches and rows == cols:
             return self.pos_embed
         dim = self.pos_embed.shape[-1]
         grid = self.pos_embed[:, self.num_prefix :].reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
-        grid = functional.interpolate(
-            grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic"
-        )
+        if self.position_interpolation == "timm":
+            grid = functional.interpolate(grid, size=(rows, cols), mode="bicubic", antialias=True)
+        else:
+            grid = functional.interpolate(
+                grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic"
+            )
         assert grid.shape[-2:] == (rows, cols)
         grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
         return torch.cat([self.pos_embed[:, : self.num_prefix], grid], dim=1)

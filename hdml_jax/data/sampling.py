@@ -10,6 +10,8 @@ and in any data-loading worker, and step ``n`` can be computed without computing
 
 * ``PKSampler``: P classes × K images per batch (the usual metric-learning batch).
 * ``ShuffleSampler``: a plain shuffled pass over the examples, one permutation per epoch.
+* ``UniqueClassSampler``: HIER's batches, ``P`` classes drawn afresh for every batch and ``K``
+  images of each drawn with replacement.
 
 Random numbers come from ``numpy.random.default_rng(SeedSequence([seed, tag, ...]))``, keyed by
 the epoch (permutations) or the step (within-batch draws), so every piece is reproducible on its
@@ -28,6 +30,7 @@ _TAG_CLASS_PERMUTATION = 0
 _TAG_CLASS_FILL = 1
 _TAG_WITHIN_CLASS = 2
 _TAG_SHUFFLE = 3
+_TAG_UNIQUE_CLASS = 4
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -246,4 +249,67 @@ class ShuffleSampler:
         return (
             f"ShuffleSampler(N={self.num_examples}, B={self._batch_size}, seed={self.seed}, "
             f"drop_remainder={self.drop_remainder})"
+        )
+
+
+class UniqueClassSampler:
+    """HIER's ``UniqueClassSampler`` (tjddus9597/HIER-CVPR23 hier/sampler.py:60-111) as a pure
+    function of ``(seed, step)``.
+
+    Every batch draws its ``P`` classes afresh, without replacement (with replacement only when
+    ``P`` exceeds the number of classes ``C``, as there), then ``K`` images of each class *with*
+    replacement (``np.random.choice(..., K, replace=True)``: a class's two images may be the same
+    one). An epoch is ``N // (P·K)`` batches (``len(targets) // (world_size · batch_size)``);
+    unlike ``PKSampler`` it does not cycle through the classes. Batches are class-major, as
+    HIER's (its SupCon reshapes them to ``(P, K, d)``). The draws are ours (keyed by the step),
+    not HIER's NumPy seeds, so the batches differ from its run's but follow the same law.
+    """
+
+    def __init__(self, labels: np.ndarray, *, classes_per_batch: int, samples_per_class: int, seed: int = 0):
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}.")
+        if int(samples_per_class) < 1 or int(classes_per_batch) < 1:
+            raise ValueError(
+                f"classes_per_batch (P) and samples_per_class (K) must be >= 1, got {classes_per_batch} "
+                f"and {samples_per_class}."
+            )
+        self.classes_per_batch = int(classes_per_batch)
+        self.samples_per_class = int(samples_per_class)
+        self.seed = int(seed)
+        self.num_examples = len(labels)
+        self.classes, counts = np.unique(labels, return_counts=True)
+        self._order = np.argsort(labels, kind="stable").astype(np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def batch_size(self) -> int:
+        return self.classes_per_batch * self.samples_per_class
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.num_examples // self.batch_size)
+
+    def batch_classes(self, step: int) -> np.ndarray:
+        """``(P,)`` class positions (indices into ``self.classes``) of batch ``step``."""
+        rng = _rng(self.seed, _TAG_UNIQUE_CLASS, _check_step(step), 0)
+        p = self.classes_per_batch
+        return rng.choice(self.num_classes, p, replace=p > self.num_classes)
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """``(P·K,)`` int64 dataset indices of batch ``step``, class-major."""
+        rng = _rng(self.seed, _TAG_UNIQUE_CLASS, _check_step(step), 1)
+        classes = self.batch_classes(step)
+        first, count = self._offsets[classes], np.diff(self._offsets)[classes]
+        picks = rng.integers(0, count[:, None], (len(classes), self.samples_per_class))
+        return self._order[first[:, None] + picks].reshape(-1)
+
+    def __repr__(self) -> str:
+        return (
+            f"UniqueClassSampler(P={self.classes_per_batch}, K={self.samples_per_class}, "
+            f"classes={self.num_classes}, seed={self.seed})"
         )

@@ -40,7 +40,7 @@ Head = Literal["embedding", "cgd"]
 
 # Fields read because of a part of the record (the rest are listed in ``Method.fields``).
 HEAD_FIELDS: dict[str, tuple[str, ...]] = {
-    "embedding": ("model.pooling", "model.embedding_init"),
+    "embedding": ("model.pooling", "model.embedding_init", "model.head_layernorm"),
     "cgd": ("model.descriptors", "model.combine", "model.architecture", "model.learnable_gem_p"),
 }
 PROXY_FIELDS = (
@@ -133,7 +133,7 @@ class Method:
     two_images_per_class: bool = False
     fields: tuple[str, ...] = ()
     protocols: tuple[str, ...] = ("mlrc",)
-    backbones: tuple[str, ...] = ("resnet", "bn_inception")
+    backbones: tuple[str, ...] = ("resnet", "bn_inception", "vit")
 
     def __post_init__(self):
         if self.form not in ("proxy", "pair", "cgd"):

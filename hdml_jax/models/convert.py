@@ -21,6 +21,11 @@ port, are squeezed to ``(C,)`` (as Proxy-Anchor does before ``load_state_dict``)
 
     python -m hdml_jax.models.convert bn_inception-52deb4733.pth --arch bn_inception --output DIR
 
+A Vision Transformer (DINO's, DeiT's or timm's state dict; ``hdml_jax.models.vit_weights``), its
+depth read from the file; the run's ``model.vit`` fields must describe the same network::
+
+    python -m hdml_jax.models.convert dino_deitsmall16_pretrain.pth --arch vit --output DIR
+
 ``.pth`` files are read without torch, in either of torch's formats: the zip archive of torch
 ≥ 1.6 (``read_torch_zip``) and the older single-stream "legacy" format that Cadene's file uses
 (``read_torch_legacy``), both in ``torch_pickle``; ``state_dicts.read_state_dict`` picks the reader
@@ -55,6 +60,7 @@ from hdml_jax.models.errors import (
 from hdml_jax.models.resnet import STAGES, ResNet
 from hdml_jax.models.state_dicts import read_safetensors, read_state_dict
 from hdml_jax.models.torch_pickle import read_torch_legacy, read_torch_zip
+from hdml_jax.models.vit_weights import load_vit
 
 __all__ = [
     "ARCHITECTURES",
@@ -76,7 +82,7 @@ __all__ = [
     "torchvision_resnet_to_flax",
 ]
 
-ARCHITECTURES = ("resnet", "bn_inception")
+ARCHITECTURES = ("resnet", "bn_inception", "vit")
 
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 IGNORED_PREFIXES = ("fc.",)
@@ -377,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "weights",
-        help="torchvision ResNet or Cadene BN-Inception weights: .pth, .safetensors or .npz",
+        help="torchvision ResNet, Cadene BN-Inception or DINO/DeiT/timm ViT weights: .pth, .safetensors or .npz",
     )
     parser.add_argument(
         "--arch", choices=ARCHITECTURES, default="resnet", help="the backbone (default resnet)"
@@ -404,6 +410,10 @@ def _convert(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"{output} exists; choose a new directory or remove it first.")
     if args.arch == "bn_inception":
         variables, name = load_bn_inception(args.weights), "BN-Inception"
+    elif args.arch == "vit":
+        variables = load_vit(args.weights)
+        blocks = sum(1 for key in variables["params"] if key.startswith("blocks_"))
+        name = f"ViT ({blocks} blocks, width {variables['params']['pos_embed'].shape[-1]})"
     else:
         variables, name = load_torchvision_resnet(args.weights, args.depth), f"ResNet-{args.depth}"
     output = save_pretrained(variables, args.output)

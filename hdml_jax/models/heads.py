@@ -40,6 +40,8 @@ EMBEDDING_INITS = {
     "kaiming_fan_out": (embedding_init, lambda fan_in: nn.initializers.zeros),
     # torch.nn.Linear's default (ProxyNCA++ leaves its embedding layer at it, train.py:101):
     # weight kaiming_uniform_(a=√5) = U(±1/√fan_in), bias U(±1/√fan_in).
+    # torch.nn.init.orthogonal_ on the weight, bias 0 (hyp_metric model.py, HIER models/model.py:79-83).
+    "orthogonal": (nn.initializers.orthogonal(), lambda fan_in: nn.initializers.zeros),
     "torch_default": (
         nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
         lambda fan_in: (
@@ -73,10 +75,13 @@ def parse_descriptors(descriptors: str, embedding_dim: int, combine: str = "conc
 
 
 class EmbeddingHead(nn.Module):
-    """``L2(Dense(pool(x)))``.
+    """``L2(Dense(pool(x)))``, or ``L2(Dense(LN(pool(x))))`` with ``layernorm``.
 
     ``pooling``: ``gap_gmp`` (Proxy-Anchor), ``mac_layernorm`` (ProxyNCA++), ``spoc``, ``mac``,
-    ``gem``. ``embedding_init``: a key of ``EMBEDDING_INITS``.
+    ``gem``, or ``none`` for a backbone that pools itself (the ViT's ``(B, D)`` class token).
+    ``layernorm``: a LayerNorm without scale or bias (ε = 1e-5, PyTorch's) before the embedding
+    layer, HIER's ``use_lastnorm`` (``nn.LayerNorm(bdim, elementwise_affine=False)``, HIER
+    hier/models/model.py). ``embedding_init``: a key of ``EMBEDDING_INITS``.
     """
 
     embedding_dim: int = 512
@@ -84,11 +89,17 @@ class EmbeddingHead(nn.Module):
     gem_p: float = 3.0
     normalize: bool = True
     embedding_init: str = "kaiming_fan_out"
+    layernorm: bool = False
 
     @nn.compact
     def __call__(self, features: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         if self.pooling not in pooling.POOLINGS:
             raise ValueError(f"pooling must be one of {sorted(pooling.POOLINGS)}, got {self.pooling!r}.")
+        if features.ndim == 2 and self.pooling != "none":
+            raise ValueError(
+                f"the backbone's output is already pooled {features.shape} (a ViT): use "
+                f"model.pooling='none', not {self.pooling!r}."
+            )
         pooled = (
             pooling.gem(features, self.gem_p)
             if self.pooling == "gem"
@@ -99,6 +110,8 @@ class EmbeddingHead(nn.Module):
                 f"embedding_init must be one of {sorted(EMBEDDING_INITS)}, got {self.embedding_init!r}."
             )
         kernel_init, bias_init = EMBEDDING_INITS[self.embedding_init]
+        if self.layernorm:
+            pooled = nn.LayerNorm(epsilon=1e-5, use_scale=False, use_bias=False, name="layernorm")(pooled)
         embedding = nn.Dense(
             self.embedding_dim,
             kernel_init=kernel_init,

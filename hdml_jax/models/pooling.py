@@ -84,4 +84,21 @@ class GeM(nn.Module):
         return gem(x, p, self.eps)
 
 
-POOLINGS = {"spoc": spoc, "mac": mac, "gem": gem, "gap_gmp": gap_gmp, "mac_layernorm": mac_layernorm}
+def already_pooled(x: jax.Array) -> jax.Array:
+    """``"none"``: the backbone's output is already one vector per image (a ViT's class token)."""
+    if x.ndim != 2:
+        raise ValueError(
+            f"model.pooling='none' takes pooled (B, D) features, got shape {x.shape}: a feature map "
+            "needs a pooling (gap_gmp, spoc, mac, gem)."
+        )
+    return x
+
+
+POOLINGS = {
+    "spoc": spoc,
+    "mac": mac,
+    "gem": gem,
+    "gap_gmp": gap_gmp,
+    "mac_layernorm": mac_layernorm,
+    "none": already_pooled,
+}

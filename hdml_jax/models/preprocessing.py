@@ -9,11 +9,17 @@ backbone       order    range      mean                      std
 =============  =======  =========  ========================  ========================
 resnet         RGB      0–1        0.485, 0.456, 0.406       0.229, 0.224, 0.225
 bn_inception   BGR      0–255      104, 117, 128             1, 1, 1
+vit            RGB      0–1        0.485, 0.456, 0.406       0.229, 0.224, 0.225
+vit_augreg     RGB      0–1        0.5, 0.5, 0.5             0.5, 0.5, 0.5
 =============  =======  =========  ========================  ========================
 
 ``resnet`` is torchvision's ImageNet convention; ``bn_inception`` is Cadene's
 ``pretrained_settings['bninception']`` (a Caffe model: BGR, 0–255, per-channel mean only), also
-what Proxy-Anchor feeds its BN-Inception. Means and stds are listed in the model's channel order.
+what Proxy-Anchor feeds its BN-Inception. ``vit`` is the same ImageNet convention, which DINO's
+and DeiT's weights were trained with; ``vit_augreg`` maps [0, 1] to [-1, 1], the inputs of the
+Google-trained AugReg weights (timm's ``pretrained_cfg`` mean = std = 0.5). Means and stds are
+listed in the model's channel order. A backbone module names its key in its ``preprocessing``
+attribute (the ViT's depends on its weights: ``hdml_jax.models.vit_weights``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdml_jax.errors import ConfigError
+from hdml_jax.models.vit_weights import VIT_WEIGHTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +85,14 @@ class InputConvention:
 PREPROCESSING: dict[str, InputConvention] = {
     "resnet": InputConvention("RGB", 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "bn_inception": InputConvention("BGR", 255.0, (104.0, 117.0, 128.0), (1.0, 1.0, 1.0)),
+    "vit": InputConvention("RGB", 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "vit_augreg": InputConvention("RGB", 1.0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
-BACKBONES = tuple(PREPROCESSING)
+# ``config.model.backbone``'s values.
+BACKBONES = ("resnet", "bn_inception", "vit")
 # The ImageNet weights ``model.pretrained`` can name (downloaded and converted on first use), and
 # the backbone each is for.
-NAMED_WEIGHTS = {"torchvision": "resnet", "bninception": "bn_inception"}
+NAMED_WEIGHTS = {"torchvision": "resnet", "bninception": "bn_inception"} | dict.fromkeys(VIT_WEIGHTS, "vit")
 
 
 def check_named_weights(pretrained: str, backbone: str) -> str | None:
@@ -105,7 +115,7 @@ def check_named_weights(pretrained: str, backbone: str) -> str | None:
 def convention(backbone: str) -> InputConvention:
     """The ``InputConvention`` of ``backbone`` (a key of ``PREPROCESSING``)."""
     if backbone not in PREPROCESSING:
-        raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}.")
+        raise ValueError(f"unknown input convention {backbone!r}; known: {', '.join(PREPROCESSING)}.")
     return PREPROCESSING[backbone]
 
 

@@ -211,9 +211,11 @@ def read_torch_zip(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _tensor_dict(state: Any, path: Path) -> dict[str, np.ndarray]:
-    """Unwrap ``{"state_dict": ...}`` and insist on a flat ``name → array`` mapping."""
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]
+    """Unwrap ``{"state_dict": ...}`` (and DeiT's ``{"model": ...}``) and insist on a flat
+    ``name → array`` mapping."""
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
     if not isinstance(state, Mapping):
         raise BadWeightsFileError(f"{path} holds a {type(state).__name__}, not a state dict.")
     others = [str(key) for key, value in state.items() if not isinstance(value, np.ndarray)]

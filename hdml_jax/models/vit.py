@@ -7,16 +7,21 @@ images to pooled features ``(B, D)``, the architecture of DINO's ``vision_transf
 * patch embedding: a ``p × p`` convolution with stride ``p`` (``patch_embed.proj``), the
   ``(H/p) × (W/p)`` patches as tokens in row-major order;
 * a class token (and DeiT-distilled's distillation token) in front, plus learned position
-  embeddings (``pos_embed``, one per token), interpolated for another grid than the weights' own
-  (``interpolate_position_embedding``);
+  embeddings (``pos_embed``, one per token), resized for another grid than the weights' own as
+  the weights' own code does it: DINO's and DeiT's ``interpolate_pos_encoding`` (bicubic by a
+  scale factor, ``interpolate_position_embedding``) or timm's ``resample_abs_pos_embed``
+  (bicubic by size with antialiasing, ``resample_position_embedding``);
 * ``depth`` pre-norm blocks: ``x + attn(LN(x))`` then ``x + mlp(LN(x))``, LayerNorm ε = 1e-6,
   multi-head self-attention with a fused ``qkv`` projection (bias) through
   ``jax.nn.dot_product_attention`` (a GPU takes its fused kernel), a GELU MLP of ``mlp_ratio · D``
   (exact erf GELU, as ``nn.GELU``), optional LayerScale (``layer_scale``: per-channel ``γ`` on
   each branch) and stochastic depth (``drop_path``, 0 by default as the recipes);
 * the final LayerNorm (``final_norm``; HIER's ``use_lastnorm``), then the pooled output: the class
-  token (``"cls"``, DINO and AugReg), the mean of the patch tokens (``"mean"``), or DeiT-distilled's
-  ``(class + distillation) / 2`` (``"cls+dist"``, DeiT's ``forward`` at inference).
+  token (``"cls"``, DINO and AugReg), the mean of the patch tokens (``"mean"``), DeiT-distilled's
+  ``(class + distillation) / 2`` (``"cls+dist"``, timm ≥ 0.6 in training and evaluation), or
+  ``"deit"``: the class token in training and ``(class + distillation) / 2`` in evaluation, what
+  DeiT's own ``forward`` and timm ≤ 0.5 (HIER pins 0.4.12) give a metric-learning head, which
+  keeps the first of the two training outputs.
 
 ``dtype=bfloat16`` computes in bf16 with float32 parameters, float32 LayerNorm statistics and
 float32 softmax statistics (``dot_product_attention`` accumulates its softmax in float32).
@@ -36,11 +41,13 @@ import numpy as np
 
 from hdml_jax.models.errors import WeightsMismatchError
 
-POOLINGS = ("cls", "mean", "cls+dist")
+POOLINGS = ("cls", "mean", "cls+dist", "deit")
+# How each weights' own code resizes the position embeddings for another grid.
+POSITION_INTERPOLATIONS = ("dino", "timm")
 LAYER_NORM_EPS = 1e-6
 
-# Sizes of the ViTs the weights exist for: (embed_dim, depth, num_heads).
-SIZES = {"small": (384, 12, 6), "base": (768, 12, 12)}
+# ViT-Ti, ViT-S and ViT-B (DeiT's names): (embed_dim, depth, num_heads).
+SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
 
 
 def cubic_weights(position: np.ndarray, a: float = -0.75) -> tuple[np.ndarray, np.ndarray]:
@@ -52,15 +59,20 @@ def cubic_weights(position: np.ndarray, a: float = -0.75) -> tuple[np.ndarray, n
     """
     first = np.floor(position)
     t = position - first
-
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+    weights = np.stack(
+        [_keys_far(t + 1, a), _keys_near(t, a), _keys_near(1 - t, a), _keys_far(2 - t, a)], axis=-1
+    )
     return first.astype(np.int64) - 1, weights
+
+
+def _keys_near(x: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel for ``|x| <= 1``."""
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+
+def _keys_far(x: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel for ``1 < |x| < 2``."""
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
 
 def bicubic_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
@@ -79,6 +91,72 @@ def bicubic_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
     return matrix
 
 
+def antialiased_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """``(out, in)`` float64: ``torch.nn.functional.interpolate(mode="bicubic", antialias=True,
+    size=out)`` along one axis (what timm's ``resample_abs_pos_embed`` calls).
+
+    PyTorch's antialiased path is Pillow's resampling: Keys' cubic with ``A = -0.5`` (not the
+    ``-0.75`` of the plain path), centred at source ``scale · (i + 0.5)`` with ``scale = in / out``,
+    its support stretched by ``scale`` when shrinking (``2 · scale`` taps each side, distances
+    divided by ``scale``), taps outside the input dropped and the rest renormalised to sum 1.
+    """
+    scale = in_size / out_size
+    stretch = max(scale, 1.0)
+    support = 2.0 * stretch
+    matrix = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        centre = scale * (i + 0.5)
+        # int() truncates like PyTorch's static_cast<int64_t>.
+        first = max(int(centre - support + 0.5), 0)
+        last = min(int(centre + support + 0.5), in_size)
+        taps = np.arange(first, last)
+        distance = np.abs((taps - centre + 0.5) / stretch)
+        weights = np.where(
+            distance < 1.0,
+            _keys_near(distance, -0.5),
+            np.where(distance < 2.0, _keys_far(distance, -0.5), 0.0),
+        )
+        total = weights.sum()
+        matrix[i, taps] = weights / total if total != 0 else weights
+    return matrix
+
+
+def resample_position_embedding(pos_embed: jax.Array, num_prefix: int, grid: tuple[int, int]) -> jax.Array:
+    """timm's ``resample_abs_pos_embed`` (its defaults): the patch part of ``pos_embed`` resized to
+    ``grid`` by ``size``, bicubic with antialiasing (``antialiased_bicubic_matrix``); prefix tokens
+    kept, the same grid returns ``pos_embed`` itself. timm's ViTs (AugReg) resize this way."""
+    side = _square_side(pos_embed.shape[1] - num_prefix)
+    if grid == (side, side):
+        return pos_embed
+    return _resize_grid(
+        pos_embed,
+        num_prefix,
+        side,
+        antialiased_bicubic_matrix(side, grid[0]),
+        antialiased_bicubic_matrix(side, grid[1]),
+    )
+
+
+def _square_side(patches: int) -> int:
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(f"pos_embed holds {patches} patch positions, not a square grid.")
+    return side
+
+
+def _resize_grid(
+    pos_embed: jax.Array, num_prefix: int, side: int, rows: np.ndarray, cols: np.ndarray
+) -> jax.Array:
+    """``pos_embed``'s ``side × side`` patch table resized by the separable ``rows`` and ``cols``
+    matrices (each ``(out, side)``), in float32."""
+    table = pos_embed[0, num_prefix:].reshape(side, side, -1).astype(jnp.float32)
+    resized = jnp.einsum(
+        "ri,ijd,cj->rcd", jnp.asarray(rows, jnp.float32), table, jnp.asarray(cols, jnp.float32)
+    )
+    resized = resized.reshape(1, rows.shape[0] * cols.shape[0], -1).astype(pos_embed.dtype)
+    return jnp.concatenate([pos_embed[:, :num_prefix], resized], axis=1)
+
+
 def interpolate_position_embedding(pos_embed: jax.Array, num_prefix: int, grid: tuple[int, int]) -> jax.Array:
     """DINO's ``interpolate_pos_encoding``: the patch part of ``pos_embed`` ``(1, prefix + N, D)``
     (an ``√N × √N`` grid) resized to ``grid = (rows, cols)`` patches; prefix tokens kept.
@@ -87,20 +165,12 @@ def interpolate_position_embedding(pos_embed: jax.Array, num_prefix: int, grid: 
     ``0.1`` keeping the output size at ``rows`` despite float round-off; that scale, not
     ``rows / √N``, sets the sampling positions. The same grid returns ``pos_embed`` itself.
     """
-    patches = pos_embed.shape[1] - num_prefix
-    side = math.isqrt(patches)
-    if side * side != patches:
-        raise ValueError(f"pos_embed holds {patches} patch positions, not a square grid.")
+    side = _square_side(pos_embed.shape[1] - num_prefix)
     if grid == (side, side):
         return pos_embed
     rows = bicubic_matrix(side, grid[0], (grid[0] + 0.1) / side)
     cols = bicubic_matrix(side, grid[1], (grid[1] + 0.1) / side)
-    table = pos_embed[0, num_prefix:].reshape(side, side, -1).astype(jnp.float32)
-    resized = jnp.einsum(
-        "ri,ijd,cj->rcd", jnp.asarray(rows, jnp.float32), table, jnp.asarray(cols, jnp.float32)
-    )
-    resized = resized.reshape(1, grid[0] * grid[1], -1).astype(pos_embed.dtype)
-    return jnp.concatenate([pos_embed[:, :num_prefix], resized], axis=1)
+    return _resize_grid(pos_embed, num_prefix, side, rows, cols)
 
 
 class DropPath(nn.Module):
@@ -173,9 +243,14 @@ class VisionTransformer(nn.Module):
       pretrain_grid: patches per side of the position embeddings (224 / p for the weights).
       distilled: DeiT's distillation token after the class token.
       layer_scale: LayerScale's initial ``γ`` (None: no LayerScale, as DINO, DeiT and AugReg ViT-S).
-      pooling: ``"cls"``, ``"mean"`` (the patch tokens) or ``"cls+dist"`` (DeiT-distilled).
+      pooling: ``"cls"``, ``"mean"`` (the patch tokens), ``"cls+dist"`` or ``"deit"`` (DeiT-distilled).
       final_norm: the last LayerNorm before pooling.
       drop_path: stochastic depth rate of the last block, rising linearly from 0 (timm's rule).
+      position_interpolation: ``"dino"`` (DINO's and DeiT's ``interpolate_pos_encoding``) or
+        ``"timm"`` (``resample_abs_pos_embed``, timm's AugReg ViTs); the two differ off the
+        weights' own grid.
+      preprocessing: the key of ``hdml_jax.models.preprocessing.PREPROCESSING`` for this
+        network's inputs: ``"vit"`` (ImageNet mean/std: DINO, DeiT) or ``"vit_augreg"`` (0.5/0.5).
       dtype: computation dtype; parameters stay float32.
     """
 
@@ -190,14 +265,20 @@ class VisionTransformer(nn.Module):
     pooling: str = "cls"
     final_norm: bool = True
     drop_path: float = 0.0
+    position_interpolation: str = "dino"
+    preprocessing: str = "vit"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        if self.position_interpolation not in POSITION_INTERPOLATIONS:
+            raise ValueError(
+                f"position_interpolation must be one of {POSITION_INTERPOLATIONS}, got {self.position_interpolation!r}."
+            )
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}.")
-        if self.pooling == "cls+dist" and not self.distilled:
-            raise ValueError('pooling "cls+dist" needs the distillation token (distilled=True).')
+        if self.pooling in ("cls+dist", "deit") and not self.distilled:
+            raise ValueError(f'pooling "{self.pooling}" needs the distillation token (distilled=True).')
         height, width = images.shape[1:3]
         p = self.patch_size
         if height % p or width % p:
@@ -216,7 +297,12 @@ class VisionTransformer(nn.Module):
         tokens = jnp.concatenate(
             [jnp.broadcast_to(t, (batch, 1, dim)).astype(x.dtype) for t in prefix] + [x], 1
         )
-        x = tokens + interpolate_position_embedding(pos_embed, len(prefix), (rows, cols)).astype(x.dtype)
+        resize = (
+            interpolate_position_embedding
+            if self.position_interpolation == "dino"
+            else resample_position_embedding
+        )
+        x = tokens + resize(pos_embed, len(prefix), (rows, cols)).astype(x.dtype)
         for i in range(self.depth):
             rate = self.drop_path * i / max(self.depth - 1, 1)
             x = Block(
@@ -226,8 +312,10 @@ class VisionTransformer(nn.Module):
             x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm")(x)
         if self.pooling == "cls":
             return x[:, 0]
-        if self.pooling == "cls+dist":
+        if self.pooling == "cls+dist" or (self.pooling == "deit" and not train):
             return (x[:, 0] + x[:, 1]) / 2
+        if self.pooling == "deit":
+            return x[:, 0]
         return jnp.mean(x[:, len(prefix) :], axis=1)
 
 

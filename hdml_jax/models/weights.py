@@ -1,12 +1,15 @@
-"""``config.model.pretrained``: a converted checkpoint directory, ``"torchvision"``, ``"bninception"``
-or nothing.
+"""``config.model.pretrained``: a converted checkpoint directory, a name of published weights, or
+nothing.
 
-``"torchvision"`` (ResNet) and ``"bninception"`` (BN-Inception) download the ImageNet weights
-file once into the cache (``$HDML_JAX_CACHE``, default ``~/.cache/hdml_jax``), check it against the
-hash in its file name and convert it once (``hdml_jax.models.convert``, no torch needed); later
-runs reuse the converted directory without touching the network. Every step writes to a temporary
-name first and renames, so an interrupted run or several processes sharing the cache never leave a
-partial file under a final name.
+The names: ``"torchvision"`` (ResNet), ``"bninception"`` (BN-Inception) and the ViTs of
+``hdml_jax.models.vit_weights.VIT_WEIGHTS`` (``"vit_s16_dino"``, ``"deit_s16_distilled"``,
+``"vit_s16_augreg"``, ...). Each downloads its file once into the cache (``$HDML_JAX_CACHE``,
+default ``~/.cache/hdml_jax``), checks it against the SHA-256 prefix its publisher states (the
+hash in a torch.hub file name; DINO's and timm's files state none, and then the conversion's
+check of every tensor name and shape is the check) and converts it once (``hdml_jax.models.convert``,
+no torch needed); later runs reuse the converted directory without touching the network. Every
+step writes to a temporary name first and renames, so an interrupted run or several processes
+sharing the cache never leave a partial file under a final name.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from hdml_jax.models.convert import (
     save_pretrained,
 )
 from hdml_jax.models.preprocessing import check_named_weights
+from hdml_jax.models.vit_weights import VIT_WEIGHTS, load_vit
 
 # torchvision's IMAGENET1K_V1 ResNet weights (ResNet{18,34,50,101}_Weights.IMAGENET1K_V1). The same
 # four URLs appear in pytorch/vision, torchvision/prototype/models/resnet.py at commit
@@ -95,11 +99,18 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _manual_steps(url: str, destination: Path, depth: int | None, arch: str = "resnet") -> str:
-    arch_args = "--arch bn_inception" if arch == "bn_inception" else f"--depth {depth or 'N'}"
+def _manual_steps(
+    url: str, destination: Path, depth: int | None, arch: str = "resnet", sha256_prefix: str | None = None
+) -> str:
+    arch_args = f"--arch {arch}" if arch != "resnet" else f"--depth {depth or 'N'}"
+    expected = (
+        f"its SHA-256 starts with {sha256_prefix}"
+        if sha256_prefix
+        else "no SHA-256 is published for it; the conversion checks every tensor's name and shape"
+    )
     return (
-        f"Without network access here, download {url} on another machine and either copy it to "
-        f"{destination} (the next run converts it) or copy it anywhere and convert it once with\n"
+        f"Without network access here, download {url} on another machine ({expected}) and either "
+        f"copy it to {destination} (the next run converts it) or copy it anywhere and convert it once with\n"
         f"  python -m hdml_jax.models.convert FILE {arch_args} --output DIR\n"
         "then pass --config.model.pretrained=DIR.\n"
         "Or train from scratch at once (lower accuracy than from ImageNet weights): "
@@ -159,9 +170,15 @@ def _stream_to(response: BinaryIO, out: BinaryIO, total: int | None, progress: _
 
 
 def download(
-    url: str, destination: str | Path, sha256_prefix: str, *, depth: int | None = None, arch: str = "resnet"
+    url: str,
+    destination: str | Path,
+    sha256_prefix: str | None,
+    *,
+    depth: int | None = None,
+    arch: str = "resnet",
 ) -> Path:
-    """Download ``url`` to ``destination`` if its SHA-256 starts with ``sha256_prefix``.
+    """Download ``url`` to ``destination`` if its SHA-256 starts with ``sha256_prefix`` (None: a
+    file whose publisher states no hash; its SHA-256 is printed, for the record).
 
     The bytes go to a temporary file next to ``destination`` that is renamed only after the hash
     matched, so ``destination`` either does not exist or holds the complete, verified file (also
@@ -188,9 +205,12 @@ def download(
             except _NETWORK_ERRORS as error:
                 raise WeightsUnavailableError(
                     f"could not download {url} ({error}). "
-                    f"The file belongs at {destination}.\n" + _manual_steps(url, destination, depth, arch)
+                    f"The file belongs at {destination}.\n"
+                    + _manual_steps(url, destination, depth, arch, sha256_prefix)
                 ) from error
-        if not digest.startswith(sha256_prefix):
+        if sha256_prefix is None:
+            print(f"  SHA-256 {digest} (no published hash to compare with)", file=sys.stderr, flush=True)
+        elif not digest.startswith(sha256_prefix):
             raise WeightsHashError(
                 f"{url} downloaded, but its SHA-256 is {digest}, which does not start with "
                 f"{sha256_prefix}; the file was discarded. Retry, or check the URL."
@@ -232,9 +252,14 @@ def resolve_pretrained(
     """
     if spec is None or spec.strip().lower() in ("", "none"):
         return None
-    owner = check_named_weights(spec.strip().lower(), backbone)
-    if owner is not None:
-        return _torchvision_checkpoint(depth, width) if owner == "resnet" else _bninception_checkpoint()
+    name = spec.strip().lower()
+    owner = check_named_weights(name, backbone)
+    if owner == "resnet":
+        return _torchvision_checkpoint(depth, width)
+    if owner == "bn_inception":
+        return _bninception_checkpoint()
+    if owner == "vit":
+        return _vit_checkpoint(name)
     path = Path(spec).expanduser().resolve()
     if not path.exists():
         raise WeightsFileNotFoundError(
@@ -267,17 +292,38 @@ def _bninception_checkpoint() -> Path:
     return _cached_conversion(BNINCEPTION_URL, "bn_inception", load_bn_inception, arch="bn_inception")
 
 
-def _cached_conversion(url: str, name: str, load, **download_kwargs) -> Path:
-    """``<cache>/<name>-<hash>-flax``, converted once from ``url``'s file (downloaded once, its
-    SHA-256 prefix checked) with ``load(path) -> variables``."""
-    expected_hash = hash_prefix(url)
+def _vit_checkpoint(name: str) -> Path:
+    """The cached conversion of the published ViT weights ``name`` (``VIT_WEIGHTS``)."""
+    weights = VIT_WEIGHTS[name]
+    return _cached_conversion(
+        weights.url,
+        name,
+        lambda path: load_vit(path, weights.module()),
+        expected_hash=weights.sha256_prefix,
+        filename=weights.filename,
+        arch="vit",
+    )
+
+
+_FROM_URL = object()  # _cached_conversion's default: the hash in the URL's file name
+
+
+def _cached_conversion(
+    url: str, name: str, load, *, expected_hash: Any = _FROM_URL, filename: str | None = None, **download_kwargs
+) -> Path:
+    """``<cache>/<name>-<hash>-flax`` (``<name>-flax`` for a file without a published hash),
+    converted once from ``url``'s file (downloaded once into ``<cache>/<filename>``, its SHA-256
+    prefix checked) with ``load(path) -> variables``."""
+    if expected_hash is _FROM_URL:
+        expected_hash = hash_prefix(url)
     cache = cache_dir()
-    checkpoint = cache / f"{name}-{expected_hash}-flax"
+    checkpoint = cache / (f"{name}-{expected_hash}-flax" if expected_hash else f"{name}-flax")
     if checkpoint.exists():
         return checkpoint
-    weights_file = cache / url.rsplit("/", 1)[-1]
+    weights_file = cache / (filename or url.rsplit("/", 1)[-1])
     if weights_file.exists():
-        _check_cached_hash(weights_file, expected_hash)
+        if expected_hash:
+            _check_cached_hash(weights_file, expected_hash)
     else:
         download(url, weights_file, expected_hash, **download_kwargs)
     _convert_into(weights_file, checkpoint, load)

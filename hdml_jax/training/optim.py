@@ -5,6 +5,8 @@ Every parameter carries a group label (``parameter_groups``):
 ==================  ========================================================================
 ``backbone``        the ResNet's convolutions (everything of the backbone but BatchNorm)
 ``backbone_bn``     the backbone's BatchNorm scale/bias
+``backbone_fixed``  backbone parameters that never train (the ViT's patch embedding with
+                    ``model.vit.freeze_patch_embed``: HIER's and Hyp's ``freeze(body, 0)``)
 ``head``            the embedding layer(s), CGD's descriptor projections and classifier
 ``proxies``         the fine proxies (one per class)
 ``coarse_proxies``  HPL's coarse proxies (``coarse_proxies_1``, ...)
@@ -13,7 +15,9 @@ Every parameter carries a group label (``parameter_groups``):
 
 A **phase** is the set of groups that are frozen for a while (``frozen_groups``): during
 warm-up the backbone; with ``bn_freeze`` and no warm-up the BatchNorm affine parameters for the
-whole run; HPL's coarse proxies until the hierarchy exists. PyTorch gives a parameter with
+whole run; HPL's coarse proxies until the hierarchy exists. ``optimizer.warmup="zero_lr"``
+warms up as HIER does instead (HIER hier/train.py:136-139): the backbone's group keeps its
+optimizer, at learning rate 0, so its moments and step count move while its weights do not. PyTorch gives a parameter with
 ``requires_grad=False`` no gradient, so ``torch.optim.Adam``/``AdamW`` skip it: its step count and
 moments do not exist until it first trains, and its weight decay is not applied. Here a frozen
 group's optimizer state is passed through untouched and its update is exactly zero, so when it
@@ -47,7 +51,9 @@ import optax
 from hdml_jax import methods
 from hdml_jax.models import batchnorm_mask
 
-GROUPS = ("backbone", "backbone_bn", "head", "proxies", "coarse_proxies", "loss_params")
+GROUPS = ("backbone", "backbone_bn", "backbone_fixed", "head", "proxies", "coarse_proxies", "loss_params")
+BACKBONE_GROUPS = ("backbone", "backbone_bn")
+WARMUPS = ("freeze", "zero_lr")
 PROXY_GROUPS = ("proxies", "coarse_proxies")
 
 
@@ -58,10 +64,14 @@ class OptimizerState(NamedTuple):
     groups: Any
 
 
-def parameter_groups(params: Any) -> Any:
-    """A pytree of group labels (``GROUPS``) with the structure of ``params``."""
+def parameter_groups(params: Any, fixed: Iterable[str] = ()) -> Any:
+    """A pytree of group labels (``GROUPS``) with the structure of ``params``.
+
+    ``fixed``: names of the backbone's top-level modules that never train (``backbone_fixed``).
+    """
     is_bn = batchnorm_mask(params)
     loss_params = methods.loss_parameter_names()  # top-level params that belong to the loss
+    fixed = frozenset(fixed)
 
     def label(path, _, bn: bool) -> str:
         top = path[0].key
@@ -72,6 +82,8 @@ def parameter_groups(params: Any) -> Any:
         if top in loss_params:
             return "loss_params"
         if top == "backbone":
+            if len(path) > 1 and path[1].key in fixed:
+                return "backbone_fixed"
             return "backbone_bn" if bn else "backbone"
         return "head"
 
@@ -85,13 +97,39 @@ def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int
     return int(config.optimizer.warmup_epochs) * steps_per_epoch
 
 
+def warmup_mode(config: ml_collections.ConfigDict) -> str:
+    """``"freeze"`` (Proxy-Anchor: ``requires_grad=False``) or ``"zero_lr"`` (HIER: the backbone's
+    group at learning rate 0); configs written before the field existed mean ``"freeze"``."""
+    return config.optimizer.get("warmup", "freeze")
+
+
+def fixed_backbone_modules(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The backbone modules that never train (``backbone_fixed``): the ViT's patch embedding with
+    ``model.vit.freeze_patch_embed``."""
+    m = config.model
+    if m.get("backbone", "resnet") == "vit" and m.vit.get("freeze_patch_embed", False):
+        return ("patch_embed",)
+    return ()
+
+
+def base_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """``optimizer.lr``, scaled by ``batch_size / lr_reference_batch`` when that is set (HIER:
+    ``lr = args.lr * (batch_size * world_size) / 180.``, hier/train.py:132)."""
+    o = config.optimizer
+    reference = int(o.get("lr_reference_batch", 0) or 0)
+    return float(o.lr) * (config.batch_size / reference if reference else 1.0)
+
+
 def frozen_groups(
     config: ml_collections.ConfigDict, step: int, steps_per_epoch: int, hierarchy_active: bool = True
 ) -> frozenset[str]:
     """The groups that do not train at ``step`` (a Python int: each phase compiles its own step).
 
+    * ``backbone_fixed`` always, where the config has such parameters (``requires_grad=False``
+      for the whole run).
     * ``step < warm-up``: ``backbone`` and ``backbone_bn`` (the official ``train.py`` sets
-      ``requires_grad=False`` on every parameter but the embedding layer and the proxies).
+      ``requires_grad=False`` on every parameter but the embedding layer and the proxies); not
+      with ``optimizer.warmup="zero_lr"``, whose backbone trains at rate 0 (``make_optimizer``).
     * ``model.frozen_bn`` (``bn_freeze``) and no warm-up at all: ``backbone_bn`` for the whole run.
       The official model freezes BatchNorm's weight/bias at construction, and only the warm-up's
       end (``epoch == warm``, inside ``if args.warm > 0``) sets ``requires_grad=True`` on them
@@ -100,10 +138,10 @@ def frozen_groups(
       in eval mode, its weight/bias trained by the trunk's optimizer).
     * HPL: ``coarse_proxies`` until the hierarchy is built (they do not exist before).
     """
-    frozen = set()
+    frozen = {"backbone_fixed"} if fixed_backbone_modules(config) else set()
     warm = warmup_steps(config, steps_per_epoch)
-    if step < warm:
-        frozen |= {"backbone", "backbone_bn"}
+    if step < warm and warmup_mode(config) == "freeze":
+        frozen |= set(BACKBONE_GROUPS)
     elif config.model.frozen_bn and warm == 0 and not config.model.get("frozen_bn_trains_affine", False):
         frozen.add("backbone_bn")
     if methods.of(config).hierarchical and not hierarchy_active:
@@ -151,7 +189,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
     """
     o = config.optimizer
     boundaries = {step: o.decay_factor for step in decay_boundaries(config, steps_per_epoch)}
-    return optax.piecewise_constant_schedule(o.lr, boundaries)
+    return optax.piecewise_constant_schedule(base_learning_rate(config), boundaries)
 
 
 # ----------------------------------------------------------------------------- the optimizer
@@ -210,6 +248,7 @@ def group_settings(config: ml_collections.ConfigDict) -> dict[str, GroupSetting]
     return {
         "backbone": GroupSetting(o.backbone_lr_multiplier, o.eps, decay),
         "backbone_bn": GroupSetting(o.backbone_lr_multiplier, o.eps, decay),
+        "backbone_fixed": GroupSetting(0.0, o.eps, decay),
         "head": GroupSetting(o.head_lr_multiplier, o.eps, decay),
         "proxies": GroupSetting(proxy_multiplier, proxy_eps, decay),
         "coarse_proxies": GroupSetting(proxy_multiplier, proxy_eps, decay),
@@ -234,9 +273,11 @@ def make_optimizer(
     unknown = frozen - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown parameter groups {sorted(unknown)}; valid: {', '.join(GROUPS)}.")
-    labels = parameter_groups(params)
+    labels = parameter_groups(params, fixed_backbone_modules(config))
     settings = group_settings(config)
     schedule = learning_rate_schedule(config, steps_per_epoch)
+    # HIER's warm-up: the backbone's rate is 0 before this step, its optimizer state moves.
+    zero_lr_until = warmup_steps(config, steps_per_epoch) if warmup_mode(config) == "zero_lr" else 0
     directions = optax.multi_transform(
         {
             group: _frozen(_direction(config, setting)) if group in frozen else _direction(config, setting)
@@ -258,9 +299,13 @@ def make_optimizer(
         grads = jax.tree.map(clip_gradient, grads, labels)
         direction, groups = directions.update(grads, state.groups, params)
         lr = schedule(state.count)
-        updates = jax.tree.map(
-            lambda d, label: (-lr * settings[label].lr_multiplier * d).astype(d.dtype), direction, labels
-        )
+        backbone_lr = jnp.where(state.count < zero_lr_until, 0.0, lr) if zero_lr_until else lr
+
+        def step_of(d, label):
+            rate = backbone_lr if label in BACKBONE_GROUPS else lr
+            return (-rate * settings[label].lr_multiplier * d).astype(d.dtype)
+
+        updates = jax.tree.map(step_of, direction, labels)
         return updates, OptimizerState(state.count + 1, groups)
 
     return optax.GradientTransformation(init, update)

@@ -201,6 +201,13 @@ def make_train_iterator(config: ml_collections.ConfigDict, split: Split):
             samples_per_class=config.samples_per_class,
             seed=config.seed,
         )
+    elif config.sampler == "unique_class":
+        sampler = sampling.UniqueClassSampler(
+            split.labels,
+            classes_per_batch=config.classes_per_batch,
+            samples_per_class=config.samples_per_class,
+            seed=config.seed,
+        )
     else:
         sampler = sampling.ShuffleSampler(len(split), batch_size=config.batch_size, seed=config.seed)
     return pipeline.train_iterator(

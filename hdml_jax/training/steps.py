@@ -40,9 +40,11 @@ from hdml_jax.models import (
     EmbeddingHead,
     EmbeddingModel,
     ResNet,
+    VisionTransformer,
     preprocessing,
     proxy_levels,
 )
+from hdml_jax.models.vit import SIZES
 
 State = dict[str, Any]
 
@@ -55,8 +57,9 @@ def build_model(
 ) -> EmbeddingModel:
     """The ``EmbeddingModel`` a config describes (proxies only for proxy methods).
 
-    ``model.backbone``: ``resnet`` (``model.depth``, ``width``, ``last_stride`` apply) or
-    ``bn_inception``; a config without the field (a run from before it existed) means ``resnet``.
+    ``model.backbone``: ``resnet`` (``model.depth``, ``width``, ``last_stride`` apply),
+    ``bn_inception`` or ``vit`` (``model.vit``); a config without the field (a run from before it
+    existed) means ``resnet``.
 
     With ``config.shard_proxies`` the fine proxies are padded so that they split evenly over
     ``num_devices`` (see ``hdml_jax.parallel``); SoftTriple's ``K`` rows per class are padded by
@@ -75,6 +78,8 @@ def build_model(
     backbone_name = m.get("backbone", "resnet")
     if backbone_name == "bn_inception":
         backbone = BNInception(frozen_bn=m.frozen_bn, dtype=jnp.dtype(m.dtype))
+    elif backbone_name == "vit":
+        backbone = vit_backbone(m)
     elif backbone_name == "resnet":
         backbone = ResNet(
             m.depth,
@@ -99,7 +104,11 @@ def build_model(
         )
     else:
         head = EmbeddingHead(
-            m.embedding_dim, pooling=m.pooling, gem_p=m.gem_p, embedding_init=m.embedding_init
+            m.embedding_dim,
+            pooling=m.pooling,
+            gem_p=m.gem_p,
+            embedding_init=m.embedding_init,
+            layernorm=m.get("head_layernorm", False),  # absent from configs written before it existed
         )
     return EmbeddingModel(
         backbone,
@@ -112,6 +121,27 @@ def build_model(
         loss_params=tuple(
             (p.name, num_classes, float(config.loss.kwargs[p.keyword])) for p in method.loss_parameters
         ),
+    )
+
+
+def vit_backbone(m: ml_collections.ConfigDict) -> VisionTransformer:
+    """The ``VisionTransformer`` of ``config.model`` (``model.vit``; ``model.dtype``)."""
+    v = m.vit
+    dim, depth, heads = SIZES[v.size]
+    return VisionTransformer(
+        patch_size=v.patch_size,
+        embed_dim=dim,
+        depth=v.depth if v.get("depth") is not None else depth,
+        num_heads=heads,
+        pretrain_grid=v.position_grid_size // v.patch_size,
+        distilled=v.distilled,
+        layer_scale=v.layer_scale,
+        pooling=v.pooling,
+        final_norm=v.final_norm,
+        drop_path=v.drop_path,
+        position_interpolation=v.position_interpolation,
+        preprocessing=v.preprocessing,
+        dtype=jnp.dtype(m.dtype),
     )
 
 
