@@ -14,6 +14,13 @@ The PyTorch side is written here from the official ``train.py`` semantics (not c
 * ProxyNCA++ (euwern/proxynca_pp ``train.py``): Adam with ε on every group, warm-up with the
   backbone's lr at 0 in an optimizer of its own, then a new optimizer (l.263-312); clipping of
   the model only (l.416, 451); BatchNorm in train mode.
+* HIER's ViT recipe (tjddus9597/HIER-CVPR23 ``hier/train.py``, Euclidean): a ViT with its patch
+  embedding frozen (models/model.py:155-163), head LayerNorm (no affine) → Linear → L2
+  (model.py:103-132), parameter groups backbone / head × fc_lr_scale / proxies × 1e4, every one
+  decayed (utils.py:723-761), ``AdamW(eps=1e-4)`` (train.py:271-273), the learning rate set every
+  iteration as ``lr · batch / 180 · lr_scale`` and 0 for the backbone's group during warm-up
+  (train.py:132-139; its Adam moments still move), every gradient clamped to ±clip, the proxies'
+  too (``clip_gradients_value``, utils.py:212-221).
 
 Why float64: Adam divides by √v̂, so an element whose gradient is at the level of the arithmetic's
 rounding moves by an lr-sized step whose sign is that rounding's. In float32 such elements exist
@@ -46,12 +53,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hdml_jax import parallel
+from hdml_jax.config import use_backbone
 from hdml_jax.losses import _common as loss_common
-from hdml_jax.models import preprocessing, torchvision_resnet_to_flax
+from hdml_jax.models import preprocessing, torchvision_resnet_to_flax, vit
 from hdml_jax.training import optim, phases, setup, steps
 from tests.test_train import tiny_config
 from tests.tiny_data import tiny_dataset
 from tests.torch_resnet import TorchResNet, randomized
+from tests.torch_vit import TorchViT
 
 WIDTH, DIM, SIZE, BATCH, CLASSES = 8, 16, 32, 16, 8
 STEPS_PER_EPOCH = 2
@@ -123,6 +132,32 @@ def backbone_in_our_layout(state: dict[str, np.ndarray]) -> dict[str, Any]:
     The converter writes float32 checkpoints. It is run on the elements' indices instead (exact in
     float32 below 2²⁴), and the float64 values are gathered through the layout it produced.
     """
+    return gathered_in_layout(state, lambda indices: torchvision_resnet_to_flax(indices, 18, width=WIDTH))
+
+
+def in_our_layout(torch_model, proxies: torch.Tensor | None) -> dict:
+    """``{'params', 'batch_stats'}`` of a PyTorch model (and its proxies) in our tree layout."""
+    if hasattr(torch_model, "backbone_in_our_layout"):  # the ViT: no BatchNorm
+        backbone = {"params": torch_model.backbone_in_our_layout()}
+    else:
+        backbone_state = {
+            k: _numpy(v) for k, v in torch_model.model.state_dict().items() if not k.startswith("embedding")
+        }
+        backbone = backbone_in_our_layout(backbone_state)
+    head, head_stats = torch_model.head_in_our_layout()
+    params = {"backbone": backbone["params"], "head": head}
+    if proxies is not None:
+        params["proxies"] = _numpy(proxies)
+    batch_stats = {"backbone": backbone["batch_stats"]} if "batch_stats" in backbone else {}
+    if head_stats:
+        batch_stats["head"] = head_stats
+    return {"params": params, "batch_stats": batch_stats}
+
+
+def gathered_in_layout(state: dict[str, np.ndarray], convert: Callable[[dict], Any]) -> Any:
+    """``convert(state)`` for a converter that writes float32, without its float32 rounding: it
+    converts the elements' indices (exact in float32 below 2²⁴) and the float64 values are
+    gathered through the layout it produced."""
     sizes = [value.size for value in state.values()]
     offsets = np.cumsum([0, *sizes])
     assert offsets[-1] < 2**24, "indices would not be exact in float32"
@@ -131,22 +166,7 @@ def backbone_in_our_layout(state: dict[str, np.ndarray]) -> dict[str, Any]:
         for (key, value), start in zip(state.items(), offsets, strict=False)
     }
     flat = np.concatenate([value.reshape(-1) for value in state.values()])
-    layout = torchvision_resnet_to_flax(indices, 18, width=WIDTH)
-    return jax.tree.map(lambda index: flat[np.asarray(index, np.int64)], layout)
-
-
-def in_our_layout(torch_model, proxies: torch.Tensor | None) -> dict:
-    """``{'params', 'batch_stats'}`` of a PyTorch model (and its proxies) in our tree layout."""
-    backbone_state = {
-        k: _numpy(v) for k, v in torch_model.model.state_dict().items() if not k.startswith("embedding")
-    }
-    backbone = backbone_in_our_layout(backbone_state)
-    head, head_stats = torch_model.head_in_our_layout()
-    params = {"backbone": backbone["params"], "head": head}
-    if proxies is not None:
-        params["proxies"] = _numpy(proxies)
-    batch_stats = {"backbone": backbone["batch_stats"], **({"head": head_stats} if head_stats else {})}
-    return {"params": params, "batch_stats": batch_stats}
+    return jax.tree.map(lambda index: flat[np.asarray(index, np.int64)], convert(indices))
 
 
 def flatten(tree) -> dict[str, np.ndarray]:
@@ -560,6 +580,127 @@ def proxy_nca_pp(run: Run) -> None:
     run_ours(run, groups, state, batches)
 
 
+# ----------------------------------------------------------------------------- HIER's ViT recipe
+
+VIT_PATCH, VIT_WIDTH, VIT_DEPTH, VIT_HEADS = 4, 16, 2, 2  # 32-px images: an 8 × 8 grid of patches
+
+
+class TorchViTEmbedder(torch.nn.Module):
+    """HIER's ``HeadSwitch`` without ``ToPoincare`` (``hyp_c`` 0): ViT → LayerNorm (no affine) →
+    Linear (orthogonal, bias 0) → L2."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = randomized(
+            TorchViT(VIT_PATCH, VIT_WIDTH, VIT_DEPTH, VIT_HEADS, SIZE // VIT_PATCH), seed=1
+        )
+        self.embedding = torch.nn.Linear(VIT_WIDTH, DIM)
+        torch.nn.init.orthogonal_(self.embedding.weight)  # model.py:79-83
+        torch.nn.init.zeros_(self.embedding.bias)
+
+    def forward(self, x):
+        features = F.layer_norm(self.model(x), (VIT_WIDTH,), eps=1e-5)
+        return F.normalize(self.embedding(features), dim=1, eps=1e-12)
+
+    def backbone_in_our_layout(self):
+        state = {k: _numpy(v) for k, v in self.model.state_dict().items()}
+        return gathered_in_layout(state, lambda indices: vit.vit_from_torch(indices, VIT_DEPTH))
+
+    def head_in_our_layout(self):
+        e = self.embedding
+        return {"embedding": {"kernel": _numpy(e.weight).T, "bias": _numpy(e.bias)}}, {}
+
+
+def hier_vit(run: Run) -> None:
+    """HIER's Euclidean ViT recipe (``config_vit.apply_hier_vit_command``) on a tiny ViT: AdamW ε
+    1e-4, lr × batch/180, backbone at lr 0 in a live group for the warm-up epoch, head ×10,
+    proxies ×1e4, weight decay everywhere, the patch embedding frozen, ±clip on every gradient,
+    a constant schedule: 6 steps over 3 epochs."""
+    torch.manual_seed(0)
+    vit.SIZES["test"] = (VIT_WIDTH, VIT_DEPTH, VIT_HEADS)
+    config = tiny_config("proxy_anchor")
+    use_backbone(config, "vit_s16_dino", hier_dataset="CUB")  # the recipe under test
+    overrides = {
+        "model.pretrained": "none",
+        "model.vit.size": "test",
+        "model.vit.patch_size": VIT_PATCH,
+        "model.vit.position_grid_size": SIZE,
+        "model.embedding_dim": DIM,
+        "model.dtype": "float64",
+        "dataset.image_size": SIZE,
+        "batch_size": BATCH,
+        "num_epochs": 3,
+        "optimizer.lr": 2e-3,  # × 16 / 180 = 1.8e-4
+        "optimizer.weight_decay": 1.0,  # large enough that a missing or coupled decay shows
+        "optimizer.head_lr_multiplier": 10.0,  # --fc_lr_scale
+        "optimizer.grad_clip_value": 0.01,
+    }
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    o = config.optimizer
+    run.facts["recipe"] = {
+        "warmup": o.warmup,
+        "warmup_epochs": o.warmup_epochs,
+        "eps": o.eps,
+        "proxy_lr_multiplier": o.proxy_lr_multiplier,
+        "lr_reference_batch": o.lr_reference_batch,
+        "clip_proxies": o.clip_proxies,
+        "freeze_patch_embed": config.model.vit.freeze_patch_embed,
+        "head_layernorm": config.model.head_layernorm,
+    }
+    torch_model = TorchViTEmbedder().to(DTYPE)
+    proxies = torch.nn.Parameter((torch.randn(CLASSES, DIM) * 0.3).to(DTYPE))
+    batches = fixed_batches(NUM_STEPS)
+    groups, state = jax_setup(config, torch_model, proxies)
+    run.record(
+        "initial",
+        0,
+        flatten(jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})),
+    )
+    torch_model.model.patch_embed.proj.requires_grad_(False)  # freeze(body, 0)
+    backbone = [p for p in torch_model.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"name": "pretrained_params", "params": backbone, "lr_scale": 1.0},
+            {
+                "name": "last_layer",
+                "params": list(torch_model.embedding.parameters()),
+                "lr_scale": o.head_lr_multiplier,
+            },
+            {"name": "proxies", "params": [proxies], "lr_scale": o.proxy_lr_multiplier},
+        ],
+        weight_decay=o.weight_decay,
+        eps=o.eps,
+    )
+    clip, clipped, step = o.grad_clip_value, 0, 0
+    lr = o.lr * BATCH / 180.0  # train.py:132
+    torch_model.train()
+    for epoch in range(NUM_STEPS // STEPS_PER_EPOCH):
+        for batch in batches[epoch * STEPS_PER_EPOCH : (epoch + 1) * STEPS_PER_EPOCH]:
+            for group in optimizer.param_groups:  # train.py:133-139, schedule constant (1)
+                group["lr"] = lr * group["lr_scale"]
+                if epoch < o.warmup_epochs and group["name"] == "pretrained_params":
+                    group["lr"] = 0.0
+            x = torch_model(to_torch_images(batch["image"]))
+            loss = torch_proxy_anchor(x, torch.from_numpy(batch["label"]).long(), proxies)
+            optimizer.zero_grad()
+            loss.backward()
+            grads = gradients(torch_model, proxies)
+            for p in [*torch_model.parameters(), proxies]:  # clip_gradients_value
+                if p.grad is not None:
+                    clipped += int((p.grad.abs() > clip).sum())
+                    p.grad.data.clamp_(min=-clip, max=clip)
+            optimizer.step()
+            run.record_theirs(step, loss, torch_model, proxies, optimizer, grads)
+            step += 1
+    run.facts["clipped"] = clipped
+    run_ours(run, groups, state, batches)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 SCENARIOS: dict[str, Callable[[Run], None]] = {
@@ -567,6 +708,7 @@ SCENARIOS: dict[str, Callable[[Run], None]] = {
     "proxy_anchor_no_warmup": lambda run: proxy_anchor(run, warmup_epochs=0),
     "cgd": cgd,
     "proxy_nca_pp": proxy_nca_pp,
+    "hier_vit": hier_vit,
 }
 
 

@@ -155,6 +155,32 @@ def test_shuffle_sampler():
         sampling.ShuffleSampler(5, batch_size=8)
 
 
+def test_unique_class_batches_follow_hiers_sampler():
+    """HIER's UniqueClassSampler: P distinct classes drawn afresh per batch, K images each with
+    replacement, N // (P·K) batches per epoch, class-major; a pure function of (seed, step)."""
+    labels = np.repeat(np.arange(20), np.arange(1, 21))  # class c has c + 1 images (210 in all)
+    sampler = sampling.UniqueClassSampler(labels, classes_per_batch=6, samples_per_class=3, seed=4)
+    assert (sampler.batch_size, sampler.steps_per_epoch) == (18, 210 // 18)
+    seen_classes, repeats = Counter(), 0
+    for step in range(400):
+        indices = sampler.batch_indices(step)
+        classes = labels[indices].reshape(6, 3)
+        assert (classes == classes[:, :1]).all()  # class-major, K of one class each
+        assert len(set(classes[:, 0].tolist())) == 6  # P distinct classes
+        seen_classes.update(classes[:, 0].tolist())
+        repeats += sum(len(set(row)) < 3 for row in indices.reshape(6, 3).tolist())
+    # Classes uniform over batches (400 · 6 / 20 = 120 each; 5 standard deviations ≈ 50).
+    assert set(seen_classes) == set(range(20))
+    assert max(abs(n - 120) for n in seen_classes.values()) < 50
+    assert repeats > 0  # images drawn with replacement: the one-image class repeats itself
+    np.testing.assert_array_equal(
+        sampling.UniqueClassSampler(labels, classes_per_batch=6, samples_per_class=3, seed=4).batch_indices(77),
+        sampler.batch_indices(77),
+    )
+    many = sampling.UniqueClassSampler(labels, classes_per_batch=25, samples_per_class=2)
+    assert len(many.batch_indices(0)) == 50  # more classes than exist: drawn with replacement
+
+
 # ----------------------------------------------------------------------------- transforms
 
 

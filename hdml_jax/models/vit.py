@@ -201,7 +201,13 @@ class Attention(nn.Module):
         qkv = nn.Dense(3 * dim, dtype=self.dtype, name="qkv")(x)
         # DINO's reshape(B, N, 3, heads, head_dim): q, k, v, each (B, N, heads, head_dim).
         q, k, v = jnp.moveaxis(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim), 2, 0)
-        out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5)
+        if jnp.dtype(self.dtype) == jnp.float64:
+            # dot_product_attention takes its softmax in float32 whatever the inputs: a float64
+            # model (JAX's x64 mode, the parity checks) computes it in float64 itself.
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
+            out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5)
         return nn.Dense(dim, dtype=self.dtype, name="proj")(out.reshape(batch, tokens, dim))
 
 

@@ -144,9 +144,10 @@ def init_state(
     if weights is not None:
         pretrained = load_pretrained(weights)
         params["backbone"] = _checked_replace(params["backbone"], pretrained["params"], "params")
-        batch_stats["backbone"] = _checked_replace(
-            batch_stats["backbone"], pretrained["batch_stats"], "batch_stats"
-        )
+        if "batch_stats" in pretrained or "backbone" in batch_stats:  # none in a ViT
+            batch_stats["backbone"] = _checked_replace(
+                batch_stats.get("backbone", {}), pretrained.get("batch_stats", {}), "batch_stats"
+            )
     hierarchy: dict[str, Any] = {}
     if methods.of(config).hierarchical:
         levels = (params["proxies"].shape[0], *coarse_sizes)  # padded fine proxies included
@@ -177,8 +178,9 @@ def _checked_replace(current: Any, loaded: Any, what: str) -> Any:
     loaded_shapes = jax.tree.map(np.shape, loaded)
     if shapes != loaded_shapes:
         raise ConfigError(
-            f"model.pretrained {what} do not fit the configured backbone (depth/width differ?). "
-            "Convert weights of the same depth with `python -m hdml_jax.models.convert`."
+            f"model.pretrained {what} do not fit the configured backbone (depth/width differ, or "
+            "model.vit's size/patch/distillation token?). Convert weights of the same network with "
+            "`python -m hdml_jax.models.convert`."
         )
     return jax.tree.map(jnp.asarray, loaded)
 
