@@ -8,6 +8,8 @@
 #    bf16 autocast, torch.compile when it works), images/s, step time, peak memory, MFU
 #    (benchmarks/train_step.py; torch and pytorch-metric-learning optional: without them only
 #    hdml_jax is timed);
+# 1b. the same for the ViT-S/16 recipe (configs/sop.py:...,backbone=vit_s16_dino, HIER's step),
+#    bf16, batch 90 and 180 (train_step_vit.json);
 # 2. retrieval_metrics at N = 60,502, d = 512 (SOP's test set size; benchmarks/retrieval.py);
 # 3. the input pipeline's images/s on this machine's CPU cores, by loader threads and by worker
 #    processes (CUB-sized JPEGs, the proxy_anchor train transform; benchmarks/input.py): whether
@@ -34,6 +36,10 @@ echo "== device" | tee "$OUT/device.txt"
 echo "== train step (hdml_jax vs PyTorch)"
 "$PYTHON" benchmarks/train_step.py --batch 120 --batch 256 --json "$OUT/train_step.json" \
     2>&1 | tee "$OUT/train_step.txt"
+
+echo "== train step, ViT-S/16 (hdml_jax vs PyTorch)"
+"$PYTHON" benchmarks/train_step.py --backbone vit_s16 --batch 90 --batch 180 \
+    --json "$OUT/train_step_vit.json" 2>&1 | tee "$OUT/train_step_vit.txt"
 
 echo "== retrieval_metrics, N = 60,502"
 "$PYTHON" benchmarks/retrieval.py --skip-faiss 2>&1 | tee "$OUT/retrieval.txt"

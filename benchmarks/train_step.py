@@ -20,6 +20,12 @@ excluded, shown separately):
   ``train.py`` step. ``torch.compile`` is tried on the network (``--no-compile`` to skip); if it
   fails the eager step is timed and the table says so.
 
+``--backbone vit_s16`` times the ViT-S/16 recipe instead (``configs/sop.py:...,backbone=
+vit_s16_dino``: HIER's command, 128-d LayerNorm head, AdamW ε 1e-4, head ×100, proxies ×1e4, the
+patch embedding frozen, every gradient clamped to ±10) against the same step in PyTorch
+(``tests/torch_vit.py`` with the fused attention timm uses, the same head, PML's
+``ProxyAnchorLoss``, HIER's parameter groups and ``clip_gradients_value``).
+
 Columns: images/s, milliseconds per step (median of ``--steps`` timed steps), first call
 (compilation), peak device memory (JAX: ``memory_stats()['peak_bytes_in_use']``; torch:
 ``max_memory_allocated``; "-" on CPU), and MFU: the compiled step's FLOPs (XLA's cost analysis of
@@ -72,7 +78,8 @@ def peak_tflops(device_name: str, given: float | None) -> float | None:
 def jax_config(method: str, args: argparse.Namespace):
     from tests.test_train import load_config_module
 
-    c = load_config_module("sop").get_config(f"method={method}")
+    vit = args.backbone == "vit_s16"
+    c = load_config_module("sop").get_config(f"method={method}" + (",backbone=vit_s16_dino" if vit else ""))
     c.model.pretrained = "none"  # weights do not change the step's cost
     c.model.depth, c.model.width, c.model.dtype = args.depth, args.width, args.dtype
     c.dataset.image_size = args.size
@@ -149,35 +156,55 @@ def time_torch(method: str, batch: int, args: argparse.Namespace) -> dict[str, A
     from pytorch_metric_learning import losses as pml_losses
 
     from tests.torch_resnet import TorchResNet
+    from tests.torch_vit import TorchViT
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
+    vit = args.backbone == "vit_s16"
+    dim = 128 if vit else 512
 
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.trunk = TorchResNet(args.depth, width=args.width)
-            self.embedding = torch.nn.Linear(self.trunk.fc.in_features, 512)
+            if vit:  # HIER's HeadSwitch, Euclidean: ViT → LayerNorm (no affine) → Linear → L2
+                self.trunk = TorchViT(16, 384, 12, 6, 14, fused_attention=True)
+                self.trunk.patch_embed.proj.requires_grad_(False)
+                self.norm = torch.nn.LayerNorm(384, elementwise_affine=False)
+                self.embedding = torch.nn.Linear(384, dim)
+            else:
+                self.trunk = TorchResNet(args.depth, width=args.width)
+                self.embedding = torch.nn.Linear(self.trunk.fc.in_features, dim)
 
         def forward(self, x):
+            if vit:
+                return torch.nn.functional.normalize(self.embedding(self.norm(self.trunk(x))))
             f = self.trunk.features(x)
             pooled = f.mean((2, 3)) + f.amax((2, 3))
             return torch.nn.functional.normalize(self.embedding(pooled))
 
-    net = Net().to(device).to(memory_format=torch.channels_last)
-    losses = [pml_losses.ProxyAnchorLoss(args.classes, 512, margin=0.1, alpha=32).to(device)]
+    net = Net().to(device)
+    if not vit:
+        net = net.to(memory_format=torch.channels_last)
+    losses = [pml_losses.ProxyAnchorLoss(args.classes, dim, margin=0.1, alpha=32).to(device)]
     weights = [1.0]
     if method == "hpl_pa":
         coarse = min(SOP_COARSE, max(2, args.classes // 10))
-        losses.append(pml_losses.ProxyAnchorLoss(coarse, 512, margin=0.1, alpha=32).to(device))
+        losses.append(pml_losses.ProxyAnchorLoss(coarse, dim, margin=0.1, alpha=32).to(device))
         weights.append(0.1)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": net.parameters(), "lr": 6e-4},
-            {"params": [p for loss in losses for p in loss.parameters()], "lr": 6e-4 * 100},
-        ],
-        weight_decay=1e-4,
-    )
+    proxies = [p for loss in losses for p in loss.parameters()]
+    if vit:  # HIER's groups (utils.py:756-761) and AdamW eps under fp16 (train.py:272)
+        head = list(net.embedding.parameters())
+        trunk = [p for p in net.trunk.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            [{"params": trunk, "lr": 5e-6}, {"params": head, "lr": 5e-4}, {"params": proxies, "lr": 5e-2}],
+            weight_decay=1e-4,
+            eps=1e-4,
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            [{"params": net.parameters(), "lr": 6e-4}, {"params": proxies, "lr": 6e-4 * 100}],
+            weight_decay=1e-4,
+        )
     compiled_net, compiled = net, "eager"
     if not args.no_compile:
         try:
@@ -192,7 +219,9 @@ def time_torch(method: str, batch: int, args: argparse.Namespace) -> dict[str, A
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def step():
-        x = ((images.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+        x = (images.float() - mean) / std
+        if not vit:
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             embeddings = compiled_net(x).float()
         loss = weights[0] * losses[0](embeddings, labels)
@@ -200,7 +229,8 @@ def time_torch(method: str, batch: int, args: argparse.Namespace) -> dict[str, A
             loss = loss + weights[1] * losses[1](embeddings, coarse_labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_value_(list(net.parameters()) + [p for m in losses for p in m.parameters()], 10)
+        trained = [p for p in [*net.parameters(), *proxies] if p.grad is not None]
+        torch.nn.utils.clip_grad_value_(trained, 10)
         optimizer.step()
         return loss
 
@@ -234,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, action="append", help="global batch sizes (default 120 and 256)")
     parser.add_argument("--methods", nargs="+", default=["proxy_anchor", "hpl_pa"], choices=["proxy_anchor", "hpl_pa"])
     parser.add_argument("--frameworks", nargs="+", default=["jax", "torch"], choices=["jax", "torch"])
+    parser.add_argument("--backbone", default="resnet", choices=("resnet", "vit_s16"))
     parser.add_argument("--depth", type=int, default=50, choices=(18, 34, 50, 101))
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--size", type=int, default=224)
@@ -270,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+    network = "ViT-S/16" if args.backbone == "vit_s16" else f"ResNet-{args.depth}"
     table = []
     for row in rows:
         name = row["framework"] + (f" ({row['mode']})" if row.get("mode") else "")
@@ -294,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     _timing.print_table(
         ["framework", "method", "batch", "img/s", "ms/step", "first call", "peak memory", "MFU", "jax ÷ this img/s"],
         table,
-        title=f"One train step, ResNet-{args.depth} {args.size} px, {args.dtype}, {args.classes} classes "
+        title=f"One train step, {network} {args.size} px, {args.dtype}, {args.classes} classes "
         f"(MFU: XLA's FLOP count of the hdml_jax step / time / {peak or '?'} TFLOP/s; jax ÷ this > 1: hdml_jax faster)",
     )
     if args.json:

@@ -26,6 +26,11 @@ Recipes (sources as in ``configs/cub.py``):
   with MLRC's best loss hyper-parameters for SOP: KevinMusgrave/powerful-benchmarker,
   metric-learning branch, docs/papers/mlrc.md l.35-50 (values and per-row lines in
   ``hdml_jax.methods.baselines.MLRC_BEST``); the pair losses in P×K batches of the same size.
+
+* ViTs (``backbone=vit_s16_dino``, ``vit_s8_dino``, ``vit_b16_dino``, ``vit_b8_dino``,
+  ``deit_s16_distilled``, ``vit_s16_augreg``: DINO's, DeiT's and timm's AugReg weights): HIER's
+  official command for that backbone on this data set, Euclidean (``--hyp_c 0 --lambda2 0``), for
+  every method a ViT runs; each number and its source in ``hdml_jax/config_vit.py``.
 """
 
 from hdml_jax.config import (

@@ -123,6 +123,22 @@ def test_bfloat16_computes_close_to_float32():
     np.testing.assert_allclose(np.asarray(half, np.float32), full, rtol=0, atol=0.1 * np.abs(full).max())
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_attention_equals_dot_product_attention(dtype):
+    """The CPU path (``heads_first_attention``) against ``jax.nn.dot_product_attention``, which
+    accelerators run: the same float32 softmax, the products' summation order apart."""
+    rng = np.random.default_rng(6)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 17, 3, 8)), dtype) for _ in range(3))
+    fused = jax.nn.dot_product_attention(q, k, v, scale=8**-0.5)
+    heads_first = vit.heads_first_attention(*(t.transpose(0, 2, 1, 3) for t in (q, k, v))).transpose(
+        0, 2, 1, 3
+    )
+    assert heads_first.dtype == fused.dtype == dtype
+    # float32: sums of 8 and 17 terms, ~ε·√17 relative; bf16: both round the weights to 8 bits.
+    atol = 1e-6 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(heads_first, np.float32), np.asarray(fused, np.float32), atol=atol)
+
+
 def test_stochastic_depth_only_in_training():
     _, flax_model, variables = _pair()
     model = flax_model.clone(drop_path=0.5)

@@ -28,25 +28,30 @@ class _Mlp(nn.Module):
 
 
 class _Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, fused: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.fused = heads, fused
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, N, head_dim)
+        if self.fused:  # what timm runs (its fused_attn): PyTorch's fused kernel, for the benchmarks
+            out = functional.scaled_dot_product_attention(q, k, v)
+            return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
         weights = (q @ k.transpose(-2, -1)) * (dim // self.heads) ** -0.5
         out = weights.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, layer_scale: float | None):
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float, layer_scale: float | None, fused: bool = False
+    ):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn = _Attention(dim, heads)
+        self.attn = _Attention(dim, heads, fused)
         self.mlp = _Mlp(dim, int(dim * mlp_ratio))
         self.ls1 = _Gamma(dim, layer_scale) if layer_scale is not None else None
         self.ls2 = _Gamma(dim, layer_scale) if layer_scale is not None else None
@@ -73,6 +78,7 @@ class TorchViT(nn.Module):
         pooling: str = "cls",
         final_norm: bool = True,
         position_interpolation: str = "dino",
+        fused_attention: bool = False,
     ):
         super().__init__()
         self.patch, self.pooling, self.final_norm = patch, pooling, final_norm
@@ -83,7 +89,9 @@ class TorchViT(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if distilled else None
         self.num_prefix = 2 if distilled else 1
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + grid * grid, dim))
-        self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio, layer_scale) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            _Block(dim, heads, mlp_ratio, layer_scale, fused_attention) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def position_embedding(self, height: int, width: int) -> torch.Tensor:
