@@ -19,12 +19,14 @@ from hdml_jax.inference import export
 ROOT = Path(__file__).resolve().parents[1]
 
 # configs/synthetic.py (48-px images) with a ViT-Ti of 2 blocks from scratch, its position
-# embeddings made for the 6 × 6 patch grid; 40 steps (batch 64), evaluated before and after.
+# embeddings made for the 6 × 6 patch grid, stochastic depth on; 40 steps (batch 64), evaluated
+# before and after.
 TINY_VIT = [
     "--config", "configs/synthetic.py:method=proxy_anchor",
     "--config.model.backbone=vit", "--config.model.pooling=none",
     "--config.model.vit.size=tiny", "--config.model.vit.depth=2",
     "--config.model.vit.patch_size=8", "--config.model.vit.position_grid_size=48",
+    "--config.model.vit.drop_path=0.1",  # its draws must resume too
     "--config.num_steps=40", "--config.eval_at_start=True", "--config.eval_every_epochs=100",
     "--config.checkpoint_every_steps=20", "--config.pictures=False", "--config.nmi=False",
     "--config.log_every_steps=10",

@@ -311,7 +311,12 @@ def loss_and_grads(
         if backbone_frozen:
             params = {**params, "backbone": jax.lax.stop_gradient(params["backbone"])}
         variables = {"params": params, "batch_stats": state["batch_stats"]}
-        outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        # Stochastic depth's draws (the ViT's drop_path): from the state's key and the step, so a
+        # resumed run draws what an uninterrupted one would.
+        rngs = {}
+        if "rng" in state:
+            rngs["dropout"] = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
         new_batch_stats = updates.get("batch_stats", state["batch_stats"])
         if "xbm" in state:  # a pair loss against the cross-batch memory
             loss, memory = pair_loss(config, outputs["embedding"], labels, params, mask, state["xbm"])
