@@ -20,6 +20,10 @@ Its classification losses (``normalized_softmax_loss``, ``cosface_loss``, ``arcf
 ``soft_triple_loss``) take their weights as a ``(C, d)`` proxy matrix (PML's ``W.T``), so
 ``proxy_mask`` padding and the trainer's proxy machinery apply.
 
+HIER's regulariser (``hier_loss``: learnable LCA proxies over points of the Poincaré ball of
+``hdml_jax.hyperbolic``) takes a PRNG key for its triplets and Gumbel noise; Hyp's loss
+(``hyp_loss``) is a cross-entropy over the distances of a class's views.
+
 A NaN or inf in an unmasked embedding row (or a proxy) makes the loss NaN, never a finite number.
 A concrete hyperparameter outside its meaningful range (``alpha ≤ 0``, ``margin < 0``,
 ``scale ≤ 0``, ``temperature ≤ 0``, ...) raises ``LossHyperparameterError``, a
@@ -29,6 +33,7 @@ A concrete hyperparameter outside its meaningful range (``alpha ≤ 0``, ``margi
 from hdml_jax.losses._common import LossHyperparameterError
 from hdml_jax.losses._pair_common import WindowedTriplets
 from hdml_jax.losses.classification import softmax_cross_entropy
+from hdml_jax.losses.hier import hier_draws, hier_loss, hier_loss_with
 from hdml_jax.losses.hierarchical import (
     ProxyHierarchy,
     build_hierarchy,
@@ -38,6 +43,7 @@ from hdml_jax.losses.hierarchical import (
     level_labels,
     refresh_assignments,
 )
+from hdml_jax.losses.hyp import hyp_loss
 from hdml_jax.losses.miners import (
     batch_hard_miner,
     multi_similarity_miner,
@@ -75,8 +81,12 @@ __all__ = [
     "contrastive_loss",
     "cosface_loss",
     "generalized_lifted_structure_loss",
+    "hier_draws",
+    "hier_loss",
+    "hier_loss_with",
     "hierarchical_proxy_loss",
     "hierarchy_from_labels",
+    "hyp_loss",
     "init_margin_beta",
     "level_labels",
     "lifted_structure_loss",

@@ -1,0 +1,55 @@
+"""HIER's regulariser as the official ``HIERLoss`` computes it (tjddus9597/HIER-CVPR23
+``hier/losses.py:17-104``), written here in PyTorch from those semantics, with the triplets and the
+Gumbel noise passed in (the official code draws them with NumPy and ``F.gumbel_softmax``), for
+``tests/test_hier.py``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from tests import torch_hyperbolic as hyp
+
+
+def candidate_masks(similarity: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``get_reciprocal_triplets``' candidate sets: positives where the symmetrised top-k matrix
+    (diagonal −1) is 1, negatives where it is below 1."""
+    nearest = torch.topk(similarity, topk)[1]
+    neighbours = torch.zeros_like(similarity).scatter_(1, nearest, torch.ones_like(similarity))
+    mutual = ((neighbours + neighbours.t()) / 2).float()
+    mutual.fill_diagonal_(-1)
+    return mutual == 1, mutual < 1
+
+
+def _hard_gumbel(logits: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.gumbel_softmax(logits, tau=1, hard=True)`` with its noise given."""
+    soft = F.softmax(logits + noise, dim=1)
+    index = soft.argmax(-1)
+    hard = F.one_hot(index, logits.shape[1]).to(soft.dtype)
+    return hard - soft.detach() + soft, index
+
+
+def lca_triplet_loss(cp_dist, i, j, k, noise_ij, noise_ijk, tau=0.1, mrg=0.1):
+    """``compute_gHHC``: the mean over the given triplets."""
+    max_ij = torch.maximum(cp_dist[i], cp_dist[j])
+    lca_ij, index_ij = _hard_gumbel(-max_ij / tau, noise_ij)
+    max_ijk = torch.maximum(cp_dist[k], max_ij)
+    lca_ijk, index_ijk = _hard_gumbel(-max_ijk / tau, noise_ijk)
+    d_i_ij, d_i_ijk = (cp_dist[i] * lca_ij).sum(1), (cp_dist[i] * lca_ijk).sum(1)
+    d_j_ij, d_j_ijk = (cp_dist[j] * lca_ij).sum(1), (cp_dist[j] * lca_ijk).sum(1)
+    d_k_ij, d_k_ijk = (cp_dist[k] * lca_ij).sum(1), (cp_dist[k] * lca_ijk).sum(1)
+    loss = F.relu(d_i_ij - d_i_ijk + mrg) + F.relu(d_j_ij - d_j_ijk + mrg) + F.relu(d_k_ijk - d_k_ij + mrg)
+    return (loss * (index_ij != index_ijk).to(loss.dtype)).mean()
+
+
+def hier_loss(z, lcas, data, proxies, c=0.1, tau=0.1, mrg=0.1):
+    """``HIERLoss.forward`` on ball points ``z`` and ``lcas``; ``data`` and ``proxies``: ``(i, j, k,
+    noise_ij, noise_ijk)`` of the kept triplets."""
+    b = len(z)
+    nodes = torch.cat([z, lcas])
+    if c > 0:
+        distances = hyp.distance_matrix(nodes, nodes, c)
+    else:
+        distances = 2 - 2 * nodes @ nodes.t()
+    loss = lca_triplet_loss(distances[:b, b:], *data, tau=tau, mrg=mrg)
+    return loss + lca_triplet_loss(distances[b:, b:], *proxies, tau=tau, mrg=mrg)
