@@ -536,7 +536,7 @@ def test_normalisation_registry():
     assert preprocessing.backbone_of(BNInception()) == "bn_inception"
     spec = PREPROCESSING["bn_inception"]
     assert (spec.channel_order, spec.value_range, spec.std) == ("BGR", 255.0, (1.0, 1.0, 1.0))
-    with pytest.raises(ValueError, match="unknown backbone"):
+    with pytest.raises(ValueError, match="unknown input convention 'vgg'"):
         preprocessing.normalize(images, "vgg")
 
 
