@@ -216,6 +216,15 @@ def run_worker(method: str, args) -> dict:
             calls["sharded"] = lambda: metrics_module.retrieval_metrics(
                 x, labels, ks=ks, chunk_size=args.chunk_size, mesh=mesh
             )
+        if args.poincare:
+            # The same rows as points of the ball: directions kept, norms spread over (0, 0.95 r).
+            c = args.poincare
+            norms = np.random.default_rng(args.seed + 1).uniform(0.05, 0.95, (len(x), 1)) / np.sqrt(c)
+            ball = (x / np.linalg.norm(x, axis=1, keepdims=True) * norms).astype(np.float32)
+            metrics_module.retrieval_metrics(ball, labels, ks=ks, distance="poincare", curvature=c)  # compile
+            calls["poincare"] = lambda: metrics_module.retrieval_metrics(
+                ball, labels, ks=ks, chunk_size=args.chunk_size, distance="poincare", curvature=c
+            )
         result["times"], result["other_load"] = interleaved(calls, args.repeats)
     elif method == "faiss":
         import faiss
@@ -268,6 +277,7 @@ def spawn(method: str, args) -> dict | None:
         *("--noise", str(args.noise), "--seed", str(args.seed), "--ks", *map(str, args.ks)),
         *(("--chunk-size", str(args.chunk_size)) if args.chunk_size else ()),
         *(("--sharded",) if args.sharded else ()),
+        *(("--poincare", str(args.poincare)) if args.poincare else ()),
     ]
     print(f"running {method} worker ...", flush=True)
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
@@ -307,6 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also time retrieval_metrics(mesh=...) with the references split over all devices "
         "(several GPUs; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=D simulates them)",
     )
+    parser.add_argument(
+        "--poincare",
+        type=float,
+        default=0.0,
+        metavar="C",
+        help="also time distance='poincare' at curvature C on the rows mapped into the ball",
+    )
     parser.add_argument("--worker", choices=("hdml_jax", "faiss"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -340,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     floors = {name: ours["times"].pop(name) for name in ("floor_fused", "floor_apart")}
     sharded_times = ours["times"].pop("sharded", None)
+    poincare_times = ours["times"].pop("poincare", None)
     ours["times"] = ours["times"]["ours"]
     ours_median = float(np.median(ours["times"]))
 
@@ -365,6 +383,17 @@ def main(argv: list[str] | None = None) -> int:
                 _timing.format_seconds(min(sharded_times)),
                 *("-",) * 3,
                 f"equal: {ours['sharded_equal']}",
+            )
+        )
+    if poincare_times is not None:
+        median = float(np.median(poincare_times))
+        rows.append(
+            (
+                f"hdml_jax, distance='poincare' (c={args.poincare})",
+                _timing.format_seconds(median),
+                _timing.format_seconds(min(poincare_times)),
+                *("-",) * 3,
+                f"{median / ours_median:.2f}x",
             )
         )
     for label, key in (

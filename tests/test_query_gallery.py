@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -24,20 +25,35 @@ KS = tuple(OML["ks"])
 F32 = float(np.finfo(np.float32).eps)
 
 
-def per_query_reference(x, labels, is_query, is_gallery, ks):
+def poincare_similarity(x, candidates, q, c):
+    """−d_c(x_q, x_g) for each candidate g, one pair at a time in float64: Möbius addition with
+    hyptorch's +1e-5, the clamped artanh (hdml_jax.hyperbolic's module docstring)."""
+    out = []
+    for g in candidates:
+        a, b = -x[q], x[g]
+        xy, x2, y2 = a @ b, a @ a, b @ b
+        m = ((1 + 2 * c * xy + c * y2) * a + (1 - c * x2) * b) / (1 + 2 * c * xy + c**2 * x2 * y2 + 1e-5)
+        z = min(np.sqrt(c) * np.linalg.norm(m), 1 - 1e-5)
+        out.append(-2 / np.sqrt(c) * np.arctanh(z))
+    return np.array(out)
+
+
+def per_query_reference(x, labels, is_query, is_gallery, ks, curvature=0.0):
     """One query at a time, float64: ``(per-query metrics dict of arrays, R per query)``.
 
     Recall@K counts the wrong gallery rows at least as similar as the best correct one (a tie
     counts against the query); the top-R list breaks ties by gallery position, as documented.
+    ``curvature > 0``: the rows are points of that Poincaré ball, ranked by −distance.
     """
     x = np.asarray(x, np.float64)
-    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    if not curvature:
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
     query_rows, gallery_rows = np.flatnonzero(is_query), np.flatnonzero(is_gallery)
     rows = {f"recall@{k}": [] for k in ks} | {"precision@1": [], "r_precision": [], "map@r": []}
     num_relevant = []
     for q in query_rows:
         candidates = np.array([g for g in gallery_rows if g != q], int)
-        similarity = x[candidates] @ x[q]
+        similarity = poincare_similarity(x, candidates, q, curvature) if curvature else x[candidates] @ x[q]
         correct = labels[candidates] == labels[q]
         r = int(correct.sum())
         num_relevant.append(r)
@@ -237,3 +253,60 @@ def test_flags_with_a_separate_reference_set_are_refused():
     x = np.eye(4, dtype=np.float32)
     with pytest.raises(ValueError, match="flag the rows of one embedding set"):
         metrics.retrieval_metrics(x, np.arange(4), x, np.arange(4), is_query=np.ones(4, bool))
+
+
+@pytest.mark.parametrize(
+    "kind, p_both", [("gaussian", 1.0), ("gaussian", 0.5), ("lattice", 1.0), ("lattice", 0.3)]
+)
+def test_poincare_ranking_equals_a_per_query_reference(kind, p_both):
+    """``distance="poincare"``: ranked by the ball's distance (which differs from the cosine
+    ranking here: the norms vary), equal to the float64 loop. Lattice points (coordinates in
+    eighths, c = 1/4: every product, norm and Möbius coefficient exact in float32) repeat across
+    classes, so exact ties occur and the tie rules decide."""
+    rng = np.random.default_rng([len(kind), round(10 * p_both)])
+    labels = rng.integers(0, 20, 200)
+    if kind == "lattice":
+        c = 0.25
+        points = rng.integers(-2, 3, size=(40, 8)) / 8
+        x = points[rng.integers(0, 40, 200)].astype(np.float32)
+    else:
+        c = 0.1
+        centres = rng.normal(size=(20, 12))[labels]
+        x = centres + rng.normal(size=(200, 12))
+        x = (
+            x / np.linalg.norm(x, axis=1, keepdims=True) * rng.uniform(0.1, 0.95, (200, 1)) / np.sqrt(c)
+        ).astype(np.float32)
+    is_query, is_gallery = _mixed_roles(rng, 200, p_both)
+    ks = (1, 2, 4, 8)
+    flags = {} if p_both == 1.0 else {"is_query": is_query, "is_gallery": is_gallery}
+    if p_both == 1.0:
+        is_query = is_gallery = np.ones(200, bool)
+    ours = metrics.retrieval_metrics(x, labels, ks=ks, distance="poincare", curvature=c, **flags)
+    per_query, num_relevant = per_query_reference(x, labels, is_query, is_gallery, ks, curvature=c)
+    assert_same_metrics(
+        ours, reference_means(per_query, num_relevant, "skip"), int(is_query.sum()), int(is_gallery.sum())
+    )
+    if kind == "gaussian":
+        assert ours != metrics.retrieval_metrics(x, labels, ks=ks, **flags)  # not the cosine ranking
+    assert (
+        metrics.retrieval_metrics(x, labels, ks=ks, distance="poincare", curvature=c, chunk_size=7, **flags)
+        == ours
+    )
+    mesh = jax.make_mesh((1,), ("refs",), devices=jax.devices()[:1])
+    assert (
+        metrics.retrieval_metrics(x, labels, ks=ks, distance="poincare", curvature=c, mesh=mesh, **flags)
+        == ours
+    )
+
+
+def test_poincare_arguments_are_checked():
+    x = np.full((4, 3), 0.5, np.float32)
+    labels = np.array([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="needs a curvature"):
+        metrics.retrieval_metrics(x, labels, distance="poincare")
+    with pytest.raises(ValueError, match=r"not points of the Poincaré ball of curvature 4\.0"):
+        metrics.retrieval_metrics(x, labels, distance="poincare", curvature=4.0)
+    with pytest.raises(ValueError, match="distance must be one of"):
+        metrics.retrieval_metrics(x, labels, distance="euclid")
+    with pytest.raises(ValueError, match="applies to distance='poincare' only"):
+        metrics.retrieval_metrics(x, labels, curvature=0.1)

@@ -133,6 +133,36 @@ def _positive_lists(
 UNMATCHED_QUERIES = ("skip", "miss")
 
 
+DISTANCES = ("cosine", "poincare")
+
+
+def _checked_geometry(distance: str, curvature, query, reference) -> float:
+    """The curvature to rank with (0.0: cosine); a one-line ``ValueError`` for a bad pair, or for
+    Poincaré rows outside the ball (their distances would be meaningless)."""
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}.")
+    if distance == "cosine":
+        if curvature not in (None, 0, 0.0):
+            raise ValueError(f"curvature={curvature} applies to distance='poincare' only.")
+        return 0.0
+    if curvature is None or not float(curvature) > 0:
+        raise ValueError(f"distance='poincare' needs a curvature c > 0, got {curvature!r}.")
+    curvature = float(curvature)
+    radius = 1 / curvature**0.5
+    for rows, name in ((query, "query"), (reference, "reference")):
+        if rows is None:
+            continue
+        norms = np.linalg.norm(np.asarray(rows, np.float32), axis=1)
+        finite = norms[np.isfinite(norms)]
+        if finite.size and finite.max() >= radius:
+            raise ValueError(
+                f"{name} rows are not points of the Poincaré ball of curvature {curvature}: the largest "
+                f"norm is {finite.max():.4g}, the ball's radius 1/√c = {radius:.4g} (map features into it "
+                "with hdml_jax.hyperbolic.to_poincare)."
+            )
+    return curvature
+
+
 def retrieval_metrics(
     query: jax.Array,
     query_labels: jax.Array,
@@ -145,6 +175,8 @@ def retrieval_metrics(
     unmatched_queries: str = "skip",
     chunk_size: int | None = None,
     mesh: Mesh | None = None,
+    distance: str = "cosine",
+    curvature: float | None = None,
 ) -> dict[str, float]:
     """Recall@K, precision@1, R-Precision and MAP@R of a retrieval (see the module docstring).
 
@@ -167,6 +199,11 @@ def retrieval_metrics(
         ``EmbeddingMetrics`` does (it warns and keeps them).
       chunk_size: queries per device step, a positive integer; None: ``default_chunk_size``
         (``chunk_size × N``, or ``× N / D`` per device, near 32M; at most 1024).
+      distance: ``"cosine"`` (default: rows normalised, ranked by cosine) or ``"poincare"``: the
+        rows are points of the Poincaré ball of ``curvature`` c (HIER's and Hyp's embeddings,
+        ``hdml_jax.hyperbolic``), ranked by their distance as those evaluate when ``c > 0``; the
+        same single pass over each block of products (``poincare_similarity``).
+      curvature: the ball's c, required with ``distance="poincare"``.
       mesh: None (default) computes on the default device. A 1-D ``jax.sharding.Mesh`` of this
         process's devices splits the references over its devices instead, for reference sets
         larger than one device's memory: each holds ``N / D`` of them and query chunks are sent to
@@ -184,6 +221,7 @@ def retrieval_metrics(
       TypeError: traced (jitted) arguments.
     """
     _require_concrete("retrieval_metrics", query, query_labels, reference, reference_labels)
+    curvature = _checked_geometry(distance, curvature, query, reference)
     if unmatched_queries not in UNMATCHED_QUERIES:
         raise ValueError(f"unmatched_queries must be one of {UNMATCHED_QUERIES}, got {unmatched_queries!r}.")
     self_form = reference is None
@@ -255,6 +293,8 @@ def retrieval_metrics(
     statistics = (
         single_device_statistics if mesh is None else functools.partial(sharded_statistics, mesh=mesh)
     )
+    if curvature:
+        statistics = functools.partial(statistics, curvature=curvature)
     rank, relevant = statistics(
         query,
         reference,

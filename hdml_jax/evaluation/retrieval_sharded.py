@@ -22,10 +22,12 @@ from jax.sharding import PartitionSpec as P
 from hdml_jax.evaluation.finite import NonFiniteEmbeddingsError, check_finite
 from hdml_jax.evaluation.retrieval_kernels import (
     GROUP,
+    ball_rows,
     chunk_statistics,
     default_chunk_size,
     normalize_rows,
     pad_rows,
+    poincare_similarity,
 )
 from hdml_jax.losses._common import FULL_PRECISION
 
@@ -50,7 +52,7 @@ def sharded_rows(values: np.ndarray, rows: int, sharding) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("mesh", "num_references", "padded_groups", "exclude_self", "top_r")
+    jax.jit, static_argnames=("mesh", "num_references", "padded_groups", "exclude_self", "top_r", "curvature")
 )
 def sharded_chunk(
     queries,
@@ -59,18 +61,24 @@ def sharded_chunk(
     positive_index,
     reference,
     reference_labels,
+    query_squared,
+    reference_squared,
     *,
     mesh,
     num_references,
     padded_groups,
     exclude_self,
     top_r,
+    curvature=0.0,
 ):
-    """One query chunk (replicated) against the references split by row over ``mesh``'s axis."""
+    """One query chunk (replicated) against the references split by row over ``mesh``'s axis
+    (``curvature > 0``: Poincaré, from the squared norms, as ``all_chunks``)."""
     axis = mesh.axis_names[0]
 
-    def local(q, labels, index, positives, reference, reference_labels):
+    def local(q, labels, index, positives, reference, reference_labels, q_squared, r_squared):
         similarity = jnp.matmul(q, reference.T, precision=FULL_PRECISION)
+        if curvature:
+            similarity = poincare_similarity(similarity, q_squared, r_squared, curvature)
         return chunk_statistics(
             similarity,
             positives,
@@ -91,10 +99,10 @@ def sharded_chunk(
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(replicated,) * 4 + (split, split),
+        in_specs=(replicated,) * 4 + (split, split, replicated, split),
         out_specs=(replicated, replicated),
         check_vma=False,
-    )(queries, query_labels, query_index, positive_index, reference, reference_labels)
+    )(queries, query_labels, query_index, positive_index, reference, reference_labels, query_squared, reference_squared)
 
 
 def sharded_statistics(
@@ -109,6 +117,7 @@ def sharded_statistics(
     mesh,
     chunk_size,
     top_r,
+    curvature=0.0,
 ):
     """``single_device_statistics`` with the references split over the devices of ``mesh``.
 
@@ -129,7 +138,14 @@ def sharded_statistics(
     width = -(-num_references // (GROUP * num_devices)) * GROUP * num_devices
     split = NamedSharding(mesh, P(mesh.axis_names[0]))
     replicated = NamedSharding(mesh, P())
-    reference_n, bad_references = normalize_rows(sharded_rows(reference_np, width, split))
+    if curvature:
+        # Padding rows: the −1 mark of ball_rows on the squared norm, on every device's share.
+        reference_n, reference_squared, bad_references = ball_rows(sharded_rows(reference_np, width, split))
+        padding = np.arange(width) >= num_references
+        reference_squared = jnp.where(jax.device_put(padding, split), -1.0, reference_squared)
+    else:
+        reference_n, bad_references = normalize_rows(sharded_rows(reference_np, width, split))
+        reference_squared = jax.device_put(np.zeros(width, np.float32), split)
     if int(bad_references):
         raise NonFiniteEmbeddingsError(
             int(bad_references), num_references, "embedding" if self_retrieval else "reference embedding"
@@ -149,7 +165,11 @@ def sharded_statistics(
 
     outputs = []
     for start in range(0, num_queries, chunk_size):
-        queries_n, _ = normalize_rows(chunk_of(query_np, start))
+        if curvature:
+            queries_n, query_squared, _ = ball_rows(chunk_of(query_np, start))
+        else:
+            queries_n, _ = normalize_rows(chunk_of(query_np, start))
+            query_squared = jax.device_put(np.zeros(chunk_size, np.float32), replicated)
         outputs.append(
             sharded_chunk(
                 queries_n,
@@ -158,11 +178,14 @@ def sharded_statistics(
                 chunk_of(positive_index, start, -1),
                 reference_n,
                 reference_labels_d,
+                query_squared,
+                reference_squared,
                 mesh=mesh,
                 num_references=num_references,
                 padded_groups=width // GROUP - num_references // GROUP,
                 exclude_self=exclude_self,
                 top_r=top_r,
+                curvature=float(curvature),
             )
         )
     rank = np.concatenate([np.asarray(r) for r, _ in outputs])
