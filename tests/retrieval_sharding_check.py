@@ -74,6 +74,18 @@ def cases():
         (x, y),
         {"ks": ks, **flags, "chunk_size": 50, "unmatched_queries": "miss"},
     )
+    # Poincaré ranking: lattice points (eighths, c = 1/4, exact products) repeated across classes.
+    points = rng.integers(-2, 3, size=(60, 8)) / 8
+    y = rng.integers(0, 40, 900)
+    x = points[rng.integers(0, 60, 900)].astype(np.float32)
+    poincare = {"ks": ks, "distance": "poincare", "curvature": 0.25}
+    yield "poincare, lattice ties, N=900", (x, y), poincare
+    yield "poincare, lattice, mixed flags, chunk 50", (x, y), {**poincare, **flags_of(rng, y), "chunk_size": 50}
+
+
+def flags_of(rng, y):
+    role = rng.choice(3, size=y.size, p=[0.5, 0.25, 0.25])
+    return {"is_query": role != 2, "is_gallery": role != 1}
 
 
 def main() -> None:
