@@ -61,8 +61,8 @@ def sharded_chunk(
     positive_index,
     reference,
     reference_labels,
-    query_squared,
-    reference_squared,
+    query_squared=None,
+    reference_squared=None,
     *,
     mesh,
     num_references,
@@ -74,8 +74,7 @@ def sharded_chunk(
     """One query chunk (replicated) against the references split by row over ``mesh``'s axis
     (``curvature > 0``: Poincaré, from the squared norms, as ``all_chunks``)."""
     axis = mesh.axis_names[0]
-
-    def local(q, labels, index, positives, reference, reference_labels, q_squared, r_squared):
+    def local(q, labels, index, positives, reference, reference_labels, q_squared=None, r_squared=None):
         similarity = jnp.matmul(q, reference.T, precision=FULL_PRECISION)
         if curvature:
             similarity = poincare_similarity(similarity, q_squared, r_squared, curvature)
@@ -96,13 +95,18 @@ def sharded_chunk(
     replicated, split = P(), P(axis)
     # The outputs are the same on every device (psum / pmax, or computed from all-gathered lists),
     # which the replication check cannot infer through all_gather: it is turned off.
+    arguments = [queries, query_labels, query_index, positive_index, reference, reference_labels]
+    specs = [replicated] * 4 + [split, split]
+    if curvature:  # the squared norms: the query chunk's replicated, the references' split
+        arguments += [query_squared, reference_squared]
+        specs += [replicated, split]
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(replicated,) * 4 + (split, split, replicated, split),
+        in_specs=tuple(specs),
         out_specs=(replicated, replicated),
         check_vma=False,
-    )(queries, query_labels, query_index, positive_index, reference, reference_labels, query_squared, reference_squared)
+    )(*arguments)
 
 
 def sharded_statistics(
@@ -145,7 +149,7 @@ def sharded_statistics(
         reference_squared = jnp.where(jax.device_put(padding, split), -1.0, reference_squared)
     else:
         reference_n, bad_references = normalize_rows(sharded_rows(reference_np, width, split))
-        reference_squared = jax.device_put(np.zeros(width, np.float32), split)
+        reference_squared = None
     if int(bad_references):
         raise NonFiniteEmbeddingsError(
             int(bad_references), num_references, "embedding" if self_retrieval else "reference embedding"
@@ -169,7 +173,7 @@ def sharded_statistics(
             queries_n, query_squared, _ = ball_rows(chunk_of(query_np, start))
         else:
             queries_n, _ = normalize_rows(chunk_of(query_np, start))
-            query_squared = jax.device_put(np.zeros(chunk_size, np.float32), replicated)
+            query_squared = None
         outputs.append(
             sharded_chunk(
                 queries_n,
