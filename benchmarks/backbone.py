@@ -47,17 +47,12 @@ def measure_jax(depth, width, last_stride, batch, size, dtype, repeats):
     return batch / fwd.median, batch / bwd.median
 
 
-def measure_torch(depth, width, last_stride, batch, size, dtype, repeats):
-    import sys
-
+def time_torch(model, features, batch, size, dtype, repeats):
+    """Images/s of ``features(images)`` (a torch module's output) in eval mode without gradients,
+    and of forward + backward of a scalar of it in train mode, on CUDA when present."""
     import torch
 
-    sys.path.insert(0, str(_timing.REPO_ROOT))
-    from tests.torch_resnet import TorchResNet
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(_timing.cpu_count())
-    model = TorchResNet(depth, last_stride=last_stride, width=width).to(device)
+    device = next(model.parameters()).device.type
     images = torch.randn(batch, 3, size, size, device=device)
     autocast = dtype == "bfloat16"
 
@@ -68,19 +63,37 @@ def measure_torch(depth, width, last_stride, batch, size, dtype, repeats):
     def forward():
         model.eval()
         with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=autocast):
-            return model.features(images)
+            return features(images)
 
     def train():
         model.train()
         model.zero_grad(set_to_none=True)
         with torch.autocast(device, torch.bfloat16, enabled=autocast):
-            loss = model.features(images).float().pow(2).mean()
+            loss = features(images).float().pow(2).mean()
         loss.backward()
         return loss
 
     fwd = _timing.time_call(forward, repeats=repeats, sync=sync)
     bwd = _timing.time_call(train, repeats=repeats, sync=sync)
     return batch / fwd.median, batch / bwd.median
+
+
+def _torch_device():
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(_timing.REPO_ROOT))
+    torch.set_num_threads(_timing.cpu_count())
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def measure_torch(depth, width, last_stride, batch, size, dtype, repeats):
+    device = _torch_device()
+    from tests.torch_resnet import TorchResNet
+
+    model = TorchResNet(depth, last_stride=last_stride, width=width).to(device)
+    return time_torch(model, model.features, batch, size, dtype, repeats)
 
 
 VIT_SIZES = {"vit_s16": ("small", 16), "vit_b16": ("base", 16)}
@@ -107,43 +120,17 @@ def measure_jax_vit(name, batch, size, dtype, repeats):
 
 
 def measure_torch_vit(name, batch, size, dtype, repeats, compile_network):
-    import sys
-
+    device = _torch_device()
     import torch
 
-    sys.path.insert(0, str(_timing.REPO_ROOT))
     from hdml_jax.models.vit import SIZES
     from tests.torch_vit import TorchViT
 
     width, patch = VIT_SIZES[name]
     dim, depth, heads = SIZES[width]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(_timing.cpu_count())
     model = TorchViT(patch, dim, depth, heads, 224 // patch, fused_attention=True).to(device)
     network = torch.compile(model) if compile_network else model
-    images = torch.randn(batch, 3, size, size, device=device)
-    autocast = dtype == "bfloat16"
-
-    def sync(_):
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def forward():
-        model.eval()
-        with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=autocast):
-            return network(images)
-
-    def train():
-        model.train()
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(device, torch.bfloat16, enabled=autocast):
-            loss = network(images).float().pow(2).mean()
-        loss.backward()
-        return loss
-
-    fwd = _timing.time_call(forward, repeats=repeats, sync=sync)
-    bwd = _timing.time_call(train, repeats=repeats, sync=sync)
-    return batch / fwd.median, batch / bwd.median
+    return time_torch(model, network, batch, size, dtype, repeats)
 
 
 def main() -> None:

@@ -107,22 +107,36 @@ def distance(x: jax.Array, y: jax.Array, c: float) -> jax.Array:
     return 2 / sqrt_c * artanh(sqrt_c * _norm(mobius_add(-x, y, c), keepdims=False))
 
 
+def gram_distance_matrix(x: jax.Array, y: jax.Array, c: float) -> jax.Array:
+    """``(B, C)`` Poincaré distances through ``distance_from_gram`` (one matrix product; the losses
+    over large sets and the retrieval metrics)."""
+    x, y = _wide(x), _wide(y)
+    return distance_from_gram(jnp.sum(x * x, -1), jnp.sum(y * y, -1), x @ y.T, c)
+
+
 def distance_matrix(x: jax.Array, y: jax.Array, c: float) -> jax.Array:
     """``(B, C)`` Poincaré distances of ``x (B, d)`` to ``y (C, d)`` (pmath ``dist_matrix``:
     ``(B, C, d)`` memory; for large ``B·C`` see ``distance_from_gram``)."""
     return distance(x[:, None, :], y[None, :, :], c)
 
 
-def distance_from_gram(x2: jax.Array, y2: jax.Array, xy: jax.Array, c: float) -> jax.Array:
-    """Poincaré distances from ``‖x‖² (B,)``, ``‖y‖² (C,)`` and ``⟨x, y⟩ (B, C)``: what a chunked
-    matrix product gives (the retrieval metrics' path)."""
-    x2, y2 = x2[:, None], y2[None, :]
+def mobius_difference_parts(
+    x2: jax.Array, y2: jax.Array, xy: jax.Array, c: float
+) -> tuple[jax.Array, jax.Array]:
+    """``(‖n‖², m)`` with ``(−x) ⊕ y = n / m``, from broadcastable ``‖x‖²``, ``‖y‖²`` and ``⟨x, y⟩``
+    (module docstring; ``m`` includes hyptorch's + 1e-5)."""
     a = 1 - 2 * c * xy + c * y2  # the (−x) ⊕ y coefficients of −x and y
     b = 1 - c * x2
     squared = a * a * x2 - 2 * a * b * xy + b * b * y2
+    return squared, 1 - 2 * c * xy + c**2 * x2 * y2 + MOBIUS_EPS
+
+
+def distance_from_gram(x2: jax.Array, y2: jax.Array, xy: jax.Array, c: float) -> jax.Array:
+    """Poincaré distances from ``‖x‖² (B,)``, ``‖y‖² (C,)`` and ``⟨x, y⟩ (B, C)``: what a chunked
+    matrix product gives (the retrieval metrics' path)."""
+    squared, denominator = mobius_difference_parts(x2[:, None], y2[None, :], xy, c)
     positive = squared > 0  # the double where: gradient 0, not NaN, where it is 0
     norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
-    denominator = 1 - 2 * c * xy + c**2 * x2 * y2 + MOBIUS_EPS
     sqrt_c = c**0.5
     return 2 / sqrt_c * artanh(sqrt_c * norm / denominator)
 

@@ -76,7 +76,37 @@ class Sampler(Protocol):
         ...
 
 
-class PKSampler:
+class _ClassBatches:
+    """What the class-wise samplers share: the checked ``P``, ``K`` and seed, and an index of
+    every class's members (``_order[_offsets[c]:_offsets[c + 1]]``, dataset indices ascending)."""
+
+    def __init__(self, labels: np.ndarray, *, classes_per_batch: int, samples_per_class: int, seed: int = 0):
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}.")
+        classes_per_batch, samples_per_class = int(classes_per_batch), int(samples_per_class)
+        if samples_per_class < 1:
+            raise ValueError(f"samples_per_class (K) must be >= 1, got {samples_per_class}.")
+        if classes_per_batch < 1:
+            raise ValueError(f"classes_per_batch (P) must be >= 1, got {classes_per_batch}.")
+        self.classes_per_batch = classes_per_batch
+        self.samples_per_class = samples_per_class
+        self.seed = int(seed)
+        self.num_examples = len(labels)
+        self.classes, counts = np.unique(labels, return_counts=True)  # (C,) the label values
+        self._order = np.argsort(labels, kind="stable").astype(np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def batch_size(self) -> int:
+        return self.classes_per_batch * self.samples_per_class
+
+
+class PKSampler(_ClassBatches):
     """Batches of ``P`` distinct classes × ``K`` images each, as a pure function of ``(seed, step)``.
 
     Classes: an epoch is one pass over a random permutation of the ``C`` classes (drawn from
@@ -101,36 +131,15 @@ class PKSampler:
     """
 
     def __init__(self, labels: np.ndarray, *, classes_per_batch: int, samples_per_class: int, seed: int = 0):
-        labels = np.asarray(labels)
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}.")
-        classes_per_batch, samples_per_class = int(classes_per_batch), int(samples_per_class)
-        if samples_per_class < 1:
-            raise ValueError(f"samples_per_class (K) must be >= 1, got {samples_per_class}.")
-        if classes_per_batch < 1:
-            raise ValueError(f"classes_per_batch (P) must be >= 1, got {classes_per_batch}.")
-        classes, counts = np.unique(labels, return_counts=True)
-        if classes_per_batch > len(classes):
+        super().__init__(
+            labels, classes_per_batch=classes_per_batch, samples_per_class=samples_per_class, seed=seed
+        )
+        if self.classes_per_batch > self.num_classes:
             raise ValueError(
-                f"classes_per_batch (P) = {classes_per_batch} exceeds the {len(classes)} classes of the "
-                "split: a P×K batch needs P distinct classes. Lower classes_per_batch."
+                f"classes_per_batch (P) = {self.classes_per_batch} exceeds the {self.num_classes} classes of "
+                "the split: a P×K batch needs P distinct classes. Lower classes_per_batch."
             )
-        self.classes_per_batch = classes_per_batch
-        self.samples_per_class = samples_per_class
-        self.seed = int(seed)
-        self.classes = classes  # (C,) the label values
-        # Members of class c are _order[_offsets[c]:_offsets[c + 1]] (dataset indices, ascending).
-        self._order = np.argsort(labels, kind="stable").astype(np.int64)
-        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._cache: tuple[int, np.ndarray] | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def batch_size(self) -> int:
-        return self.classes_per_batch * self.samples_per_class
 
     @property
     def steps_per_epoch(self) -> int:
@@ -252,7 +261,7 @@ class ShuffleSampler:
         )
 
 
-class UniqueClassSampler:
+class UniqueClassSampler(_ClassBatches):
     """HIER's ``UniqueClassSampler`` (tjddus9597/HIER-CVPR23 hier/sampler.py:60-111) as a pure
     function of ``(seed, step)``.
 
@@ -264,31 +273,6 @@ class UniqueClassSampler:
     HIER's (its SupCon reshapes them to ``(P, K, d)``). The draws are ours (keyed by the step),
     not HIER's NumPy seeds, so the batches differ from its run's but follow the same law.
     """
-
-    def __init__(self, labels: np.ndarray, *, classes_per_batch: int, samples_per_class: int, seed: int = 0):
-        labels = np.asarray(labels)
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}.")
-        if int(samples_per_class) < 1 or int(classes_per_batch) < 1:
-            raise ValueError(
-                f"classes_per_batch (P) and samples_per_class (K) must be >= 1, got {classes_per_batch} "
-                f"and {samples_per_class}."
-            )
-        self.classes_per_batch = int(classes_per_batch)
-        self.samples_per_class = int(samples_per_class)
-        self.seed = int(seed)
-        self.num_examples = len(labels)
-        self.classes, counts = np.unique(labels, return_counts=True)
-        self._order = np.argsort(labels, kind="stable").astype(np.int64)
-        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def batch_size(self) -> int:
-        return self.classes_per_batch * self.samples_per_class
 
     @property
     def steps_per_epoch(self) -> int:

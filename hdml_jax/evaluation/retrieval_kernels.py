@@ -78,13 +78,11 @@ def poincare_similarity(products, query_squared, reference_squared, curvature):
     ranking and the same ties (the clamp's included) without the square root and the logarithms:
     a few multiplications per entry, fused by XLA into the pass the product wrote.
     """
-    q2, r2 = query_squared[:, None], jnp.maximum(reference_squared, 0.0)[None, :]
-    c = curvature
-    a = 1 - 2 * c * products + c * r2  # (−q) ⊕ r = (a·(−q) + b·r) / denominator
-    b = 1 - c * q2
-    squared = a * a * q2 - 2 * a * b * products + b * b * r2
-    denominator = 1 - 2 * c * products + c * c * q2 * r2 + hyperbolic.MOBIUS_EPS
-    zeta_squared = jnp.minimum(squared / (denominator * denominator), (1 - hyperbolic.ARTANH_CLAMP) ** 2 / c)
+    squared, denominator = hyperbolic.mobius_difference_parts(
+        query_squared[:, None], jnp.maximum(reference_squared, 0.0)[None, :], products, curvature
+    )
+    limit = (1 - hyperbolic.ARTANH_CLAMP) ** 2 / curvature
+    zeta_squared = jnp.minimum(squared / (denominator * denominator), limit)
     return jnp.where(reference_squared[None, :] < 0, 0.0, -zeta_squared)
 
 

@@ -55,9 +55,7 @@ class Triplets(NamedTuple):
 
 def pairwise_distances(x: jax.Array, y: jax.Array, c: float) -> jax.Array:
     """HIER's ``dist_f``: Poincaré distances for ``c > 0``, ``2 − 2⟨x, y⟩`` for ``c = 0``."""
-    if c > 0:
-        return hyperbolic.distance_from_gram(jnp.sum(x * x, -1), jnp.sum(y * y, -1), x @ y.T, c)
-    return 2 - 2 * x @ y.T
+    return hyperbolic.gram_distance_matrix(x, y, c) if c > 0 else 2 - 2 * x @ y.T
 
 
 def reciprocal_masks(similarity: jax.Array, topk: int) -> tuple[jax.Array, jax.Array, jax.Array]:

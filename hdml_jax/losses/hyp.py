@@ -25,9 +25,7 @@ REDUCTIONS = ("sum", "hier")
 
 
 def _similarity(x: jax.Array, y: jax.Array, c: float) -> jax.Array:
-    if c > 0:
-        return -hyperbolic.distance_from_gram(jnp.sum(x * x, -1), jnp.sum(y * y, -1), x @ y.T, c)
-    return x @ y.T
+    return -hyperbolic.gram_distance_matrix(x, y, c) if c > 0 else x @ y.T
 
 
 def hyp_loss(

@@ -283,13 +283,23 @@ def _torchvision_checkpoint(depth: int, width: int) -> Path:
         )
     url = TORCHVISION_RESNET_URLS[depth]
     return _cached_conversion(
-        url, f"resnet{depth}", lambda path: load_torchvision_resnet(path, depth), depth=depth
+        url,
+        f"resnet{depth}",
+        lambda path: load_torchvision_resnet(path, depth),
+        expected_hash=hash_prefix(url),
+        depth=depth,
     )
 
 
 def _bninception_checkpoint() -> Path:
     """The cached conversion of Cadene's BN-Inception weights; made on first use."""
-    return _cached_conversion(BNINCEPTION_URL, "bn_inception", load_bn_inception, arch="bn_inception")
+    return _cached_conversion(
+        BNINCEPTION_URL,
+        "bn_inception",
+        load_bn_inception,
+        expected_hash=hash_prefix(BNINCEPTION_URL),
+        arch="bn_inception",
+    )
 
 
 def _vit_checkpoint(name: str) -> Path:
@@ -305,17 +315,12 @@ def _vit_checkpoint(name: str) -> Path:
     )
 
 
-_FROM_URL = object()  # _cached_conversion's default: the hash in the URL's file name
-
-
 def _cached_conversion(
-    url: str, name: str, load, *, expected_hash: Any = _FROM_URL, filename: str | None = None, **download_kwargs
+    url: str, name: str, load, *, expected_hash: str | None, filename: str | None = None, **download_kwargs
 ) -> Path:
     """``<cache>/<name>-<hash>-flax`` (``<name>-flax`` for a file without a published hash),
     converted once from ``url``'s file (downloaded once into ``<cache>/<filename>``, its SHA-256
-    prefix checked) with ``load(path) -> variables``."""
-    if expected_hash is _FROM_URL:
-        expected_hash = hash_prefix(url)
+    prefix ``expected_hash`` checked) with ``load(path) -> variables``."""
     cache = cache_dir()
     checkpoint = cache / (f"{name}-{expected_hash}-flax" if expected_hash else f"{name}-flax")
     if checkpoint.exists():

@@ -196,15 +196,9 @@ def _transform_pair(config: ml_collections.ConfigDict) -> transforms.TransformPa
 
 def make_train_iterator(config: ml_collections.ConfigDict, split: Split):
     transform = _transform_pair(config)
-    if config.sampler == "pk":
-        sampler = sampling.PKSampler(
-            split.labels,
-            classes_per_batch=config.classes_per_batch,
-            samples_per_class=config.samples_per_class,
-            seed=config.seed,
-        )
-    elif config.sampler == "unique_class":
-        sampler = sampling.UniqueClassSampler(
+    class_samplers = {"pk": sampling.PKSampler, "unique_class": sampling.UniqueClassSampler}
+    if config.sampler in class_samplers:
+        sampler = class_samplers[config.sampler](
             split.labels,
             classes_per_batch=config.classes_per_batch,
             samples_per_class=config.samples_per_class,
