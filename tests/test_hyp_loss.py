@@ -48,7 +48,7 @@ def test_hyp_loss_equals_the_official_loop(c, reduction):
             else v / jnp.linalg.norm(v, axis=-1, keepdims=True)
         )
 
-    value, grad = jax.value_and_grad(lambda v: hyp_loss(points(v), K, tau=0.2, c=c, reduction=reduction))(
+    value, grad = jax.jit(jax.value_and_grad(lambda v: hyp_loss(points(v), K, tau=0.2, c=c, reduction=reduction)))(
         jnp.asarray(raw, jnp.float32)
     )
     t = torch.tensor(raw, requires_grad=True)

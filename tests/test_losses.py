@@ -1057,8 +1057,9 @@ def test_hierarchical_loss_with_centroid_coarse_proxies_trains_the_fine_proxies(
             x, y, levels, (a0,), base_loss=proxy_anchor_loss, level_weights=(0.0, 1.0)
         )
 
+    coarse_only = jax.jit(coarse_only)  # evaluated many times: one compilation, not one per operation
     check_grads(coarse_only, (fine,), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
-    assert np.all(np.abs(np.asarray(jax.grad(coarse_only)(jnp.asarray(fine, jnp.float32)))).sum(axis=1) > 0)
+    assert np.all(np.abs(np.asarray(jax.jit(jax.grad(coarse_only))(jnp.asarray(fine, jnp.float32)))).sum(axis=1) > 0)
 
 
 def test_refresh_assignments_is_nearest_by_cosine_and_by_distance():
@@ -1331,9 +1332,10 @@ def test_masked_padding_proxies_change_nothing(name: str):
     # Padding proxies right on top of the embeddings: they would change the loss a lot if counted.
     padded = jnp.concatenate([proxies, x[:num_padding] * 3.0])
     proxy_mask = jnp.arange(num_classes + num_padding) < num_classes
-    value, (gx, gp) = jax.value_and_grad(loss, argnums=(0, 2))(x, y, proxies)
-    value_p, (gx_p, gp_p) = jax.value_and_grad(
-        lambda a, b, c: loss(a, b, c, proxy_mask=proxy_mask), argnums=(0, 2)
+    # Jitted: two programs of different shapes compared (eagerly, each operation compiles alone).
+    value, (gx, gp) = jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))(x, y, proxies)
+    value_p, (gx_p, gp_p) = jax.jit(
+        jax.value_and_grad(lambda a, b, c: loss(a, b, c, proxy_mask=proxy_mask), argnums=(0, 2))
     )(x, y, padded)
     # Two shapes (11 and 16 proxies): 16 rows × 16 proxies × 6 dims.
     n_terms = 16 * (num_classes + num_padding) * 6
@@ -1344,7 +1346,7 @@ def test_masked_padding_proxies_change_nothing(name: str):
     np.testing.assert_array_equal(gp_p[num_classes:], 0.0)
     # Unmasked, the padding does count, far beyond that tolerance.
     tolerance = rounding_atol(value_scale, n_terms, eps=EPS32)
-    assert abs(float(loss(x, y, padded)) - float(value)) > 10 * tolerance
+    assert abs(float(jax.jit(loss)(x, y, padded)) - float(value)) > 10 * tolerance
 
 
 def _two_level_inputs(seed: int):
@@ -1360,9 +1362,9 @@ def _two_level_inputs(seed: int):
 
 def test_hierarchical_passes_level_proxy_masks_to_its_levels():
     x, y, fine, coarse, assignment = _two_level_inputs(22)
-    expected = hierarchical_proxy_loss(x, y, (fine, coarse), (assignment,))
+    expected = jax.jit(hierarchical_proxy_loss)(x, y, (fine, coarse), (assignment,))
     padded = jnp.concatenate([fine, jnp.ones((4, 5))])
-    got = hierarchical_proxy_loss(
+    got = jax.jit(hierarchical_proxy_loss)(
         x,
         y,
         (padded, coarse),

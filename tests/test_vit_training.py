@@ -1,10 +1,12 @@
 """A tiny Vision Transformer (patch 8, 2 blocks) trained on the synthetic set through the real
-command line: it learns, an interrupted run resumes to the same bits, and the run exports."""
+command line: it learns, a run cut back to an earlier checkpoint resumes to the same bits, and
+the run exports."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,13 +44,21 @@ def _main(workdir: Path, *extra: str, expect: int = 0) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, Path]:
-    """``(straight, resumed)``: the 40 steps at once, and stopped after 20 then resumed."""
+    """``(straight, resumed)``: the 40 steps at once, and a copy of that workdir cut back to its
+    step-20 checkpoint (as a run killed before step 40 leaves it), then resumed by the same
+    command. (Stopping itself, by signal or ``stop_after_steps``, is test_train's and
+    test_reliability's; what is the ViT's own here is that its stochastic depth resumes.)"""
     root = tmp_path_factory.mktemp("vit")
-    _main(root / "straight")
-    stopped = _main(root / "resumed", "--config.stop_after_steps=20")
-    assert "done:" not in stopped.stdout
-    _main(root / "resumed")
-    return root / "straight", root / "resumed"
+    straight, resumed = root / "straight", root / "resumed"
+    _main(straight)
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "40")
+    for name in ("final_metrics.json", "test_embeddings.npy", "test_labels.npy"):
+        (resumed / name).unlink()
+    log = _main(resumed)
+    progress = log.stdout + log.stderr
+    assert "step 30/40" in progress and "step 10/40" not in progress, progress[-2000:]  # resumed at 20
+    return straight, resumed
 
 
 def test_tiny_vit_learns_on_the_synthetic_set(runs):
