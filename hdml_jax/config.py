@@ -21,6 +21,10 @@ proxy_nca_pp   ProxyNCA++: MAC + LayerNorm → Dense(2048); σ = 9, proxies rand
 hpl_pa         Proxy-Anchor inside HPL: levels (C, num_coarse_groups), w = (1.0, 0.1);
                coarse proxies by k-means when warm-up ends, assignments refreshed.
 hpl_nca        the same around Proxy-NCA (σ = 32).
+hier_pa        HIER: LayerNorm → Dense → ToPoincare (c = 0.1, clip 2.3); Proxy-Anchor on
+               the points' directions + 0.5 · HIER over 512 learned LCA proxies; AdamW
+               ε 1e-4, proxies ×1e4, LCAs ×50, ±10 clamp; 90 classes × 2 per batch;
+               ranked by the Poincaré distance (``hdml_jax.methods.hier``).
 cgd            ResNet without stage-4 downsampling; CGD head (descriptors, 1536-d);
                CE (τ = 0.5, ε = 0.1) on the first descriptor + batch-hard triplet
                (m = 0.1); Adam 1e-4; P×K batches (32 × 4).
@@ -35,6 +39,7 @@ baselines      pytorch-metric-learning's pair and classification losses (contras
 from __future__ import annotations
 
 __all__ = [
+    "apply_hier_resnet_command",
     "apply_hier_vit_command",
     "apply_method",
     "apply_proxy_anchor_command",
@@ -54,7 +59,7 @@ import ml_collections
 
 from hdml_jax import methods
 from hdml_jax.config_checks import method_family, one_of, unused_overrides, validate
-from hdml_jax.config_vit import apply_hier_vit_command, use_vit_weights
+from hdml_jax.config_vit import apply_hier_resnet_command, apply_hier_vit_command, use_vit_weights
 from hdml_jax.errors import ConfigError
 from hdml_jax.methods import baselines
 from hdml_jax.models.vit_weights import VIT_WEIGHTS
@@ -155,6 +160,11 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.model.pooling = "gap_gmp"
     c.model.embedding_init = "kaiming_fan_out"  # "torch_default" (nn.Linear's own), "orthogonal"
     c.model.head_layernorm = False  # LayerNorm (no affine) before the embedding layer: HIER's use_lastnorm
+    # The embedding's geometry: 0 the unit sphere (L2, ranked by cosine); c > 0 the Poincaré ball
+    # of curvature c (the head ends in ToPoincare, ranked by the Poincaré distance: Hyp, HIER).
+    c.model.curvature = 0.0
+    c.model.clip_r = 2.3  # ToPoincare's feature clipping radius (Hyp and HIER: 2.3)
+    c.model.riemannian = True  # ToPoincare's gradient rescaling (HIER: True; hyp_metric: False)
     c.model.descriptors = "SG"
     c.model.combine = "concat"
     c.model.architecture = "cgd"
@@ -206,6 +216,14 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.loss.miner = "none"
     c.loss.miner_kwargs = ml_collections.ConfigDict()
     c.loss.xbm_size = 0
+    # HIER (Kim et al., CVPR 2023) around the proxy loss: λ₂ · HIER's LCA triplet loss added.
+    c.loss.hier = ml_collections.ConfigDict()
+    c.loss.hier.weight = 0.5  # λ₂ (--lambda2)
+    c.loss.hier.num_lcas = 512  # --num_hproxies
+    c.loss.hier.topk = 20  # --topk: the reciprocal-neighbour candidates
+    c.loss.hier.margin = 0.1  # --mrg
+    c.loss.hier.tau = 0.1  # the hard Gumbel-softmax's temperature (HIERLoss default)
+    c.loss.hier.triplets_per_anchor = 50  # t_per_anchor
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"
@@ -221,6 +239,7 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     # (None: weight_decay).
     c.optimizer.loss_params_lr = ml_collections.FieldReference(None, field_type=float)
     c.optimizer.loss_params_weight_decay = ml_collections.FieldReference(None, field_type=float)
+    c.optimizer.lca_lr_multiplier = 50.0  # HIER's LCAs: lr × 50 (the loss_params group)
     c.optimizer.head_lr_multiplier = 1.0
     c.optimizer.backbone_lr_multiplier = 1.0
     c.optimizer.warmup_epochs = 1  # backbone frozen: only head and proxies train (hdml_jax.training.optim)
@@ -315,6 +334,13 @@ def apply_small_cpu_recipe(c: ml_collections.ConfigDict, image_size: int) -> Non
     c.loss.hierarchy_refresh_epochs = 2
     c.batch_size = 64
     baselines.use_pk_batches(c)
+    if method_family(c) == "hier":
+        # HIER's method (its head, loss, LCAs and its batches of classes × 2) on this recipe's
+        # training: lr as given, proxies at Proxy-Anchor's ×100, so that it differs from the
+        # Proxy-Anchor family here only by what HIER adds.
+        c.classes_per_batch, c.samples_per_class = c.batch_size // 2, 2
+        c.optimizer.lr_reference_batch = 0
+        c.optimizer.proxy_lr_multiplier = 100.0
 
 
 def apply_proxy_anchor_command(
@@ -354,9 +380,13 @@ def use_backbone(c: ml_collections.ConfigDict, backbone: str, hier_dataset: str 
     train) or one of the published ViT weights (``VIT_WEIGHTS``: ``vit_s16_dino``,
     ``deit_s16_distilled``, ``vit_s16_augreg``, ...; ``use_vit_weights``), which then train with
     HIER's command for ``hier_dataset`` (``config_vit.apply_hier_vit_command``: "CUB", "Cars",
-    "SOP", "Inshop"). CGD and ProxyNCA++ are defined on ResNet-50 only."""
+    "SOP", "Inshop"). HIER's own methods (``hier_pa``) take HIER's ResNet-50 command for
+    ``hier_dataset`` on ResNet-50 (``config_vit.apply_hier_resnet_command``). CGD and ProxyNCA++
+    are defined on ResNet-50 only."""
     one_of(backbone, BACKBONE_OPTIONS, "backbone (after the config file's colon)")
     if backbone == "resnet":
+        if hier_dataset is not None and method_family(c) == "hier":
+            apply_hier_resnet_command(c, hier_dataset)
         return
     family = "vit" if backbone in VIT_WEIGHTS else backbone
     record = methods.find(c.method)

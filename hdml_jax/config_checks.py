@@ -198,6 +198,31 @@ def one_of(value, valid, what):
         raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}.")
 
 
+def _validate_geometry(c: ml_collections.ConfigDict, record: methods.Method) -> None:
+    """``model.curvature`` (the Poincaré ball's c, 0: the sphere) and HIER's ``loss.hier``."""
+    m = c.model
+    if float(m.curvature) < 0:
+        raise ConfigError(f"model.curvature must be 0 (the unit sphere) or the Poincaré ball's c > 0, got {m.curvature}.")
+    if m.clip_r is not None and float(m.clip_r) <= 0:
+        raise ConfigError(f"model.clip_r must be a radius > 0, or None for no feature clipping, got {m.clip_r}.")
+    if not record.hier:
+        return
+    h = c.loss.hier
+    if float(h.weight) < 0 or float(h.margin) < 0 or float(h.tau) <= 0:
+        raise ConfigError(
+            f"loss.hier: weight ({h.weight}) and margin ({h.margin}) must be >= 0 and tau ({h.tau}) > 0."
+        )
+    for name in ("num_lcas", "triplets_per_anchor"):
+        if int(h[name]) < 1:
+            raise ConfigError(f"loss.hier.{name} must be a positive integer, got {h[name]}.")
+    if int(h.topk) < 2:
+        raise ConfigError(
+            f"loss.hier.topk must be >= 2 (a row's neighbours include itself; HIER's scripts use 20), got {h.topk}."
+        )
+    if int(c.loss.get("xbm_size", 0)) > 0:
+        raise ConfigError(f"method {c.method} adds HIER, which needs the batch's own points: set loss.xbm_size=0.")
+
+
 def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> None:
     """Check a config before anything is built; one-line ``ConfigError`` listing the valid values.
 
@@ -245,6 +270,7 @@ def validate(c: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> 
                 f"(1 fine + {levels - 1} coarse from loss.num_coarse_groups); give one weight per level."
             )
     _validate_loss_keywords(c, record)
+    _validate_geometry(c, record)
     if c.sampler in _CLASS_SAMPLERS and c.batch_size != c.classes_per_batch * c.samples_per_class:
         raise ConfigError(
             f"batch_size {c.batch_size} must equal classes_per_batch × samples_per_class = "

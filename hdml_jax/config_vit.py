@@ -1,4 +1,5 @@
-"""The ViT recipes: HIER's official training commands, Euclidean, for every method a ViT can run.
+"""HIER's official training commands: on a ViT, Euclidean, for every method a ViT can run; on
+ResNet-50 (and on the ViTs with its hyperbolic part) for HIER's own method, ``hier_pa``.
 
 ``configs/<dataset>.py:method=M,backbone=W`` with ``W`` one of the published ViT weights
 (``vit_s16_dino``, ``deit_s16_distilled``, ``vit_s16_augreg``, ...) calls ``apply_hier_vit_command``:
@@ -92,6 +93,15 @@ HIER_SCRIPTS: dict[tuple[str, str], dict[str, float]] = {
     ("ViT", "Inshop"): _hier_script(1e-5, 150, 5, 1e-4, 1e2, 512),
 }
 
+# scripts/Resnet50/hier_<DS>.sh, lines 4-12: as above plus --lr_decay, --lr_decay_gamma
+# (--bn_freeze is passed but always freezes; --fc_lr_scale 1 where given).
+HIER_RESNET_SCRIPTS: dict[str, dict[str, float]] = {
+    "CUB": {**_hier_script(1e-4, 100, 1, 1e-2, 1.0, 512), "lr_decay": 5, "lr_decay_gamma": 0.5},
+    "Cars": {**_hier_script(1e-4, 100, 1, 1e-2, 1.0, 512), "lr_decay": 10, "lr_decay_gamma": 0.5},
+    "SOP": {**_hier_script(6e-4, 150, 5, 1e-4, 1.0, 512), "lr_decay": 25, "lr_decay_gamma": 0.3},
+    "Inshop": {**_hier_script(6e-4, 150, 5, 1e-4, 1.0, 512), "lr_decay": 20, "lr_decay_gamma": 0.3},
+}
+
 # Which script folder's command a weights name runs. HIER has scripts for ViT-S/16 only: the
 # /8 and ViT-B DINO weights take the DINO-S/16 command (our extrapolation, not HIER's).
 SCRIPT_FOLDER = {
@@ -108,8 +118,10 @@ HIER_BATCH = 180  # --batch_size 90 × --nproc_per_node=2
 HIER_IPC = 2  # --IPC 2
 HIER_ADAMW_EPS = 1e-4  # eps=1e-4 if args.use_fp16 (train.py:272); every script --use_fp16 True
 HIER_PROXY_LR_SCALE = 1e4  # "proxies" group lr_scale (utils.py:761)
+HIER_LCA_LR_SCALE = 5e1  # "lcas" group lr_scale (utils.py:760)
 HIER_CLIP_VALUE = 10.0  # clip_gradients_value(model, 10, ...) (train.py:166, 174)
 HIER_CROP_SCALE = (0.2, 1.0)  # MultiTransforms, is_vit (utils.py:106-108)
+HIER_RESNET_CROP_SCALE = (0.08, 1.0)  # the same line for a ResNet
 
 
 def use_vit_weights(c: ml_collections.ConfigDict, name: str) -> None:
@@ -124,12 +136,47 @@ def use_vit_weights(c: ml_collections.ConfigDict, name: str) -> None:
 
 
 def apply_hier_vit_command(c: ml_collections.ConfigDict, dataset: str, weights: str) -> None:
-    """HIER's command for ``weights``'s backbone on ``dataset`` (``DATASETS``), Euclidean; see the
-    module docstring for where each number comes from. Call it after ``config.use_backbone(c,
-    weights)`` (which checks that the method runs on a ViT and sets the weights)."""
+    """HIER's command for ``weights``'s backbone on ``dataset`` (``DATASETS``), Euclidean unless
+    the method is HIER's own (``hier_pa``, whose recipe sets ``--hyp_c 0.1 --lambda2 0.5``); see
+    the module docstring for where each number comes from. Call it after
+    ``config.use_backbone(c, weights)`` (which checks that the method runs on a ViT and sets the
+    weights)."""
     one_of(dataset, DATASETS, "HIER data set")
     one_of(weights, tuple(SCRIPT_FOLDER), "ViT weights")
     script = HIER_SCRIPTS[(SCRIPT_FOLDER[weights], dataset)]
+    _apply_hier_training(c, script)
+    c.model.vit.freeze_patch_embed = True
+    c.model.frozen_bn = False  # no BatchNorm in a ViT; keeps the warm-up rule about BN out of it
+    c.optimizer.decay_epochs = ()
+    c.dataset.augment.crop_scale = HIER_CROP_SCALE
+
+
+def apply_hier_resnet_command(c: ml_collections.ConfigDict, dataset: str) -> None:
+    """HIER's ResNet-50 command on ``dataset`` (``scripts/Resnet50/hier_<DS>.sh``:4-12,
+    ``HIER_RESNET_SCRIPTS``) for HIER's own methods (``hier_pa``); the other methods on ResNet-50
+    keep their own papers' commands.
+
+    As for the ViTs (module docstring) but: the torchvision ResNet-50 with GAP + GMP summed
+    (hier/models/resnet.py:10-33), its BatchNorm frozen in every script (``--bn_freeze`` is
+    ``type=bool``, so ``"False"`` is True too, train.py:81; resnet.py:17-20), crops of scale
+    (0.08, 1) (utils.py:106-108, ``is_vit`` False), and a StepLR-like decay ``γ^(epoch //
+    --lr_decay)`` (utils.py:281-287, train.py:288-289).
+    """
+    one_of(dataset, DATASETS, "HIER data set")
+    script = HIER_RESNET_SCRIPTS[dataset]
+    _apply_hier_training(c, script)
+    c.model.pooling = "gap_gmp"
+    # BatchNorm statistics frozen (m.eval(), resnet.py:17-20); its scale and bias still train.
+    c.model.frozen_bn = True
+    c.model.frozen_bn_trains_affine = True
+    c.dataset.augment.crop_scale = HIER_RESNET_CROP_SCALE
+    c.optimizer.decay_epochs = (int(script["lr_decay"]),)
+    c.optimizer.decay_every = True
+    c.optimizer.decay_factor = float(script["lr_decay_gamma"])
+
+
+def _apply_hier_training(c: ml_collections.ConfigDict, script: dict[str, float]) -> None:
+    """What every HIER script shares (module docstring), with ``script``'s own numbers."""
     c.batch_size = HIER_BATCH
     c.sampler = "unique_class"
     c.classes_per_batch, c.samples_per_class = HIER_BATCH // HIER_IPC, HIER_IPC
@@ -137,8 +184,6 @@ def apply_hier_vit_command(c: ml_collections.ConfigDict, dataset: str, weights: 
     c.model.embedding_dim = int(script["emb"])
     c.model.head_layernorm = True
     c.model.embedding_init = "orthogonal"
-    c.model.vit.freeze_patch_embed = True
-    c.model.frozen_bn = False  # no BatchNorm in a ViT; keeps the warm-up rule about BN out of it
     o = c.optimizer
     o.name = "adamw"
     o.lr = float(script["lr"])
@@ -154,13 +199,12 @@ def apply_hier_vit_command(c: ml_collections.ConfigDict, dataset: str, weights: 
     o.backbone_lr_multiplier = 1.0
     o.proxy_lr_multiplier = HIER_PROXY_LR_SCALE
     o.proxy_lr = None  # HIER's group rule for a loss's class vectors, whatever the loss
-    o.decay_epochs = ()
+    o.lca_lr_multiplier = HIER_LCA_LR_SCALE
     o.decay_steps = ()
     o.grad_clip_value = HIER_CLIP_VALUE
     o.clip_proxies = True
     c.dataset.image_size = 224
     c.dataset.transform = "proxy_anchor"  # resize 256, centre crop 224 for evaluation
-    c.dataset.augment.crop_scale = HIER_CROP_SCALE
     record = methods.find(c.method)
     if record is not None and record.hierarchical:
         # HPL builds its hierarchy when the warm-up ends, as with the ResNet recipes.

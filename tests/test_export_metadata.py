@@ -61,7 +61,9 @@ def _embedder(backbone: str) -> inference.Embedder:
         workdir=Path("run"),
         step=1,
         checkpoint_id="x",
-        config=ml_collections.ConfigDict({"method": "proxy_anchor", "dataset": {"name": "custom"}}),
+        config=ml_collections.ConfigDict(
+            {"method": "proxy_anchor", "dataset": {"name": "custom"}, "model": {}}
+        ),
         model=model,
         variables=variables,
         image_size=SIZE,

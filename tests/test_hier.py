@@ -111,6 +111,16 @@ def test_loss_and_gradients_equal_the_official_hier_loss(c):
     assert_close(gl, tl.grad.numpy(), n_terms=DIM * (B + M), k=8 * 64)
 
 
+def test_gumbel_noise_is_standard_gumbel_and_never_infinite():
+    # 2²⁴ draws: a noise of −log E with E ~ Exp(1) rounded to float32 is +inf about once in that
+    # many (E = 0), which made a whole training step NaN; this one cannot be.
+    noise = np.asarray(jax.jit(lambda k: hier.gumbel_noise(k, (4096, 4096)))(jax.random.key(5)), np.float64)
+    assert np.isfinite(noise).all()
+    # Mean γ (Euler's constant), standard deviation π/√6: the mean within 5 standard errors.
+    assert abs(noise.mean() - np.euler_gamma) < 5 * (np.pi / np.sqrt(6)) / np.sqrt(noise.size)
+    assert abs(noise.std() - np.pi / np.sqrt(6)) < 0.01
+
+
 def test_hier_loss_is_deterministic_given_its_key_and_jits():
     z_raw, lca_raw, labels = _inputs(4)
     z = hyperbolic.to_poincare(jnp.asarray(z_raw, jnp.float32), 0.1, 2.3)

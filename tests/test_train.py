@@ -72,10 +72,11 @@ def dataset():
 
 # The default run trains one method per trainer path; the rest repeat a path with another loss
 # (every loss is checked on its own, and ``test_baselines`` checks what the step computes):
-# proxy_nca and proxy_anchor are hpl_nca's and hpl_pa's without coarse levels (proxy_anchor also
-# trains through the CLI in test_inference), ``margin`` stands for the pair losses (P×K batches,
-# a learned loss parameter), ``soft_triple`` for the classification ones (K rows per class).
-DEFAULT_RUNS = ("hpl_pa", "hpl_nca", "proxy_nca_pp", "cgd", "margin", "soft_triple")
+# hpl_nca is hpl_pa's path with Proxy-NCA, proxy_nca and proxy_anchor are theirs without coarse
+# levels (proxy_anchor also trains through the CLI in test_inference), hier_pa trains through the
+# CLI in test_vit_training, ``margin`` stands for the pair losses (P×K batches, a learned loss
+# parameter), ``soft_triple`` for the classification ones (K rows per class).
+DEFAULT_RUNS = ("hpl_pa", "proxy_nca_pp", "cgd", "margin", "soft_triple")
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -265,7 +266,7 @@ def test_retrieval_tiles_show_similarity_and_class_and_stay_readable():
     frames = [[_frame(ax)[0] for ax in row[1:]] for row in axes]
     assert frames == [[GREEN, RED, GREEN], [GREEN, GREEN, RED]]
     assert _frame(axes[0][0]) == (NEUTRAL, 1)
-    assert "cosine: similarity to the query" in fig.get_suptitle() and "green" in fig.get_suptitle()
+    assert "cosine to the query" in fig.get_suptitle() and "green" in fig.get_suptitle()
     # Readable at the saved size (dpi 100): no smaller than 8 pt, no title running into its
     # neighbour's or into the row above.
     fig.canvas.draw()
@@ -321,17 +322,33 @@ def test_training_picture_gets_the_rankings_cosine_similarities(monkeypatch, tmp
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     test = Split(source=[{"image": _tile(i)} for i in range(10)], labels=np.arange(10) % 3)
     dataset = MetricDataset("tiny", test, test)  # self-retrieval: every row query and gallery
-    outputs.write_retrieval_picture(
-        tmp_path / "r.png", dataset, {"test": embeddings}, SimpleNamespace(seed=0)
-    )
-    (_, query_labels, _, neighbour_labels, similarities), _ = calls[-1]
-    assert similarities.shape == neighbour_labels.shape == (6, 5)
+    config = ml_collections.ConfigDict({"seed": 0, "model": {"curvature": 0.0}})
+    outputs.write_retrieval_picture(tmp_path / "r.png", dataset, {"test": embeddings}, config)
+    (_, query_labels, _, neighbour_labels, similarities), keywords = calls[-1]
+    assert similarities.shape == neighbour_labels.shape == (6, 5) and keywords["similarity_name"] == "cosine"
     assert np.all(np.diff(similarities, axis=1) <= 0)  # best first
     full = embeddings @ embeddings.T
     np.fill_diagonal(full, -np.inf)  # a query is not its own neighbour
     chosen = np.sort(np.random.default_rng(0).choice(10, size=6, replace=False))  # the seeded queries
     np.testing.assert_allclose(similarities, -np.sort(-full[chosen], axis=1)[:, :5], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(query_labels, test.labels[chosen])
+    # A run in the Poincaré ball (c = 0.5): its points ranked by distance, nearest first.
+    points = embeddings * rng.uniform(0.1, 1.3, (10, 1))
+    config.model.curvature = 0.5
+    outputs.write_retrieval_picture(tmp_path / "r.png", dataset, {"test": points}, config)
+    (_, _, _, _, distances), keywords = calls[-1]
+    assert keywords["similarity_name"] == "distance" and np.all(np.diff(distances, axis=1) >= 0)
+    x2 = np.sum(points.astype(np.float64) ** 2, 1)
+    xy = points.astype(np.float64) @ points.T.astype(np.float64)
+    # ‖(−x) ⊕ y‖² in closed form (the textbook Möbius addition), then d = 2/√c artanh(√c ‖·‖).
+    c = 0.5
+    num = (1 - 2 * c * xy + c * x2[None]) ** 2 * x2[:, None] - 2 * (1 - 2 * c * xy + c * x2[None]) * (
+        1 - c * x2[:, None]
+    ) * xy + (1 - c * x2[:, None]) ** 2 * x2[None]
+    den = 1 - 2 * c * xy + c**2 * x2[:, None] * x2[None]
+    full = 2 / np.sqrt(c) * np.arctanh(np.sqrt(c) * np.sqrt(np.maximum(num, 0)) / den)
+    np.fill_diagonal(full, np.inf)
+    np.testing.assert_allclose(distances, np.sort(full[chosen], axis=1)[:, :5], rtol=1e-4, atol=1e-4)
 
 
 def test_search_picture_gets_similarities_and_gallery_labels(monkeypatch, tmp_path):

@@ -53,3 +53,39 @@ def hier_loss(z, lcas, data, proxies, c=0.1, tau=0.1, mrg=0.1):
         distances = 2 - 2 * nodes @ nodes.t()
     loss = lca_triplet_loss(distances[:b, b:], *data, tau=tau, mrg=mrg)
     return loss + lca_triplet_loss(distances[b:, b:], *proxies, tau=tau, mrg=mrg)
+
+
+def official_hier_forward(z, y, lca_parameters, c=0.1, clip_r=2.3, topk=20, per_anchor=50, tau=0.1, mrg=0.1):
+    """``HIERLoss.forward`` end to end as its users run it, for ``benchmarks/hier_loss.py``: the LCA
+    parameters through ``ToPoincare``, every distance of the ``(B + M)`` nodes as one ``(N, N, d)``
+    Möbius computation (``dist_matrix``), the triplets drawn per anchor with NumPy on the host
+    (``get_reciprocal_triplets``: candidates on the device, one ``np.random.choice`` pair per
+    anchor), and ``F.gumbel_softmax``'s own noise."""
+    import numpy as np
+
+    b = len(z)
+    lcas = hyp.to_poincare(lca_parameters, c, clip_r=clip_r, riemannian=True)
+    nodes = torch.cat([z, lcas])
+    distances = hyp.distance_matrix(nodes, nodes, c) if c > 0 else 2 - 2 * nodes @ nodes.t()
+    data_similarity = torch.exp(-distances[:b, :b]).detach()
+    data_similarity[y.unsqueeze(1) == y.unsqueeze(0)] += 1
+    proxy_similarity = torch.exp(-distances[b:, b:]).detach()
+
+    def triplets(similarity):
+        positive, negative = candidate_masks(similarity, topk)
+        anchors, positives, negatives = [], [], []
+        for i in range(len(similarity)):
+            candidates = torch.nonzero(positive[i]).squeeze(1).cpu().numpy()
+            if len(candidates) <= 1:
+                continue
+            positives.append(np.random.choice(candidates, per_anchor, replace=True))
+            negatives.append(np.random.choice(torch.nonzero(negative[i]).squeeze(1).cpu().numpy(), per_anchor))
+            anchors.append(np.full(per_anchor, i))
+        return [torch.from_numpy(np.concatenate(x)).long() for x in (anchors, positives, negatives)]
+
+    def term(cp_dist, i, j, k):
+        noise = [-torch.empty((len(i), cp_dist.shape[1])).exponential_().log() for _ in range(2)]
+        return lca_triplet_loss(cp_dist, i, j, k, *noise, tau=tau, mrg=mrg)
+
+    loss = term(distances[:b, b:], *triplets(data_similarity))
+    return loss + term(distances[b:, b:], *triplets(proxy_similarity))

@@ -51,18 +51,29 @@ def embed_batches(
     return result
 
 
+def ranking_of(config: Any) -> dict[str, Any]:
+    """How a run's embeddings are ranked, as ``metrics.retrieval_metrics`` keywords: ``{}`` (cosine)
+    for the sphere, ``{"distance": "poincare", "curvature": c}`` for a head that ends in the
+    Poincaré ball (``model.curvature`` c > 0; absent from configs written before it existed)."""
+    curvature = float(config.model.get("curvature", 0.0) or 0.0)
+    return {"distance": "poincare", "curvature": curvature} if curvature > 0 else {}
+
+
 def evaluate_embeddings(
     dataset: MetricDataset,
     test_embeddings: np.ndarray,
     *,
     nmi_key: jax.Array | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    ranking: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """All metrics of one evaluation from the embeddings of ``dataset.test`` (in its order).
 
     The queries and gallery are the test rows ``dataset.roles()`` flags. ``mesh``: a 1-D mesh of
     this process's devices over which the retrieval metrics split the reference set
-    (``metrics.retrieval_metrics(..., mesh=...)``); None: the default device.
+    (``metrics.retrieval_metrics(..., mesh=...)``); None: the default device. ``ranking``: the
+    run's geometry (``ranking_of``); None: cosine. NMI clusters the embeddings' directions either
+    way (k-means on the sphere).
 
     Raises:
       metrics.NonFiniteEmbeddingsError: a NaN or inf row; raised before anything is scored, so a
@@ -73,6 +84,7 @@ def evaluate_embeddings(
     if dataset.has_roles:
         roles["is_query"], roles["is_gallery"] = dataset.roles()
     ks = tuple(dataset.recall_ks)
+    roles |= ranking or {}
     result = metrics.retrieval_metrics(test_embeddings, dataset.test.labels, ks=ks, mesh=mesh, **roles)
     if nmi_key is not None:
         result["nmi"] = metrics.nmi(test_embeddings, dataset.test.labels, nmi_key)

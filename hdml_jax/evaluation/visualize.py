@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdml_jax.data.base import Split
+from hdml_jax.evaluation import ranking
 from hdml_jax.evaluation.query_gallery import query_gallery_rows
 from hdml_jax.workdir import read_log
 
@@ -270,7 +271,7 @@ def retrieval_figure(
                 spine.set_linewidth(1 if correct is None else 4)
     notes = [f"top-{k} of each query, best first"]
     if similarities is not None:
-        notes.append(f"{similarity_name}: similarity to the query, the ranking's score")
+        notes.append(f"{similarity_name} to the query: the ranking's score")
     if judged:
         notes.append("frame green: the query's class, red: another")
     # Wrapped to the figure's width (about 14 characters an inch at this size).
@@ -449,16 +450,18 @@ def plot_retrieval_examples(
     seed: int,
     num_queries: int = 6,
     k: int = 5,
+    curvature: float = 0.0,
 ) -> None:
     """A few queries (drawn with ``seed``) of ``split`` and their ``k`` nearest gallery images, the
-    query's own row excluded; ``embeddings`` are the split's unit rows, in its order."""
+    query's own row excluded; ``embeddings`` are the split's rows, in its order: unit vectors
+    ranked by cosine, or points of the Poincaré ball of ``curvature`` > 0 ranked by distance."""
     query_rows, gallery_rows, self_column = query_gallery_rows(len(split), is_query, is_gallery)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(query_rows), size=min(num_queries, len(query_rows)), replace=False))
-    similarity = embeddings[query_rows[chosen]] @ embeddings[gallery_rows].T
+    similarity = ranking.scores(embeddings[query_rows[chosen]], embeddings[gallery_rows], curvature)
     itself = self_column[chosen]
-    similarity[np.flatnonzero(itself >= 0), itself[itself >= 0]] = -np.inf
-    neighbours = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    similarity[np.flatnonzero(itself >= 0), itself[itself >= 0]] = ranking.excluded(curvature)
+    neighbours = ranking.best_first(similarity, curvature)[:, :k]
     labels, source = split.labels, split.source
     plot_retrieval(
         path,
@@ -466,5 +469,6 @@ def plot_retrieval_examples(
         labels[query_rows[chosen]],
         [[source[int(gallery_rows[j])]["image"] for j in row] for row in neighbours],
         labels[gallery_rows[neighbours]],
-        np.take_along_axis(similarity, neighbours, axis=1),  # cosine: the embeddings are unit vectors
+        np.take_along_axis(similarity, neighbours, axis=1),
+        similarity_name=ranking.score_name(curvature),
     )

@@ -323,7 +323,7 @@ def load_embedder(
             "(was config.json edited, or the checkpoints copied from another run?). Use the run's own "
             "config.json."
         )
-    model = full_model.clone(num_proxies=0, proxy_padding=0, coarse_groups=(), loss_params=())
+    model = full_model.clone(num_proxies=0, proxy_padding=0, coarse_groups=(), loss_params=(), num_lcas=0)
     devices = list(jax.local_devices() if devices is None else devices)
     mesh = Mesh(np.array(devices), ("data",))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))

@@ -79,10 +79,21 @@ def metadata(
     """What a user of ``model.jax_export`` needs to know (``metadata.json``)."""
     import jax
 
+    from hdml_jax.evaluation.evaluate import ranking_of
     from hdml_jax.models import preprocessing
 
     backbone = preprocessing.backbone_of(embedder.model.backbone)
     size, dim = embedder.image_size, embedder.embedding_dim
+    curvature = ranking_of(embedder.config).get("curvature", 0.0)
+    if curvature > 0:
+        output_note = (
+            f"points of the Poincaré ball of curvature {curvature} (norm < 1/√c): rank by the Poincaré "
+            "distance d(x, y) = 2/√c · artanh(√c ‖(−x) ⊕ y‖), nearest first (hdml_jax.hyperbolic)"
+        )
+        retrieval = {"distance": "poincare", "curvature": curvature}
+    else:
+        output_note = "L2-normalised rows: cosine similarity is the dot product"
+        retrieval = {"distance": "cosine"}
     result = {
         "format": "jax.export serialized Exported (jax.export.deserialize(bytearray(bytes)).call(images))",
         "input": {
@@ -97,8 +108,9 @@ def metadata(
         "output": {
             "shape": ["B" if batch_size is None else batch_size, dim],
             "dtype": "float32",
-            "note": "L2-normalised rows: cosine similarity is the dot product",
+            "note": output_note,
         },
+        "retrieval": retrieval,
         "batch_size": "symbolic" if batch_size is None else batch_size,
         "image_size": size,
         "embedding_dim": dim,

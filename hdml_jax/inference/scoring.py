@@ -134,18 +134,26 @@ def read_folder_rows(folder: str | Path) -> LabelledImages:
     return LabelledImages(str(root), [p.resolve() for p in files], names, every, every, categories)
 
 
-def score(rows: LabelledImages, embeddings: np.ndarray, ks: Sequence[int], seed: int = 0) -> dict[str, Any]:
-    """The metrics of ``embeddings`` (one row per image) and the counts behind them."""
+def score(
+    rows: LabelledImages,
+    embeddings: np.ndarray,
+    ks: Sequence[int],
+    seed: int = 0,
+    ranking: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The metrics of ``embeddings`` (one row per image) and the counts behind them; ``ranking``:
+    the run's geometry (``evaluate.ranking_of``; None: cosine)."""
     import jax
 
     from hdml_jax.evaluation import metrics
     from hdml_jax.evaluation.evaluate import coarse_recall_name
 
     flags = {"is_query": rows.is_query, "is_gallery": rows.is_gallery}
-    result = metrics.retrieval_metrics(embeddings, rows.labels, ks=tuple(ks), **flags)
+    ranked = {**flags, **(ranking or {})}
+    result = metrics.retrieval_metrics(embeddings, rows.labels, ks=tuple(ks), **ranked)
     result["nmi"] = metrics.nmi(embeddings, rows.labels, jax.random.PRNGKey(seed))
     for level, coarse_labels in enumerate(rows.coarse_levels, start=1):
-        coarse = metrics.retrieval_metrics(embeddings, coarse_labels, ks=(1,), **flags)
+        coarse = metrics.retrieval_metrics(embeddings, coarse_labels, ks=(1,), **ranked)
         result[coarse_recall_name(level)] = coarse["recall@1"]
     unmatched, queries = metrics.count_unmatched_queries(rows.labels, **flags)
     return {
@@ -222,7 +230,9 @@ def run(args) -> int:
         file=sys.stderr,
     )
     embeddings = inference.embed_files(embedder, rows.paths, args.batch_size)
-    record = score(rows, embeddings, ks, seed=int(embedder.config.seed))
+    from hdml_jax.evaluation.evaluate import ranking_of
+
+    record = score(rows, embeddings, ks, seed=int(embedder.config.seed), ranking=ranking_of(embedder.config))
     record |= {
         "step": embedder.step,
         "checkpoint_id": embedder.checkpoint_id,
@@ -246,7 +256,13 @@ def run(args) -> int:
         atomic_write(
             picture,
             lambda tmp: visualize.plot_retrieval_examples(
-                tmp, split, embeddings, rows.is_query, rows.is_gallery, seed=int(embedder.config.seed)
+                tmp,
+                split,
+                embeddings,
+                rows.is_query,
+                rows.is_gallery,
+                seed=int(embedder.config.seed),
+                curvature=ranking_of(embedder.config).get("curvature", 0.0),
             ),
         )
     for metric, value in record["metrics"].items():

@@ -4,7 +4,8 @@
 The gallery is an ``.npz`` written by ``python -m hdml_jax.embed``. Each query image is embedded
 with the same checkpoint (by default the gallery's step; a different ``--step``, another run's
 gallery or one of another embedding width is refused), and its ``k`` most similar gallery
-images (cosine similarity, the embeddings are unit vectors) are printed::
+images (cosine similarity, the embeddings are unit vectors; the Poincaré distance, nearest
+first, for a run whose head ends in the Poincaré ball) are printed::
 
     query 1: /data/q.jpg
        rank  similarity  path  [label]
@@ -98,13 +99,15 @@ def check_gallery_fits(
         )
 
 
-def nearest(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(indices (Q, k), cosine similarities (Q, k))`` of the ``k`` most similar gallery rows,
-    best first (ties: the lower index first)."""
-    similarity = np.asarray(queries, np.float32) @ np.asarray(gallery, np.float32).T
-    k = min(k, similarity.shape[1])
-    order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(similarity, order, axis=1)
+def nearest(
+    queries: np.ndarray, gallery: np.ndarray, k: int, curvature: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices (Q, k), scores (Q, k))`` of the ``k`` nearest gallery rows, best first (ties: the
+    lower index first): cosine similarities, or Poincaré distances for a run whose embeddings
+    live in the ball of curvature ``curvature`` > 0 (``hdml_jax.evaluation.ranking``)."""
+    from hdml_jax.evaluation import ranking
+
+    return ranking.nearest(queries, gallery, k, curvature)
 
 
 class _Unknown:
@@ -139,11 +142,12 @@ def write_picture(
     gallery: dict[str, Any],
     order: np.ndarray,
     similarity: np.ndarray | None = None,
+    score_name: str = "cosine",
 ) -> None:
     """``output`` (PNG, atomic): each query and its top-k (``order``, best first) with their
-    cosine similarities (``similarity``, as ``nearest`` gives them; None: not shown) and gallery
-    labels; green/red frames only where the query's label is known (it is a gallery image with a
-    label), neutral frames otherwise."""
+    scores (``similarity``, as ``nearest`` gives them, named ``score_name``; None: not shown) and
+    gallery labels; green/red frames only where the query's label is known (it is a gallery image
+    with a label), neutral frames otherwise."""
     from hdml_jax.evaluation import visualize
     from hdml_jax.workdir import atomic_write
 
@@ -156,7 +160,7 @@ def write_picture(
         neighbour_labels.append([_Unknown() if labels is None else labels[j] for j in row])
     cache: dict[str, np.ndarray] = {}
     neighbours = [[_picture_image(embedder, gallery["paths"][j], cache) for j in row] for row in order]
-    scores = {} if similarity is None else {"similarities": np.asarray(similarity)}
+    scores = {} if similarity is None else {"similarities": np.asarray(similarity), "similarity_name": score_name}
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(
         output,
@@ -219,16 +223,21 @@ def run(args) -> int:
         )
     images = np.stack([embedder.preprocess(image) for image in raw])
     queries = embedder.embed(images, pad_to=max(8, 1 << (len(images) - 1).bit_length()))  # few shapes
-    order, similarity = nearest(queries, gallery["embeddings"], args.k)
+    from hdml_jax.evaluation import evaluate, ranking
+
+    curvature = evaluate.ranking_of(embedder.config).get("curvature", 0.0)
+    order, similarity = nearest(queries, gallery["embeddings"], args.k, curvature)
+    column = "similarity" if curvature <= 0 else "  distance"  # Poincaré: nearest first
     labels = gallery["labels"]
     for q, path in enumerate(query_paths):
         print(f"query {q + 1}: {path}")
-        print("   rank  similarity  path" + ("  label" if labels is not None else ""))
+        print(f"   rank  {column}  path" + ("  label" if labels is not None else ""))
         for rank, (j, s) in enumerate(zip(order[q], similarity[q], strict=True), start=1):
             label = f"  {labels[j]}" if labels is not None else ""
             print(f"  {rank:5d}  {s:10.4f}  {gallery['paths'][j]}{label}")
     if picture is not None:
-        write_picture(picture, embedder, query_paths, list(images), gallery, order, similarity)
+        name = ranking.score_name(curvature)
+        write_picture(picture, embedder, query_paths, list(images), gallery, order, similarity, name)
         print(f"wrote {picture}", file=sys.stderr)
     return 0
 

@@ -70,10 +70,23 @@ def reciprocal_masks(similarity: jax.Array, topk: int) -> tuple[jax.Array, jax.A
     return positive, negative, positive.sum(1) > 1
 
 
-def reciprocal_triplets(similarity: jax.Array, key: jax.Array, *, topk: int, per_anchor: int) -> Triplets:
-    """Triplets of mutual top-``topk`` neighbours (module docstring), ``per_anchor`` per anchor."""
+def reciprocal_triplets(
+    similarity: jax.Array, key: jax.Array, *, topk: int, per_anchor: int, rows: jax.Array | None = None
+) -> Triplets:
+    """Triplets of mutual top-``topk`` neighbours (module docstring), ``per_anchor`` per anchor.
+
+    ``rows``: ``(n,)`` bool, False for padding rows of a batch: they are nobody's neighbour,
+    positive or negative, and anchor nothing; the others' triplets are those of the batch
+    without them.
+    """
     n = similarity.shape[0]
+    if rows is not None:
+        similarity = jnp.where(rows[None, :], similarity, _NEG_INF)
     positive_mask, negative_mask, valid = reciprocal_masks(similarity, topk)
+    if rows is not None:
+        positive_mask = positive_mask & rows[None, :]
+        negative_mask = negative_mask & rows[None, :]
+        valid = valid & (positive_mask.sum(1) > 1) & rows
     key_positive, key_negative = jax.random.split(key)
 
     def draw(key, mask):  # uniform over each row's candidates, with replacement: (n, per_anchor)
@@ -89,8 +102,11 @@ def reciprocal_triplets(similarity: jax.Array, key: jax.Array, *, topk: int, per
 
 
 def gumbel_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Standard Gumbel noise ``−log(E)``, ``E ~ Exp(1)`` (``F.gumbel_softmax``'s)."""
-    return -jnp.log(jax.random.exponential(key, shape))
+    """Standard Gumbel noise, the law of ``F.gumbel_softmax``'s ``−log E``, ``E ~ Exp(1)``, drawn as
+    ``−log(−log U)`` with ``U`` uniform in ``[tiny, 1)`` (``jax.random.gumbel``): always finite.
+    (``−log E`` from ``jax.random.exponential`` is +inf where ``E`` rounds to 0; among the
+    proxies' 512 · 50 × 512 draws a step that happens about once, and one inf turns the loss NaN.)"""
+    return jax.random.gumbel(key, shape, jnp.float32)
 
 
 def _hard_gumbel_softmax(logits: jax.Array, noise: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -153,9 +169,11 @@ def hier_draws(
     c: float = 0.1,
     topk: int = 20,
     per_anchor: int = 50,
+    mask: jax.Array | None = None,
 ) -> HierDraws:
     """The triplets (from the points' similarities, no gradient) and the Gumbel noise that
-    ``hier_loss`` draws from ``key``."""
+    ``hier_loss`` draws from ``key``; ``mask`` ``(B,)``: False for padding rows (no triplet
+    touches them)."""
     z, h = (
         jax.lax.stop_gradient(embeddings.astype(jnp.float32)),
         jax.lax.stop_gradient(lca_points.astype(jnp.float32)),
@@ -164,7 +182,7 @@ def hier_draws(
     same = labels[:, None] == labels[None, :]
     keys = jax.random.split(key, 6)
     data = reciprocal_triplets(
-        jnp.exp(-pairwise_distances(z, z, c)) + same, keys[0], topk=topk, per_anchor=per_anchor
+        jnp.exp(-pairwise_distances(z, z, c)) + same, keys[0], topk=topk, per_anchor=per_anchor, rows=mask
     )
     proxies = reciprocal_triplets(
         jnp.exp(-pairwise_distances(h, h, c)), keys[1], topk=topk, per_anchor=per_anchor
@@ -212,12 +230,13 @@ def hier_loss(
     tau: float = 0.1,
     topk: int = 20,
     per_anchor: int = 50,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """HIER's loss of a batch (module docstring): ``embeddings (B, d)`` and ``lca_points (M, d)``
     are points of the ball of curvature ``c`` (``c = 0``: unit vectors); ``key`` draws the
-    triplets and the Gumbel noise (``hier_draws``). HIER's values: ``margin`` 0.1 (``--mrg``),
-    ``tau`` 0.1 (``HIERLoss``'s default), ``topk`` 20 (its scripts' ``--topk``), 50 triplets per
-    anchor (``t_per_anchor``, losses.py:99, 102).
+    triplets and the Gumbel noise (``hier_draws``); ``mask`` ``(B,)`` leaves padding rows out.
+    HIER's values: ``margin`` 0.1 (``--mrg``), ``tau`` 0.1 (``HIERLoss``'s default), ``topk`` 20
+    (its scripts' ``--topk``), 50 triplets per anchor (``t_per_anchor``, losses.py:99, 102).
     """
-    draws = hier_draws(embeddings, labels, lca_points, key, c=c, topk=topk, per_anchor=per_anchor)
+    draws = hier_draws(embeddings, labels, lca_points, key, c=c, topk=topk, per_anchor=per_anchor, mask=mask)
     return hier_loss_with(embeddings, lca_points, draws, c=c, margin=margin, tau=tau)

@@ -40,7 +40,14 @@ Head = Literal["embedding", "cgd"]
 
 # Fields read because of a part of the record (the rest are listed in ``Method.fields``).
 HEAD_FIELDS: dict[str, tuple[str, ...]] = {
-    "embedding": ("model.pooling", "model.embedding_init", "model.head_layernorm"),
+    "embedding": (
+        "model.pooling",
+        "model.embedding_init",
+        "model.head_layernorm",
+        "model.curvature",
+        "model.clip_r",
+        "model.riemannian",
+    ),
     "cgd": ("model.descriptors", "model.combine", "model.architecture", "model.learnable_gem_p"),
 }
 PROXY_FIELDS = (
@@ -61,8 +68,9 @@ HIERARCHY_FIELDS = (
 )
 PAIR_FIELDS = ("loss.miner", "loss.miner_kwargs", "loss.xbm_size")
 LOSS_PARAMETER_FIELDS = ("optimizer.loss_params_lr", "optimizer.loss_params_weight_decay")
+HIER_FIELDS = ("loss.hier", "optimizer.lca_lr_multiplier")
 # Config groups whose every key belongs to one field (``loss.kwargs.margin`` is ``loss.kwargs``).
-GROUP_FIELDS = ("loss.kwargs", "loss.miner_kwargs")
+GROUP_FIELDS = ("loss.kwargs", "loss.miner_kwargs", "loss.hier")
 
 
 def loss_kwargs(config: Config) -> dict[str, Any]:
@@ -106,6 +114,10 @@ class Method:
       keywords: the loss's keyword arguments, built from the config.
       hierarchical: HPL around the loss: coarse proxy levels from k-means over the fine proxies
         (or the data set's coarse labels), weighted by ``loss.level_weights``.
+      hier: HIER around the loss: ``loss.hier.weight`` × HIER's triplet loss over learned LCA
+        proxies at ``params['lcas']`` (``losses.hier_loss``), in the embedding's geometry
+        (``model.curvature``); the LCAs train in the ``loss_params`` group at
+        ``optimizer.lca_lr_multiplier`` × lr.
       head: ``"embedding"`` (pooling → Dense → L2, ``models.EmbeddingHead``) or ``"cgd"``.
       rows_per_class: class vectors per class (SoftTriple's K centres; 1 otherwise).
       loss_parameters: the loss's own learned per-class arrays.
@@ -126,6 +138,7 @@ class Method:
     family: str = "proxy_anchor"
     keywords: Callable[[Config], dict[str, Any]] = loss_kwargs
     hierarchical: bool = False
+    hier: bool = False
     head: Head = "embedding"
     rows_per_class: Callable[[Config], int] = one_row
     loss_parameters: tuple[LossParameter, ...] = ()
@@ -146,6 +159,10 @@ class Method:
             )
         if self.hierarchical and self.form != "proxy":
             raise ValueError(f"Method {self.name!r}: only a proxy loss has fine proxies to build levels from")
+        if self.hier and (self.form == "cgd" or self.head != "embedding"):
+            raise ValueError(f"Method {self.name!r}: HIER needs the embedding head (its points) and a proxy or pair loss")
+        if self.hier and self.loss_parameters:
+            raise ValueError(f"Method {self.name!r}: HIER's LCAs are the loss_params group's only parameters")
 
     @property
     def learns_proxies(self) -> bool:
@@ -172,6 +189,8 @@ class Method:
             fields += PAIR_FIELDS
         if self.loss_parameters:
             fields += LOSS_PARAMETER_FIELDS
+        if self.hier:
+            fields += HIER_FIELDS
         return frozenset(fields)
 
 

@@ -1,6 +1,7 @@
 """Embedding heads on a backbone feature map, and the model that joins backbone, head and proxies.
 
-* ``EmbeddingHead``: pooling → Dense → L2 (Proxy-Anchor, Proxy-NCA, HPL).
+* ``EmbeddingHead``: pooling → Dense → L2 (Proxy-Anchor, Proxy-NCA, HPL), or → ``ToPoincare``
+  (a point of the Poincaré ball of curvature c: Hyp, HIER).
 * ``CGDHead``: CGD (Jun et al. 2019), an ordered descriptor string such as ``"SG"``::
 
       for each letter i:  e_i = L2(W_i f_i)          f_i = SPoC/MAC/GeM(x) ∈ R^C, W_i no bias
@@ -22,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hdml_jax import hyperbolic
 from hdml_jax.losses._common import l2_normalize
 from hdml_jax.models import pooling
 from hdml_jax.models.resnet import BatchNorm
@@ -75,7 +77,11 @@ def parse_descriptors(descriptors: str, embedding_dim: int, combine: str = "conc
 
 
 class EmbeddingHead(nn.Module):
-    """``L2(Dense(pool(x)))``, or ``L2(Dense(LN(pool(x))))`` with ``layernorm``.
+    """``L2(Dense(pool(x)))``, or ``L2(Dense(LN(pool(x))))`` with ``layernorm``; with a
+    ``curvature`` c > 0 the last step is ``ToPoincare`` instead of L2: a point of the ball
+    ``‖y‖ < 1/√c`` (``hyperbolic.to_poincare``: the features clipped to norm ``clip_r``, mapped
+    by expmap₀ and projected; ``riemannian``: the gradient rescaled by (1 − c‖y‖²)²/4, HIER's
+    head; hyp_metric's head leaves it).
 
     ``pooling``: ``gap_gmp`` (Proxy-Anchor), ``mac_layernorm`` (ProxyNCA++), ``spoc``, ``mac``,
     ``gem``, or ``none`` for a backbone that pools itself (the ViT's ``(B, D)`` class token).
@@ -90,6 +96,9 @@ class EmbeddingHead(nn.Module):
     normalize: bool = True
     embedding_init: str = "kaiming_fan_out"
     layernorm: bool = False
+    curvature: float = 0.0
+    clip_r: float | None = 2.3
+    riemannian: bool = True
 
     @nn.compact
     def __call__(self, features: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -118,7 +127,11 @@ class EmbeddingHead(nn.Module):
             bias_init=bias_init(pooled.shape[-1]),
             name="embedding",
         )(pooled)
-        return {"embedding": l2_normalize(embedding) if self.normalize else embedding}
+        if not self.normalize:
+            return {"embedding": embedding}
+        if self.curvature > 0:
+            return {"embedding": hyperbolic.to_poincare(embedding, self.curvature, self.clip_r, self.riemannian)}
+        return {"embedding": l2_normalize(embedding)}
 
 
 class CGDHead(nn.Module):
@@ -213,6 +226,10 @@ class EmbeddingModel(nn.Module):
       proxy_init: key of ``PROXY_INITS``.
       loss_params: a loss's own parameters, ``(name, size, initial value)`` each: a ``(size,)``
         array (a scalar for size 0) at ``params[name]``, e.g. the margin loss's β per class.
+      num_lcas: HIER's learnable hierarchical proxies ("LCAs") at ``params['lcas']``
+        ``(num_lcas, d)``, drawn N(0, 1) / √d · 0.9 · ``lca_radius`` (HIER hier/losses.py:27-28,
+        ``lca_radius`` = its ``clip_r``): inside the clipping radius, so that ``ToPoincare``
+        starts them where its gradient is not cut off.
     """
 
     backbone: nn.Module
@@ -222,6 +239,8 @@ class EmbeddingModel(nn.Module):
     coarse_groups: Sequence[int] = ()
     proxy_init: str = "kaiming_fan_out"
     loss_params: Sequence[tuple[str, int, float]] = ()
+    num_lcas: int = 0
+    lca_radius: float = 2.3
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -238,6 +257,9 @@ class EmbeddingModel(nn.Module):
         for name, size, value in self.loss_params:
             shape = (size,) if size else ()
             self.param(name, lambda _, shape=shape, value=value: jnp.full(shape, value, jnp.float32))
+        if self.num_lcas:
+            scale = 0.9 * self.lca_radius / math.sqrt(dim)
+            self.param("lcas", lambda key: scale * jax.random.normal(key, (self.num_lcas, dim), jnp.float32))
         return outputs
 
 

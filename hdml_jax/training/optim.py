@@ -55,6 +55,7 @@ GROUPS = ("backbone", "backbone_bn", "backbone_fixed", "head", "proxies", "coars
 BACKBONE_GROUPS = ("backbone", "backbone_bn")
 WARMUPS = ("freeze", "zero_lr")
 PROXY_GROUPS = ("proxies", "coarse_proxies")
+LCAS = "lcas"  # HIER's learned hierarchical proxies (params['lcas']): in the loss_params group
 
 
 class OptimizerState(NamedTuple):
@@ -79,7 +80,7 @@ def parameter_groups(params: Any, fixed: Iterable[str] = ()) -> Any:
             return "proxies"
         if top.startswith("coarse_proxies"):
             return "coarse_proxies"
-        if top in loss_params:
+        if top in loss_params or top == LCAS:  # the loss's own learned arrays
             return "loss_params"
         if top == "backbone":
             if len(path) > 1 and path[1].key in fixed:
@@ -237,12 +238,17 @@ def group_settings(config: ml_collections.ConfigDict) -> dict[str, GroupSetting]
     """Every group's ``GroupSetting``.
 
     ``optimizer.proxy_lr`` / ``loss_params_lr`` (absolute rates, the baselines' MLRC values) become
-    multipliers of ``lr``, so they follow the schedule's decays like every other group.
+    multipliers of ``lr``, so they follow the schedule's decays like every other group. HIER's
+    LCAs, a method's only loss parameters, train at ``optimizer.lca_lr_multiplier`` × lr.
     """
     o = config.optimizer
     proxy_eps = o.proxy_eps if o.proxy_eps is not None else o.eps
     proxy_multiplier = o.proxy_lr / o.lr if o.get("proxy_lr") is not None else o.proxy_lr_multiplier
-    loss_multiplier = o.loss_params_lr / o.lr if o.get("loss_params_lr") is not None else 1.0
+    loss_multiplier = 1.0
+    if o.get("loss_params_lr") is not None:
+        loss_multiplier = o.loss_params_lr / o.lr
+    elif methods.of(config).hier:
+        loss_multiplier = o.lca_lr_multiplier
     loss_decay = o.get("loss_params_weight_decay")
     decay = o.weight_decay
     return {

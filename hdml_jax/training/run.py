@@ -128,6 +128,7 @@ class Run:
             embeddings["test"],
             nmi_key=nmi_key,
             mesh=_local_reference_mesh() if self.config.eval_shard_references else None,
+            ranking=evaluate.ranking_of(self.config),
         )
         return result, embeddings
 

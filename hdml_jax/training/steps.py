@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from hdml_jax import losses, methods, parallel
+from hdml_jax import hyperbolic, losses, methods, parallel
 from hdml_jax.methods import baselines
 from hdml_jax.models import (
     BNInception,
@@ -108,7 +108,11 @@ def build_model(
             pooling=m.pooling,
             gem_p=m.gem_p,
             embedding_init=m.embedding_init,
-            layernorm=m.get("head_layernorm", False),  # absent from configs written before it existed
+            # Absent from configs written before they existed: the sphere, as then.
+            layernorm=m.get("head_layernorm", False),
+            curvature=float(m.get("curvature", 0.0)),
+            clip_r=m.get("clip_r", 2.3),
+            riemannian=m.get("riemannian", True),
         )
     return EmbeddingModel(
         backbone,
@@ -121,6 +125,8 @@ def build_model(
         loss_params=tuple(
             (p.name, num_classes, float(config.loss.kwargs[p.keyword])) for p in method.loss_parameters
         ),
+        num_lcas=config.loss.hier.num_lcas if method.hier else 0,
+        lca_radius=m.get("clip_r", 2.3) or 1.0,
     )
 
 
@@ -162,6 +168,11 @@ def input_dtype(backbone: Any) -> Any:
 # ----------------------------------------------------------------------------- loss
 
 
+# HIER's draws come from the state's key folded with this stream and the step (the dropout
+# draws fold the step alone), so a resumed run draws what an uninterrupted one would.
+HIER_STREAM = 0x48494552
+
+
 def compute_loss(
     config: ml_collections.ConfigDict,
     outputs: dict[str, Any],
@@ -170,12 +181,66 @@ def compute_loss(
     hierarchy: dict[str, Any],
     mask: jax.Array,
     num_classes: int | None = None,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The method's loss on one (global) batch; returns ``(loss, named parts)``.
 
     ``num_classes``: the real classes when ``params['proxies']`` has padding rows beyond them
-    (sharded proxies); the padding is masked out of the loss.
+    (sharded proxies); the padding is masked out of the loss. ``key``: the step's random key, for
+    a method with HIER (``Method.hier``): ``L = L_method + loss.hier.weight · L_HIER``, with parts
+    ``base`` and ``hier``.
     """
+    loss, parts = method_loss(config, outputs, labels, params, hierarchy, mask, num_classes)
+    if not methods.of(config).hier:
+        return loss, parts
+    if key is None:
+        raise ValueError(f"method {config.method!r} adds HIER, which draws its triplets from a key: pass key=.")
+    regularizer = hier_term(config, outputs["embedding"], labels, params["lcas"], mask, key)
+    return loss + config.loss.hier.weight * regularizer, {**parts, "base": loss, "hier": regularizer}
+
+
+def hier_term(
+    config: ml_collections.ConfigDict,
+    embeddings: jax.Array,
+    labels: jax.Array,
+    lcas: jax.Array,
+    mask: jax.Array,
+    key: jax.Array,
+) -> jax.Array:
+    """HIER's loss (``losses.hier_loss``) of the batch's points and the LCAs, in the embedding's
+    geometry: the LCA parameters through ``ToPoincare`` (Riemannian gradient, HIER
+    hier/losses.py:30) on the head's ball, or L2-normalised on the sphere (``model.curvature``
+    0, hier/losses.py:32-35)."""
+    m, h = config.model, config.loss.hier
+    c = float(m.get("curvature", 0.0))
+    if c > 0:
+        points = hyperbolic.to_poincare(lcas, c, m.get("clip_r", 2.3), riemannian=True)
+    else:
+        points = lcas / jnp.linalg.norm(lcas, axis=-1, keepdims=True)
+    return losses.hier_loss(
+        embeddings,
+        labels,
+        points,
+        key,
+        c=c,
+        margin=h.margin,
+        tau=h.tau,
+        topk=h.topk,
+        per_anchor=h.triplets_per_anchor,
+        mask=mask,
+    )
+
+
+def method_loss(
+    config: ml_collections.ConfigDict,
+    outputs: dict[str, Any],
+    labels: jax.Array,
+    params: Any,
+    hierarchy: dict[str, Any],
+    mask: jax.Array,
+    num_classes: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The method's own loss (``compute_loss`` without HIER)."""
     method, lc = methods.of(config), config.loss
     embeddings = outputs["embedding"]
     if method.form == "pair":
@@ -313,16 +378,18 @@ def loss_and_grads(
         variables = {"params": params, "batch_stats": state["batch_stats"]}
         # Stochastic depth's draws (the ViT's drop_path): from the state's key and the step, so a
         # resumed run draws what an uninterrupted one would.
-        rngs = {}
+        rngs, hier_key = {}, None
         if "rng" in state:
-            rngs["dropout"] = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+            base_key = jax.random.wrap_key_data(state["rng"])
+            rngs["dropout"] = jax.random.fold_in(base_key, state["step"])
+            hier_key = jax.random.fold_in(jax.random.fold_in(base_key, HIER_STREAM), state["step"])
         outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
         new_batch_stats = updates.get("batch_stats", state["batch_stats"])
         if "xbm" in state:  # a pair loss against the cross-batch memory
             loss, memory = pair_loss(config, outputs["embedding"], labels, params, mask, state["xbm"])
             return loss, ({}, new_batch_stats, memory)
         loss, parts = compute_loss(
-            config, outputs, labels, params, state["hierarchy"], mask, num_classes=model.num_proxies
+            config, outputs, labels, params, state["hierarchy"], mask, num_classes=model.num_proxies, key=hier_key
         )
         return loss, (parts, new_batch_stats, None)
 
