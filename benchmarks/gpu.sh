@@ -11,6 +11,8 @@
 # 1b. the same for the ViT-S/16 recipe (configs/sop.py:...,backbone=vit_s16_dino, HIER's step),
 #    bf16, batch 90 and 180 (train_step_vit.json);
 # 2. retrieval_metrics at N = 60,502, d = 512 (SOP's test set size; benchmarks/retrieval.py);
+# 2b. HIER's loss forward+backward, batch 90 and 180, 512 LCAs (benchmarks/hier_loss.py; the
+#    official implementation timed on the CPU, as torch here has no accelerator build);
 # 3. the input pipeline's images/s on this machine's CPU cores, by loader threads and by worker
 #    processes (CUB-sized JPEGs, the proxy_anchor train transform; benchmarks/input.py): whether
 #    they feed step 1.
@@ -43,6 +45,9 @@ echo "== train step, ViT-S/16 (hdml_jax vs PyTorch)"
 
 echo "== retrieval_metrics, N = 60,502"
 "$PYTHON" benchmarks/retrieval.py --skip-faiss 2>&1 | tee "$OUT/retrieval.txt"
+
+echo "== HIER's loss, B = 90 and 180"
+"$PYTHON" benchmarks/hier_loss.py --repeats 5 2>&1 | tee "$OUT/hier_loss.txt"
 
 echo "== input pipeline by threads and workers, $(nproc) CPUs"
 CORES=$(nproc)

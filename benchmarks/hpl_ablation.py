@@ -39,6 +39,8 @@ Studies (``--study``, repeatable; default: all, in this order; ``--config`` pick
     coarse     hpl_pa with loss.num_coarse_groups=(K,), K in 3 … 384 (vs proxy_anchor)
     hierarchy  hpl_pa with k-means groups / the data set's coarse labels (vs proxy_anchor)
     design     hpl_pa: centroid coarse proxies, raw k-means, refresh every 0/1/5 epochs (vs default)
+    hier       the two hierarchies: hpl_pa, hier_pa (HIER's LCA proxies in the Poincaré ball) and
+               hpl_hier_pa (both), each vs proxy_anchor
 
 Pairing. A seed fixes the initialisation and the order of the training data, whatever the method
 (``configs/<x>.py:seed=S``), so the runs of two variants with the same seed differ only by the
@@ -153,6 +155,12 @@ STUDY_INFO: dict[str, StudyInfo] = {
         "HPL-PA with coarse groups from k-means over the learned proxies (default) or from the "
         "data set's own coarse labels (`loss.coarse_from_labels=True`), against Proxy-Anchor.",
     ),
+    "hier": StudyInfo(
+        "HPL against HIER",
+        "The two published ways to learn a hierarchy of proxies, on the same backbone, data and "
+        "seeds: HPL-PA (k-means levels over the fine proxies), HIER-PA (learned LCA proxies in "
+        "the Poincaré ball, λ₂ = 0.5) and both at once (`hpl_hier_pa`), each against Proxy-Anchor.",
+    ),
     "design": StudyInfo(
         "design choices of HPL-PA",
         "Coarse proxies recomputed as group centroids instead of learned, k-means on raw instead "
@@ -248,12 +256,22 @@ def design_study(config: str = CONFIG) -> list[Variant]:
     ]
 
 
+def hier_study(config: str = CONFIG) -> list[Variant]:
+    return [
+        Variant("hier", "proxy_anchor", config, "proxy_anchor"),
+        Variant("hier", "hpl_pa", config, "hpl_pa", baseline="proxy_anchor"),
+        Variant("hier", "hier_pa", config, "hier_pa", baseline="proxy_anchor"),
+        Variant("hier", "hpl_hier_pa", config, "hpl_hier_pa", baseline="proxy_anchor"),
+    ]
+
+
 STUDY_BUILDERS: dict[str, Callable[[str], list[Variant]]] = {
     "methods": methods_study,
     "w1": w1_study,
     "coarse": coarse_study,
     "hierarchy": hierarchy_study,
     "design": design_study,
+    "hier": hier_study,
 }
 
 

@@ -21,6 +21,10 @@ proxy_nca_pp   ProxyNCA++: MAC + LayerNorm → Dense(2048); σ = 9, proxies rand
 hpl_pa         Proxy-Anchor inside HPL: levels (C, num_coarse_groups), w = (1.0, 0.1);
                coarse proxies by k-means when warm-up ends, assignments refreshed.
 hpl_nca        the same around Proxy-NCA (σ = 32).
+hyp            Hyp: Linear → ToPoincare (c = 0.1, clip 2.3, no Riemannian rescaling);
+               cross-entropy over the Poincaré distances of each class's views (τ 0.2);
+               one AdamW group, wd 0.01, global-norm clip 3; P classes × K per batch;
+               its README's ViT commands (``hdml_jax.methods.hyp``).
 hier_pa        HIER: LayerNorm → Dense → ToPoincare (c = 0.1, clip 2.3); Proxy-Anchor on
                the points' directions + 0.5 · HIER over 512 learned LCA proxies; AdamW
                ε 1e-4, proxies ×1e4, LCAs ×50, ±10 clamp; 90 classes × 2 per batch;
@@ -59,7 +63,12 @@ import ml_collections
 
 from hdml_jax import methods
 from hdml_jax.config_checks import method_family, one_of, unused_overrides, validate
-from hdml_jax.config_vit import apply_hier_resnet_command, apply_hier_vit_command, use_vit_weights
+from hdml_jax.config_vit import (
+    apply_hier_resnet_command,
+    apply_hier_vit_command,
+    apply_hyp_vit_command,
+    use_vit_weights,
+)
 from hdml_jax.errors import ConfigError
 from hdml_jax.methods import baselines
 from hdml_jax.models.vit_weights import VIT_WEIGHTS
@@ -253,6 +262,7 @@ def base_config(dataset: str, method: str) -> ml_collections.ConfigDict:
     c.optimizer.decay_steps = ()  # absolute steps instead of epochs (CGD: 400, 800)
     c.optimizer.decay_factor = 0.5
     c.optimizer.grad_clip_value = 10.0  # element-wise clip (the authors: clip_grad_value_); 0: off
+    c.optimizer.grad_clip_norm = 0.0  # then a global L2-norm clip (clip_grad_norm_, Hyp: 3); 0: off
     c.optimizer.clip_proxies = True  # Proxy-Anchor clips its proxies too; Proxy-NCA(++) does not
     # ProxyNCA++ warms up with an optimizer of its own and then starts a new one: every group's
     # state (moments, step count) starts afresh when warm-up ends.
@@ -384,6 +394,11 @@ def use_backbone(c: ml_collections.ConfigDict, backbone: str, hier_dataset: str 
     ``hier_dataset`` on ResNet-50 (``config_vit.apply_hier_resnet_command``). CGD and ProxyNCA++
     are defined on ResNet-50 only."""
     one_of(backbone, BACKBONE_OPTIONS, "backbone (after the config file's colon)")
+    if hier_dataset is not None and method_family(c) == "hyp" and backbone not in VIT_WEIGHTS:
+        raise ConfigError(
+            f"method {c.method}: hyp_metric's commands train the ViTs (README.md:31-49); add "
+            f"backbone=vit_s16_dino, deit_s16_distilled or vit_s16_augreg, not {backbone}."
+        )
     if backbone == "resnet":
         if hier_dataset is not None and method_family(c) == "hier":
             apply_hier_resnet_command(c, hier_dataset)
@@ -397,7 +412,9 @@ def use_backbone(c: ml_collections.ConfigDict, backbone: str, hier_dataset: str 
         )
     if family == "vit":
         use_vit_weights(c, backbone)
-        if hier_dataset is not None:
+        if hier_dataset is not None and method_family(c) == "hyp":
+            apply_hyp_vit_command(c, hier_dataset, backbone)
+        elif hier_dataset is not None:
             apply_hier_vit_command(c, hier_dataset, backbone)
         return
     c.model.backbone = "bn_inception"

@@ -205,6 +205,14 @@ def _validate_geometry(c: ml_collections.ConfigDict, record: methods.Method) -> 
         raise ConfigError(f"model.curvature must be 0 (the unit sphere) or the Poincaré ball's c > 0, got {m.curvature}.")
     if m.clip_r is not None and float(m.clip_r) <= 0:
         raise ConfigError(f"model.clip_r must be a radius > 0, or None for no feature clipping, got {m.clip_r}.")
+    if record.family == "hyp":
+        if c.sampler != "pk" or c.loss.miner != "none" or int(c.loss.get("xbm_size", 0)) > 0:
+            raise ConfigError(
+                f"method {c.method} pairs each class's views by position: it needs sampler='pk' "
+                f"(got {c.sampler!r}), loss.miner='none' and loss.xbm_size=0."
+            )
+        if int(c.samples_per_class) < 2:
+            raise ConfigError(f"method {c.method} needs samples_per_class >= 2, got {c.samples_per_class}.")
     if not record.hier:
         return
     h = c.loss.hier

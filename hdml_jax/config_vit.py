@@ -209,3 +209,38 @@ def _apply_hier_training(c: ml_collections.ConfigDict, script: dict[str, float])
     if record is not None and record.hierarchical:
         # HPL builds its hierarchy when the warm-up ends, as with the ResNet recipes.
         c.loss.hierarchy_build_epoch = -1
+
+
+# htdt/hyp_metric README.md:31-49 (python -m train --ds DS --model M ...): per data set the images
+# per class (--num_samples; default 2), the batch (--bs; default 900), the epochs (--ep) and the
+# evaluation resize (--resize; default 224); per model the lr (3e-5 ViT and DeiT, 1e-5 DINO).
+HYP_COMMANDS: dict[str, dict[str, int]] = {
+    "CUB": {"num_samples": 9, "bs": 900, "ep": 50, "resize": 256},  # README.md:31-33
+    "Cars": {"num_samples": 9, "bs": 882, "ep": 300, "resize": 224},  # README.md:34-36
+    "SOP": {"num_samples": 2, "bs": 900, "ep": 200, "resize": 224},  # README.md:37-39
+    "Inshop": {"num_samples": 2, "bs": 900, "ep": 400, "resize": 224},  # README.md:40-42
+}
+HYP_LR = {"DINO": 1e-5, "Deit": 3e-5, "ViT": 3e-5}
+HYP_CROP_SCALE = (0.2, 1.0)  # T.RandomResizedCrop(crop, scale=(0.2, 1.0), BICUBIC) (train.py:87-100)
+
+
+def apply_hyp_vit_command(c: ml_collections.ConfigDict, dataset: str, weights: str) -> None:
+    """hyp_metric's README command for ``weights``'s backbone on ``dataset`` (``method=hyp``; the
+    rest of its training is the method's recipe, ``hdml_jax.methods.hyp``). The batches are P
+    classes × ``--num_samples``, P = ``--bs`` / ``--num_samples``, a pass over the classes per epoch
+    (``sampler="pk"``; the official sampler drops the last incomplete batch, ours fills it with
+    other classes). **Not matched**: the evaluation resize is 224 (256 for CUB) there, 256 here
+    (``transform="proxy_anchor"``); apex O2 fp16 there, ``model.dtype`` here."""
+    one_of(dataset, DATASETS, "Hyp data set")
+    one_of(weights, tuple(SCRIPT_FOLDER), "ViT weights")
+    command = HYP_COMMANDS[dataset]
+    c.samples_per_class = int(command["num_samples"])
+    c.classes_per_batch = int(command["bs"]) // c.samples_per_class
+    c.batch_size = c.classes_per_batch * c.samples_per_class
+    c.num_epochs = int(command["ep"])
+    c.optimizer.lr = HYP_LR[SCRIPT_FOLDER[weights]]
+    c.model.vit.freeze_patch_embed = True  # --freeze 0: "freeze only patch_embed" (model.py:58-66)
+    c.model.frozen_bn = False
+    c.dataset.image_size = 224
+    c.dataset.transform = "proxy_anchor"
+    c.dataset.augment.crop_scale = HYP_CROP_SCALE

@@ -141,11 +141,11 @@ def test_runs_shared_by_studies_share_a_workdir():
     assert key["hierarchy", "proxy_anchor"] == key["coarse", "proxy_anchor"] == "proxy_anchor"
     synthetic = {v.name: hpl.run_key(v) for v in hpl.build_studies("configs/synthetic.py")["coarse"]}
     assert synthetic["groups_12"] == "hpl_pa__num_coarse_groups=12"  # synthetic.py has 16 groups
-    assert len(set(key.values())) == 22
+    assert len(set(key.values())) == 24  # hier: hier_pa and hpl_hier_pa are new runs
 
 
 def test_grid_names_baselines_and_commands():
-    assert list(hpl.STUDIES) == ["methods", "w1", "coarse", "hierarchy", "design"]
+    assert list(hpl.STUDIES) == ["methods", "w1", "coarse", "hierarchy", "design", "hier"]
     for study, variants in hpl.STUDIES.items():
         names = [v.name for v in variants]
         assert len(names) == len(set(names)), study

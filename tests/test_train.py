@@ -75,8 +75,9 @@ def dataset():
 # hpl_nca is hpl_pa's path with Proxy-NCA, proxy_nca and proxy_anchor are theirs without coarse
 # levels (proxy_anchor also trains through the CLI in test_inference), hier_pa trains through the
 # CLI in test_vit_training, ``margin`` stands for the pair losses (P×K batches, a learned loss
-# parameter), ``soft_triple`` for the classification ones (K rows per class).
-DEFAULT_RUNS = ("hpl_pa", "proxy_nca_pp", "cgd", "margin", "soft_triple")
+# parameter), ``soft_triple`` for the classification ones (K rows per class), ``hyp`` for the
+# Poincaré ball's pair loss with the global-norm clip.
+DEFAULT_RUNS = ("hpl_pa", "proxy_nca_pp", "cgd", "margin", "soft_triple", "hyp")
 
 
 @pytest.mark.parametrize(
@@ -104,6 +105,13 @@ def test_each_method_trains_and_evaluates(method, dataset, tmp_path):
         assert all("fine" in r for r in train_records)
     if method == "cgd":
         assert all("triplet" in r and "classification" in r for r in train_records)
+    if method == "hyp":  # points of the ball, ranked by the Poincaré distance
+        from hdml_jax.evaluation import metrics
+
+        embeddings = np.load(tmp_path / "test_embeddings.npy")
+        assert np.linalg.norm(embeddings, axis=1).max() < 1 / np.sqrt(0.1)
+        poincare = metrics.retrieval_metrics(embeddings, dataset.test.labels, distance="poincare", curvature=0.1)
+        assert summary["recall@1"] == poincare["recall@1"] and summary["map@r"] == poincare["map@r"]
     if method == "margin":
         saved = sorted((tmp_path / "checkpoints").glob("*/state/_METADATA"))
         assert saved and all("xbm" in path.read_text() for path in saved)

@@ -50,6 +50,7 @@ def shrink(c: ml_collections.ConfigDict, num_epochs: int = 4, eval_every_epochs:
         c.classes_per_batch, c.samples_per_class = 4, 4
     elif c.sampler == "unique_class":  # HIER's batches: classes × 2
         c.classes_per_batch, c.samples_per_class = 8, 2
+    c.loss.hier.num_lcas = 16  # HIER's LCAs (its methods only): 512 · 50 proxy triplets otherwise
     c.num_epochs = num_epochs
     c.eval_every_epochs = eval_every_epochs
     c.eval_batch_size = 16

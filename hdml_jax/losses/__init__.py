@@ -43,7 +43,7 @@ from hdml_jax.losses.hierarchical import (
     level_labels,
     refresh_assignments,
 )
-from hdml_jax.losses.hyp import hyp_loss
+from hdml_jax.losses.hyp import hyp_loss, hyp_pair_loss
 from hdml_jax.losses.miners import (
     batch_hard_miner,
     multi_similarity_miner,
@@ -87,6 +87,7 @@ __all__ = [
     "hierarchical_proxy_loss",
     "hierarchy_from_labels",
     "hyp_loss",
+    "hyp_pair_loss",
     "init_margin_beta",
     "level_labels",
     "lifted_structure_loss",

@@ -90,7 +90,13 @@ def reciprocal_triplets(
     key_positive, key_negative = jax.random.split(key)
 
     def draw(key, mask):  # uniform over each row's candidates, with replacement: (n, per_anchor)
-        return jax.random.categorical(key, jnp.where(mask, 0.0, _NEG_INF), axis=-1, shape=(per_anchor, n)).T
+        # The k-th candidate of the row, k uniform in [0, count): n · t uniforms, where a
+        # categorical draw would spend n · t · n Gumbel variates (most of the loss's time on a CPU).
+        counts = jnp.sum(mask, axis=1, keepdims=True)
+        candidates_first = jnp.argsort(~mask, axis=1, stable=True)  # ascending column order
+        u = jax.random.uniform(key, (n, per_anchor))
+        k = jnp.clip((u * counts).astype(jnp.int32), 0, jnp.maximum(counts - 1, 0))
+        return jnp.take_along_axis(candidates_first, k, axis=1)
 
     # A row without candidates draws from all columns instead; its zero weight discards the draw
     # (no two positives: not an anchor). Every row has a negative (itself, at least).

@@ -60,3 +60,26 @@ def hyp_loss(
             logits = jnp.concatenate([_similarity(x, z[:, b], c) / tau, same_view], axis=1)
             total = total + jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits[:, :p]))
     return total / (k * k) if reduction == "hier" else total
+
+
+def hyp_pair_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    samples_per_class: int,
+    tau: float = 0.2,
+    c: float = 0.1,
+    reduction: str = "sum",
+) -> jax.Array:
+    """``hyp_loss`` in the trainer's pair-loss form ``loss(embeddings, labels, mask=, ...)``
+    (``method=hyp``): the batch must be class-major ``P × K`` (the ``pk`` sampler's), which the
+    labels are checked against where they are concrete; a ``mask`` must keep every row (the loss
+    pairs a class's views by position, so a padding row cannot be left out)."""
+    del mask  # P×K training batches are never padded (the sampler fills every slot)
+    k = int(samples_per_class)
+    if not isinstance(labels, jax.core.Tracer):
+        grouped = jnp.asarray(labels).reshape(-1, k)
+        if not bool(jnp.all(grouped == grouped[:, :1])):
+            raise ValueError(f"hyp_loss needs class-major batches of {k} images per class (the pk sampler's).")
+    return hyp_loss(embeddings, k, tau=tau, c=c, reduction=reduction)

@@ -60,3 +60,10 @@ HIER_PA = dataclasses.replace(
     hier=True,
     protocols=(),  # MLRC concatenates unit vectors; these are points of the ball
 )
+# HPL's coarse levels and HIER's LCAs together: one record (the registry composes the two).
+HPL_HIER_PA = dataclasses.replace(
+    HIER_PA,
+    name="hpl_hier_pa",
+    summary="HPL and HIER together: Proxy-Anchor's fine + k-means coarse levels on Poincaré-ball points + λ₂ · HIER",
+    hierarchical=True,
+)

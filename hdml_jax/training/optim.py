@@ -35,7 +35,9 @@ parameter, ``η = lr(step) · multiplier``::
                                                       torch.optim.RMSprop (α 0.99, μ = momentum)
 
 Gradient clipping is element-wise (``torch.nn.utils.clip_grad_value_``) before any of this; the
-proxies are clipped only where the official code clips them (``optimizer.clip_proxies``).
+proxies are clipped only where the official code clips them (``optimizer.clip_proxies``). With
+``optimizer.grad_clip_norm`` > 0 the gradients are then scaled together to that global L2 norm
+(``torch.nn.utils.clip_grad_norm_``, hyp_metric's), over the groups that train.
 """
 
 from __future__ import annotations
@@ -292,6 +294,7 @@ def make_optimizer(
         labels,
     )
     clip = float(o.grad_clip_value)
+    max_norm = float(o.get("grad_clip_norm", 0.0) or 0.0)
 
     def clip_gradient(gradient, label):
         if clip and (o.clip_proxies or label not in PROXY_GROUPS):
@@ -303,6 +306,8 @@ def make_optimizer(
 
     def update(grads, state, params=None):
         grads = jax.tree.map(clip_gradient, grads, labels)
+        if max_norm:
+            grads = clip_by_global_norm(grads, labels, max_norm, frozen)
         direction, groups = directions.update(grads, state.groups, params)
         lr = schedule(state.count)
         backbone_lr = jnp.where(state.count < zero_lr_until, 0.0, lr) if zero_lr_until else lr
@@ -315,6 +320,21 @@ def make_optimizer(
         return updates, OptimizerState(state.count + 1, groups)
 
     return optax.GradientTransformation(init, update)
+
+
+def clip_by_global_norm(grads: Any, labels: Any, max_norm: float, frozen: Iterable[str] = ()) -> Any:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm)`` (hyp_metric train.py:166): every
+    gradient × min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the L2 norm of the gradients of the training
+    parameters together. The groups that do not train (``frozen``, ``backbone_fixed``) have no
+    gradient in PyTorch: they count for nothing in the norm."""
+    not_training = frozenset(frozen) | {"backbone_fixed"}
+
+    def square(g, label):
+        return jnp.zeros((), jnp.float32) if label in not_training else jnp.sum(jnp.square(g.astype(jnp.float32)))
+
+    total = jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(square, grads, labels))))
+    scale = jnp.minimum(1.0, max_norm / (total + 1e-6))
+    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
 
 
 def reset_groups(
