@@ -78,8 +78,7 @@ def cases():
     points = rng.integers(-2, 3, size=(60, 8)) / 8
     y = rng.integers(0, 40, 900)
     x = points[rng.integers(0, 60, 900)].astype(np.float32)
-    poincare = {"ks": ks, "distance": "poincare", "curvature": 0.25}
-    yield "poincare, lattice ties, N=900", (x, y), poincare
+    poincare = {"ks": ks, "distance": "poincare", "curvature": 0.25}  # ties, flags and chunks at once
     yield "poincare, lattice, mixed flags, chunk 50", (x, y), {**poincare, **flags_of(rng, y), "chunk_size": 50}
 
 

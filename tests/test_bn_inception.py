@@ -492,7 +492,7 @@ def test_bn_inception_config_builds_and_trains_one_step(variables, warmup_epochs
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "batch_stats": {"backbone": variables["batch_stats"]},
-        "opt_state": optimizer.init(params),
+        "opt_state": jax.jit(optimizer.init)(params),  # one program, not one per leaf shape
         "hierarchy": {},
         "rng": jax.random.key_data(jax.random.PRNGKey(1)),
     }
@@ -550,7 +550,7 @@ def test_export_metadata_states_the_convention(backbone):
         step=1,
         workdir="run",
         checkpoint_id="x",
-        config=ml_collections.ConfigDict({"method": "proxy_anchor", "dataset": {"name": "cub200"}}),
+        config=ml_collections.ConfigDict({"method": "proxy_anchor", "dataset": {"name": "cub200"}, "model": {}}),
     )
     normalization = export.metadata(embedder, None, ["cpu"], None)["normalization"]
     if isinstance(backbone, ResNet):

@@ -42,10 +42,13 @@ NUMERICS_MODULES = (
 # summation order changes, and the 8-device metrics (test_sharding's subprocess pattern; their
 # tolerance is test_metrics' own, checked here on one device) and bfloat16 against float32, whose
 # bound is bfloat16's rounding (2⁻⁸), 65,000 times float32's: no summation order comes near it.
+# Also left out: jit against eager and vmap against a loop (two of our programs; the jitted one is
+# held to its float64 reference here, under this instruction set, and the eager one runs the same
+# operations one at a time, each compiled alone: a fifth of this rerun's time).
 # About 2 minutes on 2 cores.
 COMPARISONS = (
     "(match or equal or agree or change_nothing or garbage or reference or torch or pml or close)"
-    " and not sharded and not bfloat16"
+    " and not sharded and not bfloat16 and not eager and not vmap"
 )
 
 

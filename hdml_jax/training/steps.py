@@ -209,8 +209,9 @@ def hier_term(
 ) -> jax.Array:
     """HIER's loss (``losses.hier_loss``) of the batch's points and the LCAs, in the embedding's
     geometry: the LCA parameters through ``ToPoincare`` (Riemannian gradient, HIER
-    hier/losses.py:30) on the head's ball, or L2-normalised on the sphere (``model.curvature``
-    0, hier/losses.py:32-35)."""
+    hier/losses.py:30) on the head's ball; on the sphere (``model.curvature`` 0, whose distance
+    ``2 − 2⟨x, y⟩`` is hier/losses.py:32-35) L2-normalised, our choice: the official code maps
+    them through ``ToPoincare(c=0)``, which divides by √c."""
     m, h = config.model, config.loss.hier
     c = float(m.get("curvature", 0.0))
     if c > 0:
