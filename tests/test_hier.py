@@ -112,13 +112,13 @@ def test_loss_and_gradients_equal_the_official_hier_loss(c):
 
 
 def test_gumbel_noise_is_standard_gumbel_and_never_infinite():
-    # 2²⁴ draws: a noise of −log E with E ~ Exp(1) rounded to float32 is +inf about once in that
-    # many (E = 0), which made a whole training step NaN; this one cannot be.
-    noise = np.asarray(jax.jit(lambda k: hier.gumbel_noise(k, (4096, 4096)))(jax.random.key(5)), np.float64)
+    # A noise of −log E with E ~ Exp(1) rounded to float32 is +inf about once in 2²⁴ draws (E = 0),
+    # which made whole training steps NaN; this one cannot be (−log(−log U), U ∈ [tiny, 1)).
+    noise = np.asarray(jax.jit(lambda k: hier.gumbel_noise(k, (2048, 2048)))(jax.random.key(5)), np.float64)
     assert np.isfinite(noise).all()
     # Mean γ (Euler's constant), standard deviation π/√6: the mean within 5 standard errors.
     assert abs(noise.mean() - np.euler_gamma) < 5 * (np.pi / np.sqrt(6)) / np.sqrt(noise.size)
-    assert abs(noise.std() - np.pi / np.sqrt(6)) < 0.01
+    assert abs(noise.std() - np.pi / np.sqrt(6)) < 0.01  # its standard error: about 0.001
 
 
 def test_hier_loss_is_deterministic_given_its_key_and_jits():

@@ -68,7 +68,7 @@ def test_the_lcas_train_at_fifty_times_the_rate_with_decay_and_the_clamp():
     c = hier_config("cub")
     c.model.depth, c.model.width, c.model.embedding_dim, c.loss.hier.num_lcas = 18, 2, 4, 3
     model = steps.build_model(c, num_classes=7)
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3))))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
     assert params["lcas"].shape == (3, 4) and params["proxies"].shape == (7, 4)
     assert optim.parameter_groups(params)["lcas"] == "loss_params"
     settings = optim.group_settings(c)
@@ -76,8 +76,7 @@ def test_the_lcas_train_at_fifty_times_the_rate_with_decay_and_the_clamp():
     assert settings["loss_params"].weight_decay == settings["backbone"].weight_decay == 1e-2
     assert c.optimizer.grad_clip_value == 10.0 and c.optimizer.clip_proxies
     # Their initial points: N(0, 1)/√d · 0.9 · clip_r, inside the clipping radius on average.
-    lcas = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]["lcas"]
-    assert 0 < float(jnp.sqrt(jnp.mean(jnp.sum(lcas**2, -1)))) < 2.3
+    assert 0 < float(jnp.sqrt(jnp.mean(jnp.sum(params["lcas"] ** 2, -1)))) < 2.3
 
 
 @pytest.mark.parametrize("dataset", ["CUB", "Cars", "SOP", "Inshop"])

@@ -190,11 +190,12 @@ def compute_loss(
     a method with HIER (``Method.hier``): ``L = L_method + loss.hier.weight · L_HIER``, with parts
     ``base`` and ``hier``.
     """
-    loss, parts = method_loss(config, outputs, labels, params, hierarchy, mask, num_classes)
-    if not methods.of(config).hier:
-        return loss, parts
-    if key is None:
+    hier = methods.of(config).hier
+    if hier and key is None:
         raise ValueError(f"method {config.method!r} adds HIER, which draws its triplets from a key: pass key=.")
+    loss, parts = method_loss(config, outputs, labels, params, hierarchy, mask, num_classes)
+    if not hier:
+        return loss, parts
     regularizer = hier_term(config, outputs["embedding"], labels, params["lcas"], mask, key)
     return loss + config.loss.hier.weight * regularizer, {**parts, "base": loss, "hier": regularizer}
 
