@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from hdml_jax.data.base import MetricDataset, Split
-from hdml_jax.evaluation import metrics
+from hdml_jax.evaluation import metrics, ranking
 
 
 def embed_batches(
@@ -55,7 +55,7 @@ def ranking_of(config: Any) -> dict[str, Any]:
     """How a run's embeddings are ranked, as ``metrics.retrieval_metrics`` keywords: ``{}`` (cosine)
     for the sphere, ``{"distance": "poincare", "curvature": c}`` for a head that ends in the
     Poincaré ball (``model.curvature`` c > 0; absent from configs written before it existed)."""
-    curvature = float(config.model.get("curvature", 0.0) or 0.0)
+    curvature = ranking.curvature_of(config)
     return {"distance": "poincare", "curvature": curvature} if curvature > 0 else {}
 
 

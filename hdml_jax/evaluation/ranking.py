@@ -9,7 +9,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+
+def curvature_of(config: Any) -> float:
+    """A run's ``model.curvature``: 0 for the sphere (and for configs written before the field
+    existed), c > 0 for a head that ends in the Poincaré ball of curvature c."""
+    return float(config.model.get("curvature", 0.0) or 0.0)
 
 
 def score_name(curvature: float = 0.0) -> str:

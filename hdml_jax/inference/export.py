@@ -79,12 +79,12 @@ def metadata(
     """What a user of ``model.jax_export`` needs to know (``metadata.json``)."""
     import jax
 
-    from hdml_jax.evaluation.evaluate import ranking_of
+    from hdml_jax.evaluation.ranking import curvature_of
     from hdml_jax.models import preprocessing
 
     backbone = preprocessing.backbone_of(embedder.model.backbone)
     size, dim = embedder.image_size, embedder.embedding_dim
-    curvature = ranking_of(embedder.config).get("curvature", 0.0)
+    curvature = curvature_of(embedder.config)
     if curvature > 0:
         output_note = (
             f"points of the Poincaré ball of curvature {curvature} (norm < 1/√c): rank by the Poincaré "

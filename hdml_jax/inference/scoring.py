@@ -231,6 +231,7 @@ def run(args) -> int:
     )
     embeddings = inference.embed_files(embedder, rows.paths, args.batch_size)
     from hdml_jax.evaluation.evaluate import ranking_of
+    from hdml_jax.evaluation.ranking import curvature_of
 
     record = score(rows, embeddings, ks, seed=int(embedder.config.seed), ranking=ranking_of(embedder.config))
     record |= {
@@ -262,7 +263,7 @@ def run(args) -> int:
                 rows.is_query,
                 rows.is_gallery,
                 seed=int(embedder.config.seed),
-                curvature=ranking_of(embedder.config).get("curvature", 0.0),
+                curvature=curvature_of(embedder.config),
             ),
         )
     for metric, value in record["metrics"].items():

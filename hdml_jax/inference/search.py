@@ -223,9 +223,9 @@ def run(args) -> int:
         )
     images = np.stack([embedder.preprocess(image) for image in raw])
     queries = embedder.embed(images, pad_to=max(8, 1 << (len(images) - 1).bit_length()))  # few shapes
-    from hdml_jax.evaluation import evaluate, ranking
+    from hdml_jax.evaluation import ranking
 
-    curvature = evaluate.ranking_of(embedder.config).get("curvature", 0.0)
+    curvature = ranking.curvature_of(embedder.config)
     order, similarity = nearest(queries, gallery["embeddings"], args.k, curvature)
     column = "similarity" if curvature <= 0 else "  distance"  # Poincaré: nearest first
     labels = gallery["labels"]

@@ -85,7 +85,7 @@ def write_outputs(
 def write_retrieval_picture(path: Path, dataset: MetricDataset, embeddings, config) -> None:
     """``retrieval.png`` of a run: ``plot_retrieval_examples`` on its test rows."""
     is_query, is_gallery = dataset.roles()
-    from hdml_jax.evaluation.evaluate import ranking_of
+    from hdml_jax.evaluation.ranking import curvature_of
 
     visualize.plot_retrieval_examples(
         path,
@@ -94,5 +94,5 @@ def write_retrieval_picture(path: Path, dataset: MetricDataset, embeddings, conf
         is_query,
         is_gallery,
         seed=config.seed,
-        curvature=ranking_of(config).get("curvature", 0.0),
+        curvature=curvature_of(config),
     )

@@ -33,6 +33,7 @@ import ml_collections
 import optax
 
 from hdml_jax import hyperbolic, losses, methods, parallel
+from hdml_jax.evaluation import ranking
 from hdml_jax.methods import baselines
 from hdml_jax.models import (
     BNInception,
@@ -110,7 +111,7 @@ def build_model(
             embedding_init=m.embedding_init,
             # Absent from configs written before they existed: the sphere, as then.
             layernorm=m.get("head_layernorm", False),
-            curvature=float(m.get("curvature", 0.0)),
+            curvature=ranking.curvature_of(config),
             clip_r=m.get("clip_r", 2.3),
             riemannian=m.get("riemannian", True),
         )
@@ -214,7 +215,7 @@ def hier_term(
     ``2 − 2⟨x, y⟩`` is hier/losses.py:32-35) L2-normalised, our choice: the official code maps
     them through ``ToPoincare(c=0)``, which divides by √c."""
     m, h = config.model, config.loss.hier
-    c = float(m.get("curvature", 0.0))
+    c = ranking.curvature_of(config)
     if c > 0:
         points = hyperbolic.to_poincare(lcas, c, m.get("clip_r", 2.3), riemannian=True)
     else:
